@@ -1,0 +1,193 @@
+"""Domain models shared by every room: identifiers, markets, fills, work units, progress.
+
+Identifiers are normalised once, here, at the edge: hex is lower-case with ``0x``, condition ids are
+32 bytes (64 hex digits, left-padded), token ids are canonical decimal strings. Amounts are exact ints.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import Enum
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+USDC_ASSET_ID = "0"
+
+# Exchange contracts (shared/reference/data-sources.md §2), lower-cased: a fill whose taker is one of
+# these is the taker order's own leg of a match ("relay leg").
+EXCHANGES = {
+    "0x4bfb41d5b3570defd03c39a9a4d8de6bd8b8982e": 1,  # CTF Exchange v1
+    "0xc5d563a36ae78145c45a50134d48a1215220f80a": 1,  # NegRisk Exchange v1
+    "0xe111180000d2663c0091e4f400237545b87b996b": 2,  # CTF Exchange v2
+    "0xe2222d279d744050d28e00520010520000310f59": 2,  # NegRisk Exchange v2
+}
+
+_HEX = re.compile(r"^(0x)?[0-9a-fA-F]+$")
+_DEC = re.compile(r"^[0-9]+$")
+
+
+class BadValue(ValueError):
+    """An input value that cannot be normalised; the message names the value."""
+
+
+def normalize_hex(value: str, *, nbytes: int | None = None, what: str = "hex value") -> str:
+    """Lower-case ``0x`` hex; with ``nbytes`` left-pad to exactly that many bytes (longer is an error)."""
+    if not isinstance(value, str) or not _HEX.match(value.strip()):
+        raise BadValue(f"{what} {value!r} is not hex")
+    digits = value.strip().lower().removeprefix("0x")
+    if nbytes is not None:
+        if len(digits) > 2 * nbytes:
+            raise BadValue(f"{what} {value!r} is longer than {nbytes} bytes")
+        digits = digits.rjust(2 * nbytes, "0")
+    return "0x" + digits
+
+
+def normalize_condition_id(value: str) -> str:
+    """A condition id as 0x + 64 lower-case hex digits."""
+    return normalize_hex(value, nbytes=32, what="condition id")
+
+
+def normalize_token_id(value: str | int) -> str:
+    """A token id (uint256) as its canonical decimal string; accepts decimal or 0x-hex."""
+    if isinstance(value, bool):
+        raise BadValue(f"token id {value!r} is not an integer")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and _DEC.match(value.strip()):
+        number = int(value.strip())
+    elif isinstance(value, str) and value.strip().lower().startswith("0x") and _HEX.match(value.strip()):
+        number = int(value.strip(), 16)
+    else:
+        raise BadValue(f"token id {value!r} is not a decimal or hex integer")
+    if not 0 <= number < 2**256:
+        raise BadValue(f"token id {value!r} is outside uint256")
+    return str(number)
+
+
+ConditionId = Annotated[str, AfterValidator(normalize_condition_id)]
+TokenId = Annotated[str, AfterValidator(normalize_token_id)]
+
+
+class Side(str, Enum):
+    BUY = "BUY"
+    SELL = "SELL"
+
+
+class Market(BaseModel):
+    """One market (condition) of the universe with its outcome token ids and Gamma metadata."""
+
+    model_config = ConfigDict(frozen=True)
+
+    condition_id: ConditionId
+    token_ids: tuple[TokenId, ...]
+    question: str = ""
+    slug: str = ""
+    end_date: datetime | None = None
+    closed: bool = False
+    volume: float = 0.0
+    neg_risk: bool = False
+    source: str = "gamma"
+
+
+class Fill(BaseModel):
+    """One stored order fill (a row of ``clob_fills``). ``id`` = tx hash + "_" + order hash is the dedup key."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    transaction_hash: str
+    order_hash: str
+    timestamp: int
+    block_number: int | None = None
+    log_index: int | None = None
+    exchange: str = ""
+    maker: str
+    taker: str
+    maker_asset_id: str
+    taker_asset_id: str
+    maker_amount_filled: int = Field(ge=0)
+    taker_amount_filled: int = Field(ge=0)
+    fee: int = Field(ge=0)
+    condition_id: str
+    token_id: str
+    side: Side
+    is_relay_leg: bool
+    exchange_version: int = 1
+    source: str = "subgraph"
+
+
+class UnitState(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class WorkUnit(BaseModel):
+    """A piece of planned work: all fills of ``token_ids`` (optionally within [ts_from, ts_to)).
+
+    An empty ``token_ids`` with a time range is a time-window unit over every market.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    unit_id: int
+    shard: int
+    condition_ids: tuple[str, ...] = ()
+    token_ids: tuple[str, ...] = ()
+    ts_from: int | None = None
+    ts_to: int | None = None
+    expected_fills: int = 0
+    expected_requests: int = 1
+
+
+class Checkpoint(BaseModel):
+    """The latest progress of one unit; ``cursor`` is opaque to everyone but the source that made it."""
+
+    run_id: str
+    shard: int
+    unit_id: int
+    state: UnitState = UnitState.PENDING
+    cursor: str = ""
+    fills: int = 0
+    pages: int = 0
+    attempts: int = 0
+    last_error: str = ""
+
+
+class Heartbeat(BaseModel):
+    """A shard's liveness and rates, written every few seconds by its worker."""
+
+    run_id: str
+    shard: int
+    pod: str
+    at: datetime
+    state: str
+    fills: int = 0
+    requests: int = 0
+    throttled: int = 0
+    rps: float = 0.0
+    rate_limit: float = 0.0
+    in_flight: int = 0
+    units_done: int = 0
+    units_total: int = 0
+
+
+class ShardStatus(BaseModel):
+    """Aggregated status of one shard as ``clobjob status`` shows it."""
+
+    shard: int
+    state: str
+    units_done: int
+    units_failed: int
+    units_total: int
+    fills: int
+    expected_fills: int
+    rps: float = 0.0
+    share_429: float = 0.0
+    heartbeat_age_s: float | None = None
+    eta_s: float | None = None
+    last_error: str = ""
