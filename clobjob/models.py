@@ -191,3 +191,7 @@ class ShardStatus(BaseModel):
     heartbeat_age_s: float | None = None
     eta_s: float | None = None
     last_error: str = ""
+
+
+FILL_COLUMNS: tuple[str, ...] = tuple(Fill.model_fields)
+"""The stored fill columns in order; sources emit fill rows as tuples in this order."""

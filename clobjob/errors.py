@@ -1,0 +1,32 @@
+"""Exceptions every room may raise, each with the process exit code it maps to (see design.md)."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # runtime failure: retry the index
+EXIT_BAD_INPUT = 2  # configuration or input error: do not retry
+EXIT_SIGTERM = 143  # stopped by SIGTERM after checkpointing
+
+
+class ClobjobError(Exception):
+    """Base error; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = EXIT_FAILED
+
+
+class BadInput(ClobjobError):
+    """Bad configuration or input (a file, an id, a flag): the message names the offending value."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class SourceError(ClobjobError):
+    """A data source answered in a way no retry can fix (permanent query error, schema drift)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class TransientSourceError(ClobjobError):
+    """A data source failed in a way a retry may fix (throttled, 5xx, timeout, garbled body)."""
+
+    exit_code = EXIT_FAILED

@@ -1,0 +1,92 @@
+"""A ClickHouse database handle over clickhouse-connect: one code path for a server and embedded chDB."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import clickhouse_connect
+
+from clobjob.config import Settings
+from clobjob.errors import BadInput, ClobjobError
+from clobjob.store import schema
+
+# Pinned so behaviour does not depend on server defaults: synchronous, deduplicating inserts.
+INSERT_SETTINGS = {"async_insert": 0}
+
+
+def connect(settings: Settings) -> Any:
+    """A clickhouse-connect client for the configured DSN (``http(s)://…`` or ``chdb:///path``)."""
+    dsn = settings.dsn()
+    if dsn.startswith("chdb:"):
+        path = dsn.removeprefix("chdb://")
+        if not path.startswith("/"):
+            raise BadInput(f"embedded database path must be absolute: {dsn!r}")
+        try:
+            import chdb  # noqa: F401
+        except ImportError as exc:
+            raise BadInput("embedded ClickHouse needs chdb: pip install 'clobjob[embedded]'") from exc
+        import os
+
+        os.makedirs(path, exist_ok=True)
+    try:
+        return clickhouse_connect.get_client(dsn=dsn)
+    except Exception as exc:  # the driver's message may contain the DSN: show the redacted one
+        raise ClobjobError(f"cannot connect to ClickHouse at {settings.redacted_dsn()}: "
+                           f"{type(exc).__name__}") from None
+
+
+class Database:
+    """A client bound to one database name; ``{db}`` in SQL is that database, values are bound parameters."""
+
+    def __init__(self, client: Any, database: str, cluster: str | None = None) -> None:
+        self.client = client
+        self.database = database
+        self.cluster = cluster
+
+    def sql(self, text: str) -> str:
+        """``text`` with ``{db}`` replaced by the quoted database name."""
+        return text.replace("{db}", f"`{self.database}`")
+
+    def rows(self, text: str, params: Mapping[str, Any] | None = None) -> list[tuple]:
+        """Rows of a query; parameters are bound server-side (``{name:Type}`` in the SQL)."""
+        return self.client.query(self.sql(text), parameters=dict(params or {})).result_rows
+
+    def scalar(self, text: str, params: Mapping[str, Any] | None = None) -> Any:
+        """The first column of the first row (``None`` when there is none)."""
+        found = self.rows(text, params)
+        return found[0][0] if found else None
+
+    def command(self, text: str, params: Mapping[str, Any] | None = None) -> None:
+        """Run a statement that returns nothing."""
+        self.client.command(self.sql(text), parameters=dict(params or {}))
+
+    def insert(self, table: str, column_names: Sequence[str], columns: Sequence[Sequence[Any]]) -> None:
+        """Insert one columnar block (one list per column) into ``table``."""
+        if columns and len(columns[0]):
+            self.client.insert(table, list(columns), database=self.database, column_names=list(column_names),
+                               column_oriented=True, settings=INSERT_SETTINGS)
+
+    def migrate(self) -> list[int]:
+        """Create the database and apply every migration not yet recorded; returns the versions applied."""
+        on_cluster = f" ON CLUSTER `{self.cluster}`" if self.cluster else ""
+        self.client.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`{on_cluster}")
+        self.client.command(schema.render(schema.SCHEMA_TABLE, self.database, self.cluster))
+        done = {row[0] for row in self.rows("SELECT DISTINCT version FROM {db}.schema_migrations")}
+        applied = []
+        for version, description, statements in schema.MIGRATIONS:
+            if version in done:
+                continue
+            for statement in statements:
+                self.client.command(schema.render(statement, self.database, self.cluster))
+            self.insert("schema_migrations", ["version", "description"], [[version], [description]])
+            applied.append(version)
+        return applied
+
+    def schema_version(self) -> int:
+        """The highest applied migration (0 for an empty database)."""
+        return self.scalar("SELECT max(version) FROM {db}.schema_migrations") or 0
+
+    def close(self) -> None:
+        """Release the client."""
+        self.client.close()
