@@ -10,6 +10,7 @@ from loguru import logger
 
 from clobjob.config import Settings
 from clobjob.errors import EXIT_BAD_INPUT, BadInput, ClobjobError
+from clobjob.logs import setup_logging
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -81,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``clobjob`` console script."""
     args = build_parser().parse_args(argv)
+    setup_logging(args.log_format or "auto")
     try:
         settings = _settings(args)
+        setup_logging(settings.log_format)
         return args.func(args, settings)
     except ClobjobError as exc:
         logger.error("{}", exc)

@@ -7,7 +7,7 @@ Identifiers are normalised once, here, at the edge: hex is lower-case with ``0x`
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated
 
@@ -66,7 +66,15 @@ def normalize_token_id(value: str | int) -> str:
     return str(number)
 
 
+def as_utc(value: datetime | None) -> datetime | None:
+    """A datetime in UTC; naive values (as ClickHouse returns DateTime('UTC')) are taken as UTC."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
 ConditionId = Annotated[str, AfterValidator(normalize_condition_id)]
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 TokenId = Annotated[str, AfterValidator(normalize_token_id)]
 
 
@@ -84,7 +92,7 @@ class Market(BaseModel):
     token_ids: tuple[TokenId, ...]
     question: str = ""
     slug: str = ""
-    end_date: datetime | None = None
+    end_date: UtcDatetime | None = None
     closed: bool = False
     volume: float = 0.0
     neg_risk: bool = False
@@ -164,7 +172,7 @@ class Heartbeat(BaseModel):
     run_id: str
     shard: int
     pod: str
-    at: datetime
+    at: UtcDatetime
     state: str
     fills: int = 0
     requests: int = 0

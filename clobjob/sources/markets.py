@@ -43,7 +43,9 @@ def _end_date(value: Any) -> datetime | None:
 
 
 def _volume(obj: dict[str, Any]) -> float:
-    value = obj.get("volumeNum", obj.get("volume"))
+    value = obj.get("volumeNum")
+    if value is None:
+        value = obj.get("volume")
     if value in (None, ""):
         return 0.0
     try:
