@@ -92,6 +92,7 @@ class Market(BaseModel):
     token_ids: tuple[TokenId, ...]
     question: str = ""
     slug: str = ""
+    start_date: UtcDatetime | None = None
     end_date: UtcDatetime | None = None
     closed: bool = False
     volume: float = 0.0

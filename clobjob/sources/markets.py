@@ -30,7 +30,7 @@ def _token_ids(value: Any) -> tuple[str, ...]:
     return tuple(normalize_token_id(v) for v in value)
 
 
-def _end_date(value: Any) -> datetime | None:
+def _date(value: Any) -> datetime | None:
     if value in (None, ""):
         return None
     if not isinstance(value, str):
@@ -61,7 +61,8 @@ def market_from_gamma(obj: Any, line: int) -> Market:
     parsers = {
         "conditionId": lambda: normalize_condition_id(obj.get("conditionId") or ""),
         "clobTokenIds": lambda: _token_ids(obj.get("clobTokenIds")),
-        "endDate": lambda: _end_date(obj.get("endDate")),
+        "startDate": lambda: _date(obj.get("startDate") or obj.get("createdAt")),
+        "endDate": lambda: _date(obj.get("endDate")),
         "volumeNum": lambda: _volume(obj),
     }
     values = {}
@@ -75,6 +76,7 @@ def market_from_gamma(obj: Any, line: int) -> Market:
         token_ids=values["clobTokenIds"],
         question=str(obj.get("question") or ""),
         slug=str(obj.get("slug") or ""),
+        start_date=values["startDate"],
         end_date=values["endDate"],
         closed=bool(obj.get("closed", False)),
         volume=values["volumeNum"],

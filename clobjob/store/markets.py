@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from clobjob.models import Market
 from clobjob.store.database import Database
 
-MARKET_COLUMNS = ("condition_id", "token_ids", "question", "slug", "end_date", "closed", "volume",
+MARKET_COLUMNS = ("condition_id", "token_ids", "question", "slug", "start_date", "end_date", "closed", "volume",
                   "neg_risk", "source")
 
 

@@ -49,6 +49,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 token_ids Array(String),
                 question String,
                 slug String,
+                start_date Nullable(DateTime('UTC')),
                 end_date Nullable(DateTime('UTC')),
                 closed Bool,
                 volume Float64,
