@@ -1,0 +1,41 @@
+"""The one interface every fill source implements (subgraph for v1 fills, Polygon RPC logs for v2).
+
+A source turns a ``WorkUnit`` into a stream of ``Page`` s. Each page carries fill rows (tuples in
+``FILL_COLUMNS`` order, identifiers normalised) and the cursor to resume *after* that page; the worker
+stores the rows first and the cursor second, so a resumed unit never skips a fill. Cursors are opaque
+strings that only the source that made them reads back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from clobjob.models import WorkUnit
+
+
+@dataclass(frozen=True)
+class Page:
+    """One fetched page: rows, the cursor after it, and whether the unit is finished."""
+
+    rows: Sequence[tuple[Any, ...]]
+    cursor: str
+    done: bool
+
+
+class FillSource(Protocol):
+    """A pluggable source of fills (``clobjob.sources.subgraph``, later ``clobjob.sources.rpc``)."""
+
+    name: str
+
+    def pages(self, unit: WorkUnit, cursor: str, conditions: Mapping[str, str]) -> AsyncIterator[Page]:
+        """Pages of ``unit`` resuming after ``cursor`` ("" = from the start).
+
+        ``conditions`` maps token id → condition id for the fills' ``condition_id`` column.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
