@@ -133,6 +133,19 @@ class Settings(BaseSettings):
         """True when the database is embedded chDB (one process per path)."""
         return self.dsn().startswith("chdb:")
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as ``CLOBJOB_*`` variables, for a child process (values include secrets)."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif name == "home":
+                value = Path(value).resolve()
+            env[f"CLOBJOB_{name.upper()}"] = str(value)
+        return env
+
     def with_overrides(self, **overrides: Any) -> "Settings":
         """A copy with CLI flag values applied (``None`` means the flag was not given)."""
         given = {k: v for k, v in overrides.items() if v is not None}

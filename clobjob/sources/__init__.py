@@ -1,1 +1,26 @@
-"""Data sources: the Goldsky subgraph (v1 fills), Polygon RPC logs (v2 fills) and the market universe."""
+"""Data sources: the Goldsky subgraph (v1 fills), Polygon RPC logs (v2 fills) and the market universe.
+
+Every fill source implements ``clobjob.sources.base.FillSource``; ``open_source`` picks one by name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from clobjob.errors import BadInput
+
+if TYPE_CHECKING:
+    from clobjob.config import Settings
+    from clobjob.ratelimit import AdaptiveRateController
+    from clobjob.sources.base import FillSource
+
+SOURCES = ("subgraph",)
+
+
+def open_source(name: str, settings: Settings, controller: AdaptiveRateController) -> FillSource:
+    """The fill source called ``name`` (a run records which one planned it)."""
+    if name == "subgraph":
+        from clobjob.sources.subgraph import SubgraphSource
+
+        return SubgraphSource(settings, controller)
+    raise BadInput(f"unknown source {name!r} (known: {', '.join(SOURCES)})")

@@ -33,6 +33,21 @@ class MarketTable:
         )
         return [Market(**dict(zip(MARKET_COLUMNS, row))) for row in found]
 
+    def token_conditions(self, condition_ids: Iterable[str] | None = None) -> dict[str, str]:
+        """Token id → condition id, from the universe and the subgraph's orderbooks (all, or some markets)."""
+        where, params = "", {}
+        if condition_ids is not None:
+            where, params = "WHERE condition_id IN {ids:Array(String)}", {"ids": list(condition_ids)}
+        found = self.db.rows(
+            f"""SELECT token_id, any(condition_id) FROM (
+                    SELECT arrayJoin(token_ids) AS token_id, condition_id FROM {{db}}.markets FINAL {where}
+                    UNION ALL
+                    SELECT token_id, condition_id FROM {{db}}.orderbooks FINAL {where}
+                ) GROUP BY token_id""",
+            params,
+        )
+        return dict(found)
+
     def count_markets(self) -> int:
         """Markets in the universe."""
         return self.db.scalar("SELECT count() FROM {db}.markets FINAL")

@@ -1,0 +1,1 @@
+"""Executors: run every shard of a run locally (``local``) or as a Kubernetes Indexed Job (later)."""

@@ -1,0 +1,350 @@
+"""The shard worker: one process (a pod of the Indexed Job) or one local task per shard.
+
+It loads its units and their checkpoints, skips done units, resumes each unit from its stored cursor,
+runs units concurrently under the process's rate controller, buffers fills and flushes them in large
+batches, and writes a unit's checkpoint only after the rows it covers are stored. A heartbeat records
+the shard's liveness and rates; a per-page stall timeout cancels a stuck fetch and retries the unit.
+State lives only in ClickHouse, so a killed worker resumes where its last checkpoint points, and two
+pods running the same index are harmless (fills dedup by id, the latest checkpoint wins).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from loguru import logger
+
+from clobjob.config import Settings
+from clobjob.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, ClobjobError
+from clobjob.models import Checkpoint, Heartbeat, UnitState, WorkUnit
+from clobjob.ratelimit import AdaptiveRateController
+from clobjob.sources.base import FillSource, Page
+from clobjob.store import FillBuffer, Store
+
+T = TypeVar("T")
+
+
+def pod_name(shard: int) -> str:
+    """This process's name in heartbeats: the pod name in Kubernetes, ``local-<shard>`` elsewhere."""
+    return os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or f"local-{shard}"
+
+
+@dataclass
+class UnitProgress:
+    """A unit's live progress; ``checkpoint()`` is what gets stored once its rows are."""
+
+    unit: WorkUnit
+    cursor: str = ""
+    fills: int = 0
+    pages: int = 0
+    attempts: int = 0
+    state: UnitState = UnitState.PENDING
+    last_error: str = ""
+
+    def checkpoint(self) -> Checkpoint:
+        """The unit's checkpoint as of now."""
+        return Checkpoint(run_id=self.unit.run_id, shard=self.unit.shard, unit_id=self.unit.unit_id,
+                          state=self.state, cursor=self.cursor, fills=self.fills, pages=self.pages,
+                          attempts=self.attempts, last_error=self.last_error)
+
+
+@dataclass
+class ShardCounters:
+    """What a shard did in this process (for heartbeats, progress displays and the final summary)."""
+
+    units_total: int = 0
+    units_done: int = 0
+    units_failed: int = 0
+    fills: int = 0
+    pages: int = 0
+    fills_stored: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)
+
+
+class StoreIO:
+    """Runs the (synchronous) store calls of one worker on one thread, in order, off the event loop."""
+
+    def __init__(self, store: Store, name: str) -> None:
+        self.store = store
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the store thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def close(self) -> None:
+        """Stop the thread (after pending calls finish)."""
+        self._thread.shutdown(wait=True)
+
+
+class Flusher:
+    """Buffers fills and pending checkpoints; a flush stores the rows, then the checkpoints they cover."""
+
+    def __init__(self, io: StoreIO, batch_rows: int, pod: str, counters: ShardCounters) -> None:
+        self._io, self._batch_rows, self._pod, self._counters = io, batch_rows, pod, counters
+        self._buffer = FillBuffer()
+        self._pending: dict[int, Checkpoint] = {}
+        self._lock = asyncio.Lock()
+
+    async def add(self, progress: UnitProgress, page: Page | None = None) -> None:
+        """Queue a page's rows and the unit's new checkpoint; flush when the batch is full."""
+        if page is not None:
+            self._buffer.extend(page.rows)
+        self._pending[progress.unit.unit_id] = progress.checkpoint()
+        if len(self._buffer) >= self._batch_rows:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Store buffered rows, then the checkpoints queued with them (never the other way round)."""
+        async with self._lock:
+            columns, checkpoints = self._buffer.take(), list(self._pending.values())
+            self._pending = {}
+            if columns[0]:
+                await self._io.call(self._io.store.insert_fills, columns)
+                self._counters.fills_stored += len(columns[0])
+            if checkpoints:
+                await self._io.call(self._io.store.save_checkpoints, checkpoints, self._pod)
+
+    async def flush_every(self, interval_s: float) -> None:
+        """Flush on a timer (the time bound of a batch)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.flush()
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason for a unit's last error."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "stalled: no page within the stall timeout"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:500]
+
+
+class ShardWorker:
+    """Runs every unfinished unit of one shard of a run to completion, failure or stop."""
+
+    def __init__(self, settings: Settings, store: Store, source: FillSource, controller: AdaptiveRateController,
+                 run_id: str, shard: int, *, stop: asyncio.Event | None = None, pod: str | None = None) -> None:
+        self.settings, self.source, self.controller = settings, source, controller
+        self.run_id, self.shard = run_id, shard
+        self.stop = stop or asyncio.Event()
+        self.pod = pod or pod_name(shard)
+        self.counters = ShardCounters()
+        self.state = "starting"
+        self._io = StoreIO(store, f"store-{shard}")
+        self._flusher = Flusher(self._io, settings.batch_rows, self.pod, self.counters)
+        self._log = logger.bind(run_id=run_id, shard=shard)
+        self._last_beat = (time.monotonic(), 0)
+
+    async def run(self) -> int:
+        """Work the shard; returns the exit code (0 done, 1 some unit failed, 143 stopped)."""
+        try:
+            todo, conditions = await self._io.call(self._load)
+            return await self._work(todo, conditions)
+        finally:
+            self._io.close()
+
+    def _load(self) -> tuple[list[UnitProgress], Mapping[str, str]]:
+        store = self._io.store
+        run = store.run(self.run_id)
+        if run is None:
+            raise BadInput(f"run {self.run_id!r} does not exist (plan it first)")
+        if not 0 <= self.shard < run["shards"]:
+            raise BadInput(f"shard {self.shard} is outside run {self.run_id!r} (shards 0..{run['shards'] - 1})")
+        units = store.units(self.run_id, self.shard)
+        saved = store.checkpoints(self.run_id, self.shard)
+        progress = []
+        for unit in units:
+            cp = saved.get(unit.unit_id)
+            p = UnitProgress(unit) if cp is None else UnitProgress(
+                unit, cursor=cp.cursor, fills=cp.fills, pages=cp.pages, attempts=0, state=cp.state)
+            if p.state is UnitState.DONE:
+                self.counters.units_done += 1
+            else:
+                progress.append(p)
+        self.counters.units_total = len(units)
+        windowed = any(not u.token_ids for u in units)
+        conditions = store.token_conditions(None if windowed else {c for u in units for c in u.condition_ids})
+        progress.sort(key=lambda p: (-p.unit.expected_requests, p.unit.unit_id))  # longest first
+        return progress, conditions
+
+    async def _work(self, todo: list[UnitProgress], conditions: Mapping[str, str]) -> int:
+        self.state = "running"
+        self._log.info("shard starts: {} units to do, {} done already", len(todo), self.counters.units_done)
+        gate = asyncio.Semaphore(self.settings.max_in_flight)
+
+        async def gated(progress: UnitProgress) -> None:
+            async with gate:
+                if not self.stop.is_set():
+                    await self._run_unit(progress, conditions)
+
+        async def every_unit() -> None:  # the first permanent error cancels the other units
+            async with asyncio.TaskGroup() as group:
+                for progress in todo:
+                    group.create_task(gated(progress))
+
+        background = [asyncio.create_task(self._flusher.flush_every(self.settings.flush_interval_s)),
+                      asyncio.create_task(self._beat_every(self.settings.heartbeat_interval_s))]
+        units = asyncio.create_task(every_unit())
+        stopper = asyncio.create_task(self.stop.wait())
+        try:
+            await asyncio.wait({units, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not units.done():  # stop requested: abandon in-flight fetches, keep what is fetched
+                units.cancel()
+            await asyncio.gather(units, return_exceptions=True)
+            error = None if units.cancelled() else units.exception()
+            if isinstance(error, BaseExceptionGroup):
+                error = error.exceptions[0]
+        finally:
+            stopper.cancel()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self._flusher.flush()
+        if error is not None:
+            self.state = "failed"
+            await self._beat()
+            raise error
+        stopped = self.stop.is_set() and self.counters.units_done + self.counters.units_failed < self.counters.units_total
+        self.state = "stopped" if stopped else ("failed" if self.counters.units_failed else "done")
+        await self._beat()
+        self._log.info("shard {}: {} units done, {} failed, {} fills fetched", self.state,
+                       self.counters.units_done, self.counters.units_failed, self.counters.fills)
+        if stopped:
+            return EXIT_SIGTERM
+        return EXIT_FAILED if self.counters.units_failed else EXIT_OK
+
+    async def _run_unit(self, progress: UnitProgress, conditions: Mapping[str, str]) -> None:
+        """Fetch one unit from its cursor to the end, retrying failed attempts up to the limit."""
+        log = self._log.bind(unit=progress.unit.unit_id)
+        progress.state = UnitState.RUNNING
+        while True:
+            pages = self.source.pages(progress.unit, progress.cursor, conditions)
+            try:
+                while True:
+                    page = await asyncio.wait_for(anext(pages), self.settings.stall_timeout_s)
+                    self._advance(progress, page)
+                    await self._flusher.add(progress, page)
+                    if page.done:
+                        self.counters.units_done += 1
+                        log.debug("unit done: {} fills, {} pages", progress.fills, progress.pages)
+                        return
+            except StopAsyncIteration:
+                raise ClobjobError(f"source {self.source.name!r} ended unit {progress.unit.unit_id} "
+                                   "without a final page") from None
+            except (asyncio.CancelledError, BadInput):
+                raise
+            except ClobjobError as exc:
+                if exc.exit_code != EXIT_FAILED:  # permanent: a bad query or a drifted schema
+                    raise
+                if await self._retry_or_fail(progress, exc, log):
+                    return
+            except Exception as exc:  # noqa: BLE001 - any other fault fails this attempt, not the shard
+                if await self._retry_or_fail(progress, exc, log):
+                    return
+            finally:
+                await pages.aclose()
+
+    def _advance(self, progress: UnitProgress, page: Page) -> None:
+        progress.cursor = page.cursor
+        progress.fills += len(page.rows)
+        progress.pages += 1
+        if page.done:
+            progress.state = UnitState.DONE
+        self.counters.fills += len(page.rows)
+        self.counters.pages += 1
+        self.counters.last_progress = time.monotonic()
+
+    async def _retry_or_fail(self, progress: UnitProgress, exc: BaseException, log: Any) -> bool:
+        """Count a failed attempt; returns True when the unit has failed for good."""
+        progress.attempts += 1
+        progress.last_error = describe(exc)
+        if progress.attempts >= self.settings.unit_attempts or getattr(exc, "unit_fatal", False):
+            progress.state = UnitState.FAILED
+            self.counters.units_failed += 1
+            log.error("unit failed after {} attempts: {}", progress.attempts, progress.last_error)
+            await self._flusher.add(progress)
+            return True
+        log.warning("unit attempt {} failed, resuming from its cursor: {}", progress.attempts, progress.last_error)
+        await asyncio.sleep(self.controller.backoff(progress.attempts))
+        return False
+
+    async def _beat_every(self, interval_s: float) -> None:
+        while True:
+            await self._beat()
+            await asyncio.sleep(interval_s)
+
+    async def _beat(self) -> None:
+        await self._io.call(self._io.store.save_heartbeat, self.heartbeat())
+
+    def heartbeat(self) -> Heartbeat:
+        """The shard's heartbeat as of now."""
+        rate = self.controller.snapshot()
+        now, pages = time.monotonic(), self.counters.pages
+        rps = (pages - self._last_beat[1]) / max(now - self._last_beat[0], 1e-9)
+        self._last_beat = (now, pages)
+        return Heartbeat(
+            run_id=self.run_id, shard=self.shard, pod=self.pod, at=datetime.now(timezone.utc), state=self.state,
+            fills=self.counters.fills, requests=rate.requests, throttled=rate.throttled,
+            rps=rps, rate_limit=rate.rate_rps, in_flight=rate.in_flight,
+            units_done=self.counters.units_done, units_total=self.counters.units_total,
+        )
+
+
+def make_controller(settings: Settings) -> AdaptiveRateController:
+    """The process's one rate controller, from the settings."""
+    return AdaptiveRateController(initial_rps=settings.initial_rps, max_rps=settings.max_rps,
+                                  max_window=settings.max_in_flight)
+
+
+def install_stop_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM or a first Ctrl+C sets ``stop`` (flush, checkpoint, exit 143); a second Ctrl+C exits at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_sigint() -> None:
+        if stop.is_set():
+            os._exit(130)
+        logger.warning("stopping: flushing and checkpointing (Ctrl+C again to exit at once)")
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+
+
+def shard_from_env(shard: int | None) -> int:
+    """The shard to work: ``--shard`` if given, else ``JOB_COMPLETION_INDEX`` (set by the Indexed Job)."""
+    if shard is not None:
+        return shard
+    raw = os.environ.get("JOB_COMPLETION_INDEX")
+    if raw is None:
+        raise BadInput("no shard: pass --shard or set JOB_COMPLETION_INDEX")
+    try:
+        return int(raw)
+    except ValueError:
+        raise BadInput(f"JOB_COMPLETION_INDEX={raw!r} is not an integer") from None
+
+
+async def run_worker(settings: Settings, run_id: str, shard: int) -> int:
+    """A whole worker process (one pod of the Indexed Job): open everything, work the shard, exit code."""
+    from clobjob.sources import open_source
+    from clobjob.store import open_store
+
+    stop = asyncio.Event()
+    install_stop_handlers(stop)
+    with open_store(settings) as store:
+        run = store.run(run_id)
+        controller = make_controller(settings)
+        source = open_source(run["source"] if run else "subgraph", settings, controller)
+        try:
+            return await ShardWorker(settings, store, source, controller, run_id, shard, stop=stop).run()
+        finally:
+            await source.close()
