@@ -1,0 +1,66 @@
+"""Indexed-Job semantics of the local executor."""
+
+from __future__ import annotations
+
+import asyncio
+
+from clobjob.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SIGTERM
+from clobjob.executors.local import LocalExecutor, in_process_index
+from clobjob.worker import make_controller
+
+from tests.scripted import ScriptedSource, fast, plan, stored_ids  # noqa: F401 - fixture
+
+
+def scripted(codes: dict[int, list[int]], log: list[tuple[int, int]], running: list[int] | None = None):
+    async def run_index(shard: int) -> int:
+        if running is not None:
+            running.append(1)
+            assert len(running) <= 2  # parallelism respected
+        await asyncio.sleep(0.01)
+        if running is not None:
+            running.pop()
+        code = codes[shard].pop(0)
+        log.append((shard, code))
+        return code
+
+    return run_index
+
+
+async def test_failed_index_is_retried_per_index_and_does_not_stop_others():
+    log: list[tuple[int, int]] = []
+    codes = {0: [EXIT_FAILED, EXIT_OK], 1: [EXIT_FAILED] * 3, 2: [EXIT_OK], 3: [EXIT_OK]}
+    outcome = await LocalExecutor(parallelism=2, backoff_limit_per_index=2, retry_delay_s=0.01).run(
+        [0, 1, 2, 3], scripted(codes, log, running=[]), asyncio.Event())
+    assert outcome.completed == [0, 2, 3] and outcome.failed == [1]
+    assert outcome.indexes[1].runs == 3 and outcome.indexes[0].runs == 2
+    assert outcome.exit_code == EXIT_FAILED
+
+
+async def test_bad_input_fails_the_whole_job():
+    log: list[tuple[int, int]] = []
+    codes = {0: [EXIT_BAD_INPUT], 1: [EXIT_FAILED, EXIT_FAILED, EXIT_OK]}
+    outcome = await LocalExecutor(parallelism=2, retry_delay_s=0.2).run([0, 1], scripted(codes, log),
+                                                                       asyncio.Event())
+    assert outcome.exit_code == EXIT_BAD_INPUT
+    assert outcome.indexes[1].runs == 1  # no retry after the job failed
+
+
+async def test_stop_ends_every_index_with_143(store, settings, plan):  # noqa: F811
+    source = ScriptedSource(plan)
+    stop = asyncio.Event()
+
+    async def slow(unit_id, page_no):
+        await asyncio.sleep(0.05)
+        if page_no == 1:
+            stop.set()
+
+    source.on_page = slow
+    s = fast(settings)
+    outcome = await LocalExecutor(parallelism=2).run(
+        [0, 1], in_process_index(s, store, source, make_controller(s), "r", stop), stop)
+    assert outcome.exit_code == EXIT_SIGTERM
+    source.on_page = None
+    outcome = await LocalExecutor(parallelism=2).run(
+        [0, 1], in_process_index(s, store, source, make_controller(s), "r", asyncio.Event()), asyncio.Event())
+    assert outcome.exit_code == EXIT_OK and outcome.completed == [0, 1]
+    assert stored_ids(store) == {row[0] for rows in plan.values() for row in rows}
