@@ -197,9 +197,11 @@ class ShardStatus(BaseModel):
     expected_fills: int
     rps: float = 0.0
     share_429: float = 0.0
+    remaining_requests: int = 0
     heartbeat_age_s: float | None = None
     eta_s: float | None = None
     last_error: str = ""
+    pod: str = ""
 
 
 FILL_COLUMNS: tuple[str, ...] = tuple(Fill.model_fields)
