@@ -1,0 +1,480 @@
+"""CLOB v1 fills from the Goldsky orderbook subgraph (GraphQL over HTTP POST), rate-controlled.
+
+Query shape. A unit's fills are paged with ``orderBy: id, orderDirection: asc, first: 1000`` and an
+``id_gt`` cursor starting at "". Both sides of a token set come from ONE query::
+
+    where: {or: [{makerAssetId_in: $tokens, id_gt: $after, timestamp_gte: …, timestamp_lt: …},
+                 {takerAssetId_in: $tokens, id_gt: $after, timestamp_gte: …, timestamp_lt: …}]}
+
+(graph-node rejects column filters next to ``or``, so every filter sits inside each branch). One ``or``
+query instead of two cursors (maker side, taker side) halves the requests of every market that fits in
+one page — most of them on a heavy-tailed universe, where requests, not fills, are what the rate limit
+caps — and costs nothing on big markets (same number of full pages). A unit without token ids is a
+time-window unit over every market: ``where: {timestamp_gte, timestamp_lt, id_gt}``.
+
+Token batches. A unit's tokens are queried ``max_tokens`` at a time. A batch the server cannot run
+(``Store error: database query timed out`` at once, ``Query timed out`` twice in a row, ``query is
+too expensive``) is split in halves that both continue from the batch's ``id_gt``; a single token that
+keeps timing out is retried like any transient error.
+
+Cursor (opaque to everyone else): "" = from the start; otherwise the JSON list of the pending segments
+``[[lo, hi, after], …]`` — token index range ``unit.token_ids[lo:hi]`` (``[0, 0]`` for a time-window
+unit) still to page after fill id ``after`` (the id exactly as the server returned it, since ``id_gt``
+compares bytes). The first segment is the one in progress; ``[]`` = the unit is done. A cursor thus
+carries pending split halves, and a resumed unit continues exactly where its last page ended.
+
+Rows (``FILL_COLUMNS`` order) are parsed without a model per fill, but strictly: a missing or renamed
+field, a wrong type or a non-numeric BigInt raises ``SourceError`` naming the entity, index and field.
+``condition_id`` comes from the caller's token → condition map; a token missing from it gets "".
+
+Errors. 429 / "surpassed your query allowance" → ``throttled`` (Retry-After honoured) and retry; 5xx,
+empty bodies, ``service is overloaded``, query/store timeouts → ``overloaded`` and retry; truncated or
+garbled bodies, connection errors and timeouts (hung responses are cut by the session's timeouts) →
+``failed`` and retry. Retries wait the controller's jittered backoff and need its retry budget; after
+``max_attempts`` tries ``TransientSourceError`` carries the last reason. ``indexing_error`` raises
+``SubgraphIndexingError``; any other GraphQL error (validation, argument range, "Cannot mix column
+filters…"), an unexpected HTTP status or a drifted shape raises ``SourceError`` at once (exit 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import aiohttp
+from loguru import logger
+
+from clobjob.config import Settings
+from clobjob.errors import EXIT_FAILED, ClobjobError, SourceError, TransientSourceError
+from clobjob.models import EXCHANGES, BadValue, Market, WorkUnit, normalize_condition_id, normalize_token_id
+from clobjob.ratelimit import AdaptiveRateController, Permit
+from clobjob.sources.base import Page
+
+PAGE_SIZE = 1000
+MAX_TOKENS_PER_QUERY = 200
+MAX_ATTEMPTS = 8
+
+ALLOWANCE_TEXT = "surpassed your query allowance"
+STORE_TIMEOUT_TEXT = "database query timed out"
+QUERY_TIMEOUT_TEXT = "query timed out"
+TOO_EXPENSIVE_TEXT = "query is too expensive"
+TRANSIENT_TEXTS = ("service is overloaded", "timed out", "not yet available")
+INDEXING_ERROR_TEXT = "indexing_error"
+BUDGET_NOTE = " (retry budget exhausted)"
+
+FILL_FIELDS = ("id", "transactionHash", "timestamp", "orderHash", "maker", "taker", "makerAssetId",
+               "takerAssetId", "makerAmountFilled", "takerAmountFilled", "fee")
+
+
+class SubgraphIndexingError(ClobjobError):
+    """The subgraph answers ``indexing_error`` (it failed to index): the unit fails with this reason."""
+
+    exit_code = EXIT_FAILED
+    unit_fatal = True  # retrying the unit cannot help: the worker fails it at once
+
+
+# --- answers -------------------------------------------------------------------------------------
+
+
+class _Retry(Exception):
+    """A retryable answer: ``verdict`` is the controller verdict, the message the reason."""
+
+    def __init__(self, reason: str, verdict: str, retry_after: str | None = None, heavy: str = "") -> None:
+        super().__init__(reason)
+        self.verdict, self.retry_after, self.heavy = verdict, retry_after, heavy
+
+
+class _TooHeavy(Exception):
+    """The query is too heavy for the server: split the token batch."""
+
+
+def _graphql_errors(errors: Any) -> None:
+    """Raise the exception an ``errors`` list calls for."""
+    messages = [e.get("message") if isinstance(e, dict) else None for e in errors] if isinstance(errors, list) else []
+    texts = [m for m in messages if isinstance(m, str)] or [json.dumps(errors)[:300]]
+    text = "; ".join(texts)
+    lowered = text.lower()
+    if INDEXING_ERROR_TEXT in lowered:
+        raise SubgraphIndexingError(f"subgraph indexing error: {text}")
+    if STORE_TIMEOUT_TEXT in lowered or TOO_EXPENSIVE_TEXT in lowered:
+        raise _Retry(text, "overloaded", heavy="now")
+    if QUERY_TIMEOUT_TEXT in lowered:
+        raise _Retry(text, "overloaded", heavy="repeated")
+    if any(t in lowered for t in TRANSIENT_TEXTS):
+        raise _Retry(text, "overloaded")
+    raise SourceError(f"subgraph rejected the query: {text}")
+
+
+def _answer(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+    """The ``data`` object of one HTTP answer, or the exception it calls for."""
+    if status == 429 or ALLOWANCE_TEXT.encode() in body[:2000]:
+        raise _Retry(f"throttled (HTTP {status})", "throttled", headers.get("Retry-After"))
+    if status >= 500 or status == 408:
+        raise _Retry(f"HTTP {status}: {body[:80].decode(errors='replace').strip()!r}", "overloaded")
+    if not body.strip():
+        raise _Retry(f"empty body (HTTP {status})", "overloaded")
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        if status != 200:
+            raise SourceError(f"subgraph answered HTTP {status}: {body[:200].decode(errors='replace')!r}") from None
+        raise _Retry(f"truncated or garbled body ({len(body)} bytes)", "failed") from None
+    if not isinstance(doc, dict):
+        raise SourceError(f"subgraph response drifted: top level is {type(doc).__name__}, expected an object")
+    if doc.get("errors"):
+        _graphql_errors(doc["errors"])
+    if status != 200:
+        raise SourceError(f"subgraph answered HTTP {status}: {body[:200].decode(errors='replace')!r}")
+    data = doc.get("data")
+    if not isinstance(data, dict):
+        raise SourceError("subgraph response drifted: no 'data' object")
+    return data
+
+
+def _entities(data: dict[str, Any], entity: str) -> list[Any]:
+    found = data.get(entity)
+    if not isinstance(found, list):
+        raise SourceError(f"subgraph response drifted: data.{entity} is {type(found).__name__}, expected a list")
+    return found
+
+
+# --- strict, fast parsing ------------------------------------------------------------------------
+
+
+class _Drift(Exception):
+    """A field of one entity does not have the expected shape."""
+
+    def __init__(self, field: str, why: str) -> None:
+        super().__init__(field, why)
+        self.field, self.why = field, why
+
+
+def _drift(entity: str, index: int, exc: Exception) -> SourceError:
+    if isinstance(exc, _Drift):
+        where, why = exc.field, exc.why
+    elif isinstance(exc, KeyError):
+        where, why = str(exc.args[0]), "missing field"
+    else:
+        where, why = "-", f"expected an object, got {exc}"
+    return SourceError(f"subgraph response drifted: {entity}[{index}].{where}: {why}")
+
+
+def _text(entity: dict[str, Any], field: str) -> str:
+    value = entity[field]
+    if type(value) is not str or not value:
+        raise _Drift(field, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _bigint(entity: dict[str, Any], field: str) -> int:
+    value = entity[field]
+    if type(value) is str and value.isdigit() and value.isascii():
+        return int(value)
+    raise _Drift(field, f"expected a BigInt (decimal string), got {value!r}")
+
+
+def _asset(entity: dict[str, Any], field: str, canonical: dict[str, str]) -> str:
+    """An asset id (uint256 as a decimal string) in canonical form; ``canonical`` caches them per page."""
+    value = entity[field]
+    found = canonical.get(value) if type(value) is str else None
+    if found is None:
+        if type(value) is not str or not (value.isdigit() and value.isascii()) or int(value) >= 2**256:
+            raise _Drift(field, f"expected a uint256 decimal string, got {value!r}")
+        found = canonical[value] = str(int(value))
+    return found
+
+
+def fill_rows(events: list[Any], conditions: Mapping[str, str]) -> list[tuple[Any, ...]]:
+    """``orderFilledEvents`` objects as fill rows in ``FILL_COLUMNS`` order; ``SourceError`` on drift."""
+    rows: list[tuple[Any, ...]] = []
+    append, canonical, exchanges = rows.append, {}, EXCHANGES
+    index = 0
+    try:
+        for index, event in enumerate(events):
+            maker_asset = _asset(event, "makerAssetId", canonical)
+            taker_asset = _asset(event, "takerAssetId", canonical)
+            buy = maker_asset == "0"
+            token = taker_asset if buy else maker_asset
+            taker = _text(event, "taker").lower()
+            append((
+                _text(event, "id").lower(), _text(event, "transactionHash").lower(),
+                _text(event, "orderHash").lower(), _bigint(event, "timestamp"), None, None, "",
+                _text(event, "maker").lower(), taker, maker_asset, taker_asset,
+                _bigint(event, "makerAmountFilled"), _bigint(event, "takerAmountFilled"), _bigint(event, "fee"),
+                conditions.get(token, ""), token, "BUY" if buy else "SELL", taker in exchanges, 1, "subgraph",
+            ))
+    except (_Drift, KeyError, TypeError) as exc:
+        raise _drift("orderFilledEvents", index, exc) from None
+    return rows
+
+
+# --- queries and cursors -------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def fills_query(by_tokens: bool, since: bool, until: bool) -> str:
+    """The fills query for a token set (or a time window), with the time filters present."""
+    params, common = ["$after: ID!"], ["id_gt: $after"]
+    if since:
+        params.append("$from: BigInt!")
+        common.append("timestamp_gte: $from")
+    if until:
+        params.append("$to: BigInt!")
+        common.append("timestamp_lt: $to")
+    if by_tokens:
+        params.append("$tokens: [String!]!")
+        branch = ", ".join(common)
+        where = f"{{or: [{{makerAssetId_in: $tokens, {branch}}}, {{takerAssetId_in: $tokens, {branch}}}]}}"
+    else:
+        where = "{" + ", ".join(common) + "}"
+    return (f"query Fills({', '.join(params)}) {{ orderFilledEvents(first: {PAGE_SIZE}, orderBy: id, "
+            f"orderDirection: asc, where: {where}) {{ {' '.join(FILL_FIELDS)} }} }}")
+
+
+def _collection_query(entity: str, fields: str) -> str:
+    return (f"query Page($after: ID!) {{ {entity}(first: {PAGE_SIZE}, orderBy: id, orderDirection: asc, "
+            f"where: {{id_gt: $after}}) {{ {fields} }} }}")
+
+
+@dataclass
+class Segment:
+    """Tokens ``unit.token_ids[lo:hi]`` still to page after fill id ``after``."""
+
+    lo: int
+    hi: int
+    after: str = ""
+
+
+def start_segments(unit: WorkUnit, max_tokens: int) -> list[Segment]:
+    """The segments of a unit not started yet: its tokens in batches of ``max_tokens``."""
+    count = len(unit.token_ids)
+    if not count:
+        return [Segment(0, 0)]
+    return [Segment(lo, min(lo + max_tokens, count)) for lo in range(0, count, max_tokens)]
+
+
+def encode_cursor(segments: Sequence[Segment]) -> str:
+    """The opaque cursor of the pending segments (``[]`` when the unit is done)."""
+    return json.dumps([[s.lo, s.hi, s.after] for s in segments], separators=(",", ":"))
+
+
+def decode_cursor(unit: WorkUnit, cursor: str, max_tokens: int) -> list[Segment]:
+    """The pending segments a cursor stands for; ``SourceError`` if it is not one this source made."""
+    if not cursor:
+        return start_segments(unit, max_tokens)
+    try:
+        raw = json.loads(cursor)
+        segments = [Segment(lo, hi, after) for lo, hi, after in raw] if isinstance(raw, list) else []
+        valid = isinstance(raw, list) and all(
+            type(s.lo) is int and type(s.hi) is int and isinstance(s.after, str)
+            and (0 <= s.lo < s.hi <= len(unit.token_ids) or s.lo == s.hi == 0 == len(unit.token_ids))
+            for s in segments
+        )
+    except (ValueError, TypeError):
+        valid = False
+    if not valid:
+        raise SourceError(f"unit {unit.unit_id}: cursor {cursor[:120]!r} was not made by the subgraph source "
+                          f"for these {len(unit.token_ids)} tokens")
+    return segments
+
+
+# --- the source ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Universe:
+    """What the subgraph knows of the markets: condition → token ids, and tradesQuantity per token."""
+
+    tokens_by_condition: dict[str, tuple[str, ...]]
+    trades_by_token: dict[str, int]
+
+
+class SubgraphSource:
+    """``FillSource`` over the Goldsky orderbook subgraph; one aiohttp session, one shared controller."""
+
+    name = "subgraph"
+
+    def __init__(
+        self,
+        settings: Settings,
+        controller: AdaptiveRateController,
+        *,
+        max_tokens: int = MAX_TOKENS_PER_QUERY,
+        max_attempts: int = MAX_ATTEMPTS,
+    ) -> None:
+        self.url = settings.subgraph_url
+        self.controller = controller
+        self.max_tokens = max_tokens
+        self.max_attempts = max_attempts
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.request_timeout_s,
+            connect=min(settings.request_timeout_s, 10.0),
+            sock_read=settings.request_timeout_s,
+        )
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if settings.subgraph_api_key is not None:
+            self._headers["Authorization"] = f"Bearer {settings.subgraph_api_key.get_secret_value()}"
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.controller.max_window, limit_per_host=0,
+                                             enable_cleanup_closed=True)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
+                                                  headers=self._headers)
+        return self._session
+
+    async def close(self) -> None:
+        """Close the session and its connections."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def _send(self, permit: Permit, payload: bytes) -> dict[str, Any]:
+        """One POST; gives the permit its verdict and returns ``data`` or raises what the answer calls for."""
+        try:
+            async with self._client().post(self.url, data=payload) as response:
+                body = await response.read()
+                status, headers = response.status, response.headers
+        except asyncio.TimeoutError:
+            raise _Retry(f"timed out after {self._timeout.total:g}s", "failed") from None
+        except aiohttp.ClientError as exc:
+            raise _Retry(f"{type(exc).__name__}: {exc}", "failed") from None
+        try:
+            data = _answer(status, headers, body)
+        except _Retry as retry:
+            if retry.verdict == "throttled":
+                permit.throttled(retry.retry_after)
+            elif retry.verdict == "overloaded":
+                permit.overloaded()
+            raise
+        except ClobjobError:
+            permit.success()  # answered: the query or the subgraph is at fault, not the rate
+            raise
+        permit.success()
+        return data
+
+    async def query(self, query: str, variables: dict[str, Any], *, splittable: bool = False) -> dict[str, Any]:
+        """The ``data`` of one GraphQL query, retried through the controller.
+
+        With ``splittable`` a query too heavy for the server raises ``_TooHeavy`` instead of retrying.
+        """
+        payload = json.dumps({"query": query, "variables": variables}).encode()
+        reason, heavy_before = "", False
+        for attempt in range(1, self.max_attempts + 1):
+            if attempt > 1:
+                await asyncio.sleep(self.controller.backoff(attempt - 1))
+                if not self.controller.allow_retry():
+                    reason = reason.removesuffix(BUDGET_NOTE) + BUDGET_NOTE
+                    continue
+            try:
+                async with self.controller.slot() as permit:
+                    return await self._send(permit, payload)
+            except _Retry as retry:
+                reason = str(retry)
+                if splittable and (retry.heavy == "now" or (retry.heavy == "repeated" and heavy_before)):
+                    raise _TooHeavy(reason) from None
+                heavy_before = bool(retry.heavy)
+                logger.debug("subgraph retry {}/{}: {}", attempt, self.max_attempts, reason)
+        raise TransientSourceError(f"subgraph: gave up after {self.max_attempts} attempts: {reason}")
+
+    # --- fills -------------------------------------------------------------------------------
+
+    async def pages(self, unit: WorkUnit, cursor: str, conditions: Mapping[str, str]) -> AsyncIterator[Page]:
+        """Pages of ``unit``'s fills resuming after ``cursor`` (see the module doc for its format)."""
+        segments = decode_cursor(unit, cursor, self.max_tokens)
+        if not segments:
+            yield Page((), encode_cursor(()), True)
+            return
+        query = fills_query(bool(unit.token_ids), unit.ts_from is not None, unit.ts_to is not None)
+        base: dict[str, Any] = {}
+        if unit.ts_from is not None:
+            base["from"] = str(unit.ts_from)
+        if unit.ts_to is not None:
+            base["to"] = str(unit.ts_to)
+        while segments:
+            segment = segments[0]
+            variables = {**base, "after": segment.after}
+            if unit.token_ids:
+                variables["tokens"] = list(unit.token_ids[segment.lo:segment.hi])
+            try:
+                data = await self.query(query, variables, splittable=segment.hi - segment.lo > 1)
+            except _TooHeavy as heavy:
+                middle = (segment.lo + segment.hi) // 2
+                logger.info("unit {}: splitting a batch of {} tokens ({})", unit.unit_id,
+                            segment.hi - segment.lo, heavy)
+                segments[:1] = [Segment(segment.lo, middle, segment.after), Segment(middle, segment.hi, segment.after)]
+                continue
+            events = _entities(data, "orderFilledEvents")
+            rows = fill_rows(events, conditions)
+            if len(events) < PAGE_SIZE:
+                segments.pop(0)
+            else:
+                segment.after = _text(events[-1], "id")
+            yield Page(rows, encode_cursor(segments), not segments)
+
+    # --- markets -----------------------------------------------------------------------------
+
+    async def _collection(self, entity: str, fields: str, parse: Callable[[dict[str, Any]], Any]) -> list[Any]:
+        """Every entity of a collection, paged by ``id_gt``, parsed with ``parse`` (SourceError on drift)."""
+        query, after, found = _collection_query(entity, fields), "", []
+        while True:
+            items = _entities(await self.query(query, {"after": after}), entity)
+            for index, item in enumerate(items):
+                try:
+                    found.append(parse(item))
+                except (_Drift, KeyError, TypeError) as exc:
+                    raise _drift(entity, index, exc) from None
+            if len(items) < PAGE_SIZE:
+                return found
+            after = _text(items[-1], "id")
+
+    async def market_tokens(self) -> dict[str, tuple[str, ...]]:
+        """Condition id → token ids (in token id order) from every ``marketDatas`` entity."""
+        pairs = await self._collection("marketDatas", "id condition", _market_data)
+        tokens: dict[str, list[str]] = {}
+        for token, condition in pairs:
+            tokens.setdefault(condition, []).append(token)
+        return {condition: tuple(found) for condition, found in tokens.items()}
+
+    async def trades_quantity(self) -> dict[str, int]:
+        """Token id → ``tradesQuantity`` (the number of fills the subgraph holds) from every ``orderbooks``."""
+        return dict(await self._collection("orderbooks", "id tradesQuantity", _orderbook))
+
+    async def universe(self) -> Universe:
+        """The subgraph's market universe and expected fills per token."""
+        return Universe(await self.market_tokens(), await self.trades_quantity())
+
+
+def _normalised(entity: dict[str, Any], field: str, normalize: Callable[[str], str]) -> str:
+    value = _text(entity, field)
+    try:
+        return normalize(value)
+    except BadValue as exc:
+        raise _Drift(field, str(exc)) from None
+
+
+def _market_data(entity: dict[str, Any]) -> tuple[str, str]:
+    return _normalised(entity, "id", normalize_token_id), _normalised(entity, "condition", normalize_condition_id)
+
+
+def _orderbook(entity: dict[str, Any]) -> tuple[str, int]:
+    return _normalised(entity, "id", normalize_token_id), _bigint(entity, "tradesQuantity")
+
+
+def merge_universe(existing: Iterable[Market], universe: Universe) -> tuple[list[Market], dict[str, tuple[str, int]]]:
+    """Markets to add (those the subgraph knows and ``existing`` lacks; existing rows keep their metadata)
+    and the orderbook rows ``{token: (condition, tradesQuantity)}`` (condition "" when no market has it)."""
+    known = {m.condition_id: m for m in existing}
+    added = [Market(condition_id=c, token_ids=t, source="subgraph")
+             for c, t in universe.tokens_by_condition.items() if c not in known]
+    condition_of = {t: c for c, tokens in universe.tokens_by_condition.items() for t in tokens}
+    condition_of.update({t: m.condition_id for m in known.values() for t in m.token_ids})
+    orderbooks = {t: (condition_of.get(t, ""), n) for t, n in universe.trades_by_token.items()}
+    return added, orderbooks
