@@ -54,6 +54,29 @@ def cmd_markets_load(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_markets_sync(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from clobjob.sources.subgraph import SubgraphSource, Universe, merge_universe
+    from clobjob.store import open_store
+    from clobjob.worker import make_controller
+
+    settings = settings.with_overrides(subgraph_url=args.subgraph_url, max_rps=args.max_rps)
+
+    async def fetch() -> Universe:
+        async with SubgraphSource(settings, make_controller(settings)) as source:
+            return await source.universe()
+
+    universe = asyncio.run(fetch())
+    with open_store(settings) as store:
+        added, orderbooks = merge_universe(store.markets(), universe)
+        store.upsert_markets(added)
+        store.upsert_orderbooks(orderbooks)
+    print(f"subgraph knows {len(universe.tokens_by_condition)} markets: added {len(added)} new; "
+          f"orderbooks for {len(orderbooks)} tokens ({sum(n for _, n in orderbooks.values())} expected fills)")
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -75,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("file")
     load.add_argument("--strict", action="store_true", help="any bad row fails the load (exit 2), nothing loaded")
     load.set_defaults(func=cmd_markets_load)
+    sync = markets.add_parser("sync", help="add the subgraph's markets (marketDatas) and expected fills (orderbooks)")
+    sync.add_argument("--subgraph-url", help="override CLOBJOB_SUBGRAPH_URL")
+    sync.add_argument("--max-rps", type=float, help="hard ceiling on requests/s (adaptive below it)")
+    sync.set_defaults(func=cmd_markets_sync)
 
     return parser
 

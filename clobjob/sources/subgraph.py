@@ -334,6 +334,12 @@ class SubgraphSource:
             await self._session.close()
             self._session = None
 
+    async def __aenter__(self) -> SubgraphSource:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     # --- requests ----------------------------------------------------------------------------
 
     async def _send(self, permit: Permit, payload: bytes) -> dict[str, Any]:
