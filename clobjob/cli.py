@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any
 
 from loguru import logger
 
@@ -77,6 +79,186 @@ def cmd_markets_sync(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# --- monitor -------------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+    import time
+
+    from clobjob import monitor
+
+    def show() -> str | None:
+        status = monitor.current_status(settings, args.run_id)
+        if args.json:
+            print(json.dumps(status, indent=None if args.watch else 2), flush=True)
+        else:
+            if args.watch and sys.stdout.isatty():
+                sys.stdout.write("\x1b[H\x1b[2J")  # clear and redraw in place, like watch -n
+            header = f"every {args.watch:g}s, Ctrl+C to stop · {time.strftime('%H:%M:%S')}\n" if args.watch else ""
+            print(header + monitor.render_status(status), flush=True)
+        return status["state"]
+
+    if not args.watch:
+        show()
+        return 0
+    try:
+        while (state := show()) not in ("done", "failed"):
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 130
+    return 0 if state == "done" else 1
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a ratio in (0, 1]")
+    return value
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+    from pathlib import Path
+
+    from clobjob import monitor
+
+    with monitor.open_readable(settings) as store:
+        result = monitor.verify(store, min_coverage=args.min_coverage,
+                                heartbeat_interval_s=settings.heartbeat_interval_s)
+        if args.report:
+            Path(args.report).write_text(monitor.render_report_html(result, *monitor.report_sections(store)))
+    print(json.dumps(result, indent=2) if args.json else monitor.render_verify(result))
+    if args.report:
+        print(f"report written to {args.report}", file=sys.stderr)
+    return 0 if result["ready"] else 1
+
+
+# --- diagnose and plan ---------------------------------------------------------------------------
+
+
+def _market_list(path: str | None) -> list[str] | None:
+    from clobjob.plan import read_condition_ids
+
+    return read_condition_ids(path) if path else None
+
+
+def _rate(args: argparse.Namespace, settings: Settings, live: Any) -> tuple[float, str]:
+    """The request rate to plan with and where it comes from."""
+    if args.rate is not None:
+        return args.rate, "--rate"
+    if live is not None and live.rate_rps > 0:
+        return live.rate_rps, "probe (limit found)" if live.limited else "probe (lower bound: not throttled)"
+    if settings.max_rps is not None:
+        return settings.max_rps, "assumed: CLOBJOB_MAX_RPS"
+    return settings.initial_rps, "assumed: CLOBJOB_INITIAL_RPS"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[f"{v:,}" if isinstance(v, int) else str(v) for v in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in cells)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _render_diagnosis(shown: dict[str, Any]) -> str:
+    statuses = list(shown["by_status"])
+    fetch, rec = shown["to_fetch"], shown["recommendation"]
+    lines = [f"markets: {shown['markets']:,} (as of {shown['as_of']}); coverage {shown['coverage']:.1%} "
+             "(complete or zero-fill)"]
+    if shown["not_found"]:
+        lines.append(f"not in the universe: {len(shown['not_found'])} listed id(s), e.g. {shown['not_found'][0]}")
+    lines += ["", _table(["status", "markets"], list(shown["by_status"].items()))]
+    for title, matrix in (("by end date", shown["by_age"]), ("by volume rank", shown["by_volume"])):
+        lines += ["", _table([title, *statuses], [[b, *counts.values()] for b, counts in matrix.items()])]
+    lines += ["", f"to fetch: {fetch['markets']:,} markets ({fetch['missing']:,} missing, {fetch['incomplete']:,} "
+              f"incomplete, {fetch['unknown_expected']:,} with unknown expected fills); "
+              f"{fetch['expected_fills']:,} expected fills in ≈ {fetch['requests']:,} requests",
+              f"at {rec['rate_rps']:g} req/s ({rec['rate_origin']}): ≈ {_duration(rec['duration_s'])}; "
+              f"recommended: --shards {rec['shards']}, in-flight {rec['in_flight']} per shard"]
+    live = shown["live"]
+    if live is None:
+        lines.append("live check: skipped")
+    else:
+        lines += ["", _table(["sample", "expected", "first page", "latency s", "error"],
+                             [[s["condition_id"], "?" if s["expected_fills"] is None else s["expected_fills"],
+                               f"{s['fills']}{'+' if s['more'] else ''}", f"{s['latency_s']:.2f}", s["error"]]
+                              for s in live["samples"]]),
+                  f"probe: {live['requests']:,} requests, {live['throttled']:,} throttled, {live['errors']:,} "
+                  f"errors; sustainable ≈ {live['rate_rps']:.1f} req/s"]
+    return "\n".join(lines)
+
+
+def cmd_diagnose(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+    import dataclasses
+    import json
+
+    from clobjob import plan
+    from clobjob.store import open_store
+
+    ids = _market_list(args.markets)
+    with open_store(settings) as store:
+        report = plan.missing_work(store, ids)
+    live = None
+    if not args.offline:
+        from clobjob.probe import live_check
+
+        live = asyncio.run(live_check(report, settings, sample=args.sample, probe_s=args.probe_seconds))
+    rate, origin = _rate(args, settings, live)
+    shown = report.to_dict()
+    latency = live.latency_s if live is not None and live.latency_s else 0.5
+    shown["recommendation"] = {**dataclasses.asdict(plan.recommend(shown["to_fetch"]["requests"], rate,
+                                                                    latency_s=latency)), "rate_origin": origin}
+    shown["live"] = dataclasses.asdict(live) if live is not None else None
+    if args.out:
+        with open(args.out, "w") as out:
+            json.dump([m.condition_id for m in report.work], out, indent=1)
+    print(json.dumps(shown, indent=2, sort_keys=True) if args.json else _render_diagnosis(shown))
+    return 0
+
+
+def _utc(flag: str, value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadInput(f"{flag} {value!r} is not an ISO 8601 date or time") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    from clobjob import plan
+    from clobjob.store import open_store
+
+    if (args.since is None) != (args.until is None):
+        raise BadInput("--since and --until go together")
+    if args.since is not None and args.markets:
+        raise BadInput("--since/--until plan every market in the window: drop --markets")
+    run_id = args.run_id or plan.default_run_id()
+    params: dict[str, Any] = {"shards": args.shards, "markets_file": args.markets, "since": args.since,
+                              "until": args.until, "page_size": plan.PAGE_SIZE,
+                              "batch_requests": plan.BATCH_REQUESTS, "max_batch_tokens": plan.MAX_BATCH_TOKENS,
+                              "giant_factor": plan.GIANT_FACTOR}
+    with open_store(settings) as store:
+        if args.since is not None:
+            units = plan.plan_window(_utc("--since", args.since), _utc("--until", args.until), args.shards, run_id)
+        else:
+            report = plan.missing_work(store, _market_list(args.markets))
+            units = plan.plan_units(report, args.shards, run_id)
+            params.update(as_of=report.as_of, markets=len(report.work), not_found=len(report.not_found))
+        plan.write_plan(store, run_id, args.shards, units, params, force=args.force)
+    loads = plan.shard_loads(units, args.shards)
+    print(f"run {run_id}: {len(units):,} units over {args.shards} shard(s); largest shard / mean requests "
+          f"{plan.imbalance([s.expected_requests for s in loads]):.2f}")
+    print(_table(["shard", "units", "markets", "expected fills", "requests"],
+                 [[s.shard, s.units, s.markets, s.expected_fills, s.expected_requests] for s in loads]))
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -102,6 +284,37 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--subgraph-url", help="override CLOBJOB_SUBGRAPH_URL")
     sync.add_argument("--max-rps", type=float, help="hard ceiling on requests/s (adaptive below it)")
     sync.set_defaults(func=cmd_markets_sync)
+
+    status = groups.add_parser("status", help="status of a run: shards, coverage, rate, ETA (default: latest run)")
+    status.add_argument("--run-id", help="the run to show (default: the latest)")
+    status.add_argument("--json", action="store_true", help="the stable JSON schema (clobjob/monitor.py)")
+    status.add_argument("--watch", type=float, metavar="SECONDS",
+                        help="redraw every SECONDS; exit 0 when the run is done, 1 when it failed, 130 on Ctrl+C")
+    status.set_defaults(func=cmd_status)
+    verify = groups.add_parser("verify", help="readiness for P&L; exit 0 only when ready")
+    verify.add_argument("--json", action="store_true", help="every criterion as JSON")
+    verify.add_argument("--min-coverage", type=_ratio, default=0.95, help="coverage threshold (default 0.95)")
+    verify.add_argument("--report", metavar="FILE", help="also write a self-contained HTML report")
+    verify.set_defaults(func=cmd_verify)
+
+    diagnose = groups.add_parser("diagnose", help="what is missing, how old, how much work, how many shards")
+    diagnose.add_argument("--json", action="store_true", help="print stable JSON instead of tables")
+    diagnose.add_argument("--markets", metavar="FILE", help="only these condition ids (JSON array or one per line)")
+    diagnose.add_argument("--out", metavar="FILE", help="write the missing and incomplete condition ids (JSON array)")
+    diagnose.add_argument("--rate", type=float, metavar="RPS", help="plan with this request rate (else the probe's)")
+    diagnose.add_argument("--offline", action="store_true", help="skip the live sample fetches and rate probe")
+    diagnose.add_argument("--sample", type=int, default=5, help="missing markets to fetch for real (default 5)")
+    diagnose.add_argument("--probe-seconds", type=float, default=10.0, help="length of the rate probe (default 10)")
+    diagnose.set_defaults(func=cmd_diagnose)
+
+    plan = groups.add_parser("plan", help="write a run's work units balanced over N shards")
+    plan.add_argument("--shards", type=int, required=True, help="number of shards (Indexed Job completions)")
+    plan.add_argument("--run-id", help="run id (default run-YYYYmmdd-HHMMSS, UTC)")
+    plan.add_argument("--markets", metavar="FILE", help="only these condition ids (JSON array or one per line)")
+    plan.add_argument("--since", metavar="ISO", help="plan a time window over every market from this time")
+    plan.add_argument("--until", metavar="ISO", help="… up to this time (exclusive)")
+    plan.add_argument("--force", action="store_true", help="replace a run that already has progress")
+    plan.set_defaults(func=cmd_plan)
 
     return parser
 

@@ -1,0 +1,430 @@
+"""The controller's arithmetic: what is missing (one ClickHouse query), how much work that is, and how to
+cut it into work units balanced over shards.
+
+A market is fetched whole (its fills deduplicate by id, so refetching an incomplete market is safe).
+Small markets are batched into one unit (one GraphQL ``or`` query over all their tokens, pages of
+``page_size``); large markets get a unit each; giant ones are cut into time ranges that tile the whole
+time line, so that no shard becomes the straggler. Units go to shards longest-first (LPT).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from clobjob.errors import BadInput
+from clobjob.models import BadValue, WorkUnit, normalize_condition_id
+from clobjob.store import Store
+
+PAGE_SIZE = 1000
+BATCH_REQUESTS = 10
+MAX_BATCH_TOKENS = 200
+GIANT_FACTOR = 0.05
+DAY_S = 86_400
+FALLBACK_SPAN_S = 90 * DAY_S  # assumed trading span before the end date when a market has no start date
+
+
+class Status(str, Enum):
+    """Where a market stands: ``expected`` is the subgraph's tradesQuantity, ``stored`` our fill count."""
+
+    COMPLETE = "complete"  # stored >= expected (expected known), something stored
+    INCOMPLETE = "incomplete"  # 0 < stored < expected
+    MISSING = "missing"  # nothing stored; expected > 0 or unknown
+    ZERO_FILL = "zero_fill"  # expected = 0 and nothing stored
+    UNVERIFIED = "unverified"  # something stored, expected unknown (no orderbook row): cannot tell
+
+
+WORK = (Status.MISSING, Status.INCOMPLETE)
+AGE_BUCKETS = ("<30d", "30d-1y", "1y-2y", ">2y", "unknown")
+VOLUME_BUCKETS = ("top100", "top1000", "rest")
+
+MISSING_SQL = """
+WITH
+  universe AS (
+    SELECT condition_id, token_ids, start_date, end_date, volume FROM {db}.markets FINAL
+    WHERE notEmpty(token_ids) AND ({all:Bool} OR condition_id IN {ids:Array(String)})
+  ),
+  tokens AS (SELECT condition_id, arrayJoin(token_ids) AS token_id FROM universe),
+  stored AS (
+    SELECT token_id, count() AS n FROM {db}.clob_fills FINAL
+    WHERE token_id IN (SELECT token_id FROM tokens) GROUP BY token_id
+  ),
+  expected AS (
+    SELECT token_id, trades_quantity AS q, 1 AS known FROM {db}.orderbooks FINAL
+    WHERE token_id IN (SELECT token_id FROM tokens)
+  ),
+  per_market AS (
+    SELECT t.condition_id AS condition_id, sum(s.n) AS stored_fills,
+           if(max(e.known) = 1, sum(e.q), NULL) AS expected_fills
+    FROM tokens AS t LEFT JOIN stored AS s USING token_id LEFT JOIN expected AS e USING token_id
+    GROUP BY t.condition_id
+  )
+SELECT u.condition_id, u.token_ids, toUnixTimestamp(u.start_date), toUnixTimestamp(u.end_date), u.volume,
+       p.expected_fills, p.stored_fills,
+       row_number() OVER (ORDER BY u.volume DESC, u.condition_id) AS volume_rank,
+       multiIf(p.expected_fills IS NULL, if(p.stored_fills = 0, 'missing', 'unverified'),
+               p.expected_fills = 0 AND p.stored_fills = 0, 'zero_fill',
+               p.stored_fills >= p.expected_fills, 'complete',
+               p.stored_fills = 0, 'missing',
+               'incomplete') AS status
+FROM universe AS u INNER JOIN per_market AS p USING condition_id
+ORDER BY u.condition_id
+SETTINGS join_use_nulls = 0
+"""
+
+
+# --- the missing work ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MarketWork:
+    """One market of the universe with its expected (None = unknown) and stored fill counts."""
+
+    condition_id: str
+    token_ids: tuple[str, ...]
+    start_ts: int | None
+    end_ts: int | None
+    volume: float
+    expected_fills: int | None
+    stored_fills: int
+    volume_rank: int
+    status: Status
+
+
+def age_bucket(end_ts: int | None, now: int) -> str:
+    """The age bucket of a market by its end date (future end dates count as recent)."""
+    if end_ts is None:
+        return "unknown"
+    age = now - end_ts
+    return "<30d" if age < 30 * DAY_S else "30d-1y" if age < 365 * DAY_S else "1y-2y" if age < 730 * DAY_S else ">2y"
+
+
+def volume_bucket(rank: int) -> str:
+    """The volume bucket of a market by its rank (1 = highest volume)."""
+    return "top100" if rank <= 100 else "top1000" if rank <= 1000 else "rest"
+
+
+def _matrix(pairs: Counter[tuple[str, Status]], buckets: Sequence[str]) -> dict[str, dict[str, int]]:
+    return {b: {s.value: pairs[(b, s)] for s in Status} for b in buckets}
+
+
+@dataclass(frozen=True)
+class MissingReport:
+    """Every market of the universe (or of a custom list) classified, with aggregates for diagnose."""
+
+    as_of: int
+    markets: tuple[MarketWork, ...]
+    not_found: tuple[str, ...] = ()  # requested condition ids absent from the universe
+
+    @cached_property
+    def work(self) -> tuple[MarketWork, ...]:
+        """Markets to fetch (missing and incomplete), by condition id."""
+        return tuple(m for m in self.markets if m.status in WORK)
+
+    def by_status(self) -> dict[str, int]:
+        """Market count per status."""
+        counts = Counter(m.status for m in self.markets)
+        return {s.value: counts[s] for s in Status}
+
+    def by_age(self) -> dict[str, dict[str, int]]:
+        """Market count per end-date age bucket and status."""
+        return _matrix(Counter((age_bucket(m.end_ts, self.as_of), m.status) for m in self.markets), AGE_BUCKETS)
+
+    def by_volume(self) -> dict[str, dict[str, int]]:
+        """Market count per volume-rank bucket and status."""
+        return _matrix(Counter((volume_bucket(m.volume_rank), m.status) for m in self.markets), VOLUME_BUCKETS)
+
+    @property
+    def coverage(self) -> float:
+        """Share of markets verified complete (complete or zero-fill); 1.0 for an empty universe."""
+        done = sum(1 for m in self.markets if m.status in (Status.COMPLETE, Status.ZERO_FILL))
+        return done / len(self.markets) if self.markets else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary with stable keys."""
+        status = self.by_status()
+        return {
+            "as_of": datetime.fromtimestamp(self.as_of, timezone.utc).isoformat(),
+            "markets": len(self.markets),
+            "not_found": list(self.not_found),
+            "by_status": status,
+            "coverage": round(self.coverage, 6),
+            "by_age": self.by_age(),
+            "by_volume": self.by_volume(),
+            "to_fetch": {
+                "markets": len(self.work),
+                "missing": status[Status.MISSING.value],
+                "incomplete": status[Status.INCOMPLETE.value],
+                "unknown_expected": sum(1 for m in self.work if m.expected_fills is None),
+                "expected_fills": sum(m.expected_fills or 0 for m in self.work),
+                "requests": estimate_requests(self),
+            },
+        }
+
+
+def missing_work(store: Store, condition_ids: list[str] | None = None, *, now: int | None = None) -> MissingReport:
+    """Classify every market (or those listed) with ONE query over markets ⨝ orderbooks ⨝ stored fills."""
+    ids = [normalize_condition_id(c) for c in condition_ids] if condition_ids is not None else []
+    rows = store.db.rows(MISSING_SQL, {"all": condition_ids is None, "ids": ids})
+    markets = tuple(
+        MarketWork(cid, tuple(tokens), start, end, volume, expected, stored, rank, Status(status))
+        for cid, tokens, start, end, volume, expected, stored, rank, status in rows
+    )
+    found = {m.condition_id for m in markets}
+    not_found = tuple(sorted({c for c in ids if c not in found}))
+    return MissingReport(int(datetime.now(timezone.utc).timestamp()) if now is None else now, markets, not_found)
+
+
+# --- units ---------------------------------------------------------------------------------------
+
+
+def _requests(fills: int, page_size: int) -> int:
+    return max(1, math.ceil(fills / page_size))
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """A unit before shard assignment: markets, known expected fills, estimated requests, time range."""
+
+    markets: tuple[MarketWork, ...]
+    fills: int
+    requests: int
+    ts_from: int | None = None
+    ts_to: int | None = None
+
+
+def _chunks(work: Sequence[MarketWork], page_size: int, batch_requests: int, max_batch_tokens: int) -> list[_Chunk]:
+    """Small markets batched up to ``batch_requests`` and ``max_batch_tokens``; large ones alone.
+
+    An unknown expected count is planned as one page of work. Order: by condition id (canonical).
+    """
+    chunks: list[_Chunk] = []
+    batch: list[MarketWork] = []
+    batch_work = batch_tokens = 0
+
+    def close_batch() -> None:
+        nonlocal batch, batch_work, batch_tokens
+        if batch:
+            fills = sum(m.expected_fills or 0 for m in batch)
+            chunks.append(_Chunk(tuple(batch), fills, _requests(batch_work, page_size)))
+        batch, batch_work, batch_tokens = [], 0, 0
+
+    for market in sorted(work, key=lambda m: m.condition_id):
+        fills = market.expected_fills if market.expected_fills is not None else page_size
+        if _requests(fills, page_size) >= batch_requests or len(market.token_ids) > max_batch_tokens:
+            chunks.append(_Chunk((market,), market.expected_fills or 0, _requests(fills, page_size)))
+            continue
+        if (_requests(batch_work + fills, page_size) > batch_requests
+                or batch_tokens + len(market.token_ids) > max_batch_tokens):
+            close_batch()
+        batch.append(market)
+        batch_work += fills
+        batch_tokens += len(market.token_ids)
+    close_batch()
+    return chunks
+
+
+def time_span(market: MarketWork, now: int) -> tuple[int, int]:
+    """The span [start, end) over which a market's fills are assumed spread (for cutting giants).
+
+    The end is the end date, never later than ``now`` (``now`` when unknown); the start is the start date,
+    or ``FALLBACK_SPAN_S`` before the end when unknown.
+    """
+    end = now if market.end_ts is None else min(market.end_ts, now)
+    start = end - FALLBACK_SPAN_S if market.start_ts is None else market.start_ts
+    return start, end
+
+
+def _split(chunk: _Chunk, pieces: int, now: int, page_size: int) -> list[_Chunk]:
+    """A one-market chunk cut into ``pieces`` time ranges tiling the whole line (first from -inf, last to +inf)."""
+    start, end = time_span(chunk.markets[0], now)
+    pieces = min(pieces, end - start)
+    if pieces <= 1:
+        return [chunk]
+    bounds: list[int | None] = [None, *(start + (end - start) * i // pieces for i in range(1, pieces)), None]
+    result = []
+    for i in range(pieces):
+        fills = chunk.fills * (i + 1) // pieces - chunk.fills * i // pieces
+        result.append(_Chunk(chunk.markets, fills, _requests(fills, page_size), bounds[i], bounds[i + 1]))
+    return result
+
+
+def assign(sizes: Sequence[int], shards: int) -> list[tuple[int, int]]:
+    """Longest processing time first: ``(index, shard)`` pairs, largest first, ties by index then shard."""
+    if shards < 1:
+        raise BadInput(f"shards must be at least 1, got {shards}")
+    loads = [(0, shard) for shard in range(shards)]
+    result = []
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        load, shard = heapq.heappop(loads)
+        result.append((index, shard))
+        heapq.heappush(loads, (load + sizes[index], shard))
+    return result
+
+
+def estimate_requests(report: MissingReport, *, page_size: int = PAGE_SIZE, batch_requests: int = BATCH_REQUESTS,
+                      max_batch_tokens: int = MAX_BATCH_TOKENS) -> int:
+    """Requests needed to fetch the report's work (pages of ``page_size``, small markets batched)."""
+    return sum(c.requests for c in _chunks(report.work, page_size, batch_requests, max_batch_tokens))
+
+
+def plan_units(report: MissingReport, shards: int, run_id: str, *, page_size: int = PAGE_SIZE,
+               batch_requests: int = BATCH_REQUESTS, max_batch_tokens: int = MAX_BATCH_TOKENS,
+               giant_factor: float = GIANT_FACTOR) -> list[WorkUnit]:
+    """Work units for the report's missing and incomplete markets, assigned to ``shards`` (deterministic).
+
+    A single-market unit above ``giant_factor`` × the mean requests per shard (and above
+    ``batch_requests``) is cut into time ranges of about that size. Units are numbered largest first.
+    """
+    chunks = _chunks(report.work, page_size, batch_requests, max_batch_tokens)
+    limit = max(batch_requests, giant_factor * sum(c.requests for c in chunks) / max(shards, 1))
+    cut = [piece for c in chunks
+           for piece in (_split(c, math.ceil(c.requests / limit), report.as_of, page_size)
+                         if len(c.markets) == 1 and c.requests > limit else [c])]
+    return [
+        WorkUnit(run_id=run_id, unit_id=unit_id, shard=shard,
+                 condition_ids=tuple(m.condition_id for m in cut[i].markets),
+                 token_ids=tuple(t for m in cut[i].markets for t in m.token_ids),
+                 ts_from=cut[i].ts_from, ts_to=cut[i].ts_to,
+                 expected_fills=cut[i].fills, expected_requests=cut[i].requests)
+        for unit_id, (i, shard) in enumerate(assign([c.requests for c in cut], shards))
+    ]
+
+
+def plan_window(since: datetime, until: datetime, shards: int, run_id: str, *, slices_per_shard: int = 4,
+                min_slice_s: int = 60) -> list[WorkUnit]:
+    """Time-window units over every market: [ts_from, ts_to) slices tiling [since, until)."""
+    start, end = int(since.timestamp()), int(until.timestamp())
+    if end <= start:
+        raise BadInput(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})")
+    slices = max(1, min(shards * slices_per_shard, (end - start) // min_slice_s))
+    bounds = [start + (end - start) * i // slices for i in range(slices + 1)]
+    return [
+        WorkUnit(run_id=run_id, unit_id=unit_id, shard=shard, ts_from=bounds[i], ts_to=bounds[i + 1],
+                 expected_fills=0, expected_requests=1)
+        for unit_id, (i, shard) in enumerate(assign([1] * slices, shards))
+    ]
+
+
+# --- shards --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardLoad:
+    """The planned work of one shard."""
+
+    shard: int
+    units: int
+    markets: int
+    expected_fills: int
+    expected_requests: int
+
+
+def shard_loads(units: Sequence[WorkUnit], shards: int) -> list[ShardLoad]:
+    """Planned work per shard (every shard listed, empty ones too)."""
+    loads = []
+    for shard in range(shards):
+        mine = [u for u in units if u.shard == shard]
+        loads.append(ShardLoad(shard, len(mine), len({c for u in mine for c in u.condition_ids}),
+                               sum(u.expected_fills for u in mine), sum(u.expected_requests for u in mine)))
+    return loads
+
+
+def imbalance(requests_per_shard: Sequence[int]) -> float:
+    """Largest shard's requests ÷ mean (1.0 = perfect; 1.0 when there is no work)."""
+    total = sum(requests_per_shard)
+    return max(requests_per_shard) * len(requests_per_shard) / total if total else 1.0
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """How to run the work at a given request rate."""
+
+    rate_rps: float
+    duration_s: float
+    shards: int
+    in_flight: int  # per shard (Little's law: rate × latency, plus one)
+
+
+def recommend(requests: int, rate_rps: float, *, latency_s: float = 0.5, shard_rps: float = 10.0,
+              max_shards: int = 64, min_shard_s: float = 300.0) -> Recommendation:
+    """Shards and in-flight window for ``requests`` at ``rate_rps``.
+
+    One shard per ``shard_rps`` of rate, but no shard with less than ``min_shard_s`` of work.
+    """
+    if rate_rps <= 0:
+        raise BadInput(f"rate must be positive, got {rate_rps}")
+    duration = requests / rate_rps
+    shards = max(1, min(max_shards, math.ceil(rate_rps / shard_rps), int(duration // min_shard_s)))
+    return Recommendation(rate_rps, duration, shards, math.ceil(rate_rps / shards * latency_s) + 1)
+
+
+def write_plan(store: Store, run_id: str, shards: int, units: Sequence[WorkUnit], params: dict[str, Any], *,
+               force: bool = False) -> None:
+    """Record the run and its units; a run that already has progress is replaced only with ``force``."""
+    progress = store.checkpoints(run_id)
+    if progress and not force:
+        raise BadInput(f"run {run_id!r} already has progress for {len(progress)} unit(s); refusing to "
+                       "overwrite it (pass --force to replace its plan and progress, or choose another --run-id)")
+    store.create_run(run_id, shards, units, params=params)
+
+
+def default_run_id(now: datetime | None = None) -> str:
+    """``run-YYYYmmdd-HHMMSS`` (UTC)."""
+    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
+
+
+# --- custom market lists -------------------------------------------------------------------------
+
+
+def _json_items(text: str) -> list[tuple[int, Any]]:
+    """The items of a JSON array with the line each starts on."""
+    decoder, items = json.JSONDecoder(), []
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return items
+        value, end = decoder.raw_decode(text, pos)
+        items.append((text.count("\n", 0, pos) + 1, value))
+        pos = end
+
+
+def read_condition_ids(path: str | Path) -> list[str]:
+    """Condition ids from a JSON array or one per line (``#`` comments), normalised and deduplicated.
+
+    Raises ``BadInput`` listing every bad id with its line.
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise BadInput(f"cannot read market list {path}: {exc.strerror}") from None
+    if text.lstrip().startswith("["):
+        try:
+            items = _json_items(text)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    else:
+        items = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)
+                 if line.strip() and not line.lstrip().startswith("#")]
+    ids, bad = [], []
+    for line, value in items:
+        try:
+            ids.append(normalize_condition_id(value))
+        except BadValue as exc:
+            bad.append(f"line {line}: {exc}")
+    if bad:
+        raise BadInput(f"{len(bad)} bad condition id(s) in {path}: " + "; ".join(bad))
+    if not ids:
+        raise BadInput(f"{path} lists no condition ids")
+    return list(dict.fromkeys(ids))

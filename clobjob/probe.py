@@ -1,0 +1,93 @@
+"""The live step of ``clobjob diagnose``: fetch the first page of a few missing markets for real, then
+probe the request rate the source sustains through the same adaptive controller the workers use."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+from clobjob.config import Settings
+from clobjob.errors import ClobjobError
+from clobjob.models import WorkUnit
+from clobjob.plan import MarketWork, MissingReport
+from clobjob.sources.subgraph import SubgraphSource
+from clobjob.worker import make_controller
+
+
+@dataclass(frozen=True)
+class SampleFetch:
+    """The first page of one missing market, fetched for real."""
+
+    condition_id: str
+    expected_fills: int | None
+    fills: int  # fills on the first page
+    more: bool  # the market has further pages
+    latency_s: float
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class LiveCheck:
+    """What the live step found; ``limited`` says the probe hit the source's limit (else the rate is a floor)."""
+
+    samples: tuple[SampleFetch, ...]
+    rate_rps: float
+    limited: bool
+    latency_s: float | None
+    requests: int
+    throttled: int
+    errors: int
+
+
+def pick_sample(report: MissingReport, size: int) -> list[MarketWork]:
+    """A deterministic sample of the work: the most recent, the oldest and the largest markets first."""
+    work = sorted(report.work, key=lambda m: m.condition_id)
+    picks = [
+        max(work, key=lambda m: (m.end_ts or 0, m.condition_id), default=None),
+        min(work, key=lambda m: (m.end_ts or 0, m.condition_id), default=None),
+        min(work, key=lambda m: m.volume_rank, default=None),
+        *work,
+    ]
+    return list(dict.fromkeys(p for p in picks if p is not None))[:size]
+
+
+async def _first_page(source: SubgraphSource, market: MarketWork) -> SampleFetch:
+    unit = WorkUnit(run_id="diagnose", unit_id=0, shard=0, condition_ids=(market.condition_id,),
+                    token_ids=market.token_ids)
+    started = time.monotonic()
+    pages = source.pages(unit, "", {t: market.condition_id for t in market.token_ids})
+    try:
+        page = await anext(pages)
+    except ClobjobError as exc:
+        return SampleFetch(market.condition_id, market.expected_fills, 0, False, time.monotonic() - started,
+                           f"{type(exc).__name__}: {exc}")
+    finally:
+        await pages.aclose()
+    return SampleFetch(market.condition_id, market.expected_fills, len(page.rows), not page.done,
+                       time.monotonic() - started)
+
+
+async def live_check(report: MissingReport, settings: Settings, *, sample: int = 5,
+                     probe_s: float = 10.0) -> LiveCheck | None:
+    """Sample fetches of the report's work, then ``probe_s`` seconds of first-page requests at the
+    highest rate the controller finds; None when there is nothing to fetch."""
+    markets = pick_sample(report, max(sample, 1))
+    if not markets:
+        return None
+    controller = make_controller(settings)
+    async with SubgraphSource(settings, controller) as source:
+        samples = tuple([await _first_page(source, m) for m in markets[:sample]])
+
+        async def hammer(offset: int) -> None:
+            while True:
+                await _first_page(source, markets[offset % len(markets)])
+                offset += 1
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(hammer(i) for i in range(settings.max_in_flight))), probe_s)
+    state = controller.snapshot()
+    limited = state.ceiling_rps is not None
+    return LiveCheck(samples, state.ceiling_rps if limited else state.accepted_rps, limited, state.latency_s,
+                     state.requests, state.throttled, state.errors)

@@ -1,0 +1,331 @@
+"""The controller on chDB: the missing set, custom lists, unit planning, shard balance, writing plans."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import datetime, timezone
+
+import pytest
+from hypothesis import given, settings as hyp_settings, strategies as st
+
+from clobjob import plan
+from clobjob.cli import main
+from clobjob.errors import BadInput
+from clobjob.models import FILL_COLUMNS, Checkpoint, Market, UnitState
+from clobjob.plan import MarketWork, Status
+from clobjob.store import open_store
+from tests.test_store import make_fill
+
+NOW = 1_700_000_000
+DAY = 86_400
+
+
+def cid(n: int) -> str:
+    return "0x" + f"{n:x}".rjust(64, "0")
+
+
+def fills_of(token: str, count: int, seed: int) -> list[tuple]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        values = dict(zip(FILL_COLUMNS, make_fill(i, rng)))
+        buy = values["side"] == "BUY"
+        values.update(token_id=token, maker_asset_id="0" if buy else token, taker_asset_id=token if buy else "0")
+        rows.append(tuple(values[c] for c in FILL_COLUMNS))
+    return rows
+
+
+# name: (orderbook trades per token (None = no row), stored fills per token, expected status)
+SEED = {
+    "complete": ((3, 2), (3, 2), Status.COMPLETE),
+    "incomplete": ((5, 5), (4, 0), Status.INCOMPLETE),
+    "missing": ((7, 0), (0, 0), Status.MISSING),
+    "zero": ((0, 0), (0, 0), Status.ZERO_FILL),
+    "unknown": ((None, None), (0, 0), Status.MISSING),
+    "unverified": ((None, None), (1, 0), Status.UNVERIFIED),
+    "partial_book": ((2, None), (2, 0), Status.COMPLETE),
+    "over": ((1, 0), (2, 0), Status.COMPLETE),
+    "stale_zero": ((0, 0), (1, 0), Status.COMPLETE),
+    "partial_missing": ((None, 4), (0, 0), Status.MISSING),
+}
+
+
+def seed(store) -> dict[str, str]:
+    """Markets of every kind with partial data stored; returns name → condition id."""
+    names, books, rows = {}, {}, []
+    markets = []
+    for n, (name, (trades, stored, _)) in enumerate(SEED.items(), 1):
+        tokens = (str(1000 * n + 1), str(1000 * n + 2))
+        names[name] = cid(n)
+        markets.append(Market(condition_id=cid(n), token_ids=tokens, volume=float(n),
+                              end_date=datetime.fromtimestamp(NOW - n * 100 * DAY, timezone.utc)))
+        for token, quantity, count in zip(tokens, trades, stored):
+            if quantity is not None:
+                books[token] = (cid(n), quantity)
+            rows += fills_of(token, count, seed=int(token))
+    store.upsert_markets(markets)
+    store.upsert_orderbooks(books)
+    store.insert_fill_rows(rows)
+    store.insert_fill_rows(rows[:3])  # re-sent rows do not count twice
+    return names
+
+
+def test_missing_incomplete_and_complete_sets_are_exact(store):
+    names = seed(store)
+    report = plan.missing_work(store, now=NOW)
+    got = {m.condition_id: m for m in report.markets}
+    for name, (_, _, status) in SEED.items():
+        assert got[names[name]].status is status, name
+    assert got[names["unknown"]].expected_fills is None and got[names["partial_book"]].expected_fills == 2
+    assert got[names["complete"]].stored_fills == 5 and got[names["incomplete"]].stored_fills == 4
+    assert {m.condition_id for m in report.work} == {names[n] for n in ("incomplete", "missing", "unknown",
+                                                                          "partial_missing")}
+    summary = report.to_dict()
+    assert summary["by_status"] == {"complete": 4, "incomplete": 1, "missing": 3, "zero_fill": 1, "unverified": 1}
+    assert summary["to_fetch"] == {"markets": 4, "missing": 3, "incomplete": 1, "unknown_expected": 1,
+                                   "expected_fills": 10 + 7 + 4, "requests": 2}
+    # end dates 100·n days ago: n = 1..3 → 30d-1y, n = 4..7 → 1y-2y, n = 8..10 → >2y
+    assert sum(summary["by_age"]["30d-1y"].values()) == 3 and sum(summary["by_age"][">2y"].values()) == 3
+    assert sum(summary["by_volume"]["top100"].values()) == 10 and got[cid(10)].volume_rank == 1
+
+
+def test_custom_list_restricts_and_reports_unknown_ids(store):
+    names = seed(store)
+    stranger = cid(999)
+    report = plan.missing_work(store, [names["missing"], names["complete"].upper().replace("0X", "0x"), stranger])
+    assert {m.condition_id for m in report.markets} == {names["missing"], names["complete"]}
+    assert report.not_found == (stranger,)
+
+
+def test_custom_list_validation_names_bad_ids_and_lines(tmp_path):
+    lines = tmp_path / "ids.txt"
+    lines.write_text(f"# targets\n{cid(1)}\n0xnothex\n\n{'f' * 65}\n{cid(1)[2:]}\n")
+    with pytest.raises(BadInput) as caught:
+        plan.read_condition_ids(lines)
+    message = str(caught.value)
+    assert "2 bad condition id(s)" in message and "line 3: condition id '0xnothex'" in message
+    assert "line 5:" in message and "longer than 32 bytes" in message and "line 6" not in message
+    array = tmp_path / "ids.json"
+    array.write_text(f'[\n  "{cid(1)}",\n  "0x1",\n  12,\n  "{cid(2)}"\n]')
+    with pytest.raises(BadInput, match=r"line 4: condition id 12 is not hex"):
+        plan.read_condition_ids(array)
+    array.write_text(json.dumps([cid(2), "0x1", cid(1)]))
+    assert plan.read_condition_ids(array) == [cid(2), cid(1)]
+
+
+def cli(settings, *argv: str) -> int:
+    return main(["--clickhouse-url", settings.clickhouse_url.get_secret_value(), "--database",
+                 settings.clickhouse_database, *argv])
+
+
+def test_cli_diagnose_json_out_and_bad_list_exit_2(settings, tmp_path, capsys):
+    with open_store(settings) as store:
+        names = seed(store)
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f"{cid(1)}\n0xzz\n")
+    assert cli(settings, "diagnose", "--offline", "--markets", str(bad)) == 2
+    assert "line 2: condition id '0xzz'" in capsys.readouterr().err
+    out = tmp_path / "missing.json"
+    assert cli(settings, "diagnose", "--offline", "--json", "--rate", "5", "--out", str(out)) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["by_status"]["missing"] == 3 and shown["recommendation"]["rate_rps"] == 5
+    assert json.loads(out.read_text()) == sorted(names[n] for n in ("incomplete", "missing", "unknown",
+                                                                     "partial_missing"))
+    assert cli(settings, "diagnose", "--offline", "--markets", str(out)) == 0
+    human = capsys.readouterr().out
+    assert "missing" in human and "incomplete" in human and "requests" in human
+
+
+def test_cli_plan_refuses_to_overwrite_progress_without_force(settings, capsys):
+    with open_store(settings) as store:
+        seed(store)
+    assert cli(settings, "plan", "--shards", "2", "--run-id", "r1") == 0
+    assert "shard" in capsys.readouterr().out
+    with open_store(settings) as store:
+        first = store.units("r1")
+        assert {c for u in first for c in u.condition_ids} == {m.condition_id for m in
+                                                               plan.missing_work(store).work}
+        assert store.run("r1")["params"]["shards"] == 2
+        store.save_checkpoints([Checkpoint(run_id="r1", shard=first[0].shard, unit_id=first[0].unit_id,
+                                           state=UnitState.RUNNING, cursor="x")])
+    assert cli(settings, "plan", "--shards", "3", "--run-id", "r1") == 2
+    assert "--force" in capsys.readouterr().err
+    with open_store(settings) as store:
+        assert store.units("r1") == first and store.checkpoints("r1")
+    assert cli(settings, "plan", "--shards", "3", "--run-id", "r1", "--force") == 0
+    with open_store(settings) as store:
+        assert store.checkpoints("r1") == {} and store.run("r1")["shards"] == 3
+        assert {u.shard for u in store.units("r1")} <= {0, 1, 2}
+
+
+def test_write_plan_force_replaces_cleanly(store):
+    seed(store)
+    report = plan.missing_work(store, now=NOW)
+    units = plan.plan_units(report, 2, "r")
+    plan.write_plan(store, "r", 2, units, {"shards": 2})
+    plan.write_plan(store, "r", 2, units, {"shards": 2})  # no progress yet: re-planning is fine
+    store.save_checkpoints([Checkpoint(run_id="r", shard=units[0].shard, unit_id=units[0].unit_id)])
+    with pytest.raises(BadInput, match="already has progress") as caught:
+        plan.write_plan(store, "r", 1, units[:1], {"shards": 1})
+    assert caught.value.exit_code == 2
+    plan.write_plan(store, "r", 1, [u.model_copy(update={"shard": 0}) for u in units[:1]], {"shards": 1},
+                    force=True)
+    assert store.units("r") == [units[0].model_copy(update={"shard": 0})] and store.checkpoints("r") == {}
+    assert store.run("r")["params"] == {"shards": 1}
+
+
+def test_cli_plan_time_window(settings, capsys):
+    assert cli(settings, "plan", "--shards", "2", "--run-id", "w", "--since", "2024-01-01T00:00:00Z",
+               "--until", "2024-01-08") == 0
+    with open_store(settings) as store:
+        units = store.units("w")
+    assert all(u.token_ids == () for u in units) and {u.shard for u in units} == {0, 1}
+    assert cli(settings, "plan", "--shards", "2", "--since", "2024-01-08", "--until", "2024-01-01") == 2
+    assert cli(settings, "plan", "--shards", "2", "--since", "2024-01-01") == 2
+
+
+# --- planning without a database ------------------------------------------------------------------
+
+
+def work(n: int, expected: int | None, *, start: int | None = NOW - 100 * DAY, end: int | None = NOW - DAY,
+         tokens: int = 2) -> MarketWork:
+    return MarketWork(cid(n), tuple(str(n * 10 + t) for t in range(tokens)), start, end, float(expected or 0),
+                      expected, 0, n, Status.MISSING)
+
+
+def heavy_tailed(count: int, seed: int) -> plan.MissingReport:
+    rng = random.Random(seed)
+    markets = [work(n, int(20 * rng.paretovariate(0.9)) if n % 17 else None) for n in range(count)]
+    return plan.MissingReport(NOW, tuple(markets))
+
+
+def tiles(ranges: list[tuple[int | None, int | None]]) -> bool:
+    ordered = sorted(ranges, key=lambda r: -1 if r[0] is None else r[0])
+    return (ordered[0][0] is None and ordered[-1][1] is None
+            and all(a[1] is not None and a[1] == b[0] for a, b in zip(ordered, ordered[1:])))
+
+
+def check_cover(report: plan.MissingReport, units: list, max_tokens: int = plan.MAX_BATCH_TOKENS) -> None:
+    ranges: dict[str, list] = {}
+    for unit in units:
+        markets = [m for m in report.work if m.condition_id in unit.condition_ids]
+        assert unit.token_ids == tuple(t for m in markets for t in m.token_ids)
+        assert len(unit.condition_ids) == 1 or len(unit.token_ids) <= max_tokens
+        for c in unit.condition_ids:
+            ranges.setdefault(c, []).append((unit.ts_from, unit.ts_to))
+    assert set(ranges) == {m.condition_id for m in report.work}
+    for c, found in ranges.items():
+        assert found == [(None, None)] or (len(found) > 1 and tiles(found)), c
+    assert sorted(u.unit_id for u in units) == list(range(len(units)))
+
+
+@hyp_settings(max_examples=60, deadline=None)
+@given(
+    expected=st.lists(st.one_of(st.none(), st.integers(0, 2_000), st.integers(0, 3_000_000)), min_size=1,
+                      max_size=60),
+    spans=st.lists(st.tuples(st.one_of(st.none(), st.integers(NOW - 900 * DAY, NOW)),
+                             st.one_of(st.none(), st.integers(NOW - 900 * DAY, NOW + 90 * DAY))), min_size=1),
+    shards=st.integers(1, 16),
+)
+def test_every_missing_market_in_exactly_one_unit_or_tiling_ranges(expected, spans, shards):
+    markets = [MarketWork(cid(n), (str(2 * n), str(2 * n + 1)), *spans[n % len(spans)], 0.0, e, 0, n,
+                          Status.MISSING) for n, e in enumerate(expected)]
+    report = plan.MissingReport(NOW, tuple(markets))
+    units = plan.plan_units(report, shards, "h")
+    check_cover(report, units)
+    assert all(0 <= u.shard < shards for u in units)
+    for c, e in enumerate(expected):
+        planned = sum(u.expected_fills for u in units if cid(c) in u.condition_ids and len(u.condition_ids) == 1)
+        assert planned in (0, e or 0)  # a market alone (whole or cut) keeps its exact expected count
+
+
+def test_giant_market_is_cut_into_tiling_time_ranges():
+    report = plan.MissingReport(NOW, (work(1, 5_000_000), *(work(n, 900) for n in range(2, 400))))
+    units = plan.plan_units(report, 8, "g")
+    giant = [u for u in units if u.condition_ids == (cid(1),)]
+    assert len(giant) > 8 and tiles([(u.ts_from, u.ts_to) for u in giant])
+    assert sum(u.expected_fills for u in giant) == 5_000_000
+    inner = sorted(u.ts_from for u in giant if u.ts_from is not None)
+    assert NOW - 100 * DAY < inner[0] and inner[-1] < NOW - DAY
+    check_cover(report, units)
+
+
+def test_plan_is_deterministic_and_independent_of_input_order():
+    report = heavy_tailed(3_000, seed=7)
+    shuffled = list(report.markets)
+    random.Random(1).shuffle(shuffled)
+    first = plan.plan_units(report, 8, "d")
+    assert first == plan.plan_units(report, 8, "d")
+    assert first == plan.plan_units(plan.MissingReport(NOW, tuple(shuffled)), 8, "d")
+
+
+def test_batches_respect_request_budget_and_token_cap():
+    report = plan.MissingReport(NOW, tuple(work(n, 300, tokens=3 if n % 2 else 2) for n in range(1, 600)))
+    units = plan.plan_units(report, 4, "b", batch_requests=5, max_batch_tokens=50)
+    assert all(u.expected_requests <= 5 and len(u.token_ids) <= 50 for u in units)
+    assert all(u.expected_requests == max(1, -(-u.expected_fills // 1000)) for u in units)
+    check_cover(report, units, max_tokens=50)
+
+
+@pytest.mark.parametrize("shards", [4, 8, 16])
+def test_heavy_tailed_plan_is_balanced(shards):
+    report = heavy_tailed(20_000, seed=3)
+    units = plan.plan_units(report, shards, "x")
+    loads = [load.expected_requests for load in plan.shard_loads(units, shards)]
+    assert plan.imbalance(loads) <= 1.10
+    assert sum(loads) >= plan.estimate_requests(report)
+
+
+def test_time_window_units_tile_the_window():
+    since, until = datetime(2024, 1, 1, tzinfo=timezone.utc), datetime(2024, 1, 8, tzinfo=timezone.utc)
+    units = plan.plan_window(since, until, 3, "w")
+    ordered = sorted(units, key=lambda u: u.ts_from)
+    assert ordered[0].ts_from == int(since.timestamp()) and ordered[-1].ts_to == int(until.timestamp())
+    assert all(a.ts_to == b.ts_from for a, b in zip(ordered, ordered[1:]))
+    assert [load.units for load in plan.shard_loads(units, 3)] == [4, 4, 4]
+    assert len(plan.plan_window(since, since.replace(minute=2), 8, "w")) == 2
+
+
+def test_recommendation_follows_rate_and_work():
+    big = plan.recommend(1_000_000, 50.0, latency_s=0.4)
+    assert big.duration_s == 20_000 and big.shards == 5 and big.in_flight == 5
+    assert plan.recommend(100, 50.0).shards == 1
+    with pytest.raises(BadInput):
+        plan.recommend(1, 0)
+    assert plan.default_run_id(datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc)) == "run-20240506-070809"
+
+
+async def test_live_check_samples_markets_and_finds_the_rate_limit(settings):
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from clobjob.probe import live_check
+
+    answered = []
+
+    async def handle(request: web.Request) -> web.Response:
+        tokens = (await request.json())["variables"].get("tokens", [])
+        answered.append(tokens)
+        if "666" in tokens:
+            return web.json_response({"errors": [{"message": "boom"}]})
+        if len(answered) % 4 == 0:
+            return web.json_response({}, status=429)
+        return web.json_response({"data": {"orderFilledEvents": []}})
+
+    app = web.Application()
+    app.router.add_post("/gn", handle)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        probing = settings.with_overrides(subgraph_url=str(server.make_url("/gn")), initial_rps=20.0,
+                                          max_in_flight=4, request_timeout_s=2.0)
+        markets = (work(1, 5), MarketWork(cid(2), ("666",), None, None, 0.0, None, 0, 2, Status.MISSING))
+        live = await live_check(plan.MissingReport(NOW, markets), probing, sample=2, probe_s=1.5)
+    finally:
+        await server.close()
+    good, bad = sorted(live.samples, key=lambda s: s.condition_id)
+    assert (good.fills, good.more, good.error, good.expected_fills) == (0, False, "", 5)
+    assert bad.condition_id == cid(2) and "boom" in bad.error
+    assert live.requests > 2 and live.throttled > 0 and live.limited and live.rate_rps > 0
+    assert await live_check(plan.MissingReport(NOW, ()), probing) is None
