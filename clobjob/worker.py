@@ -78,8 +78,9 @@ class StoreIO:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on the store thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        """``fn(*args)`` on the store thread. Once submitted it runs to the end even if the caller is
+        cancelled (a stop must never drop a queued insert or checkpoint)."""
+        return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._thread, fn, *args))
 
     def close(self) -> None:
         """Stop the thread (after pending calls finish)."""
@@ -108,11 +109,16 @@ class Flusher:
         async with self._lock:
             columns, checkpoints = self._buffer.take(), list(self._pending.values())
             self._pending = {}
-            if columns[0]:
-                await self._io.call(self._io.store.insert_fills, columns)
-                self._counters.fills_stored += len(columns[0])
-            if checkpoints:
-                await self._io.call(self._io.store.save_checkpoints, checkpoints, self._pod)
+            if columns[0] or checkpoints:
+                await self._io.call(self._write, columns, checkpoints)
+
+    def _write(self, columns: list[list[Any]], checkpoints: list[Checkpoint]) -> None:
+        """One job on the store thread, so the checkpoints cannot be written without their rows."""
+        if columns[0]:
+            self._io.store.insert_fills(columns)
+            self._counters.fills_stored += len(columns[0])
+        if checkpoints:
+            self._io.store.save_checkpoints(checkpoints, self._pod)
 
     async def flush_every(self, interval_s: float) -> None:
         """Flush on a timer (the time bound of a batch)."""

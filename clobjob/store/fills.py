@@ -5,29 +5,37 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from clobjob.errors import SourceError
 from clobjob.models import FILL_COLUMNS
 from clobjob.store.database import Database
 
+DERIVED_COLUMNS = ("transaction_hash", "order_hash")  # ALIAS columns: the halves of ``id``
+STORED_COLUMNS = tuple(c for c in FILL_COLUMNS if c not in DERIVED_COLUMNS)
+_STORED_AT = tuple(FILL_COLUMNS.index(c) for c in STORED_COLUMNS)
+_ID, _TX, _ORDER = (FILL_COLUMNS.index(c) for c in ("id", *DERIVED_COLUMNS))
+
 
 class FillBuffer:
-    """Fill rows (tuples in ``FILL_COLUMNS`` order) gathered column by column until flushed."""
+    """Fill rows (tuples in ``FILL_COLUMNS`` order) gathered as the stored columns until flushed."""
 
     def __init__(self) -> None:
-        self._columns: list[list[Any]] = [[] for _ in FILL_COLUMNS]
+        self._columns: list[list[Any]] = [[] for _ in STORED_COLUMNS]
 
     def __len__(self) -> int:
         return len(self._columns[0])
 
     def extend(self, rows: Iterable[Sequence[Any]]) -> None:
-        """Append rows."""
+        """Append rows; a row whose id is not ``transaction_hash + "_" + order_hash`` is refused."""
         columns = self._columns
         for row in rows:
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
+            if row[_ID] != f"{row[_TX]}_{row[_ORDER]}":
+                raise SourceError(f"fill id {row[_ID]!r} is not transaction hash + '_' + order hash")
+            for column, at in zip(columns, _STORED_AT):
+                column.append(row[at])
 
     def take(self) -> list[list[Any]]:
-        """The gathered columns; the buffer is empty afterwards."""
-        taken, self._columns = self._columns, [[] for _ in FILL_COLUMNS]
+        """The gathered columns (``STORED_COLUMNS`` order); the buffer is empty afterwards."""
+        taken, self._columns = self._columns, [[] for _ in STORED_COLUMNS]
         return taken
 
 
@@ -37,8 +45,8 @@ class FillTable:
     db: Database
 
     def insert_fills(self, columns: Sequence[Sequence[Any]]) -> int:
-        """Insert one block of fill columns (``FILL_COLUMNS`` order); returns the row count."""
-        self.db.insert("clob_fills", FILL_COLUMNS, columns)
+        """Insert one block of columns as ``FillBuffer.take`` gives them; returns the row count."""
+        self.db.insert("clob_fills", STORED_COLUMNS, columns)
         return len(columns[0]) if columns else 0
 
     def insert_fill_rows(self, rows: Iterable[Sequence[Any]]) -> int:
