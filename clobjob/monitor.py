@@ -475,10 +475,11 @@ def _top_criterion(markets: Sequence[MarketCoverage], top_n: int) -> dict[str, A
 
 
 def _fills_24h_criterion(store: Store, markets: Sequence[MarketCoverage], now: datetime) -> dict[str, Any]:
-    """Applicable when the latest run's source holds fills of the last 24 h (``SOURCE_UNTIL``) and some market
-    with expected fills was open then (started by now, ended within 24 h or, undated, not closed)."""
+    """Applicable when the latest run's source (with no run: the subgraph, which the expected counts come
+    from) holds fills of the last 24 h (``SOURCE_UNTIL``) and some market with expected fills was open then
+    (started by now, ended within 24 h or, undated, not closed)."""
     name, day_ago = "fills_last_24h", now - timedelta(days=1)
-    source = next(iter(store.runs()), {}).get("source")
+    source = next(iter(store.runs()), {}).get("source", "subgraph")
     until = SOURCE_UNTIL.get(source)
     if until is not None and until < day_ago:
         return _criterion(name, "n/a", f"the {source} source has no fills after {until.isoformat()}")
@@ -557,7 +558,7 @@ th{background:#f4f6f8;font-weight:600} td.num{text-align:right;font-variant-nume
 
 def _bar_chart(months: Sequence[Mapping[str, Any]]) -> str:
     """An inline SVG stacked bar chart of covered / not covered markets per end month."""
-    width, height, left, bottom, top = 1100, 300, 56, 40, 16
+    width, height, left, bottom, top = 1100, 310, 56, 50, 16
     plot_w, plot_h = width - left - 16, height - top - bottom
     peak = max((m["covered"] + m["not_covered"] for m in months), default=0) or 1
     step = 10 ** math.floor(math.log10(peak))
@@ -606,7 +607,7 @@ def render_report_html(verify_result: Mapping[str, Any], coverage_by_month: Sequ
     m = verify_result["markets"]
     criteria = _table(["status", "criterion", "detail"], [
         (f'<span class="badge {c["status"].replace("/", "")}">{esc(c["status"].upper())}</span>', esc(c["name"]),
-         esc(c["detail"]) + "".join(f'<br><code>{esc(e)}</code>' for e in c["examples"] if c["status"] == "fail"))
+         esc(c["detail"]) + "".join(f'<br><code>{esc(e)}</code>' for e in c["examples"][:5] if c["status"] == "fail"))
         for c in verify_result["criteria"]])
     gaps = _table(["market", "end date", "expected", "stored", "missing"], [
         (f'<code>{esc(g["condition_id"])}</code><br><span class="q">{esc(g["question"])}</span>',
@@ -621,8 +622,8 @@ def render_report_html(verify_result: Mapping[str, Any], coverage_by_month: Sequ
         f'coverage {_pct(m["coverage"])} (threshold {_pct(verify_result["min_coverage"])}) · '
         f'complete {m["complete"]:,} · zero-fill {m["zero_fill"]:,} · incomplete {m["incomplete"]:,} · '
         f'unknown {m["unknown"]:,}</p>'
-        f"<h2>Criteria</h2>{criteria}"
         f"<h2>Coverage by market end month</h2>{_bar_chart(coverage_by_month)}"
+        f"<h2>Criteria</h2>{criteria}"
         f"<h2>Worst gaps (most expected fills not stored)</h2>{gaps}"
         "</body></html>"
     )
