@@ -6,8 +6,9 @@ Market coverage (used by status and verify), per market of the universe (``marke
 token without an orderbooks row counting 0 (the subgraph has no Orderbook for a token never traded, and a
 sync stores every Orderbook); ``stored`` = distinct stored fills of its tokens. Category: ``unknown`` when
 no token has an orderbooks row and the market row is newer than the latest orderbooks sync (or there was
-none), ``zero-fill`` when expected is 0, ``complete`` when stored ≥ expected, else ``incomplete``. A market is *covered* when complete or zero-fill; coverage = covered ÷ universe (``None``
-for an empty universe); missing = universe − covered (incomplete + unknown).
+none), ``zero-fill`` when expected is 0, ``complete`` when stored ≥ expected, else ``incomplete``.
+A market is *covered* when complete or zero-fill; coverage = covered ÷ universe (``None`` for an empty
+universe); missing = universe − covered (incomplete + unknown).
 
 Status JSON (``run_status``), ``schema_version`` 1; every key is always present:
 
@@ -37,6 +38,10 @@ failed; ``running`` a *live* heartbeat: age ≤ stalled_after × heartbeat inter
 worker writes on exit (stopped/done/failed); ``stalled`` a heartbeat that is not live, or none but some unit
 has left pending; ``pending`` otherwise. Run state: ``done`` all shards done; ``failed`` all shards done or
 failed; else ``running`` if any shard runs, ``stalled`` if any is stalled, else ``pending``.
+
+Live status: chDB lets one process open a database path, so a backfill on the embedded database calls
+``publish_live(run_status(...), live_path(settings))`` every few seconds; ``current_status`` reads
+ClickHouse, or that file (``live`` true, ``live_age_s`` set) while another process holds the database.
 """
 
 from __future__ import annotations
@@ -290,7 +295,8 @@ def run_status(store: Store, run_id: str | None = None, *, now: datetime | None 
 # --- rendering -----------------------------------------------------------------------------------
 
 
-def _duration(seconds: float | None) -> str:
+def render_duration(seconds: float | None) -> str:
+    """Seconds as "42s", "3m 05s" or "2h 07m" ("-" when unknown)."""
     if seconds is None:
         return "-"
     seconds = int(round(seconds))
@@ -328,15 +334,15 @@ def render_status(status: Mapping[str, Any]) -> str:
         a = status["aggregate"]
         lines.append(f"total    units {a['units_done']:,}/{a['units_total']:,} done, {a['units_failed']:,} failed · "
                      f"fills {a['fills']:,} of {a['expected_fills']:,} expected · {a['rps']:.1f} req/s · "
-                     f"429s {_pct(a['share_429'])} · ETA {_duration(a['eta_s'])}")
+                     f"429s {_pct(a['share_429'])} · ETA {render_duration(a['eta_s'])}")
         lines.append("")
         lines.append(f"{'shard':>5} {'state':<8} {'units done/fail/all':>19} {'fills':>11} {'expected':>11} "
                      f"{'req/s':>6} {'429s':>7} {'ETA':>8} {'beat':>7}  {'pod':<16} last error")
         for s in status["shards"]:
             units = f"{s['units_done']}/{s['units_failed']}/{s['units_total']}"
             lines.append(f"{s['shard']:>5} {s['state']:<8} {units:>19} {s['fills']:>11,} {s['expected_fills']:>11,} "
-                         f"{s['rps']:>6.1f} {_pct(s['share_429']):>7} {_duration(s['eta_s']):>8} "
-                         f"{_duration(s['heartbeat_age_s']):>7}  {s['pod'][:16]:<16} {s['last_error'][:60]}")
+                         f"{s['rps']:>6.1f} {_pct(s['share_429']):>7} {render_duration(s['eta_s']):>8} "
+                         f"{render_duration(s['heartbeat_age_s']):>7}  {s['pod'][:16]:<16} {s['last_error'][:60]}")
     return "\n".join(line.rstrip() for line in lines)
 
 
