@@ -161,11 +161,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
                      for row in cells)
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
 def _render_diagnosis(shown: dict[str, Any]) -> str:
+    from clobjob.monitor import render_duration
+
     statuses = list(shown["by_status"])
     fetch, rec = shown["to_fetch"], shown["recommendation"]
     lines = [f"markets: {shown['markets']:,} (as of {shown['as_of']}); coverage {shown['coverage']:.1%} "
@@ -178,7 +176,7 @@ def _render_diagnosis(shown: dict[str, Any]) -> str:
     lines += ["", f"to fetch: {fetch['markets']:,} markets ({fetch['missing']:,} missing, {fetch['incomplete']:,} "
               f"incomplete, {fetch['unknown_expected']:,} with unknown expected fills); "
               f"{fetch['expected_fills']:,} expected fills in ≈ {fetch['requests']:,} requests",
-              f"at {rec['rate_rps']:g} req/s ({rec['rate_origin']}): ≈ {_duration(rec['duration_s'])}; "
+              f"at {rec['rate_rps']:g} req/s ({rec['rate_origin']}): ≈ {render_duration(rec['duration_s'])}; "
               f"recommended: --shards {rec['shards']}, in-flight {rec['in_flight']} per shard"]
     live = shown["live"]
     if live is None:
@@ -259,6 +257,108 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# --- worker and backfill -------------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from clobjob.worker import run_worker, shard_from_env
+
+    return asyncio.run(run_worker(settings, args.run_id, shard_from_env(args.shard)))
+
+
+def _progress_line(status: dict[str, Any], width: int = 24) -> str:
+    """One line: bar, units, fills, rate, 429 share, ETA."""
+    from clobjob.monitor import render_duration
+
+    agg = status["aggregate"]
+    total = max(agg["units_total"], 1)
+    finished = agg["units_done"] + agg["units_failed"]
+    filled = int(width * finished / total)
+    failed = f" ({agg['units_failed']} failed)" if agg["units_failed"] else ""
+    return (f"[{'#' * filled}{'.' * (width - filled)}] units {finished:,}/{agg['units_total']:,}{failed} · "
+            f"{agg['fills']:,} fills stored · {agg['rps']:.1f} req/s · 429s {agg['share_429']:.1%} · "
+            f"ETA {render_duration(agg['eta_s'])}")
+
+
+async def _publish_progress(settings: Settings, store: Any, run_id: str, interval_s: float) -> None:
+    """Every few seconds: the live status file (for `clobjob status` in another terminal) and a progress line."""
+    import asyncio
+
+    from clobjob import monitor
+
+    tty = sys.stderr.isatty()
+    path = monitor.live_path(settings)
+    while True:
+        await asyncio.sleep(interval_s)
+        status = await asyncio.to_thread(monitor.run_status, store, run_id, coverage=False,
+                                         heartbeat_interval_s=settings.heartbeat_interval_s)
+        if settings.embedded:
+            await asyncio.to_thread(monitor.publish_live, status, path)
+        if tty:
+            sys.stderr.write("\r\x1b[K" + _progress_line(status))
+            sys.stderr.flush()
+        else:
+            logger.bind(run_id=run_id).info("progress: {}", _progress_line(status))
+
+
+async def _run_backfill(settings: Settings, store: Any, run_id: str, parallelism: int) -> int:
+    import asyncio
+
+    from clobjob.executors.local import run_local
+    from clobjob.worker import install_stop_handlers
+
+    run = store.run(run_id)
+    stop = asyncio.Event()
+    install_stop_handlers(stop)
+    progress = asyncio.create_task(_publish_progress(settings, store, run_id, settings.heartbeat_interval_s))
+    try:
+        outcome = await run_local(settings, store, run_id, range(run["shards"]), parallelism=parallelism,
+                                  stop=stop, source_name=run["source"])
+    finally:
+        progress.cancel()
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+    if outcome.failed:
+        print(f"failed shards: {','.join(map(str, outcome.failed))} — see `clobjob status --run-id {run_id}`; "
+              f"rerun them with `clobjob backfill` (resumes) or `clobjob rerun --run-id {run_id} --failed`")
+    return outcome.exit_code
+
+
+def backfill(settings: Settings, *, shards: int, parallelism: int | None, markets_file: str | None = None) -> int:
+    """Resume the latest unfinished backfill run, or plan one of what is missing, and run it locally."""
+    import asyncio
+
+    from clobjob import monitor, plan
+    from clobjob.store import open_store
+
+    with open_store(settings) as store:
+        if not store.count_markets():
+            raise BadInput("the market universe is empty: run `clobjob markets load FILE` or `clobjob markets sync`")
+        run = plan.resumable_run(store)
+        if run is not None:
+            run_id = run["run_id"]
+            print(f"resuming run {run_id}: {store.unfinished_units(run_id):,} unit(s) left")
+        else:
+            run_id = plan.default_run_id()
+            units = plan.plan_backfill(store, shards, run_id, _market_list(markets_file))
+            if not units:
+                print("everything is complete: nothing to fetch")
+                return 0
+            print(f"planned run {run_id}: {len(units):,} units, {sum(u.expected_fills for u in units):,} expected "
+                  f"fills in ≈ {sum(u.expected_requests for u in units):,} requests over {shards} shard(s)")
+        code = asyncio.run(_run_backfill(settings, store, run_id, parallelism or store.run(run_id)["shards"]))
+        status = monitor.run_status(store, run_id, heartbeat_interval_s=settings.heartbeat_interval_s)
+    print(monitor.render_status(status))
+    return code
+
+
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    settings = settings.with_overrides(subgraph_url=args.subgraph_url, max_rps=args.max_rps)
+    return backfill(settings, shards=args.shards, parallelism=args.parallelism, markets_file=args.markets)
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -315,6 +415,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--until", metavar="ISO", help="… up to this time (exclusive)")
     plan.add_argument("--force", action="store_true", help="replace a run that already has progress")
     plan.set_defaults(func=cmd_plan)
+
+    worker = groups.add_parser("worker", help="work one shard of a run (a pod of the Indexed Job)")
+    worker.add_argument("--run-id", required=True, help="the planned run")
+    worker.add_argument("--shard", type=int, help="shard index (default: $JOB_COMPLETION_INDEX)")
+    worker.set_defaults(func=cmd_worker)
+
+    backfill = groups.add_parser("backfill", help="plan what is missing and fetch it locally (resumes a run)")
+    backfill.add_argument("--shards", type=int, default=4, help="shards of a new run (default 4)")
+    backfill.add_argument("--parallelism", type=int, help="shards running at once (default: all)")
+    backfill.add_argument("--markets", metavar="FILE", help="only these condition ids (JSON array or one per line)")
+    backfill.add_argument("--subgraph-url", help="override CLOBJOB_SUBGRAPH_URL")
+    backfill.add_argument("--max-rps", type=float, help="hard ceiling on requests/s (adaptive below it)")
+    backfill.set_defaults(func=cmd_backfill)
 
     return parser
 

@@ -43,7 +43,7 @@ def setup_logging(log_format: str = "auto", level: str = "INFO") -> None:
     if use_json:
         logger.add(_json_line, level=level, format="{message}")
     else:
-        logger.add(_human_line, level=level, format=HUMAN_FORMAT + "\n", colorize=sys.stderr.isatty())
+        logger.add(_human_line, level=level, format=HUMAN_FORMAT, colorize=sys.stderr.isatty())
 
 
 def _shard_tag(record: Any) -> None:

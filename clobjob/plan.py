@@ -68,7 +68,8 @@ WITH
     FROM tokens AS t LEFT JOIN stored AS s USING token_id LEFT JOIN expected AS e USING token_id
     GROUP BY t.condition_id
   )
-SELECT u.condition_id, u.token_ids, toUnixTimestamp(u.start_date), toUnixTimestamp(u.end_date), u.volume,
+SELECT u.condition_id, if(status IN ('missing', 'incomplete'), u.token_ids, []),
+       toUnixTimestamp(u.start_date), toUnixTimestamp(u.end_date), u.volume,
        p.expected_fills, p.stored_fills,
        row_number() OVER (ORDER BY u.volume DESC, u.condition_id) AS volume_rank,
        multiIf(p.expected_fills IS NULL, if(p.stored_fills = 0, 'missing', 'unverified'),
@@ -87,7 +88,10 @@ SETTINGS join_use_nulls = 0
 
 @dataclass(frozen=True, slots=True)
 class MarketWork:
-    """One market of the universe with its expected (None = unknown) and stored fill counts."""
+    """One market of the universe with its expected (None = unknown) and stored fill counts.
+
+    ``token_ids`` are only read for markets to fetch (missing, incomplete): empty for the others.
+    """
 
     condition_id: str
     token_ids: tuple[str, ...]
@@ -428,3 +432,35 @@ def read_condition_ids(path: str | Path) -> list[str]:
     if not ids:
         raise BadInput(f"{path} lists no condition ids")
     return list(dict.fromkeys(ids))
+
+
+# --- backfill: resume or plan --------------------------------------------------------------------
+
+
+def resumable_run(store: Store) -> dict[str, Any] | None:
+    """The latest backfill run if it still has unfinished (or failed) units: resume it, do not re-plan."""
+    latest = next((r for r in store.runs() if r["params"].get("kind") == "backfill"), None)
+    return latest if latest is not None and store.unfinished_units(latest["run_id"]) else None
+
+
+def still_to_fetch(store: Store, report: MissingReport) -> MissingReport:
+    """The report without markets already fetched whole since their expected counts were last synced.
+
+    A market whose source holds fewer fills than ``tradesQuantity`` (or that has no orderbook) stays
+    missing/incomplete by count after a full fetch; it is fetched again only after a newer sync.
+    """
+    fetched, synced = store.fetched_markets(), store.orderbooks_synced_at()
+    epoch = datetime.fromtimestamp(0, timezone.utc)
+    keep = tuple(m for m in report.markets
+                 if m.status not in WORK or fetched.get(m.condition_id, epoch) <= synced.get(m.condition_id, epoch))
+    return MissingReport(report.as_of, keep, report.not_found)
+
+
+def plan_backfill(store: Store, shards: int, run_id: str, condition_ids: list[str] | None = None) -> list[WorkUnit]:
+    """Plan and record a backfill run of what is still to fetch; an empty list means nothing to do."""
+    report = still_to_fetch(store, missing_work(store, condition_ids))
+    units = plan_units(report, shards, run_id)
+    if units:
+        write_plan(store, run_id, shards, units, {"kind": "backfill", "shards": shards, "as_of": report.as_of,
+                                                  "markets": len(report.work), "markets_file": bool(condition_ids)})
+    return units

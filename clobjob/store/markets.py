@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 
-from clobjob.models import Market
+from clobjob.models import Market, as_utc
 from clobjob.store.database import Database
 
 MARKET_COLUMNS = ("condition_id", "token_ids", "question", "slug", "start_date", "end_date", "closed", "volume",
@@ -58,6 +59,11 @@ class MarketTable:
         columns = [tokens, [trades_by_token[t][0] for t in tokens], [trades_by_token[t][1] for t in tokens]]
         self.db.insert("orderbooks", ("token_id", "condition_id", "trades_quantity"), columns)
         return len(tokens)
+
+    def orderbooks_synced_at(self) -> dict[str, datetime]:
+        """Per condition id, when the subgraph's expected fills of its tokens were last synced."""
+        found = self.db.rows("SELECT condition_id, max(synced_at) FROM {db}.orderbooks FINAL GROUP BY condition_id")
+        return {condition: as_utc(at) for condition, at in found}
 
     def expected_fills_by_token(self) -> dict[str, int]:
         """tradesQuantity per token as last synced from the subgraph."""

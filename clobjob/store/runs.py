@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from clobjob.models import Checkpoint, Heartbeat, UnitState, WorkUnit
+from clobjob.models import Checkpoint, Heartbeat, UnitState, WorkUnit, as_utc
 from clobjob.store.database import Database
 
 UNIT_COLUMNS = ("run_id", "shard", "unit_id", "condition_ids", "token_ids", "ts_from", "ts_to",
@@ -102,6 +102,34 @@ class RunTables:
             values["state"] = UnitState(values["state"])
             result[values["unit_id"]] = Checkpoint(**values)
         return result
+
+    def fetched_markets(self) -> dict[str, datetime]:
+        """Markets fetched whole by some run (every unit holding them done) → when the last unit finished.
+
+        Time-window units (no token ids) do not count: they fetch a slice of every market.
+        """
+        found = self.db.rows(
+            """SELECT condition_id, max(finished) FROM (
+                   SELECT u.run_id AS run_id, arrayJoin(u.condition_ids) AS condition_id,
+                          countIf(p.state = 'done') AS done, count() AS units, max(p.updated_at) AS finished
+                   FROM (SELECT * FROM {db}.backfill_units FINAL WHERE length(token_ids) > 0) AS u
+                   LEFT JOIN (SELECT run_id, shard, unit_id, state, updated_at FROM {db}.backfill_progress FINAL) AS p
+                   ON u.run_id = p.run_id AND u.shard = p.shard AND u.unit_id = p.unit_id
+                   GROUP BY run_id, condition_id
+               ) WHERE done = units GROUP BY condition_id"""
+        )
+        return {condition: as_utc(finished) for condition, finished in found}
+
+    def unfinished_units(self, run_id: str) -> int:
+        """Units of a run that are not done (failed ones included)."""
+        return self.db.scalar(
+            """SELECT countIf(p.state != 'done' OR p.state IS NULL)
+               FROM (SELECT run_id, shard, unit_id FROM {db}.backfill_units FINAL WHERE run_id = {run:String}) AS u
+               LEFT JOIN (SELECT run_id, shard, unit_id, toNullable(state) AS state FROM {db}.backfill_progress FINAL
+                          WHERE run_id = {run:String}) AS p
+               ON u.run_id = p.run_id AND u.shard = p.shard AND u.unit_id = p.unit_id""",
+            {"run": run_id},
+        ) or 0
 
     # --- heartbeats ------------------------------------------------------------------------------
 
