@@ -296,7 +296,6 @@ def run_status(store: Store, run_id: str | None = None, *, now: datetime | None 
 
 
 def render_duration(seconds: float | None) -> str:
-    """A duration for people: ``45s``, ``3m 05s``, ``2h 03m`` (``-`` for None)."""
     """Seconds as "42s", "3m 05s" or "2h 07m" ("-" when unknown)."""
     if seconds is None:
         return "-"
