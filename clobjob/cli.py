@@ -206,7 +206,8 @@ def cmd_diagnose(args: argparse.Namespace, settings: Settings) -> int:
     if not args.offline:
         from clobjob.probe import live_check
 
-        live = asyncio.run(live_check(report, settings, sample=args.sample, probe_s=args.probe_seconds))
+        probe_s = 0.0 if args.rate is not None else args.probe_seconds  # --rate given: no need to probe
+        live = asyncio.run(live_check(report, settings, sample=args.sample, probe_s=probe_s))
     rate, origin = _rate(args, settings, live)
     shown = report.to_dict()
     latency = live.latency_s if live is not None and live.latency_s else 0.5

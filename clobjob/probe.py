@@ -53,16 +53,17 @@ def pick_sample(report: MissingReport, size: int) -> list[MarketWork]:
     return list(dict.fromkeys(p for p in picks if p is not None))[:size]
 
 
-async def _first_page(source: SubgraphSource, market: MarketWork) -> SampleFetch:
+async def _first_page(source: SubgraphSource, market: MarketWork, timeout_s: float) -> SampleFetch:
     unit = WorkUnit(run_id="diagnose", unit_id=0, shard=0, condition_ids=(market.condition_id,),
                     token_ids=market.token_ids)
     started = time.monotonic()
     pages = source.pages(unit, "", {t: market.condition_id for t in market.token_ids})
     try:
-        page = await anext(pages)
-    except ClobjobError as exc:
-        return SampleFetch(market.condition_id, market.expected_fills, 0, False, time.monotonic() - started,
-                           f"{type(exc).__name__}: {exc}")
+        async with asyncio.timeout(timeout_s):
+            page = await anext(pages)
+    except (ClobjobError, TimeoutError) as exc:
+        error = f"{type(exc).__name__}: {exc}" if isinstance(exc, ClobjobError) else f"no page in {timeout_s:g} s"
+        return SampleFetch(market.condition_id, market.expected_fills, 0, False, time.monotonic() - started, error)
     finally:
         await pages.aclose()
     return SampleFetch(market.condition_id, market.expected_fills, len(page.rows), not page.done,
@@ -71,18 +72,19 @@ async def _first_page(source: SubgraphSource, market: MarketWork) -> SampleFetch
 
 async def live_check(report: MissingReport, settings: Settings, *, sample: int = 5,
                      probe_s: float = 10.0) -> LiveCheck | None:
-    """Sample fetches of the report's work, then ``probe_s`` seconds of first-page requests at the
-    highest rate the controller finds; None when there is nothing to fetch."""
+    """Sample fetches of the report's work (each given ``3 × request_timeout_s``), then ``probe_s``
+    seconds of first-page requests at the highest rate the controller finds; None when nothing is missing."""
     markets = pick_sample(report, max(sample, 1))
     if not markets:
         return None
     controller = make_controller(settings)
+    timeout_s = 3 * settings.request_timeout_s
     async with SubgraphSource(settings, controller) as source:
-        samples = tuple([await _first_page(source, m) for m in markets[:sample]])
+        samples = tuple(await asyncio.gather(*(_first_page(source, m, timeout_s) for m in markets[:sample])))
 
         async def hammer(offset: int) -> None:
             while True:
-                await _first_page(source, markets[offset % len(markets)])
+                await _first_page(source, markets[offset % len(markets)], timeout_s)
                 offset += 1
 
         with contextlib.suppress(TimeoutError):
