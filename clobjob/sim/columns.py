@@ -1,0 +1,352 @@
+"""Column kinds of the simulator's in-memory entity tables.
+
+Every column answers three questions about a set of row numbers, vectorised with numpy: render the
+values as the GraphQL API returns them, which rows satisfy a graph-node filter operator, and the sort
+keys for ``orderBy``. Rows of every table are stored in ascending ``id`` order (byte-wise), so a row
+number is also the rank of its id.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+I64_MIN = int(np.iinfo(np.int64).min)
+I64_MAX = int(np.iinfo(np.int64).max)
+EQUALITY_OPS = ("", "not", "in", "not_in")
+
+
+def predicate(op: str, target: Any) -> Callable[[Any], bool]:
+    """A Python predicate for one graph-node filter operator (``""`` is equality)."""
+    if op.endswith("_nocase"):
+        base = predicate(op.removesuffix("_nocase"), target.lower())
+        return lambda v: base(v.lower())
+    negated = op.startswith("not_") or op == "not"
+    positive = {"not": "", "not_in": "in"}.get(op, op.removeprefix("not_") if negated else op)
+    test: Callable[[Any], bool]
+    match positive:
+        case "":
+            test = lambda v: v == target  # noqa: E731
+        case "in":
+            members = set(target)
+            test = lambda v: v in members  # noqa: E731
+        case "gt":
+            test = lambda v: v > target  # noqa: E731
+        case "gte":
+            test = lambda v: v >= target  # noqa: E731
+        case "lt":
+            test = lambda v: v < target  # noqa: E731
+        case "lte":
+            test = lambda v: v <= target  # noqa: E731
+        case "contains":
+            test = lambda v: target in v  # noqa: E731
+        case "starts_with":
+            test = lambda v: v.startswith(target)  # noqa: E731
+        case "ends_with":
+            test = lambda v: v.endswith(target)  # noqa: E731
+        case _:
+            raise ValueError(f"unknown filter operator {op!r}")
+    return (lambda v: not test(v)) if negated else test
+
+
+def _clamp(value: int) -> int:
+    return min(max(value, I64_MIN), I64_MAX)
+
+
+def _positions(rows: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Positions in ``rows`` whose row number is in ``members``."""
+    if not len(members):
+        return np.empty(0, dtype=np.int64)
+    return np.flatnonzero(np.isin(rows, members))
+
+
+class Column:
+    """One field of an entity table."""
+
+    def render(self, rows: np.ndarray) -> list:
+        """The JSON values of ``rows``, in the order given."""
+        raise NotImplementedError
+
+    def mask(self, op: str, target: Any, rows: np.ndarray) -> np.ndarray:
+        """Which of ``rows`` satisfy ``field_<op>: target``."""
+        values = self.render(rows)
+        test = predicate(op, target)
+        return np.fromiter((test(v) for v in values), dtype=bool, count=len(values))
+
+    def sort_keys(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Sort keys of ``rows``, most significant first."""
+        raise NotImplementedError
+
+    def index(self, op: str, target: Any) -> np.ndarray | None:
+        """All matching rows (sorted) when the column has an index for ``op``, else None."""
+        return None
+
+
+class IdColumn(Column):
+    """Entity ids; rows are in id order, so comparisons are binary searches over lazily rendered ids."""
+
+    def __init__(self, n: int, render: Callable[[np.ndarray], list[str]]) -> None:
+        self.n = n
+        self._render = render
+
+    def render(self, rows: np.ndarray) -> list[str]:
+        return self._render(rows)
+
+    def _at(self, row: int) -> str:
+        return self._render(np.array([row], dtype=np.int64))[0]
+
+    def rank(self, value: str, *, right: bool = False) -> int:
+        """Number of ids < value (or <= value with ``right``), byte-wise."""
+        find = bisect.bisect_right if right else bisect.bisect_left
+        return find(range(self.n), value, key=self._at)
+
+    def bounds(self, op: str, target: str) -> tuple[int, int] | None:
+        """The row range satisfying an equality/range operator, or None for other operators."""
+        match op:
+            case "":
+                return self.rank(target), self.rank(target, right=True)
+            case "gt":
+                return self.rank(target, right=True), self.n
+            case "gte":
+                return self.rank(target), self.n
+            case "lt":
+                return 0, self.rank(target)
+            case "lte":
+                return 0, self.rank(target, right=True)
+        return None
+
+    def index(self, op: str, target: Any) -> np.ndarray | None:
+        if op != "in":
+            return None
+        found = {self.rank(v) for v in target}
+        return np.array(sorted(r for r in found if r < self.n and self._at(r) in target), dtype=np.int64)
+
+    def sort_keys(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        return (rows,)
+
+
+class IntColumn(Column):
+    """Exact integers (BigInt, Int, or BigDecimal stored in units of 10**-scale).
+
+    Values are int64; the rare values outside int64 live in ``big`` (row -> int) with I64_MAX in the array.
+    """
+
+    def __init__(self, values: np.ndarray, big: dict[int, int] | None = None, *, kind: str = "BigInt",
+                 scale: int = 0) -> None:
+        self.values = values
+        self.big = big or {}
+        self.kind = kind
+        self.scale = scale
+        self._big_rows = np.array(sorted(self.big), dtype=np.int64)
+
+    @classmethod
+    def from_ints(cls, values: list[int], *, kind: str = "BigInt", scale: int = 0) -> IntColumn:
+        """A column holding exact Python ints (those beyond int64 go to ``big``)."""
+        big = {i: v for i, v in enumerate(values) if v >= I64_MAX}
+        return cls(np.array([min(v, I64_MAX) for v in values], dtype=np.int64), big, kind=kind, scale=scale)
+
+    def take(self, rows: np.ndarray) -> IntColumn:
+        """The column restricted to ``rows``, renumbered from 0."""
+        big = {int(p): self.big[int(rows[p])] for p in _positions(rows, self._big_rows)}
+        return IntColumn(self.values[rows], big, kind=self.kind, scale=self.scale)
+
+    def group_sums(self, rows: np.ndarray, keys: np.ndarray, size: int) -> list[int]:
+        """Exact sums of the values of ``rows`` grouped by ``keys`` (0 <= key < size)."""
+        values = self.values[rows].copy()
+        big = _positions(rows, self._big_rows)
+        values[big] = 0
+        sums = np.zeros(size, dtype=np.int64)
+        np.add.at(sums, keys, values)
+        out = sums.tolist()
+        for pos in big.tolist():
+            out[keys[pos]] += self.big[int(rows[pos])]
+        return out
+
+    def exact(self, rows: np.ndarray) -> list[int]:
+        """The exact Python ints of ``rows``."""
+        out = self.values[rows].tolist()
+        for pos in _positions(rows, self._big_rows):
+            out[pos] = self.big[int(rows[pos])]
+        return out
+
+    def render(self, rows: np.ndarray) -> list:
+        values = self.exact(rows)
+        if self.kind == "Int":
+            return values
+        if self.kind == "BigDecimal":
+            return [decimal_string(v, self.scale) for v in values]
+        return list(map(str, values))
+
+    def _scaled(self, target: Any) -> Fraction:
+        return Fraction(target) * 10**self.scale
+
+    def mask(self, op: str, target: Any, rows: np.ndarray) -> np.ndarray:
+        vals = self.values[rows]
+        if target is None:
+            return np.full(len(rows), op == "not")
+        if op in ("in", "not_in"):
+            scaled = {self._scaled(t) for t in target}
+            wanted = [_clamp(int(t)) for t in scaled if t.denominator == 1]
+            out = np.isin(vals, np.array(wanted, dtype=np.int64))
+            out = ~out if op == "not_in" else out
+            exact = predicate(op, scaled)
+        else:
+            t = self._scaled(target)
+            out = _compare(vals, op, t)
+            exact = predicate(op, t)
+        for pos in _positions(rows, self._big_rows):
+            out[pos] = exact(self.big[int(rows[pos])])
+        return out
+
+    def sort_keys(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        vals = self.values[rows]
+        if not self.big:
+            return (vals,)
+        ranks = {v: i + 1 for i, v in enumerate(sorted(set(self.big.values())))}
+        minor = np.zeros(len(rows), dtype=np.int64)
+        for pos in _positions(rows, self._big_rows):
+            minor[pos] = ranks[self.big[int(rows[pos])]]
+        return vals, minor
+
+
+def _compare(vals: np.ndarray, op: str, t: Fraction) -> np.ndarray:
+    """``vals <op> t`` for int64 values and an exact threshold (rows holding I64_MAX are fixed by callers)."""
+    match op:
+        case "" | "not":
+            out = vals == _clamp(int(t)) if t.denominator == 1 else np.zeros(len(vals), dtype=bool)
+            return ~out if op == "not" else out
+        case "gt":
+            return vals > _clamp(math.floor(t))
+        case "gte":
+            return vals >= _clamp(math.ceil(t))
+        case "lt":
+            return vals < _clamp(math.ceil(t))
+        case "lte":
+            return vals <= _clamp(math.floor(t))
+    raise ValueError(f"operator {op!r} does not apply to numbers")
+
+
+def decimal_string(units: int, scale: int) -> str:
+    """``units * 10**-scale`` as graph-node prints a BigDecimal: plain digits, no trailing zeros."""
+    if scale == 0:
+        return str(units)
+    whole, frac = divmod(abs(units), 10**scale)
+    text = f"{whole}.{frac:0{scale}d}".rstrip("0").rstrip(".")
+    return "-" + text if units < 0 else text
+
+
+class CodeColumn(Column):
+    """A column with few distinct values (addresses, asset ids, condition ids) stored as int32 codes.
+
+    ``values`` are str (GraphQL String) or int (BigInt). Equality and ``_in`` use a lazily built
+    inverted index; other operators evaluate once per distinct value.
+    """
+
+    def __init__(self, codes: np.ndarray, values: Sequence[Any]) -> None:
+        self.codes = codes
+        self.values = values
+
+    @cached_property
+    def _labels(self) -> np.ndarray:
+        return np.array([str(v) for v in self.values], dtype=object)
+
+    def render(self, rows: np.ndarray) -> list[str]:
+        return self._labels[self.codes[rows]].tolist()
+
+    @cached_property
+    def _code_of(self) -> dict[Any, int]:
+        return {v: i for i, v in enumerate(self.values)}
+
+    @cached_property
+    def _postings(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(self.codes, kind="stable")
+        offsets = np.searchsorted(self.codes[order], np.arange(len(self.values) + 1))
+        return order, offsets
+
+    @cached_property
+    def _rank(self) -> np.ndarray:
+        rank = np.empty(len(self.values), dtype=np.int64)
+        rank[sorted(range(len(self.values)), key=self.values.__getitem__)] = np.arange(len(self.values))
+        return rank
+
+    def codes_of(self, targets: Any) -> list[int]:
+        """Codes of the listed values that occur in the column's dictionary."""
+        return [self._code_of[t] for t in targets if t in self._code_of]
+
+    def index(self, op: str, target: Any) -> np.ndarray | None:
+        if op not in ("", "in"):
+            return None
+        order, offsets = self._postings
+        parts = [order[offsets[c]:offsets[c + 1]] for c in self.codes_of([target] if op == "" else set(target))]
+        if not parts:
+            return np.empty(0, dtype=np.int64)
+        return np.sort(np.concatenate(parts)) if len(parts) > 1 else parts[0].astype(np.int64)
+
+    def count(self, targets: Any) -> int:
+        """Rows whose value is one of ``targets``."""
+        _, offsets = self._postings
+        return sum(int(offsets[c + 1] - offsets[c]) for c in self.codes_of(set(targets)))
+
+    def mask(self, op: str, target: Any, rows: np.ndarray) -> np.ndarray:
+        if target is None:
+            return np.full(len(rows), op == "not")
+        lut = np.zeros(len(self.values), dtype=bool)
+        if op in EQUALITY_OPS:
+            lut[self.codes_of([target] if op in ("", "not") else target)] = True
+            if op.startswith("not"):
+                lut = ~lut
+        else:
+            test = predicate(op, target)
+            lut = np.fromiter((test(v) for v in self.values), dtype=bool, count=len(self.values))
+        return lut[self.codes[rows]]
+
+    def sort_keys(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        return (self._rank[self.codes[rows]],)
+
+
+class BytesColumn(Column):
+    """32-byte values (hashes) computed on demand from ``words(rows) -> (len, 4) uint64``."""
+
+    def __init__(self, words: Callable[[np.ndarray], np.ndarray]) -> None:
+        self._words = words
+
+    def raw(self, rows: np.ndarray) -> bytes:
+        """The concatenated 32-byte big-endian values of ``rows``."""
+        return self._words(rows).astype(">u8").tobytes()
+
+    def render(self, rows: np.ndarray) -> list[str]:
+        text = self.raw(rows).hex()
+        return ["0x" + text[i:i + 64] for i in range(0, len(text), 64)]
+
+    def mask(self, op: str, target: Any, rows: np.ndarray) -> np.ndarray:
+        if target is None:
+            return np.full(len(rows), op == "not")
+        targets = [target] if op in ("", "not") else target
+        if op in EQUALITY_OPS and all(len(t) == 32 for t in targets):
+            keys = np.frombuffer(self.raw(rows), dtype="S32")
+            out = np.isin(keys, np.array(targets, dtype="S32"))
+            return ~out if op.startswith("not") else out
+        raw, test = self.raw(rows), predicate(op, target)
+        return np.fromiter((test(raw[i:i + 32]) for i in range(0, len(raw), 32)), dtype=bool, count=len(rows))
+
+    def sort_keys(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        return (np.frombuffer(self.raw(rows), dtype="S32"),)
+
+
+class NullColumn(Column):
+    """A nullable field that is always null (``MarketData.outcomeIndex``)."""
+
+    def render(self, rows: np.ndarray) -> list[None]:
+        return [None] * len(rows)
+
+    def mask(self, op: str, target: Any, rows: np.ndarray) -> np.ndarray:
+        return np.full(len(rows), op == "" and target is None)
+
+    def sort_keys(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        return (np.zeros(len(rows), dtype=np.int64),)

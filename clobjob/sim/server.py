@@ -1,0 +1,217 @@
+"""The simulator's HTTP server: GraphQL POST at any path, Goldsky-like throttling and faults, stats.
+
+``POST /<any path>``: a GraphQL request. ``GET /__stats``: counts of requests and outcomes (JSON).
+``POST /__config``: change knobs at run time (JSON object of SimConfig fields). Rate limits and faults never
+apply to the two ``/__`` endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from clobjob.sim.data import Dataset
+from clobjob.sim.engine import Engine
+from clobjob.sim.faults import THROTTLE_BODY, Fault, FaultPlan, SimConfig, TokenBucket, retry_after_header
+
+DEFAULT_PATH = "/subgraphs/orderbook-subgraph/gn"
+STAT_KEYS = ("requests", "ok", "query_errors", "throttled_429", "http_5xx", "graphql_timeout", "overloaded",
+             "store_timeout", "empty_body", "truncated", "slow", "hang", "fill_requests", "fills_served")
+_REASONS = {502: "Bad Gateway", 503: "Service Temporarily Unavailable", 504: "Gateway Time-out"}
+_ERRORS = {
+    Fault.GRAPHQL_TIMEOUT: "Query timed out",
+    Fault.OVERLOADED: "service is overloaded and can not run the query right now. Please try again in a few minutes",
+}
+_STORE_TIMEOUT = "Store error: database query timed out"
+
+
+def _html_error(status: int) -> web.Response:
+    """The HTML error page a reverse proxy in front of graph-node sends."""
+    title = f"{status} {_REASONS[status]}"
+    page = (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n"
+            "<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+    return web.Response(status=status, text=page, content_type="text/html")
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, text=json.dumps(payload, separators=(",", ":")),
+                        content_type="application/json")
+
+
+class SimServer:
+    """A simulated Goldsky orderbook-subgraph endpoint on ``host:port`` (port 0 = a free port).
+
+    Use ``async with SimServer(ds, cfg) as sim`` in async code or ``with SimServer(ds, cfg).run_in_thread()
+    as sim`` from sync code; ``sim.url``, ``sim.stats()`` and ``sim.configure(...)`` work in both.
+    """
+
+    def __init__(self, ds: Dataset, cfg: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0,
+                 path: str = DEFAULT_PATH) -> None:
+        self.cfg = cfg or SimConfig()
+        self.host, self.port, self.path = host, port, path
+        self._engine = Engine(ds)
+        self._limiter = TokenBucket(self.cfg.rate_limit_rps, self.cfg.burst)
+        self._faults = FaultPlan(self.cfg.seed)
+        self._stats = dict.fromkeys(STAT_KEYS, 0)
+        self._runner: web.AppRunner | None = None
+        self._closing: asyncio.Event | None = None
+
+    @property
+    def url(self) -> str:
+        """The GraphQL endpoint (any path on the server works)."""
+        return f"http://{self.host}:{self.port}{self.path}"
+
+    def stats(self) -> dict[str, int]:
+        """Counts of requests and of each outcome."""
+        return dict(self._stats)
+
+    def configure(self, **knobs: Any) -> SimConfig:
+        """Change rate limit / fault knobs at run time (validated like SimConfig)."""
+        cfg = SimConfig.model_validate({**self.cfg.model_dump(), **knobs})
+        if cfg.seed != self.cfg.seed:
+            self._faults = FaultPlan(cfg.seed)
+        self._limiter.reset(cfg.rate_limit_rps, cfg.burst)
+        self.cfg = cfg
+        return cfg
+
+    async def start(self) -> None:
+        """Bind and serve."""
+        self._closing = asyncio.Event()
+        app = web.Application(client_max_size=64 * 1024**2)
+        app.router.add_get("/__stats", self._get_stats)
+        app.router.add_post("/__config", self._post_config)
+        app.router.add_post("/{tail:.*}", self._graphql)
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        """Wake slow/hung handlers and shut down."""
+        if self._closing is not None:
+            self._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> SimServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop()
+
+    @contextmanager
+    def run_in_thread(self) -> Iterator[SimServer]:
+        """Serve from a background thread with its own event loop (for sync code and subprocess tests)."""
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="clobjob-sim", daemon=True)
+        thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.start(), loop).result()
+            yield self
+        finally:
+            asyncio.run_coroutine_threadsafe(self.stop(), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self._stats[key] += n
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at shutdown."""
+        assert self._closing is not None
+        try:
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _get_stats(self, _request: web.Request) -> web.Response:
+        return _json(self.stats())
+
+    async def _post_config(self, request: web.Request) -> web.Response:
+        try:
+            knobs = await request.json()
+            if not isinstance(knobs, dict):
+                raise ValueError("expected a JSON object of SimConfig fields")
+            return _json(self.configure(**knobs).model_dump())
+        except (ValueError, ValidationError) as exc:
+            return _json({"error": str(exc)}, 400)
+
+    async def _graphql(self, request: web.Request) -> web.Response:
+        self._count("requests")
+        raw = await request.read()
+        wait = self._limiter.take(request.remote or "", time.monotonic())
+        if wait is not None:
+            self._count("throttled_429")
+            headers = {"Retry-After": retry_after_header(wait)} if self.cfg.retry_after else None
+            return web.Response(status=429, text=THROTTLE_BODY, headers=headers)
+        draw = self._faults.draw(self.cfg)
+        if draw.fault is Fault.HTTP_5XX:
+            self._count("http_5xx")
+            return _html_error(draw.status)
+        if draw.fault is Fault.HANG:
+            self._count("hang")
+            await self._sleep(self.cfg.hang_s)
+            return _html_error(504)
+        if draw.fault in _ERRORS:
+            self._count(draw.fault.value)
+            return _json({"errors": [{"message": _ERRORS[draw.fault]}]})
+        if draw.fault is Fault.SLOW:
+            self._count("slow")
+            await self._sleep(self.cfg.slow_s)
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            self._count("query_errors")
+            return _json({"errors": [{"message": f"Invalid JSON in request body: {exc}"}]}, 400)
+        answer = self._engine.execute(body, max_skip=self.cfg.max_skip, indexing_error=self.cfg.indexing_error)
+        if draw.store_timeout and answer.in_rows > self.cfg.store_timeout_rows:
+            self._count("store_timeout")
+            return _json({"errors": [{"message": _STORE_TIMEOUT}]})
+        text = json.dumps(answer.payload, separators=(",", ":"))
+        if draw.fault is Fault.EMPTY_BODY:
+            self._count("empty_body")
+            return web.Response(body=b"", content_type="application/json")
+        if draw.fault is Fault.TRUNCATED:
+            self._count("truncated")
+            return web.Response(text=text[: max(1, int(len(text) * draw.cut))], content_type="application/json")
+        self._count("query_errors" if answer.error else "ok")
+        if answer.fill_query and not answer.error:
+            self._count("fill_requests")
+            self._count("fills_served", answer.fills)
+        return web.Response(status=answer.status, text=text, content_type="application/json")
+
+
+async def _serve_until_signalled(ds: Dataset, cfg: SimConfig, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with SimServer(ds, cfg, host=host, port=port) as sim:
+        print(f"clobjob sim: {len(ds.markets)} markets, {ds.n_fills} fills, seed {cfg.seed}; "
+              f"Ctrl+C to stop", file=sys.stderr, flush=True)
+        print(sim.url, flush=True)
+        await stop.wait()
+
+
+def serve(host: str = "127.0.0.1", port: int = 8787, markets: int = 2000, seed: int = 7,
+          profile: str = "clean", **knobs: Any) -> None:
+    """Generate a dataset and serve it until SIGINT/SIGTERM, printing the URL on stdout.
+
+    ``knobs`` are SimConfig fields overriding the profile; None values are ignored (unset CLI flags).
+    """
+    ds = Dataset.generate(markets=markets, seed=seed)
+    cfg = SimConfig.for_profile(profile, seed=seed, **{k: v for k, v in knobs.items() if v is not None})
+    asyncio.run(_serve_until_signalled(ds, cfg, host, port))
