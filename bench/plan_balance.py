@@ -107,7 +107,8 @@ GENERATE = [
        FROM {db}.clob_fills GROUP BY token_id""",
     # ... and for tokens without stored fills: missing (every 5th market zero-fill, every 7th unknown: no row)
     """INSERT INTO {db}.orderbooks (token_id, condition_id, trades_quantity)
-       SELECT toString(1000000 + number), '', if(modulo(cityHash64(intDiv(number, 2), 'z'), 5) = 0, 0, 1 + modulo(cityHash64(number, 'q'), 50))
+       SELECT toString(1000000 + number), '',
+              if(modulo(cityHash64(intDiv(number, 2), 'z'), 5) = 0, 0, 1 + modulo(cityHash64(number, 'q'), 50))
        FROM numbers(2 * {markets:UInt64})
        WHERE toString(1000000 + number) NOT IN (SELECT token_id FROM {db}.orderbooks)
          AND modulo(intDiv(number, 2), 7) != 3""",

@@ -170,6 +170,10 @@ def _render_diagnosis(shown: dict[str, Any]) -> str:
              "(complete or zero-fill)"]
     if shown["not_found"]:
         lines.append(f"not in the universe: {len(shown['not_found'])} listed id(s), e.g. {shown['not_found'][0]}")
+    recent = sum(shown["by_age"]["<30d"][s] for s in ("missing", "incomplete"))
+    top = sum(shown["by_volume"]["top100"][s] for s in ("missing", "incomplete"))
+    if recent or top:
+        lines.append(f"attention: {recent:,} recent (< 30 days) and {top:,} top-100 markets are missing or incomplete")
     lines += ["", _table(["status", "markets"], list(shown["by_status"].items()))]
     for title, matrix in (("by end date", shown["by_age"]), ("by volume rank", shown["by_volume"])):
         lines += ["", _table([title, *statuses], [[b, *counts.values()] for b, counts in matrix.items()])]
