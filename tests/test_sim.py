@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -288,6 +292,28 @@ def test_block_pinning_filters_and_recomputes() -> None:
     counted = Counter(r["tokenId"] for r in truth if block_of(int(r["timestamp"])) <= pin)
     assert {b["id"]: int(b["tradesQuantity"]) for b in books} == dict(counted)
     assert ask(f"{{ _meta(block: {{number: {pin}}}) {{ block {{ number }} }} }}")["_meta"]["block"]["number"] == pin
+    changed = ask(f"{{ orderFilledEvents(first: 1000, where: {{_change_block: {{number_gte: {pin}}}}}) {{ id }} }}")
+    assert [r["id"] for r in changed["orderFilledEvents"]] == [
+        r["id"] for r in truth if block_of(int(r["timestamp"])) >= pin][:1000]
+    one = truth[len(truth) // 2]
+    assert ask(f'{{ orderFilledEvent(id: "{one["id"]}") {{ id fee }} }}')["orderFilledEvent"] == {
+        "id": one["id"], "fee": one["fee"]}
+    assert ask('{ orderFilledEvent(id: "0x") { id } }')["orderFilledEvent"] is None
+
+
+def test_serve_prints_its_url_and_answers() -> None:
+    code = "from clobjob.sim import serve; serve(port=0, markets=30, seed=2, profile='throttled')"
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            url = proc.stdout.readline().strip()
+            request = urllib.request.Request(url, data=json.dumps({"query": SMALL_QUERY}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert json.load(response)["data"]["_meta"]["block"]["number"] == HEAD_BLOCK
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
 
 
 # --- filters against a brute-force evaluation ------------------------------------------------------

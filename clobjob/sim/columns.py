@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from functools import cached_property
@@ -88,12 +89,25 @@ class Column:
         return None
 
 
-class IdColumn(Column):
-    """Entity ids; rows are in id order, so comparisons are binary searches over lazily rendered ids."""
+_HEX_PREFIX = re.compile(r"0x[0-9a-f]{16}")
 
-    def __init__(self, n: int, render: Callable[[np.ndarray], list[str]]) -> None:
+
+def hex_prefix(value: str) -> int | None:
+    """The first 64 bits of a lower-case ``0x`` hex string (None if it has fewer or is not one)."""
+    return int(value[2:18], 16) if _HEX_PREFIX.match(value) else None
+
+
+class IdColumn(Column):
+    """Entity ids; rows are in id order, so comparisons are binary searches over lazily rendered ids.
+
+    For ``0x`` hex ids, ``prefix`` (each row's ``hex_prefix``, ascending) narrows a search to the few rows
+    sharing the query's first 64 bits before any id is rendered.
+    """
+
+    def __init__(self, n: int, render: Callable[[np.ndarray], list[str]], prefix: np.ndarray | None = None) -> None:
         self.n = n
         self._render = render
+        self.prefix = prefix
 
     def render(self, rows: np.ndarray) -> list[str]:
         return self._render(rows)
@@ -103,8 +117,11 @@ class IdColumn(Column):
 
     def rank(self, value: str, *, right: bool = False) -> int:
         """Number of ids < value (or <= value with ``right``), byte-wise."""
+        lo, hi = 0, self.n
+        if self.prefix is not None and (key := hex_prefix(value)) is not None:
+            lo, hi = int(np.searchsorted(self.prefix, key, "left")), int(np.searchsorted(self.prefix, key, "right"))
         find = bisect.bisect_right if right else bisect.bisect_left
-        return find(range(self.n), value, key=self._at)
+        return find(range(self.n), value, lo, hi, key=self._at)
 
     def bounds(self, op: str, target: str) -> tuple[int, int] | None:
         """The row range satisfying an equality/range operator, or None for other operators."""

@@ -213,8 +213,9 @@ def _fill_table(key: int, a: dict[str, Any], addresses: list[str], assets: list[
     def ids(rows: np.ndarray) -> list[str]:
         return [f"{t}_{o}" for t, o in zip(tx_hash.render(rows), order_hash.render(rows), strict=True)]
 
+    lead = hash_words(key, _TX, a["tx"], words=1)[:, 0]  # ids sort by their first 64 bits first
     columns = {
-        "id": IdColumn(len(a["ts"]), ids),
+        "id": IdColumn(len(a["ts"]), ids, prefix=lead),
         "transactionHash": tx_hash,
         "timestamp": IntColumn(a["ts"]),
         "orderHash": order_hash,

@@ -70,23 +70,41 @@ _UNKNOWN_FRAGMENT = re.compile(r"Unknown fragment '(.+?)'\.")
 _BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
 
+class Json(str):
+    """Text that is already JSON (entity lists are encoded column by column, not via dicts)."""
+
+
+def _encode(value: Any) -> str:
+    return value if isinstance(value, Json) else json.dumps(value, separators=(",", ":"))
+
+
 @dataclass
 class Answer:
-    """One request's response body, HTTP status, and what it served."""
+    """One request's response body (JSON text), HTTP status, and what it served."""
 
-    payload: dict[str, Any]
+    body: str = "{}"
     status: int = 200
     fills: int = 0  # OrderFilledEvent rows returned
     fill_query: bool = False  # the request queried orderFilledEvents
     in_rows: int = 0  # fills matched by its heaviest `_in` list
     error: bool = False
 
+    @classmethod
+    def errors(cls, errors: list[dict[str, Any]], status: int = 200) -> Answer:
+        """A response with only ``errors``."""
+        return cls(_encode({"errors": errors}), status, error=True)
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The body, decoded."""
+        return json.loads(self.body)
+
 
 @dataclass
 class _Context:
     fragments: dict[str, FragmentDefinitionNode]
     variables: VariableValues
-    answer: Answer = field(default_factory=lambda: Answer({}))
+    answer: Answer = field(default_factory=Answer)
 
 
 def deployment_id(seed: int) -> str:
@@ -165,11 +183,11 @@ class Engine:
     def execute(self, body: Any, *, max_skip: int | None = 5000, indexing_error: bool = False) -> Answer:
         """The response to a request body ``{"query", "variables", "operationName"}``."""
         if not isinstance(body, dict) or not isinstance(body.get("query"), str):
-            return Answer({"errors": [{"message": 'The "query" field is missing in request data'}]}, 400, error=True)
+            return Answer.errors([{"message": 'The "query" field is missing in request data'}], 400)
         try:
             return self._execute(body, max_skip, indexing_error)
         except QueryError as exc:
-            return Answer({"errors": exc.errors}, error=True)
+            return Answer.errors(exc.errors)
 
     def _document(self, query: str) -> DocumentNode:
         cached = self._documents.get(query)
@@ -198,7 +216,7 @@ class Engine:
             result = execute_sync(self.schema, document, variable_values=inputs,
                                   operation_name=body.get("operationName"))
             errors = [_graph_node_error(e).errors[0] for e in result.errors or ()]
-            return Answer({"data": result.data} | ({"errors": errors} if errors else {}), error=bool(errors))
+            return Answer(_encode({"data": result.data} | ({"errors": errors} if errors else {})), error=bool(errors))
         fragments = {d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)}
         ctx = _Context(fragments, self._variables(operation, inputs))
         fields = []
@@ -211,11 +229,11 @@ class Engine:
         denied = any(args.get("subgraphError", "deny") == "deny" for _, node, args in fields
                      if node.name.value not in ("_meta", "__typename"))
         if indexing_error and denied:
-            return Answer({"errors": [{"message": "indexing_error"}]}, error=True)
-        data = {key: self._resolve(node, args, ctx, max_skip, indexing_error) for key, node, args in fields}
-        ctx.answer.payload = {"data": data}
-        if indexing_error and any(node.name.value not in ("_meta", "__typename") for _, node, _ in fields):
-            ctx.answer.payload["errors"] = [{"message": "indexing_error"}]
+            return Answer.errors([{"message": "indexing_error"}])
+        data = ",".join(f"{json.dumps(key)}:{_encode(self._resolve(node, args, ctx, max_skip, indexing_error))}"
+                        for key, node, args in fields)
+        allowed = indexing_error and any(node.name.value not in ("_meta", "__typename") for _, node, _ in fields)
+        ctx.answer.body = '{"data":{' + data + "}" + (',"errors":[{"message":"indexing_error"}]' if allowed else "") + "}"
         return ctx.answer
 
     def _variables(self, operation: OperationDefinitionNode, inputs: dict[str, Any]) -> VariableValues:
@@ -316,7 +334,7 @@ class Engine:
         selection = [(key, sub.name.value) for key, sub in self._collect(node.selection_set, entity, ctx).items()]
         if not plural:
             page = collection(table, {"id": args["id"]}, first=1, pins=pins)
-            return table.render(page.rows, selection)[0] if len(page.rows) else None
+            return Json(table.render_json(page.rows, selection)[0]) if len(page.rows) else None
         first = 100 if args.get("first") is None else args["first"]
         skip = args.get("skip") or 0
         if not 0 <= first <= MAX_FIRST:
@@ -329,7 +347,7 @@ class Engine:
         if entity == "OrderFilledEvent":
             ctx.answer.fill_query = True
             ctx.answer.fills += len(page.rows)
-        return table.render(page.rows, selection)
+        return Json("[" + ",".join(table.render_json(page.rows, selection)) + "]")
 
 
 def _included(node: SelectionNode, variables: VariableValues) -> bool:

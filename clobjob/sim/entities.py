@@ -69,8 +69,10 @@ class Store:
         fills, rows = self.ds.fills, self._relay_rows
         tx_hash = fills.columns["transactionHash"]
         numeric = [int(a) for a in self.ds.assets]
+        ids = fills.ids
+        assert ids.prefix is not None
         columns = {
-            "id": IdColumn(len(rows), lambda r: tx_hash.render(rows[r])),
+            "id": IdColumn(len(rows), lambda r: tx_hash.render(rows[r]), prefix=ids.prefix[rows]),
             "timestamp": _ints(fills, "timestamp").take(rows),
             "makerAssetID": CodeColumn(_codes(fills, "makerAssetId").codes[rows], numeric),
             "takerAssetID": CodeColumn(_codes(fills, "takerAssetId").codes[rows], numeric),

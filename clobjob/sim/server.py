@@ -180,7 +180,7 @@ class SimServer:
         if draw.store_timeout and answer.in_rows > self.cfg.store_timeout_rows:
             self._count("store_timeout")
             return _json({"errors": [{"message": _STORE_TIMEOUT}]})
-        text = json.dumps(answer.payload, separators=(",", ":"))
+        text = answer.body
         if draw.fault is Fault.EMPTY_BODY:
             self._count("empty_body")
             return web.Response(body=b"", content_type="application/json")

@@ -8,9 +8,11 @@ full. The same path serves every filter combination; hot fetcher queries only to
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import numpy as np
@@ -64,14 +66,26 @@ class Table:
     def column(self, name: str) -> Column:
         return self.block if name == BLOCK else self.columns[name]
 
-    def render(self, rows: np.ndarray, selection: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        """JSON objects for ``rows`` with the selected (response key, field) pairs."""
-        values = [
+    def _values(self, rows: np.ndarray, selection: list[tuple[str, str]]) -> list[list[Any]]:
+        return [
             [self.entity] * len(rows) if name == "__typename" else self.columns[name].render(rows)
             for _, name in selection
         ]
+
+    def render(self, rows: np.ndarray, selection: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Objects for ``rows`` with the selected (response key, field) pairs."""
         keys = [key for key, _ in selection]
-        return [dict(zip(keys, row, strict=True)) for row in zip(*values, strict=True)]
+        return [dict(zip(keys, row, strict=True)) for row in zip(*self._values(rows, selection), strict=True)]
+
+    def render_json(self, rows: np.ndarray, selection: list[tuple[str, str]]) -> list[str]:
+        """The same objects as JSON texts, encoded column by column (the hot path: no dicts)."""
+        template = "{" + ",".join(f"{json.dumps(key)}:%s" for key, _ in selection) + "}"
+        encoded = [[_json_value(v) for v in column] for column in self._values(rows, selection)]
+        return [template % row for row in zip(*encoded, strict=True)]
+
+
+def _json_value(value: Any) -> str:
+    return encode_basestring_ascii(value) if type(value) is str else json.dumps(value)
 
 
 @dataclass
