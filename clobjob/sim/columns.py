@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
@@ -23,37 +24,29 @@ I64_MAX = int(np.iinfo(np.int64).max)
 EQUALITY_OPS = ("", "not", "in", "not_in")
 
 
+_TESTS: dict[str, Callable[[Any, Any], bool]] = {
+    "": operator.eq,
+    "gt": operator.gt,
+    "gte": operator.ge,
+    "lt": operator.lt,
+    "lte": operator.le,
+    "in": lambda value, target: value in target,
+    "contains": lambda value, target: target in value,
+    "starts_with": lambda value, target: value.startswith(target),
+    "ends_with": lambda value, target: value.endswith(target),
+}
+
+
 def predicate(op: str, target: Any) -> Callable[[Any], bool]:
-    """A Python predicate for one graph-node filter operator (``""`` is equality)."""
+    """A Python predicate for one graph-node filter operator (``""`` is equality, ``not`` inequality)."""
     if op.endswith("_nocase"):
         base = predicate(op.removesuffix("_nocase"), target.lower())
-        return lambda v: base(v.lower())
-    negated = op.startswith("not_") or op == "not"
-    positive = {"not": "", "not_in": "in"}.get(op, op.removeprefix("not_") if negated else op)
-    test: Callable[[Any], bool]
-    match positive:
-        case "":
-            test = lambda v: v == target  # noqa: E731
-        case "in":
-            members = set(target)
-            test = lambda v: v in members  # noqa: E731
-        case "gt":
-            test = lambda v: v > target  # noqa: E731
-        case "gte":
-            test = lambda v: v >= target  # noqa: E731
-        case "lt":
-            test = lambda v: v < target  # noqa: E731
-        case "lte":
-            test = lambda v: v <= target  # noqa: E731
-        case "contains":
-            test = lambda v: target in v  # noqa: E731
-        case "starts_with":
-            test = lambda v: v.startswith(target)  # noqa: E731
-        case "ends_with":
-            test = lambda v: v.endswith(target)  # noqa: E731
-        case _:
-            raise ValueError(f"unknown filter operator {op!r}")
-    return (lambda v: not test(v)) if negated else test
+        return lambda value: base(value.lower())
+    negated = op == "not" or op.startswith("not_")
+    positive = "" if op == "not" else op.removeprefix("not_")
+    test = _TESTS[positive]
+    target = set(target) if positive == "in" else target
+    return (lambda value: not test(value, target)) if negated else (lambda value: test(value, target))
 
 
 def _clamp(value: int) -> int:
@@ -75,7 +68,7 @@ class Column:
         raise NotImplementedError
 
     def mask(self, op: str, target: Any, rows: np.ndarray) -> np.ndarray:
-        """Which of ``rows`` satisfy ``field_<op>: target``."""
+        """Which of ``rows`` satisfy ``field_<op>: target`` (target is never None: callers handle null)."""
         values = self.render(rows)
         test = predicate(op, target)
         return np.fromiter((test(v) for v in values), dtype=bool, count=len(values))
@@ -205,8 +198,6 @@ class IntColumn(Column):
 
     def mask(self, op: str, target: Any, rows: np.ndarray) -> np.ndarray:
         vals = self.values[rows]
-        if target is None:
-            return np.full(len(rows), op == "not")
         if op in ("in", "not_in"):
             scaled = {self._scaled(t) for t in target}
             wanted = [_clamp(int(t)) for t in scaled if t.denominator == 1]
@@ -311,8 +302,6 @@ class CodeColumn(Column):
         return sum(int(offsets[c + 1] - offsets[c]) for c in self.codes_of(set(targets)))
 
     def mask(self, op: str, target: Any, rows: np.ndarray) -> np.ndarray:
-        if target is None:
-            return np.full(len(rows), op == "not")
         lut = np.zeros(len(self.values), dtype=bool)
         if op in EQUALITY_OPS:
             lut[self.codes_of([target] if op in ("", "not") else target)] = True
@@ -342,8 +331,6 @@ class BytesColumn(Column):
         return ["0x" + text[i:i + 64] for i in range(0, len(text), 64)]
 
     def mask(self, op: str, target: Any, rows: np.ndarray) -> np.ndarray:
-        if target is None:
-            return np.full(len(rows), op == "not")
         targets = [target] if op in ("", "not") else target
         if op in EQUALITY_OPS and all(len(t) == 32 for t in targets):
             keys = np.frombuffer(self.raw(rows), dtype="S32")
@@ -357,13 +344,13 @@ class BytesColumn(Column):
 
 
 class NullColumn(Column):
-    """A nullable field that is always null (``MarketData.outcomeIndex``)."""
+    """A nullable field that is always null (``MarketData.outcomeIndex``): no comparison with a value holds."""
 
     def render(self, rows: np.ndarray) -> list[None]:
         return [None] * len(rows)
 
     def mask(self, op: str, target: Any, rows: np.ndarray) -> np.ndarray:
-        return np.full(len(rows), op == "" and target is None)
+        return np.zeros(len(rows), dtype=bool)
 
     def sort_keys(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
         return (np.zeros(len(rows), dtype=np.int64),)

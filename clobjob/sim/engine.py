@@ -210,31 +210,35 @@ class Engine:
     def _execute(self, body: dict[str, Any], max_skip: int | None, indexing_error: bool) -> Answer:
         document = self._document(body["query"])
         inputs = body.get("variables") or {}
+        if not isinstance(inputs, dict):
+            raise QueryError("Invalid request: `variables` must be an object")
         operation = _operation(document, body.get("operationName"))
-        roots = [s.name.value for s in operation.selection_set.selections if isinstance(s, FieldNode)]
-        if any(name in ("__schema", "__type") for name in roots):
-            result = execute_sync(self.schema, document, variable_values=inputs,
-                                  operation_name=body.get("operationName"))
-            errors = [_graph_node_error(e).errors[0] for e in result.errors or ()]
-            return Answer(_encode({"data": result.data} | ({"errors": errors} if errors else {})), error=bool(errors))
+        if any(isinstance(s, FieldNode) and s.name.value in ("__schema", "__type")
+               for s in operation.selection_set.selections):
+            return self._introspect(document, inputs, body.get("operationName"))
         fragments = {d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)}
         ctx = _Context(fragments, self._variables(operation, inputs))
-        fields = []
-        for key, node in self._collect(operation.selection_set, "Query", ctx).items():
-            name = node.name.value
-            if name != "__typename" and node.selection_set is None:
-                continue  # graph-node ignores object fields without a selection
-            args = self._arguments(self.schema.query_type.fields[name], node, ctx) if name != "__typename" else {}
-            fields.append((key, node, args))
-        denied = any(args.get("subgraphError", "deny") == "deny" for _, node, args in fields
-                     if node.name.value not in ("_meta", "__typename"))
-        if indexing_error and denied:
+        fields = [
+            (key, node, {} if node.name.value == "__typename" else
+             self._arguments(self.schema.query_type.fields[node.name.value], node, ctx))
+            for key, node in self._collect(operation.selection_set, "Query", ctx).items()
+            # graph-node ignores object fields without a selection
+            if node.name.value == "__typename" or node.selection_set is not None
+        ]
+        entity_fields = [args for _, node, args in fields if node.name.value not in ("_meta", "__typename")]
+        if indexing_error and any(args["subgraphError"] == "deny" for args in entity_fields):
             return Answer.errors([{"message": "indexing_error"}])
         data = ",".join(f"{json.dumps(key)}:{_encode(self._resolve(node, args, ctx, max_skip, indexing_error))}"
                         for key, node, args in fields)
-        allowed = indexing_error and any(node.name.value not in ("_meta", "__typename") for _, node, _ in fields)
-        ctx.answer.body = '{"data":{' + data + "}" + (',"errors":[{"message":"indexing_error"}]' if allowed else "") + "}"
+        errors = ',"errors":[{"message":"indexing_error"}]' if indexing_error and entity_fields else ""
+        ctx.answer.body = '{"data":{' + data + "}" + errors + "}"
         return ctx.answer
+
+    def _introspect(self, document: DocumentNode, inputs: dict[str, Any], operation: str | None) -> Answer:
+        """Introspection, answered by graphql-core itself."""
+        result = execute_sync(self.schema, document, variable_values=inputs, operation_name=operation)
+        errors = [_graph_node_error(e).errors[0] for e in result.errors or ()]
+        return Answer(_encode({"data": result.data} | ({"errors": errors} if errors else {})), error=bool(errors))
 
     def _variables(self, operation: OperationDefinitionNode, inputs: dict[str, Any]) -> VariableValues:
         for definition in operation.variable_definitions or ():

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from clobjob.sim.columns import Column, IdColumn, IntColumn
+from clobjob.sim.columns import Column, IdColumn, IntColumn, NullColumn
 from clobjob.sim.schema import split_filter_key
 
 BLOCK = "_block"  # pseudo-column: the block at which each row last changed
@@ -132,7 +132,7 @@ def collection(table: Table, where: dict[str, Any] | None, *, order_by: str = "i
 def _predicates(table: Table, where: dict[str, Any]) -> list[Pred]:
     preds = []
     for key, target in where.items():
-        if key in ("and", "or"):
+        if key in ("and", "or") or (key == "_change_block" and target is None):
             continue
         if key == "_change_block":
             preds.append((BLOCK, "gte", target["number_gte"]))
@@ -158,6 +158,10 @@ def _select(run: _Run, where: dict[str, Any], cand: Candidates, limit: tuple[int
     branching = where.get("or") is not None
     for name, op, target in _predicates(table, where) + ([] if branching else extra):
         column = table.column(name)
+        if target is None:  # graph-node: `f: null` is IS NULL, `f_not: null` IS NOT NULL, others match nothing
+            if op not in ("", "not") or (op == "not") == isinstance(column, NullColumn):
+                cand = Span(0, 0)
+            continue
         bounds = column.bounds(op, target) if isinstance(column, IdColumn) else None
         hits = None if bounds else column.index(op, target)
         if bounds:
