@@ -116,24 +116,36 @@ def _with_overrides(values: np.ndarray, overrides: dict[int, int], order: np.nda
     return values[order], big
 
 
-def _fills(rng: np.random.Generator, u: _Universe, key: int, wallets: int) -> dict[str, Any]:
-    """Per-fill arrays in ascending id order (plus ``market`` and ``relay`` for the market summaries)."""
-    counts = u.counts
+def _matches(rng: np.random.Generator, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group each market's fills into matches: per fill its market, its position in the market, and whether
+    it starts a match. A match is one transaction: the taker order's own ("relay") fill, then maker fills."""
     total = int(counts.sum())
     market = np.repeat(np.arange(len(counts)), counts)
     in_market = np.arange(total) - (np.cumsum(counts) - counts)[market]
     draw = rng.random(total) < 0.45
-    relay = (draw & ~np.concatenate(([False], draw[:-1]))) | (in_market == 0)  # first fill of each match
+    return market, in_market, (draw & ~np.concatenate(([False], draw[:-1]))) | (in_market == 0)
+
+
+def _timestamps(rng: np.random.Generator, u: _Universe, tx_market: np.ndarray, tx_position: np.ndarray
+                ) -> np.ndarray:
+    """Per transaction: uniform over its market's life, except a burst of 1,200-5,000 fills in one
+    second for markets with 1,500 fills or more (``tx_position``: the index of its first fill)."""
+    end = np.minimum(u.end, HEAD_TS)
+    ts = u.created[tx_market] + (rng.random(len(tx_market)) * (end - u.created)[tx_market]).astype(np.int64)
+    burst_size = np.where(u.counts >= 1_500, np.minimum(u.counts // 2, rng.integers(1_200, 5_000, len(end))), 0)
+    burst_at = u.created + (rng.random(len(end)) * (end - u.created)).astype(np.int64)
+    return np.where(tx_position < burst_size[tx_market], burst_at[tx_market], ts)
+
+
+def _fills(rng: np.random.Generator, u: _Universe, key: int, wallets: int) -> dict[str, Any]:
+    """Per-fill arrays in ascending id order, plus each market's Gamma volume (USDC of the maker fills)."""
+    market, in_market, relay = _matches(rng, u.counts)
+    total = len(relay)
     tx = np.cumsum(relay) - 1
     tx_first = np.flatnonzero(relay)
     tx_market = market[tx_first]
     n_tx = len(tx_first)
-
-    lo, hi = u.created[tx_market], np.minimum(u.end, HEAD_TS)[tx_market]
-    ts_tx = lo + (rng.random(n_tx) * (hi - lo)).astype(np.int64)
-    burst_size = np.where(counts >= 1_500, np.minimum(counts // 2, rng.integers(1_200, 5_000, len(counts))), 0)
-    burst_at = u.created + (rng.random(len(counts)) * (np.minimum(u.end, HEAD_TS) - u.created)).astype(np.int64)
-    ts_tx = np.where(in_market[tx_first] < burst_size[tx_market], burst_at[tx_market], ts_tx)
+    ts_tx = _timestamps(rng, u, tx_market, in_market[tx_first])
     buy_tx = rng.random(n_tx) < 0.5
     outcome_tx = rng.integers(0, 2, n_tx)
     cents_tx = rng.integers(1, 100, n_tx)
@@ -176,7 +188,7 @@ def _fills(rng: np.random.Generator, u: _Universe, key: int, wallets: int) -> di
         "taker_amount": taker_values,
         "big_taker": big_taker,
         "fee": fee[order],
-        "volume": np.bincount(market[~relay], weights=usdc[~relay], minlength=len(counts)) / 1e6,
+        "volume": np.bincount(market[~relay], weights=usdc[~relay], minlength=len(u.counts)) / 1e6,
     }
 
 
