@@ -13,11 +13,12 @@ from aiohttp.test_utils import TestServer
 
 from clobjob.config import Settings
 from clobjob.errors import SourceError, TransientSourceError
-from clobjob.models import FILL_COLUMNS, Fill, WorkUnit
+from clobjob.models import EXCHANGES, FILL_COLUMNS, Fill, WorkUnit
 from clobjob.ratelimit import AdaptiveRateController
+from clobjob.sim import Dataset, SimConfig, SimServer
 from clobjob.sources.subgraph import SubgraphIndexingError, SubgraphSource, decode_cursor, fills_query
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(60)
 
 TOKEN = "1234567890123456789012345678901234567890"
 CONDITION = "0x" + "ab" * 32
@@ -46,32 +47,35 @@ class Canned:
 
     def __init__(self, replies: list[Reply]) -> None:
         self.replies, self.requests = replies, []
+        self.release = asyncio.Event()  # set at teardown: hung handlers finish
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((dict(request.headers), await request.json()))
         reply = self.replies[min(len(self.requests), len(self.replies)) - 1]
         if reply == "hang":
-            await asyncio.sleep(3600)
+            await self.release.wait()
         status, body = reply
         return web.Response(status=status, body=body, content_type="application/json")
 
 
 def controller(**changes: Any) -> AdaptiveRateController:
-    return AdaptiveRateController(**{"initial_rps": 200.0, "max_window": 16, "backoff_base_s": 0.01,
+    return AdaptiveRateController(**{"initial_rps": 200.0, "min_rps": 20.0, "max_window": 16, "backoff_base_s": 0.01,
                                      "backoff_cap_s": 0.05, "retry_min_per_s": 100.0, **changes})
 
 
 def unit(tokens: tuple[str, ...] = (TOKEN,), **changes: Any) -> WorkUnit:
-    return WorkUnit(run_id="r", unit_id=1, shard=0, token_ids=tokens, **changes)
+    return WorkUnit(**{"run_id": "r", "unit_id": 1, "shard": 0, "token_ids": tokens, **changes})
 
 
 @pytest.fixture
 async def canned() -> AsyncIterator[Callable[..., Any]]:
     servers: list[TestServer] = []
     sources: list[SubgraphSource] = []
+    fakes: list[Canned] = []
 
     async def start(replies: list[Reply], **settings: Any) -> tuple[SubgraphSource, Canned]:
         fake = Canned(replies)
+        fakes.append(fake)
         app = web.Application()
         app.router.add_post("/gn", fake.handle)
         server = TestServer(app)
@@ -85,6 +89,8 @@ async def canned() -> AsyncIterator[Callable[..., Any]]:
     yield start
     for source in sources:
         await source.close()
+    for fake in fakes:
+        fake.release.set()
     for server in servers:
         await server.close()
 
@@ -199,3 +205,159 @@ def test_foreign_cursor_is_refused():
     for cursor in ("0xabc", "[[0, 5, \"\"]]", "[[1, 1, \"\"]]", "{}"):
         with pytest.raises(SourceError, match="cursor"):
             decode_cursor(unit(), cursor, 10)
+
+
+# --- against the simulator -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset() -> Dataset:
+    return Dataset.generate(markets=400, seed=11)
+
+
+def truth_rows(ds: Dataset) -> dict[str, tuple]:
+    """Every fill as the row the source must produce, built from the simulator's truth."""
+    rows = {}
+    for f in ds.iter_truth():
+        side = "BUY" if f["makerAssetId"] == "0" else "SELL"
+        rows[f["id"]] = (f["id"], f["transactionHash"], f["orderHash"], int(f["timestamp"]), None, None, "",
+                         f["maker"], f["taker"], f["makerAssetId"], f["takerAssetId"], int(f["makerAmountFilled"]),
+                         int(f["takerAmountFilled"]), int(f["fee"]), f["conditionId"], f["tokenId"], side,
+                         f["taker"] in EXCHANGES, 1, "subgraph")
+    return rows
+
+
+def token_units(ds: Dataset, per_unit: int) -> list[WorkUnit]:
+    tokens = sorted(ds.token_to_condition)
+    return [unit(tuple(tokens[i:i + per_unit]), unit_id=i) for i in range(0, len(tokens), per_unit)]
+
+
+@pytest.fixture
+async def sim(dataset):
+    servers: list[SimServer] = []
+    sources: list[SubgraphSource] = []
+
+    async def start(cfg: SimConfig, *, timeout_s: float = 5.0, rate: AdaptiveRateController | None = None,
+                    **options: Any) -> tuple[SimServer, SubgraphSource]:
+        server = SimServer(dataset, cfg)
+        await server.start()
+        servers.append(server)
+        source = SubgraphSource(Settings(subgraph_url=server.url, request_timeout_s=timeout_s),
+                                rate or controller(), **options)
+        sources.append(source)
+        return server, source
+
+    yield start
+    for source in sources:
+        await source.close()
+    for server in servers:
+        await server.stop()
+
+
+async def fetch_all(source: SubgraphSource, units: list[WorkUnit], conditions: dict[str, str]) -> list[tuple]:
+    async def one(work: WorkUnit) -> list[tuple]:
+        return [row for page in await collect(source, work, conditions=conditions) for row in page.rows]
+
+    return [row for rows in await asyncio.gather(*(one(u) for u in units)) for row in rows]
+
+
+def assert_exact(rows: list[tuple], expected: dict[str, tuple]) -> None:
+    assert len(rows) == len({r[0] for r in rows}), "a fill was fetched twice"
+    assert {r[0] for r in rows} == set(expected)
+    assert all(r == expected[r[0]] for r in rows)
+
+
+async def test_clean_recovers_every_fill_exactly(sim, dataset):
+    server, source = await sim(SimConfig.for_profile("clean"), max_tokens=40)
+    rows = await fetch_all(source, token_units(dataset, 100), dataset.token_to_condition)
+    assert_exact(rows, truth_rows(dataset))
+    assert server.stats()["requests"] == server.stats()["ok"]
+
+
+async def test_hostile_recovers_every_fill_exactly(sim, dataset):
+    cfg = SimConfig.for_profile("hostile", seed=5, p_5xx=0.06, p_graphql_timeout=0.05, p_overloaded=0.05,
+                                p_empty_body=0.05, p_truncated=0.05, p_slow=0.04, p_hang=0.04, slow_s=0.3,
+                                store_timeout_rows=500, rate_limit_rps=15.0, burst=3)
+    server, source = await sim(cfg, timeout_s=1.0, max_tokens=16, max_attempts=12,
+                               rate=controller(initial_rps=60.0, retry_ratio=1.0))
+    rows = await fetch_all(source, token_units(dataset, 64), dataset.token_to_condition)
+    assert_exact(rows, truth_rows(dataset))
+    stats = server.stats()
+    faults = ("throttled_429", "http_5xx", "graphql_timeout", "overloaded", "store_timeout", "empty_body",
+              "truncated", "slow", "hang")
+    assert [f for f in faults if not stats[f]] == []
+
+
+async def test_heavy_batches_are_split_and_resume_exactly_across_the_split(sim, dataset):
+    light = [t for t in sorted(dataset.token_to_condition) if 0 < dataset.trades_quantity(t) < 60][:64]
+    work = unit(tuple(light))
+    server, source = await sim(SimConfig(p_store_timeout_in=1.0, store_timeout_rows=200), max_tokens=64)
+    pages = await collect(source, work, conditions=dataset.token_to_condition)
+    expected = {k: v for k, v in truth_rows(dataset).items() if v[15] in set(light)}
+    assert_exact([r for p in pages for r in p.rows], expected)
+    assert server.stats()["store_timeout"] >= 3
+    split = next(i for i, p in enumerate(pages) if len(json.loads(p.cursor)) >= 2)
+    for cut in (split, len(pages) // 2):
+        resumed = await collect(source, work, pages[cut].cursor, dataset.token_to_condition)
+        assert [r for p in resumed for r in p.rows] == [r for p in pages[cut + 1:] for r in p.rows]
+
+
+async def test_resume_from_a_mid_unit_cursor_yields_exactly_the_rest(sim, dataset):
+    whale = max(dataset.token_to_condition, key=dataset.trades_quantity)
+    work = unit((whale, *sorted(dataset.token_to_condition)[:30]))
+    _, source = await sim(SimConfig(), max_tokens=8)
+    pages = await collect(source, work, conditions=dataset.token_to_condition)
+    assert len(pages) > 6 and pages[-1].done and not any(p.done for p in pages[:-1])
+    for cut in (0, 3, len(pages) - 2, len(pages) - 1):
+        resumed = await collect(source, work, pages[cut].cursor, dataset.token_to_condition)
+        assert [r for p in resumed for r in p.rows] == [r for p in pages[cut + 1:] for r in p.rows]
+        assert resumed[-1].done
+
+
+async def test_time_window_units(sim, dataset):
+    expected = truth_rows(dataset)
+    stamps = sorted(row[3] for row in expected.values())
+    ts_from, ts_to = stamps[len(stamps) // 3], stamps[len(stamps) // 2]
+    conditions = dict(list(dataset.token_to_condition.items())[::2])  # half the tokens have no condition
+    _, source = await sim(SimConfig())
+    window = [r for p in await collect(source, unit((), ts_from=ts_from, ts_to=ts_to), "", conditions)
+              for r in p.rows]
+    inside = {k: v[:14] + (conditions.get(v[15], ""),) + v[15:] for k, v in expected.items() if ts_from <= v[3] < ts_to}
+    assert_exact(window, inside)
+    tokens = tuple(sorted(dataset.token_to_condition)[:200])
+    bounded = [r for p in await collect(source, unit(tokens, ts_from=ts_from, ts_to=ts_to), "",
+                                        dataset.token_to_condition) for r in p.rows]
+    assert_exact(bounded, {k: v for k, v in expected.items() if k in inside and v[15] in tokens})
+
+
+async def test_sim_errors_are_classified(sim):
+    _, source = await sim(SimConfig())
+    with pytest.raises(SourceError, match="`first` argument must be between 0 and 1000"):
+        await source.query("{ orderFilledEvents(first: 1001) { id } }", {})
+    with pytest.raises(SourceError, match="Cannot mix column filters"):
+        await source.query('{ orderFilledEvents(where: {id_gt: "", or: [{fee: "0"}, {fee: "1"}]}) { id } }', {})
+    _, failing = await sim(SimConfig(indexing_error=True))
+    with pytest.raises(SubgraphIndexingError, match="indexing_error"):
+        await collect(failing, unit())
+
+
+def test_markets_sync_adds_subgraph_markets_and_expected_fills(settings, store, dataset, tmp_path, capsys):
+    from clobjob.cli import main
+
+    gamma = dataset.markets[:100]
+    path = tmp_path / "markets.jsonl"
+    path.write_text("".join(json.dumps(m) + "\n" for m in gamma))
+    db = ["--clickhouse-url", settings.clickhouse_url.get_secret_value(), "--database", settings.clickhouse_database]
+    assert main([*db, "markets", "load", str(path)]) == 0
+    with SimServer(dataset, SimConfig.for_profile("throttled")).run_in_thread() as server:
+        assert main([*db, "markets", "sync", "--subgraph-url", server.url, "--max-rps", "50"]) == 0
+    known = set(dataset.token_to_condition.values())
+    assert f"added {len(known - {m['conditionId'] for m in gamma})} new" in capsys.readouterr().out
+    markets = {m.condition_id: m for m in store.markets()}
+    assert set(markets) == known | {m["conditionId"] for m in gamma}
+    assert all(markets[m["conditionId"]].question == m["question"] for m in gamma)
+    added = [m for c, m in markets.items() if c not in {g["conditionId"] for g in gamma}]
+    assert all(m.source == "subgraph" and len(m.token_ids) == 2 for m in added)
+    assert all(dataset.token_to_condition[t] == m.condition_id for m in added for t in m.token_ids)
+    expected = {t: dataset.trades_quantity(t) for t in dataset.token_to_condition}  # orderbooks of traded tokens
+    assert store.expected_fills_by_token() == {t: n for t, n in expected.items() if n}
