@@ -1,0 +1,424 @@
+"""Adaptive client-side rate control: one controller per process, shared by all its asyncio tasks.
+
+The upstream limit is unknown, shared with other clients and may change, so the controller finds it
+from the answers. Every request goes through ``slot()``, which waits for a token of an adaptive token
+bucket AND a free slot of an adaptive in-flight window, and then reports one verdict on its ``Permit``.
+
+Rate (CUBIC-like around the last throttle point, after botocore's adaptive mode):
+
+- slow start: until the first throttle the rate doubles every busy second;
+- a throttle (429) or overload answer sets the *ceiling* to ``min(rate, accepted rate)``, the accepted
+  rate being the successes per second over the last ~80 requests (0.5-10 s): upstream buckets have a
+  burst, so throttling starts well after the nominal rate passed the limit and overestimates it.
+  The rate drops to ``0.9 × ceiling`` (at most halved by one event);
+- one congestion event per round trip: a throttle of a request sent before the last decrease was
+  already in flight when we reacted and does not cut again;
+- after a decrease the rate climbs back to the ceiling along a concave curve in 3 s (the deficit
+  refills the upstream burst, so it is not lost), stays flat near it, then probes above it along a
+  convex curve ``0.2·√ceiling·t³``: slow near the last known limit, fast far from it, so a raised limit
+  is found in a few seconds. Growth in ``√ceiling`` is sub-linear, so clients sharing one limit
+  converge to fair shares (the larger one gets more of the 429s and is cut more often);
+- the curve's clock only runs while the bucket is the binding constraint (a caller had to wait for a
+  token): a demand-limited or window-limited client never inflates its rate. The rate always stays
+  within ``[min_rps, max_rps]``.
+
+In-flight window (Netflix AIMD): +1 per success while in-flight ≥ half the window, ×0.9 on an overload
+or a failure (timeout, connection error, cancelled request), once per round trip as above.
+Retry-After (seconds or an HTTP-date) pauses all sending until it passes. ``backoff()`` is capped
+exponential backoff with full jitter. ``allow_retry()`` keeps retries within a fraction of the traffic
+of the last 10 s, plus a small floor so that a cold start can retry.
+
+Why our own bucket and not aiolimiter's ``AsyncLimiter``: its rate is fixed at construction
+(mjpieters/aiolimiter#98) and it reads the event loop's clock, while this rate moves at almost every
+grant and the tests drive the controller with an injected clock; swapping limiters would lose their
+level and waiters, and the growth rule needs to know whether a caller had to wait. A token bucket is a
+few lines, so it lives here, serialised by one lock so that waiters are served in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from itertools import takewhile
+
+BETA = 0.9  # rate after a throttle, as a fraction of the ceiling
+MAX_CUT = 0.5  # one congestion event never cuts the rate below this fraction of it
+RECOVERY_S = 3.0  # busy seconds to climb back to the ceiling
+PROBE_GAIN = 0.2  # probing above the ceiling: rate = ceiling + PROBE_GAIN * sqrt(ceiling) * t**3
+DOUBLING_S = 1.0  # slow start doubles the rate every DOUBLING_S busy seconds
+MEASURE_REQUESTS = 80.0  # the accepted rate is measured over about this many requests...
+MEASURE_MIN_S = 0.5  # ...but over at least this many seconds...
+MEASURE_MAX_S = 10.0  # ...and at most this many
+USE_REQUESTS = 40.0  # the send rate is measured over about this many requests
+USE_SHARE = 0.7  # the rate only grows while the send rate is at least this share of it
+BURST_S = 0.1  # capacity of our bucket, in seconds of the current rate (at least one token)
+WINDOW_DECREASE = 0.9
+LATENCY_GAIN = 0.2  # weight of a new sample in the smoothed latency
+TOKEN_EPSILON = 1e-9  # float slack, so that waking at the computed instant always finds the token
+
+
+@dataclass(frozen=True, slots=True)
+class RateState:
+    """What the controller is doing, for heartbeats and logs."""
+
+    rate_rps: float  # current token rate
+    ceiling_rps: float | None  # estimated upstream limit at the last throttle (None before the first)
+    accepted_rps: float  # recent successes per second
+    window: int  # in-flight limit
+    in_flight: int
+    requests: int  # permits granted since start
+    successes: int
+    throttled: int  # 429 / allowance answers
+    errors: int  # overloaded + failed answers
+    retries: int  # retries allowed by the budget
+    share_429: float  # throttled / answered over the stats window
+    latency_s: float | None  # smoothed latency of successes
+    paused_for_s: float  # remaining Retry-After pause
+
+
+def parse_retry_after(value: str, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delay seconds or HTTP-date); None if unparseable.
+
+    ``now`` is the wall-clock time (``time.time()`` by default) an HTTP-date is measured from.
+    """
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            moment = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if moment.tzinfo is None:
+            return None
+        seconds = moment.timestamp() - (time.time() if now is None else now)
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+class _Recent:
+    """Timestamps of the events of the last ``span`` seconds."""
+
+    def __init__(self, span: float) -> None:
+        self.span = span
+        self._times: deque[float] = deque()
+
+    def add(self, now: float) -> None:
+        self._times.append(now)
+
+    def count(self, now: float, span: float | None = None) -> int:
+        """Events of the last ``span`` seconds (at most ``self.span``)."""
+        cutoff = now - self.span
+        while self._times and self._times[0] <= cutoff:
+            self._times.popleft()
+        if span is None or span >= self.span:
+            return len(self._times)
+        cutoff = now - span
+        return sum(1 for _ in takewhile(lambda t: t > cutoff, reversed(self._times)))
+
+
+class Permit:
+    """One granted request: give exactly one verdict inside the ``slot()`` block.
+
+    A block left without a verdict (an exception, a timeout, a cancellation) counts as ``failed()``.
+    """
+
+    __slots__ = ("_controller", "_sent_at", "_seq", "_verdict")
+
+    def __init__(self, controller: AdaptiveRateController, seq: int, sent_at: float) -> None:
+        self._controller = controller
+        self._seq = seq  # grant order: tells requests sent before a reaction from those sent after
+        self._sent_at = sent_at
+        self._verdict: str | None = None
+
+    def success(self) -> None:
+        """The request was answered usefully."""
+        self._settle("success")
+        self._controller._on_success(self)
+
+    def throttled(self, retry_after: float | str | None = None) -> None:
+        """HTTP 429 / "surpassed your query allowance"; ``retry_after`` in seconds or the header value."""
+        self._settle("throttled")
+        self._controller._on_throttled(self, retry_after)
+
+    def overloaded(self) -> None:
+        """The server is overloaded: 5xx, "service is overloaded", an empty body under load."""
+        self._settle("overloaded")
+        self._controller._on_overloaded(self)
+
+    def failed(self) -> None:
+        """No usable answer: timeout, connection error, cancelled request."""
+        self._settle("failed")
+        self._controller._on_failed(self)
+
+    def _settle(self, verdict: str) -> None:
+        if self._verdict is not None:
+            raise RuntimeError(f"permit already settled as {self._verdict}")
+        self._verdict = verdict
+
+
+class AdaptiveRateController:
+    """Adaptive token rate + in-flight window + Retry-After + backoff + retry budget (see module doc)."""
+
+    def __init__(
+        self,
+        *,
+        initial_rps: float = 5.0,
+        min_rps: float = 0.2,
+        max_rps: float | None = None,
+        initial_window: int = 8,
+        min_window: int = 1,
+        max_window: int = 64,
+        backoff_base_s: float = 0.5,
+        backoff_cap_s: float = 30.0,
+        retry_ratio: float = 0.1,
+        retry_min_per_s: float = 0.5,
+        retry_window_s: float = 10.0,
+        stats_window_s: float = 60.0,
+        max_pause_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 0 < min_rps <= (max_rps or math.inf):
+            raise ValueError("need 0 < min_rps <= max_rps")
+        if not 1 <= min_window <= max_window:
+            raise ValueError("need 1 <= min_window <= max_window")
+        self.min_rps = min_rps
+        self.max_rps = max_rps
+        self.min_window = min_window
+        self.max_window = max_window
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.retry_ratio = retry_ratio
+        self.retry_min_per_s = retry_min_per_s
+        self.max_pause_s = max_pause_s
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+        now = clock()
+        self._started_at = now
+        # token bucket
+        self._rate = self._clamp(initial_rps)
+        self._tokens = 1.0
+        self._refilled_at = now
+        self._token_lock = asyncio.Lock()
+        self._paused_until = now
+        # rate curve
+        self._ceiling: float | None = None  # None: slow start
+        self._cut_rate = self._rate
+        self._busy = 0.0  # seconds the bucket was the binding constraint since the last decrease
+        self._last_grant = now
+        self._cut_after = 0  # permits granted up to this one were in flight at the last decrease
+        # in-flight window
+        self._window = max(min_window, min(max_window, initial_window))
+        self._occupied = 0  # slots held: waiting for a token or in flight
+        self._in_flight = 0
+        self._window_waiters: deque[asyncio.Future[None]] = deque()
+        self._window_cut_after = 0  # the same for the last window decrease
+        # measurements and counters
+        self._accepts = _Recent(MEASURE_MAX_S)
+        self._sends = _Recent(MEASURE_MAX_S)
+        self._answers = _Recent(stats_window_s)
+        self._recent_throttles = _Recent(stats_window_s)
+        self._budget_requests = _Recent(retry_window_s)
+        self._budget_retries = _Recent(retry_window_s)
+        self._latency: float | None = None
+        self._requests = self._successes = self._throttled = self._errors = self._retries = 0
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[Permit]:
+        """Wait for a window slot and a token, then yield the request's ``Permit``."""
+        await self._enter_window()
+        try:
+            await self._take_token()
+        except BaseException:
+            self._leave_window()
+            raise
+        now = self._clock()
+        self._requests += 1
+        permit = Permit(self, self._requests, now)
+        self._in_flight += 1
+        self._budget_requests.add(now)
+        try:
+            yield permit
+        finally:
+            self._in_flight -= 1
+            if permit._verdict is None:
+                permit.failed()
+            self._leave_window()
+
+    def backoff(self, attempt: int) -> float:
+        """Full-jitter delay before retry ``attempt`` (1 = first retry): U(0, min(cap, base·2^(attempt-1)))."""
+        exponent = min(max(attempt - 1, 0), 64)
+        return self._rng.uniform(0.0, min(self.backoff_cap_s, self.backoff_base_s * 2.0**exponent))
+
+    def allow_retry(self) -> bool:
+        """Whether the retry budget allows one more retry now; an allowed retry is counted."""
+        now = self._clock()
+        budget = self.retry_min_per_s * self._budget_retries.span
+        budget += self.retry_ratio * self._budget_requests.count(now)
+        if self._budget_retries.count(now) + 1 > budget:
+            return False
+        self._budget_retries.add(now)
+        self._retries += 1
+        return True
+
+    def snapshot(self) -> RateState:
+        """The current state, for heartbeats and logs."""
+        now = self._clock()
+        answers = self._answers.count(now)
+        return RateState(
+            rate_rps=self._rate,
+            ceiling_rps=self._ceiling,
+            accepted_rps=self._accepted_rate(now),
+            window=self._window,
+            in_flight=self._in_flight,
+            requests=self._requests,
+            successes=self._successes,
+            throttled=self._throttled,
+            errors=self._errors,
+            retries=self._retries,
+            share_429=self._recent_throttles.count(now) / answers if answers else 0.0,
+            latency_s=self._latency,
+            paused_for_s=max(0.0, self._paused_until - now),
+        )
+
+    # token bucket
+
+    async def _take_token(self) -> None:
+        async with self._token_lock:
+            waited = False
+            while True:
+                now = self._clock()
+                if now < self._paused_until:
+                    await self._sleep(self._paused_until - now)
+                    continue
+                self._refill(now)
+                if self._tokens >= 1.0 - TOKEN_EPSILON:
+                    break
+                waited = True
+                await self._sleep((1.0 - self._tokens) / self._rate)
+            self._tokens = max(0.0, self._tokens - 1.0)
+            self._sends.add(now)
+            if waited and self._measured_rate(self._sends, now, USE_REQUESTS) >= USE_SHARE * self._rate:
+                self._grow(now, min(now - self._last_grant, 1.0 / self._rate))  # the bucket binds
+            self._last_grant = now
+
+    def _refill(self, now: float) -> None:
+        capacity = max(1.0, self._rate * BURST_S)
+        self._tokens = min(capacity, self._tokens + (now - self._refilled_at) * self._rate)
+        self._refilled_at = now
+
+    def _set_rate(self, rate: float, now: float) -> None:
+        self._refill(now)
+        self._rate = self._clamp(rate)
+
+    def _clamp(self, rate: float) -> float:
+        return max(self.min_rps, min(rate, self.max_rps or math.inf))
+
+    # rate curve
+
+    def _grow(self, now: float, busy: float) -> None:
+        if self._ceiling is None:
+            self._set_rate(self._rate * 2.0 ** (busy / DOUBLING_S), now)
+            return
+        self._busy += busy
+        ceiling = self._ceiling
+        if self._busy < RECOVERY_S:
+            rate = ceiling - (ceiling - self._cut_rate) * (1.0 - self._busy / RECOVERY_S) ** 3
+        else:
+            rate = ceiling + PROBE_GAIN * math.sqrt(ceiling) * (self._busy - RECOVERY_S) ** 3
+        self._set_rate(rate, now)
+
+    def _decrease(self, permit: Permit, now: float) -> None:
+        if permit._seq <= self._cut_after:  # already in flight when we last reacted
+            return
+        ceiling = min(self._rate, self._accepted_rate(now))
+        cut = self._clamp(max(BETA * ceiling, MAX_CUT * self._rate))
+        self._ceiling = max(ceiling, cut)
+        self._cut_rate = cut
+        self._busy = 0.0
+        self._cut_after = self._requests
+        self._set_rate(cut, now)
+
+    def _accepted_rate(self, now: float) -> float:
+        return self._measured_rate(self._accepts, now, MEASURE_REQUESTS)
+
+    def _measured_rate(self, events: _Recent, now: float, requests: float) -> float:
+        """Events per second over about ``requests`` requests at the current rate."""
+        span = min(max(MEASURE_MIN_S, requests / self._rate), MEASURE_MAX_S)
+        span = max(min(span, now - self._started_at), 1e-3)
+        return events.count(now, span) / span
+
+    # in-flight window
+
+    async def _enter_window(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._window_waiters.append(waiter)
+        self._wake_window()
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():  # granted, then cancelled: give it back
+                self._leave_window()
+            raise
+
+    def _leave_window(self) -> None:
+        self._occupied -= 1
+        self._wake_window()
+
+    def _wake_window(self) -> None:
+        while self._window_waiters and self._occupied < self._window:
+            waiter = self._window_waiters.popleft()
+            if not waiter.done():
+                self._occupied += 1
+                waiter.set_result(None)
+
+    def _shrink_window(self, permit: Permit) -> None:
+        if permit._seq <= self._window_cut_after:
+            return
+        self._window = max(self.min_window, int(self._window * WINDOW_DECREASE))
+        self._window_cut_after = self._requests
+
+    # verdicts
+
+    def _on_success(self, permit: Permit) -> None:
+        now = self._clock()
+        self._answers.add(now)
+        self._accepts.add(now)
+        self._successes += 1
+        sample = now - permit._sent_at
+        self._latency = sample if self._latency is None else self._latency + LATENCY_GAIN * (sample - self._latency)
+        if self._in_flight * 2 >= self._window and self._window < self.max_window:
+            self._window += 1
+            self._wake_window()
+
+    def _on_throttled(self, permit: Permit, retry_after: float | str | None) -> None:
+        now = self._clock()
+        self._answers.add(now)
+        self._recent_throttles.add(now)
+        self._throttled += 1
+        delay = parse_retry_after(retry_after) if isinstance(retry_after, str) else retry_after
+        if delay is not None and delay > 0:
+            self._paused_until = max(self._paused_until, now + min(delay, self.max_pause_s))
+        self._decrease(permit, now)
+
+    def _on_overloaded(self, permit: Permit) -> None:
+        now = self._clock()
+        self._answers.add(now)
+        self._errors += 1
+        self._decrease(permit, now)
+        self._shrink_window(permit)
+
+    def _on_failed(self, permit: Permit) -> None:
+        self._answers.add(self._clock())
+        self._errors += 1
+        self._shrink_window(permit)

@@ -1,0 +1,544 @@
+"""Adaptive rate controller: unit behaviour and simulated-time runs against a token-bucket server.
+
+Everything runs on an event loop with a virtual clock: sleeping advances time instantly, so the
+tests are deterministic and never wait for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import selectors
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import format_datetime
+from typing import TypeVar
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clobjob.ratelimit import BETA, AdaptiveRateController, Permit, parse_retry_after
+
+
+# ---------------------------------------------------------------------------- virtual time
+
+
+class _InstantSelector(selectors.DefaultSelector):
+    """A selector whose waits advance a virtual clock instead of blocking."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def select(self, timeout: float | None = None):  # type: ignore[override]
+        if timeout is None:
+            raise RuntimeError("simulation deadlock: nothing is scheduled")
+        self.now += max(timeout, 0.0)
+        return super().select(0)
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop on virtual time: ``asyncio.sleep`` returns at once with the clock advanced."""
+
+    def __init__(self) -> None:
+        self._virtual = _InstantSelector()
+        super().__init__(self._virtual)
+
+    def time(self) -> float:
+        return self._virtual.now
+
+
+T = TypeVar("T")
+
+
+def run(main: Callable[[], Awaitable[T]]) -> T:
+    """Run ``main()`` to completion on a fresh virtual-time loop."""
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def controller(**kwargs) -> AdaptiveRateController:
+    """A controller on the running loop's virtual clock."""
+    kwargs.setdefault("rng", random.Random(7))
+    return AdaptiveRateController(clock=asyncio.get_running_loop().time, **kwargs)
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+# ---------------------------------------------------------------------------- simulated upstream
+
+
+@dataclass
+class TokenBucketServer:
+    """An upstream token bucket (rate ``limit``, ``burst`` tokens) that answers 429 when empty."""
+
+    limit: float
+    burst: float = 10.0
+    seed: int = 1
+    log: list[tuple[float, int, bool]] = field(default_factory=list)  # (arrival, client, admitted)
+
+    def __post_init__(self) -> None:
+        self._tokens = self.burst
+        self._at = 0.0
+        self._rng = random.Random(self.seed)
+
+    def set_limit(self, limit: float) -> None:
+        self._refill()
+        self.limit = limit
+
+    def _refill(self) -> None:
+        self._tokens = min(self.burst, self._tokens + (now() - self._at) * self.limit)
+        self._at = now()
+
+    async def request(self, client: int) -> bool:
+        await asyncio.sleep(self._rng.uniform(0.01, 0.04))  # to the server
+        self._refill()
+        admitted = self._tokens >= 1.0
+        if admitted:
+            self._tokens -= 1.0
+        self.log.append((now(), client, admitted))
+        await asyncio.sleep(self._rng.uniform(0.1, 0.3) if admitted else self._rng.uniform(0.01, 0.03))
+        return admitted
+
+    def admitted(self, start: float, end: float, client: int | None = None) -> int:
+        return sum(1 for t, c, ok in self.log if start <= t < end and ok and client in (None, c))
+
+    def share_429(self, start: float, end: float) -> float:
+        answers = [ok for t, _, ok in self.log if start <= t < end]
+        return answers.count(False) / len(answers)
+
+
+async def greedy_client(ctl: AdaptiveRateController, server: TokenBucketServer, client: int, workers: int = 64):
+    """Tasks with unlimited work: request, retry a 429 after a full-jitter backoff."""
+
+    async def worker() -> None:
+        while True:
+            async with ctl.slot() as permit:
+                ok = await server.request(client)
+                permit.success() if ok else permit.throttled()
+            if not ok:
+                await asyncio.sleep(ctl.backoff(1))
+
+    return [asyncio.create_task(worker()) for _ in range(workers)]
+
+
+async def stop(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def settle_all(permits: list[Permit], verdict: str) -> None:
+    for permit in permits:
+        getattr(permit, verdict)()
+
+
+async def open_permits(ctl: AdaptiveRateController, n: int):
+    """Acquire ``n`` permits and keep them open; returns (context managers, permits)."""
+    managers = [ctl.slot() for _ in range(n)]
+    permits = [await cm.__aenter__() for cm in managers]
+    return managers, permits
+
+
+async def close_permits(managers) -> None:
+    for cm in managers:
+        await cm.__aexit__(None, None, None)
+
+
+# ---------------------------------------------------------------------------- rate
+
+
+def test_rate_falls_on_429s_and_climbs_back_when_the_limit_rises():
+    async def main():
+        ctl = controller()
+        server = TokenBucketServer(limit=20.0)
+        tasks = await greedy_client(ctl, server, 0)
+        await asyncio.sleep(30)
+        at_20 = ctl.snapshot().rate_rps
+        server.set_limit(5.0)
+        await asyncio.sleep(10)
+        at_5 = ctl.snapshot().rate_rps
+        server.set_limit(20.0)
+        await asyncio.sleep(15)
+        back = ctl.snapshot().rate_rps
+        await stop(tasks)
+        return at_20, at_5, back
+
+    at_20, at_5, back = run(main)
+    assert 17 <= at_20 <= 24
+    assert at_5 <= 6.5
+    assert back >= 17
+
+
+def test_a_burst_of_throttles_from_in_flight_requests_is_one_decrease():
+    async def main():
+        ctl = controller(initial_rps=100.0, initial_window=32)
+        managers, permits = await open_permits(ctl, 20)
+        await asyncio.sleep(0.2)
+        before = ctl.snapshot().rate_rps
+        permits[0].throttled()
+        after_one = ctl.snapshot().rate_rps
+        settle_all(permits[1:], "throttled")
+        after_burst = ctl.snapshot().rate_rps
+        await close_permits(managers)
+        # a request sent after the decrease is new evidence: it cuts again
+        async with ctl.slot() as permit:
+            permit.throttled()
+        return before, after_one, after_burst, ctl.snapshot()
+
+    before, after_one, after_burst, state = run(main)
+    assert after_one < before
+    assert after_burst == after_one
+    assert state.rate_rps < after_one
+    assert state.throttled == 21
+
+
+def test_decrease_uses_the_accepted_rate_not_the_nominal_rate():
+    async def main():
+        ctl = controller(initial_rps=80.0)
+        for _ in range(100):  # 50 req/s accepted while 80 are allowed
+            async with ctl.slot() as permit:
+                permit.success()
+            await asyncio.sleep(0.02)
+        accepted = ctl.snapshot().accepted_rps
+        async with ctl.slot() as permit:
+            permit.throttled()
+        return accepted, ctl.snapshot()
+
+    accepted, state = run(main)
+    assert accepted == pytest.approx(50.0, rel=0.05)
+    assert state.ceiling_rps == pytest.approx(accepted)
+    assert state.rate_rps == pytest.approx(BETA * accepted)
+
+
+def test_demand_limited_use_does_not_grow_the_rate():
+    async def main():
+        ctl = controller(initial_rps=5.0)
+        for _ in range(120):  # one request every 0.5 s: half the allowed rate
+            async with ctl.slot() as permit:
+                await asyncio.sleep(0.05)
+                permit.success()
+            await asyncio.sleep(0.45)
+        return ctl.snapshot()
+
+    state = run(main)
+    assert state.rate_rps == 5.0
+    assert state.successes == 120
+
+
+def test_window_limited_use_does_not_grow_the_rate():
+    async def main():
+        ctl = controller(initial_rps=5.0, initial_window=1, max_window=1)
+
+        async def worker() -> None:
+            while True:
+                async with ctl.slot() as permit:
+                    await asyncio.sleep(1.0)  # one slot, 1 s per request: 1 req/s at most
+                    permit.success()
+
+        tasks = [asyncio.create_task(worker()) for _ in range(8)]
+        await asyncio.sleep(60)
+        await stop(tasks)
+        return ctl.snapshot()
+
+    state = run(main)
+    assert state.rate_rps == 5.0
+    assert state.window == 1
+
+
+def test_max_rps_is_never_exceeded():
+    async def main():
+        ctl = controller(initial_rps=2.0, max_rps=7.0)
+        server = TokenBucketServer(limit=50.0)
+        tasks = await greedy_client(ctl, server, 0)
+        rates = []
+        for _ in range(300):
+            await asyncio.sleep(0.1)
+            rates.append(ctl.snapshot().rate_rps)
+        await stop(tasks)
+        return rates, server.admitted(10.0, 30.0) / 20.0
+
+    rates, sent_rate = run(main)
+    assert max(rates) == 7.0
+    assert sent_rate <= 7.0 * 1.02
+
+
+def test_retry_after_pauses_all_sending():
+    async def main():
+        ctl = controller(initial_rps=10.0)
+        async with ctl.slot() as permit:
+            permit.throttled(retry_after=5.0)
+        paused = ctl.snapshot().paused_for_s
+        start = now()
+        async with ctl.slot() as permit:
+            granted_after = now() - start
+            permit.throttled(retry_after="3")
+        return paused, granted_after, ctl.snapshot().paused_for_s
+
+    paused, granted_after, paused_again = run(main)
+    assert paused == 5.0
+    assert granted_after == pytest.approx(5.0)
+    assert paused_again == 3.0
+
+
+def test_retry_after_header_parsing():
+    moment = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+    in_90s = format_datetime(datetime(2025, 1, 1, 12, 1, 30, tzinfo=timezone.utc), usegmt=True)
+    assert parse_retry_after(in_90s, now=moment.timestamp()) == 90.0
+    assert parse_retry_after(" 7 ") == 7.0
+    assert parse_retry_after("1.5") == 1.5
+    assert parse_retry_after("-3") == 0.0
+    assert parse_retry_after(format_datetime(moment, usegmt=True), now=moment.timestamp() + 60) == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("nan") is None
+
+
+# ---------------------------------------------------------------------------- backoff and retry budget
+
+
+def test_backoff_is_capped_exponential_with_full_jitter():
+    ctl = AdaptiveRateController(backoff_base_s=0.5, backoff_cap_s=30.0, rng=random.Random(1))
+    for attempt in (1, 2, 3, 6, 7, 50, 10**6):
+        ceiling = min(30.0, 0.5 * 2 ** min(attempt - 1, 64))
+        samples = [ctl.backoff(attempt) for _ in range(500)]
+        assert all(0.0 <= s <= ceiling for s in samples)
+        assert min(samples) < 0.05 * ceiling and max(samples) > 0.95 * ceiling  # spread over [0, ceiling]
+    assert AdaptiveRateController(rng=random.Random(1)).backoff(3) == AdaptiveRateController(
+        rng=random.Random(1)
+    ).backoff(3)
+
+
+def test_retry_budget_caps_retries_at_the_fraction_of_traffic():
+    async def main():
+        ctl = controller(initial_rps=1000.0, retry_ratio=0.1, retry_min_per_s=0.5, retry_window_s=10.0)
+        cold = sum(ctl.allow_retry() for _ in range(20))  # no traffic yet: only the floor
+        for _ in range(1000):
+            async with ctl.slot() as permit:
+                permit.success()
+        warm = sum(ctl.allow_retry() for _ in range(500))
+        await asyncio.sleep(11)  # the window slides past all of it
+        later = sum(ctl.allow_retry() for _ in range(20))
+        return cold, warm, later, ctl.snapshot().retries
+
+    cold, warm, later, retries = run(main)
+    assert cold == 5  # 0.5/s over 10 s
+    assert cold + warm == 5 + 100  # floor + 10% of 1000 requests
+    assert later == 5
+    assert retries == cold + warm + later
+
+
+# ---------------------------------------------------------------------------- window
+
+
+def test_window_grows_under_load_and_shrinks_on_failures():
+    async def main():
+        ctl = controller(initial_rps=1000.0, initial_window=8, max_window=20)
+        for _ in range(10):  # saturate the window: every success sees it at least half full
+            managers, permits = await open_permits(ctl, ctl.snapshot().window)
+            settle_all(permits, "success")
+            await close_permits(managers)
+        grown = ctl.snapshot().window
+        managers, permits = await open_permits(ctl, 10)
+        settle_all(permits, "failed")  # a burst of timeouts from in-flight requests: one event
+        await close_permits(managers)
+        shrunk_once = ctl.snapshot().window
+        async with ctl.slot() as permit:
+            permit.overloaded()
+        return grown, shrunk_once, ctl.snapshot()
+
+    grown, shrunk_once, state = run(main)
+    assert grown == 20
+    assert shrunk_once == 18
+    assert state.window == 16
+    assert state.errors == 11
+
+
+def test_window_limits_in_flight_requests():
+    async def main():
+        ctl = controller(initial_rps=1000.0, initial_window=3, max_window=3)
+        peak = 0
+
+        async def request() -> None:
+            nonlocal peak
+            async with ctl.slot() as permit:
+                peak = max(peak, ctl.snapshot().in_flight)
+                await asyncio.sleep(0.5)
+                permit.success()
+
+        await asyncio.gather(*(request() for _ in range(12)))
+        return peak, now()
+
+    peak, elapsed = run(main)
+    assert peak == 3
+    assert elapsed == pytest.approx(2.0, abs=0.05)
+
+
+def test_a_permit_left_without_verdict_counts_as_failed_and_frees_its_slot():
+    async def main():
+        ctl = controller(initial_rps=100.0, initial_window=1, max_window=1)
+        with pytest.raises(ValueError):
+            async with ctl.slot():
+                raise ValueError("bad page")
+
+        async def hung() -> None:
+            async with ctl.slot():
+                await asyncio.sleep(3600)
+
+        task = asyncio.create_task(hung())
+        await asyncio.sleep(0.1)
+        waiting = asyncio.create_task(hung())  # queued behind the window, then cancelled too
+        await asyncio.sleep(0.1)
+        task.cancel()
+        waiting.cancel()
+        await asyncio.gather(task, waiting, return_exceptions=True)
+        async with ctl.slot() as permit:  # the slot is free again
+            permit.success()
+            with pytest.raises(RuntimeError):
+                permit.failed()
+        return ctl.snapshot()
+
+    state = run(main)
+    assert state.errors == 2
+    assert state.successes == 1
+    assert state.in_flight == 0
+
+
+# ---------------------------------------------------------------------------- invariants
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("open")),
+        st.tuples(
+            st.just("close"),
+            st.integers(0, 63),
+            st.sampled_from(["success", "throttled", "overloaded", "failed", None]),
+            st.one_of(st.none(), st.floats(0.0, 20.0)),
+        ),
+        st.tuples(st.just("wait"), st.floats(0.0, 30.0)),
+        st.tuples(st.just("retry")),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ops=operations,
+    min_rps=st.floats(0.05, 5.0),
+    max_rps=st.one_of(st.none(), st.floats(5.0, 500.0)),
+    initial_rps=st.floats(0.01, 1000.0),
+    max_window=st.integers(1, 64),
+)
+def test_invariants_hold_under_any_sequence_of_outcomes(ops, min_rps, max_rps, initial_rps, max_window):
+    async def main():
+        ctl = controller(
+            initial_rps=initial_rps, min_rps=min_rps, max_rps=max_rps, initial_window=8, max_window=max_window
+        )
+        held: list = []
+        for op in ops:
+            if op[0] == "open" and len(held) < ctl.snapshot().window:
+                cm = ctl.slot()
+                held.append((cm, await cm.__aenter__()))
+            elif op[0] == "close" and held:
+                cm, permit = held.pop(op[1] % len(held))
+                if op[2] == "throttled":
+                    permit.throttled(op[3])
+                elif op[2] is not None:
+                    getattr(permit, op[2])()
+                await cm.__aexit__(None, None, None)
+            elif op[0] == "wait":
+                await asyncio.sleep(op[1])
+            elif op[0] == "retry":
+                ctl.allow_retry()
+            state = ctl.snapshot()
+            assert min_rps <= state.rate_rps <= (max_rps or float("inf"))
+            assert 1 <= state.window <= max_window
+            assert state.in_flight == len(held)
+            assert 0.0 <= state.share_429 <= 1.0
+            assert 0.0 <= state.paused_for_s <= 20.0
+            assert state.requests == state.successes + state.throttled + state.errors + len(held)
+
+    run(main)
+
+
+# ---------------------------------------------------------------------------- simulations
+
+
+def test_simulation_single_client_holds_the_limit_with_few_429s():
+    async def main():
+        ctl = controller()
+        server = TokenBucketServer(limit=20.0)
+        tasks = await greedy_client(ctl, server, 0)
+        await asyncio.sleep(300)
+        await stop(tasks)
+        return server.admitted(0, 300) / (20.0 * 300), server.share_429(0, 300)
+
+    utilisation, share_429 = run(main)
+    assert utilisation >= 0.90
+    assert share_429 <= 0.02
+
+
+def test_simulation_at_100_rps_the_controller_is_not_the_bottleneck():
+    async def main():
+        ctl = controller()
+        server = TokenBucketServer(limit=100.0)
+        tasks = await greedy_client(ctl, server, 0)
+        await asyncio.sleep(120)
+        await stop(tasks)
+        return server.admitted(0, 120) / (100.0 * 120), server.share_429(0, 120)
+
+    utilisation, share_429 = run(main)
+    assert utilisation >= 0.90
+    assert share_429 <= 0.02
+
+
+def test_simulation_four_clients_share_one_limit_fairly():
+    async def main():
+        server = TokenBucketServer(limit=20.0)
+        tasks = []
+        for client in range(4):
+            tasks += await greedy_client(controller(rng=random.Random(client)), server, client)
+        await asyncio.sleep(300)
+        await stop(tasks)
+        return [server.admitted(0, 300, client) / 300 for client in range(4)]
+
+    rates = run(main)
+    assert sum(rates) >= 0.85 * 20.0
+    assert min(rates) >= 0.5 * 20.0 / 4
+
+
+def test_simulation_follows_limit_changes_within_seconds():
+    async def main():
+        ctl = controller()
+        server = TokenBucketServer(limit=20.0)
+        tasks = await greedy_client(ctl, server, 0)
+        rates: list[tuple[float, float]] = []
+
+        async def sample() -> None:
+            while True:
+                await asyncio.sleep(0.1)
+                rates.append((now(), ctl.snapshot().rate_rps))
+
+        tasks.append(asyncio.create_task(sample()))
+        await asyncio.sleep(60)
+        server.set_limit(8.0)
+        await asyncio.sleep(60)
+        server.set_limit(30.0)
+        await asyncio.sleep(60)
+        await stop(tasks)
+        return server, rates
+
+    server, rates = run(main)
+    drop_follow = next(t for t, rate in rates if t >= 60 and rate <= 1.25 * 8.0) - 60
+    rise_follow = next(t + 1 for t in (120 + k / 10 for k in range(600)) if server.admitted(t, t + 1) >= 0.8 * 30) - 120
+    assert drop_follow <= 4.0
+    assert rise_follow <= 6.0
+    for start, limit in ((0, 20.0), (60, 8.0), (120, 30.0)):
+        assert server.admitted(start, start + 60) >= 0.85 * limit * 60
