@@ -19,8 +19,8 @@ Rate (CUBIC-like around the last throttle point, after botocore's adaptive mode)
   is found in a few seconds. Growth in ``√ceiling`` is sub-linear, so clients sharing one limit
   converge to fair shares (the larger one gets more of the 429s and is cut more often);
 - the curve's clock only runs while the bucket is the binding constraint (a caller had to wait for a
-  token): a demand-limited or window-limited client never inflates its rate. The rate always stays
-  within ``[min_rps, max_rps]``.
+  token and the send rate is at least 70% of the rate): a demand-limited or window-limited client
+  does not inflate its rate. The rate always stays within ``[min_rps, max_rps]``.
 
 In-flight window (Netflix AIMD): +1 per success while in-flight ≥ half the window, ×0.9 on an overload
 or a failure (timeout, connection error, cancelled request), once per round trip as above.
@@ -33,6 +33,8 @@ Why our own bucket and not aiolimiter's ``AsyncLimiter``: its rate is fixed at c
 grant and the tests drive the controller with an injected clock; swapping limiters would lose their
 level and waiters, and the growth rule needs to know whether a caller had to wait. A token bucket is a
 few lines, so it lives here, serialised by one lock so that waiters are served in order.
+
+A controller belongs to one event loop (it is not thread-safe).
 """
 
 from __future__ import annotations
@@ -256,7 +258,7 @@ class AdaptiveRateController:
             self._leave_window()
 
     def backoff(self, attempt: int) -> float:
-        """Full-jitter delay before retry ``attempt`` (1 = first retry): U(0, min(cap, base·2^(attempt-1)))."""
+        """Full-jitter delay before retry ``attempt`` (1 = first): U(0, min(cap, base·2^(attempt-1)))."""
         exponent = min(max(attempt - 1, 0), 64)
         return self._rng.uniform(0.0, min(self.backoff_cap_s, self.backoff_base_s * 2.0**exponent))
 
@@ -396,7 +398,8 @@ class AdaptiveRateController:
         self._accepts.add(now)
         self._successes += 1
         sample = now - permit._sent_at
-        self._latency = sample if self._latency is None else self._latency + LATENCY_GAIN * (sample - self._latency)
+        previous = sample if self._latency is None else self._latency
+        self._latency = previous + LATENCY_GAIN * (sample - previous)
         if self._in_flight * 2 >= self._window and self._window < self.max_window:
             self._window += 1
             self._wake_window()
