@@ -116,7 +116,7 @@ class TokenBucketServer:
         return answers.count(False) / len(answers)
 
 
-async def greedy_client(
+def greedy_client(
     ctl: AdaptiveRateController, server: TokenBucketServer, client: int, workers: int = 64
 ) -> list[asyncio.Task]:
     """Tasks with unlimited work: request, retry a 429 after a full-jitter backoff."""
@@ -125,7 +125,10 @@ async def greedy_client(
         while True:
             async with ctl.slot() as permit:
                 ok = await server.request(client)
-                permit.success() if ok else permit.throttled()
+                if ok:
+                    permit.success()
+                else:
+                    permit.throttled()
             if not ok:
                 await asyncio.sleep(ctl.backoff(1))
 
@@ -162,7 +165,7 @@ def test_rate_falls_on_429s_and_climbs_back_when_the_limit_rises():
     async def main():
         ctl = controller()
         server = TokenBucketServer(limit=20.0)
-        tasks = await greedy_client(ctl, server, 0)
+        tasks = greedy_client(ctl, server, 0)
         await asyncio.sleep(30)
         at_20 = ctl.snapshot().rate_rps
         server.set_limit(5.0)
@@ -260,7 +263,7 @@ def test_max_rps_is_never_exceeded():
     async def main():
         ctl = controller(initial_rps=2.0, max_rps=7.0)
         server = TokenBucketServer(limit=50.0)
-        tasks = await greedy_client(ctl, server, 0)
+        tasks = greedy_client(ctl, server, 0)
         rates = []
         for _ in range(300):
             await asyncio.sleep(0.1)
@@ -483,7 +486,7 @@ def test_simulation_single_client_holds_the_limit_with_few_429s():
     async def main():
         ctl = controller()
         server = TokenBucketServer(limit=20.0)
-        tasks = await greedy_client(ctl, server, 0)
+        tasks = greedy_client(ctl, server, 0)
         await asyncio.sleep(300)
         await stop(tasks)
         return server.admitted(0, 300) / (20.0 * 300), server.share_429(0, 300)
@@ -497,7 +500,7 @@ def test_simulation_at_100_rps_the_controller_is_not_the_bottleneck():
     async def main():
         ctl = controller()
         server = TokenBucketServer(limit=100.0)
-        tasks = await greedy_client(ctl, server, 0)
+        tasks = greedy_client(ctl, server, 0)
         await asyncio.sleep(120)
         await stop(tasks)
         return server.admitted(0, 120) / (100.0 * 120), server.share_429(0, 120)
@@ -512,7 +515,7 @@ def test_simulation_four_clients_share_one_limit_fairly():
         server = TokenBucketServer(limit=20.0)
         tasks = []
         for client in range(4):
-            tasks += await greedy_client(controller(rng=random.Random(client)), server, client)
+            tasks += greedy_client(controller(rng=random.Random(client)), server, client)
         await asyncio.sleep(300)
         await stop(tasks)
         return [server.admitted(0, 300, client) / 300 for client in range(4)]
@@ -526,7 +529,7 @@ def test_simulation_follows_limit_changes_within_seconds():
     async def main():
         ctl = controller()
         server = TokenBucketServer(limit=20.0)
-        tasks = await greedy_client(ctl, server, 0)
+        tasks = greedy_client(ctl, server, 0)
         rates: list[tuple[float, float]] = []
 
         async def sample() -> None:
