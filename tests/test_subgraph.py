@@ -359,5 +359,5 @@ def test_markets_sync_adds_subgraph_markets_and_expected_fills(settings, store, 
     added = [m for c, m in markets.items() if c not in {g["conditionId"] for g in gamma}]
     assert all(m.source == "subgraph" and len(m.token_ids) == 2 for m in added)
     assert all(dataset.token_to_condition[t] == m.condition_id for m in added for t in m.token_ids)
-    expected = {t: dataset.trades_quantity(t) for t in dataset.token_to_condition}  # orderbooks of traded tokens
-    assert store.expected_fills_by_token() == {t: n for t, n in expected.items() if n}
+    expected = {t: dataset.trades_quantity(t) for t in dataset.token_to_condition}
+    assert store.expected_fills_by_token() == expected and 0 in expected.values()

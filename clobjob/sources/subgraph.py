@@ -482,11 +482,16 @@ def _orderbook(entity: dict[str, Any]) -> tuple[str, int]:
 
 def merge_universe(existing: Iterable[Market], universe: Universe) -> tuple[list[Market], dict[str, tuple[str, int]]]:
     """Markets to add (those the subgraph knows and ``existing`` lacks; existing rows keep their metadata)
-    and the orderbook rows ``{token: (condition, tradesQuantity)}`` (condition "" when no market has it)."""
+    and the orderbook rows ``{token: (condition, tradesQuantity)}``.
+
+    The subgraph creates a token's ``Orderbook`` at its first fill, so a token it knows (``marketDatas``)
+    without one has 0 expected fills; a token with an orderbook but no market gets condition "".
+    """
     known = {m.condition_id: m for m in existing}
     added = [Market(condition_id=c, token_ids=t, source="subgraph")
              for c, t in universe.tokens_by_condition.items() if c not in known]
     condition_of = {t: c for c, tokens in universe.tokens_by_condition.items() for t in tokens}
+    subgraph_tokens = set(condition_of) | set(universe.trades_by_token)
     condition_of.update({t: m.condition_id for m in known.values() for t in m.token_ids})
-    orderbooks = {t: (condition_of.get(t, ""), n) for t, n in universe.trades_by_token.items()}
+    orderbooks = {t: (condition_of.get(t, ""), universe.trades_by_token.get(t, 0)) for t in subgraph_tokens}
     return added, orderbooks
