@@ -56,14 +56,13 @@ def cmd_markets_load(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_markets_sync(args: argparse.Namespace, settings: Settings) -> int:
+def sync_markets(settings: Settings) -> str:
+    """Add the subgraph's markets and expected fills per token to the store; returns a summary line."""
     import asyncio
 
     from clobjob.sources.subgraph import SubgraphSource, Universe, merge_universe
     from clobjob.store import open_store
     from clobjob.worker import make_controller
-
-    settings = settings.with_overrides(subgraph_url=args.subgraph_url, max_rps=args.max_rps)
 
     async def fetch() -> Universe:
         async with SubgraphSource(settings, make_controller(settings)) as source:
@@ -74,8 +73,12 @@ def cmd_markets_sync(args: argparse.Namespace, settings: Settings) -> int:
         added, orderbooks = merge_universe(store.markets(), universe)
         store.upsert_markets(added)
         store.upsert_orderbooks(orderbooks)
-    print(f"subgraph knows {len(universe.tokens_by_condition)} markets: added {len(added)} new; "
-          f"orderbooks for {len(orderbooks)} tokens ({sum(n for _, n in orderbooks.values())} expected fills)")
+    return (f"subgraph knows {len(universe.tokens_by_condition)} markets: added {len(added)} new; "
+            f"orderbooks for {len(orderbooks)} tokens ({sum(n for _, n in orderbooks.values())} expected fills)")
+
+
+def cmd_markets_sync(args: argparse.Namespace, settings: Settings) -> int:
+    print(sync_markets(settings.with_overrides(subgraph_url=args.subgraph_url, max_rps=args.max_rps)))
     return 0
 
 
@@ -364,6 +367,62 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     return backfill(settings, shards=args.shards, parallelism=args.parallelism, markets_file=args.markets)
 
 
+# --- simulator and demo --------------------------------------------------------------------------
+
+
+def cmd_sim_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from clobjob.sim import serve
+
+    serve(args.host, args.port, args.markets, args.seed, args.profile, rate_limit_rps=args.rate_limit,
+          burst=args.burst, retry_after=args.retry_after or None,
+          **{name: getattr(args, name) for name in FAULT_FLAGS})
+    return 0
+
+
+def cmd_sim_export(args: argparse.Namespace, settings: Settings) -> int:
+    from clobjob.sim import export
+
+    markets, truth = export(args.out, markets=args.markets, seed=args.seed)
+    print(f"wrote {markets} and {truth}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from clobjob import monitor
+    from clobjob.sim import Dataset, SimConfig, SimServer
+    from clobjob.sources.markets import market_from_gamma
+    from clobjob.store import open_store
+
+    if args.database is None:
+        settings = settings.with_overrides(clickhouse_database="clobjob_demo")
+    dataset = Dataset.generate(markets=args.markets, seed=args.seed)
+    print(f"demo: simulated subgraph with {len(dataset.markets):,} markets and {dataset.n_fills:,} fills "
+          f"(profile {args.profile}, seed {args.seed}); database {settings.redacted_dsn()} / "
+          f"{settings.clickhouse_database}")
+    with SimServer(dataset, SimConfig.for_profile(args.profile, seed=args.seed)).run_in_thread() as sim:
+        settings = settings.with_overrides(subgraph_url=sim.url)
+        with open_store(settings) as store:
+            if args.fresh:
+                store.drop_database()
+                store.migrate()
+            store.upsert_markets([market_from_gamma(m, i) for i, m in enumerate(dataset.markets, start=1)])
+        print(f"loaded {len(dataset.markets):,} markets (Gamma shape); " + sync_markets(settings))
+        code = backfill(settings, shards=args.shards, parallelism=None)
+        fill_requests = sim.stats()["fill_requests"]
+    with open_store(settings) as store:
+        stored = store.count_fills()
+        print(monitor.render_verify(monitor.verify(store, heartbeat_interval_s=settings.heartbeat_interval_s)))
+    print(f"ground truth {dataset.n_fills:,} fills; stored {stored:,} distinct fills "
+          f"({'exact' if stored == dataset.n_fills else 'DIFFERENT'}); {fill_requests:,} fill requests this time")
+    print(f"look around: python3 -m clobjob --database {settings.clickhouse_database} status | diagnose --offline "
+          "| verify --report report.html")
+    return code
+
+
+FAULT_FLAGS = ("p_5xx", "p_graphql_timeout", "p_overloaded", "p_store_timeout_in", "p_empty_body", "p_truncated",
+               "p_slow", "p_hang")
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -433,6 +492,34 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--subgraph-url", help="override CLOBJOB_SUBGRAPH_URL")
     backfill.add_argument("--max-rps", type=float, help="hard ceiling on requests/s (adaptive below it)")
     backfill.set_defaults(func=cmd_backfill)
+
+    demo = groups.add_parser("demo", help="backfill a simulated subgraph into the embedded database, end to end")
+    demo.add_argument("--markets", type=int, default=2000, help="simulated markets (default 2000)")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--profile", choices=["clean", "throttled", "hostile"], default="throttled")
+    demo.add_argument("--shards", type=int, default=4)
+    demo.add_argument("--fresh", action="store_true", help="drop the demo database first")
+    demo.set_defaults(func=cmd_demo)
+
+    sim = groups.add_parser("sim", help="the local simulator of the Goldsky orderbook subgraph").add_subparsers(
+        dest="sim_command", required=True)
+    serve = sim.add_parser("serve", help="serve a simulated subgraph until Ctrl+C (prints its URL)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8787)
+    serve.add_argument("--markets", type=int, default=2000)
+    serve.add_argument("--seed", type=int, default=7)
+    serve.add_argument("--profile", choices=["clean", "throttled", "hostile"], default="clean")
+    serve.add_argument("--rate-limit", type=float, metavar="RPS", help="token bucket rate per client IP")
+    serve.add_argument("--burst", type=int, help="token bucket size")
+    serve.add_argument("--retry-after", action="store_true", help="send Retry-After with 429s")
+    for name in FAULT_FLAGS:
+        serve.add_argument("--" + name.replace("_", "-"), type=float, metavar="P", help=f"probability of {name[2:]}")
+    serve.set_defaults(func=cmd_sim_serve)
+    export = sim.add_parser("export", help="write markets.jsonl (Gamma shape) and truth.jsonl for a seed")
+    export.add_argument("--out", required=True, metavar="DIR")
+    export.add_argument("--markets", type=int, default=2000)
+    export.add_argument("--seed", type=int, default=7)
+    export.set_defaults(func=cmd_sim_export)
 
     return parser
 

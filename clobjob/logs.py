@@ -21,7 +21,7 @@ def _json_line(message: Any) -> None:
         "run_id": record["extra"].get("run_id", ""),
         "shard": record["extra"].get("shard"),
     }
-    line.update({k: v for k, v in record["extra"].items() if k not in line})
+    line.update({k: v for k, v in record["extra"].items() if k not in line and k != "shard_tag"})
     if record["exception"] is not None:
         line["error"] = f"{record['exception'].type.__name__}: {record['exception'].value}"
     sys.stderr.write(json.dumps(line, default=str) + "\n")

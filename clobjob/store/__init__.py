@@ -24,6 +24,10 @@ class Store(FillTable, MarketTable, RunTables):
         """Apply pending migrations; returns the versions applied now."""
         return self.db.migrate()
 
+    def drop_database(self) -> None:
+        """Delete the whole database (the demo's --fresh)."""
+        self.db.command("DROP DATABASE IF EXISTS {db}")
+
     def close(self) -> None:
         """Release the connection (and, for chDB, the database directory)."""
         self.db.close()
