@@ -34,7 +34,8 @@ session's timeouts) → ``failed`` (the in-flight window shrinks, the rate does 
 retried. Only explicit rate and overload answers cut the rate: measured on the simulator's hostile
 profile, cutting it on every 5xx / empty body / statement timeout too (random faults, not load) drives
 the rate from the 30 req/s limit down to 1–3 req/s. Retries wait the controller's jittered backoff and
-need its retry budget; after ``max_attempts`` tries ``TransientSourceError`` carries the last reason.
+wait for its retry budget (which delays retries, never drops them); after ``max_attempts`` tries
+``TransientSourceError`` carries the last reason.
 ``indexing_error`` raises ``SubgraphIndexingError`` (the worker fails the unit at once); any other
 GraphQL error (validation, argument range, "Cannot mix column filters…"), an unexpected HTTP status or
 a drifted shape raises ``SourceError`` at once (exit 2) with the server's text.
@@ -66,9 +67,9 @@ ALLOWANCE_TEXT = "surpassed your query allowance"
 STORE_TIMEOUT_TEXT = "database query timed out"
 QUERY_TIMEOUT_TEXT = "query timed out"
 TOO_EXPENSIVE_TEXT = "query is too expensive"
-TRANSIENT_TEXTS = ("service is overloaded", "timed out", "not yet available")
+OVERLOADED_TEXT = "service is overloaded"
+TRANSIENT_TEXTS = ("timed out", "not yet available")  # other timeouts; a block past the indexed head
 INDEXING_ERROR_TEXT = "indexing_error"
-BUDGET_NOTE = " (retry budget exhausted)"
 
 FILL_FIELDS = ("id", "transactionHash", "timestamp", "orderHash", "maker", "taker", "makerAssetId",
                "takerAssetId", "makerAmountFilled", "takerAmountFilled", "fee")
@@ -108,8 +109,10 @@ def _graphql_errors(errors: Any) -> None:
         raise _Retry(text, "failed", heavy="now")
     if QUERY_TIMEOUT_TEXT in lowered:
         raise _Retry(text, "failed", heavy="repeated")
-    if any(t in lowered for t in TRANSIENT_TEXTS):
+    if OVERLOADED_TEXT in lowered:
         raise _Retry(text, "overloaded")
+    if any(t in lowered for t in TRANSIENT_TEXTS):
+        raise _Retry(text, "failed")
     raise SourceError(f"subgraph rejected the query: {text}")
 
 
@@ -382,9 +385,8 @@ class SubgraphSource:
         for attempt in range(1, self.max_attempts + 1):
             if attempt > 1:
                 await asyncio.sleep(self.controller.backoff(attempt - 1))
-                if not self.controller.allow_retry():
-                    reason = reason.removesuffix(BUDGET_NOTE) + BUDGET_NOTE
-                    continue
+                while not self.controller.allow_retry():  # the budget delays retries, it never drops them
+                    await asyncio.sleep(self.controller.backoff(attempt - 1))
             try:
                 async with self.controller.slot() as permit:
                     return await self._send(permit, payload)
