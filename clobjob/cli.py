@@ -169,8 +169,8 @@ def _render_diagnosis(shown: dict[str, Any]) -> str:
 
     statuses = list(shown["by_status"])
     fetch, rec = shown["to_fetch"], shown["recommendation"]
-    lines = [f"markets: {shown['markets']:,} (as of {shown['as_of']}); coverage {shown['coverage']:.1%} "
-             "(complete or zero-fill)"]
+    coverage = "-" if shown["coverage"] is None else f"{shown['coverage']:.1%}"
+    lines = [f"markets: {shown['markets']:,} (as of {shown['as_of']}); coverage {coverage} (complete or zero-fill)"]
     if shown["not_found"]:
         lines.append(f"not in the universe: {len(shown['not_found'])} listed id(s), e.g. {shown['not_found'][0]}")
     recent = sum(shown["by_age"]["<30d"][s] for s in ("missing", "incomplete"))

@@ -1,4 +1,4 @@
-"""Domain models shared by every room: identifiers, markets, fills, work units, progress.
+"""Domain models shared by every room: identifiers, markets, fills, market completeness, work units, progress.
 
 Identifiers are normalised once, here, at the edge: hex is lower-case with ``0x``, condition ids are
 32 bytes (64 hex digits, left-padded), token ids are canonical decimal strings. Amounts are exact ints.
@@ -7,9 +7,12 @@ Identifiers are normalised once, here, at the edge: hex is lower-case with ``0x`
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -98,6 +101,89 @@ class Market(BaseModel):
     volume: float = 0.0
     neg_risk: bool = False
     source: str = "gamma"
+
+
+class MarketStatus(str, Enum):
+    """How complete a market's stored fills are: the ONE classification behind diagnose, plan, status and verify.
+
+    Per market of the universe (a ``markets`` row with token ids):
+
+    - ``stored``: distinct stored fills of its tokens;
+    - ``expected``: the sum of the subgraph's ``tradesQuantity`` (table ``orderbooks``) over its tokens, a token
+      without an orderbooks row counting 0 (the subgraph has no Orderbook for a never-traded token, and a sync
+      stores every Orderbook), provided some token has a row or the market row is not newer than the latest
+      orderbooks sync; otherwise (no sync yet, or a market loaded after it that none of it knows) unknown.
+
+    The status is ``MarketStatus.of(expected, stored)``, first rule that matches: unknown expected and nothing
+    stored → ``missing``; unknown expected → ``unknown``; nothing stored → ``zero_fill`` when expected is 0, else
+    ``missing``; stored ≥ expected → ``complete``; else ``incomplete``. To fetch: missing and incomplete.
+    Covered (counts towards coverage): complete and zero_fill.
+    """
+
+    COMPLETE = "complete"  # stored ≥ expected (known), something stored
+    INCOMPLETE = "incomplete"  # 0 < stored < expected
+    MISSING = "missing"  # nothing stored; expected > 0 or unknown
+    ZERO_FILL = "zero_fill"  # nothing stored and nothing expected
+    UNKNOWN = "unknown"  # something stored, expected unknown: cannot tell
+
+    @classmethod
+    def of(cls, expected: int | None, stored: int) -> MarketStatus:
+        """The status of a market with ``expected`` (None = unknown) and ``stored`` fills."""
+        if expected is None:
+            return cls.MISSING if stored == 0 else cls.UNKNOWN
+        if stored == 0:
+            return cls.ZERO_FILL if expected == 0 else cls.MISSING
+        return cls.COMPLETE if stored >= expected else cls.INCOMPLETE
+
+    @property
+    def to_fetch(self) -> bool:
+        """Missing or incomplete: the planner fetches it."""
+        return self in (MarketStatus.MISSING, MarketStatus.INCOMPLETE)
+
+    @property
+    def covered(self) -> bool:
+        """Complete or zero-fill: it counts towards coverage."""
+        return self in (MarketStatus.COMPLETE, MarketStatus.ZERO_FILL)
+
+
+@dataclass(frozen=True, slots=True)
+class MarketFills:
+    """One market with its expected (None = unknown) and stored fill counts (``Store.market_fill_counts``).
+
+    A slotted dataclass, not a pydantic model: the whole universe (hundreds of thousands) is read at once.
+    ``volume_rank`` is the rank in the universe by volume (1 = highest; ties by condition id).
+    """
+
+    condition_id: str
+    token_ids: tuple[str, ...]
+    start_ts: int | None
+    end_ts: int | None
+    volume: float
+    expected_fills: int | None
+    stored_fills: int
+    volume_rank: int
+    question: str = ""
+    closed: bool = False
+
+    @property
+    def status(self) -> MarketStatus:
+        """``MarketStatus.of(expected_fills, stored_fills)``."""
+        return MarketStatus.of(self.expected_fills, self.stored_fills)
+
+    @property
+    def gap(self) -> int:
+        """Expected fills not stored (0 when expected is unknown)."""
+        return max((self.expected_fills or 0) - self.stored_fills, 0)
+
+
+def coverage_summary(markets: Iterable[MarketFills]) -> dict[str, Any]:
+    """Universe, covered, not covered, coverage (covered ÷ universe; None when empty) and the count per status."""
+    counts = Counter(m.status for m in markets)
+    universe = sum(counts.values())
+    covered = sum(n for status, n in counts.items() if status.covered)
+    return {"universe": universe, "covered": covered, "not_covered": universe - covered,
+            "coverage": covered / universe if universe else None,
+            **{status.value: counts[status] for status in MarketStatus}}
 
 
 class Fill(BaseModel):

@@ -1,23 +1,18 @@
 """Monitor: the status of a run over all its shards, live status for the embedded database, and ``verify``
 (readiness for P&L) with a self-contained HTML report.
 
-Market coverage (used by status and verify), per market of the universe (``markets``):
-``expected`` = sum of the subgraph's ``tradesQuantity`` (table ``orderbooks``) over the market's tokens, a
-token without an orderbooks row counting 0 (the subgraph has no Orderbook for a token never traded, and a
-sync stores every Orderbook); ``stored`` = distinct stored fills of its tokens. Category: ``unknown`` when
-no token has an orderbooks row and the market row is newer than the latest orderbooks sync (or there was
-none), ``zero-fill`` when expected is 0, ``complete`` when stored ≥ expected, else ``incomplete``.
-A market is *covered* when complete or zero-fill; coverage = covered ÷ universe (``None`` for an empty
-universe); missing = universe − covered (incomplete + unknown).
+Market coverage (status and verify) is ``models.coverage_summary`` of ``Store.market_fill_counts``: every
+market of the universe classified by ``models.MarketStatus``, the one definition diagnose and plan share.
 
-Status JSON (``run_status``), ``schema_version`` 1; every key is always present:
+Status JSON (``run_status``), ``schema_version`` 2; every key is always present:
 
 - ``schema_version`` int; ``generated_at`` ISO time; ``live`` bool (true when read from the live file);
   ``live_age_s`` float|null (age of the live file); ``stalled_after_s`` float (heartbeat age that stalls).
 - ``run_id``, ``parent_run_id``, ``created_at``, ``source``, ``state``: the run (default: the latest); all
   null when there is no run. ``state`` is the run state (below).
-- ``markets``: ``universe, covered, missing, coverage, complete, zero_fill, incomplete, unknown`` (null
-  when computed with ``coverage=False``).
+- ``markets``: ``universe, covered, not_covered, coverage`` and the count of each ``MarketStatus``:
+  ``complete, zero_fill, incomplete, missing, unknown`` (null when computed with ``coverage=False``).
+  Version 2 (from 1): ``missing`` counts status missing (nothing stored); v1's ``missing`` is ``not_covered``.
 - ``recent``: ``fills_24h, fills_7d``: distinct stored fills whose fill timestamp lies in (now − 24 h, now]
   and (now − 7 d, now] (null with ``coverage=False``).
 - ``aggregate``: ``units_done, units_failed, units_total, fills, expected_fills, rps, share_429,
@@ -53,7 +48,6 @@ import math
 import os
 import re
 import tempfile
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -63,10 +57,10 @@ from typing import Any
 
 from clobjob.config import Settings
 from clobjob.errors import BadInput, ClobjobError
-from clobjob.models import Heartbeat, Market, ShardStatus, as_utc
+from clobjob.models import Heartbeat, MarketFills, ShardStatus, as_utc, coverage_summary
 from clobjob.store import Store, open_store
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ENDED_BEAT_STATES = frozenset({"stopped", "done", "failed"})
 """Heartbeat states a worker writes when its process ends: such a heartbeat is never live."""
 SOURCE_UNTIL = {"subgraph": datetime(2026, 4, 28, 11, tzinfo=timezone.utc)}
@@ -78,62 +72,6 @@ def _utcnow(now: datetime | None) -> datetime:
 
 
 # --- market coverage -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MarketCoverage:
-    """A market's stored vs expected fills (``expected`` None = unknown, see the module docstring)."""
-
-    market: Market
-    expected: int | None
-    stored: int
-
-    @property
-    def category(self) -> str:
-        """complete / incomplete / zero-fill / unknown (module docstring)."""
-        if self.expected is None:
-            return "unknown"
-        if self.expected == 0:
-            return "zero-fill"
-        return "complete" if self.stored >= self.expected else "incomplete"
-
-    @property
-    def covered(self) -> bool:
-        """Complete or zero-fill."""
-        return self.category in ("complete", "zero-fill")
-
-    @property
-    def missing(self) -> int:
-        """Expected fills not stored (0 when unknown)."""
-        return max((self.expected or 0) - self.stored, 0)
-
-
-def market_coverage(store: Store) -> list[MarketCoverage]:
-    """Every market of the universe with its expected and stored fill counts."""
-    expected = store.expected_fills_by_token()
-    stored = store.fill_counts_by_token()
-    synced = store.db.scalar("SELECT maxOrNull(synced_at) FROM {db}.orderbooks")
-    updated = dict(store.db.rows("SELECT condition_id, updated_at FROM {db}.markets FINAL"))
-    result = []
-    for market in store.markets():
-        tokens = market.token_ids
-        at = updated.get(market.condition_id)
-        known = any(t in expected for t in tokens) or (synced is not None and at is not None and at <= synced)
-        result.append(MarketCoverage(market, sum(expected.get(t, 0) for t in tokens) if known else None,
-                                     sum(stored.get(t, 0) for t in tokens)))
-    return result
-
-
-def coverage_summary(markets: Sequence[MarketCoverage]) -> dict[str, Any]:
-    """Universe, covered, missing, coverage ratio and the count of each category."""
-    counts = Counter(m.category for m in markets)
-    covered = counts["complete"] + counts["zero-fill"]
-    return {
-        "universe": len(markets), "covered": covered, "missing": len(markets) - covered,
-        "coverage": covered / len(markets) if markets else None,
-        "complete": counts["complete"], "zero_fill": counts["zero-fill"],
-        "incomplete": counts["incomplete"], "unknown": counts["unknown"],
-    }
 
 
 def recent_fills(store: Store, now: datetime) -> dict[str, int]:
@@ -148,27 +86,31 @@ def recent_fills(store: Store, now: datetime) -> dict[str, int]:
     return {"fills_24h": found[0][0], "fills_7d": found[0][1]}
 
 
-def coverage_by_month(markets: Sequence[MarketCoverage]) -> list[dict[str, Any]]:
+def _date(ts: int | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
+
+
+def coverage_by_month(markets: Sequence[MarketFills]) -> list[dict[str, Any]]:
     """Covered vs not covered markets per market end month (``YYYY-MM``; undated markets last)."""
     buckets: dict[str, list[int]] = {}
     for m in markets:
-        month = m.market.end_date.strftime("%Y-%m") if m.market.end_date else "no end date"
-        buckets.setdefault(month, [0, 0])[0 if m.covered else 1] += 1
+        month = _date(m.end_ts).strftime("%Y-%m") if m.end_ts is not None else "no end date"
+        buckets.setdefault(month, [0, 0])[0 if m.status.covered else 1] += 1
     order = sorted(buckets, key=lambda month: (month == "no end date", month))
     return [{"month": k, "covered": buckets[k][0], "not_covered": buckets[k][1]} for k in order]
 
 
-def worst_gaps(markets: Sequence[MarketCoverage], n: int = 20) -> list[dict[str, Any]]:
+def worst_gaps(markets: Sequence[MarketFills], n: int = 20) -> list[dict[str, Any]]:
     """The ``n`` markets with the most expected fills not stored."""
-    gaps = sorted((m for m in markets if m.missing), key=lambda m: (-m.missing, m.market.condition_id))[:n]
-    return [{"condition_id": m.market.condition_id, "question": m.market.question,
-             "end_date": m.market.end_date.isoformat() if m.market.end_date else None,
-             "expected": m.expected, "stored": m.stored, "missing": m.missing} for m in gaps]
+    gaps = sorted((m for m in markets if m.gap), key=lambda m: (-m.gap, m.condition_id))[:n]
+    return [{"condition_id": m.condition_id, "question": m.question,
+             "end_date": _date(m.end_ts).isoformat() if m.end_ts is not None else None,
+             "expected": m.expected_fills, "stored": m.stored_fills, "missing": m.gap} for m in gaps]
 
 
 def report_sections(store: Store, *, gaps: int = 20) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Coverage by month and the worst gaps, as ``render_report_html`` takes them."""
-    markets = market_coverage(store)
+    markets = store.market_fill_counts()
     return coverage_by_month(markets), worst_gaps(markets, gaps)
 
 
@@ -276,7 +218,7 @@ def run_status(store: Store, run_id: str | None = None, *, now: datetime | None 
     run = _pick_run(store, run_id)
     beats = store.heartbeats(run["run_id"]) if run else {}
     shards = shard_statuses(store, run, beats, now, stalled_after_s) if run else []
-    markets = market_coverage(store) if coverage else None
+    markets = store.market_fill_counts() if coverage else None
     return {
         "schema_version": SCHEMA_VERSION, "generated_at": now.isoformat(), "live": False, "live_age_s": None,
         "stalled_after_s": stalled_after_s,
@@ -324,9 +266,9 @@ def render_status(status: Mapping[str, Any]) -> str:
         lines[0] += f"  [live, {status['live_age_s']:.1f}s old]"
     if status["markets"] is not None:
         m = status["markets"]
-        lines.append(f"markets  {m['universe']:,} · coverage {_pct(m['coverage'])} ({m['covered']:,} covered) · "
-                     f"missing {m['missing']:,} (incomplete {m['incomplete']:,}, unknown {m['unknown']:,}) · "
-                     f"zero-fill {m['zero_fill']:,}")
+        lines.append(f"markets  {m['universe']:,} · coverage {_pct(m['coverage'])} ({m['covered']:,} covered: "
+                     f"complete {m['complete']:,}, zero-fill {m['zero_fill']:,}) · not covered {m['not_covered']:,} "
+                     f"(missing {m['missing']:,}, incomplete {m['incomplete']:,}, unknown {m['unknown']:,})")
     if status["recent"] is not None:
         lines.append(f"recent   fills by fill time: last 24 h {status['recent']['fills_24h']:,} · "
                      f"last 7 d {status['recent']['fills_7d']:,}")
@@ -451,9 +393,9 @@ def current_status(settings: Settings, run_id: str | None = None, *, now: dateti
 # --- verify: readiness for P&L -------------------------------------------------------------------
 
 
-def _criterion(name: str, status: str, detail: str, examples: Sequence[MarketCoverage] = ()) -> dict[str, Any]:
+def _criterion(name: str, status: str, detail: str, examples: Sequence[MarketFills] = ()) -> dict[str, Any]:
     return {"name": name, "status": status, "detail": detail,
-            "examples": [f"{m.market.condition_id} {m.market.question}".strip() for m in examples[:10]]}
+            "examples": [f"{m.condition_id} {m.question}".strip() for m in examples[:10]]}
 
 
 def _coverage_criterion(summary: Mapping[str, Any], min_coverage: float) -> dict[str, Any]:
@@ -462,25 +404,25 @@ def _coverage_criterion(summary: Mapping[str, Any], min_coverage: float) -> dict
     ok = summary["coverage"] >= min_coverage
     return _criterion("coverage", "pass" if ok else "fail",
                       f"{_pct(summary['coverage'])} of {summary['universe']:,} markets covered "
-                      f"({'≥' if ok else '<'} {_pct(min_coverage)}); {summary['incomplete']:,} incomplete, "
-                      f"{summary['unknown']:,} unknown")
+                      f"({'≥' if ok else '<'} {_pct(min_coverage)}); {summary['missing']:,} missing, "
+                      f"{summary['incomplete']:,} incomplete, {summary['unknown']:,} unknown")
 
 
-def _recent_criterion(markets: Sequence[MarketCoverage], now: datetime, days: int) -> dict[str, Any]:
-    since = now - timedelta(days=days)
-    bad = [m for m in markets if not m.covered and m.market.end_date and since <= m.market.end_date <= now]
+def _recent_criterion(markets: Sequence[MarketFills], now: datetime, days: int) -> dict[str, Any]:
+    since, until = int((now - timedelta(days=days)).timestamp()), int(now.timestamp())
+    bad = [m for m in markets if not m.status.covered and m.end_ts is not None and since <= m.end_ts <= until]
     return _criterion("recent_markets_complete", "fail" if bad else "pass",
-                      f"{len(bad):,} market(s) that ended in the last {days} days are incomplete or unknown", bad)
+                      f"{len(bad):,} market(s) that ended in the last {days} days are not covered", bad)
 
 
-def _top_criterion(markets: Sequence[MarketCoverage], top_n: int) -> dict[str, Any]:
-    top = sorted(markets, key=lambda m: (-m.market.volume, m.market.condition_id))[:top_n]
-    bad = [m for m in top if not m.covered]
+def _top_criterion(markets: Sequence[MarketFills], top_n: int) -> dict[str, Any]:
+    top = sorted((m for m in markets if m.volume_rank <= top_n), key=lambda m: m.volume_rank)
+    bad = [m for m in top if not m.status.covered]
     return _criterion("top_markets_complete", "fail" if bad else "pass",
-                      f"{len(bad):,} of the top {len(top):,} markets by volume are incomplete or unknown", bad)
+                      f"{len(bad):,} of the top {len(top):,} markets by volume are not covered", bad)
 
 
-def _fills_24h_criterion(store: Store, markets: Sequence[MarketCoverage], now: datetime) -> dict[str, Any]:
+def _fills_24h_criterion(store: Store, markets: Sequence[MarketFills], now: datetime) -> dict[str, Any]:
     """Applicable when the latest run's source (with no run: the subgraph, which the expected counts come
     from) holds fills of the last 24 h (``SOURCE_UNTIL``) and some market with expected fills was open then
     (started by now, ended within 24 h or, undated, not closed)."""
@@ -489,9 +431,10 @@ def _fills_24h_criterion(store: Store, markets: Sequence[MarketCoverage], now: d
     until = SOURCE_UNTIL.get(source)
     if until is not None and until < day_ago:
         return _criterion(name, "n/a", f"the {source} source has no fills after {until.isoformat()}")
-    open_markets = [m for m in markets if m.expected
-                    and (m.market.start_date is None or m.market.start_date <= now)
-                    and (m.market.end_date >= day_ago if m.market.end_date else not m.market.closed)]
+    now_ts, day_ago_ts = int(now.timestamp()), int(day_ago.timestamp())
+    open_markets = [m for m in markets if m.expected_fills
+                    and (m.start_ts is None or m.start_ts <= now_ts)
+                    and (m.end_ts >= day_ago_ts if m.end_ts is not None else not m.closed)]
     if not open_markets:
         return _criterion(name, "n/a", "no market with expected fills was open in the last 24 h")
     count = recent_fills(store, now)["fills_24h"]
@@ -520,11 +463,11 @@ def verify(store: Store, *, min_coverage: float = 0.95, now: datetime | None = N
     """Readiness for P&L: every criterion as pass / fail / n/a with details; ``ready`` when none fails.
 
     Criteria: ``coverage`` ≥ min_coverage; ``recent_markets_complete`` (no market that ended in the last
-    ``recent_days`` days is incomplete or unknown); ``top_markets_complete`` (the ``top_n`` markets by volume);
+    ``recent_days`` days is not covered); ``top_markets_complete`` (the ``top_n`` markets by volume rank);
     ``fills_last_24h`` (n/a when the source or the universe cannot have such fills); ``no_run_in_progress``.
     """
     now = _utcnow(now)
-    markets = market_coverage(store)
+    markets = store.market_fill_counts()
     summary = coverage_summary(markets)
     criteria = [
         _coverage_criterion(summary, min_coverage),
@@ -593,7 +536,7 @@ def _bar_chart(months: Sequence[Mapping[str, Any]]) -> str:
     parts.append(f'<rect x="{left}" y="{height - 14}" width="10" height="10" fill="#2e7d32"/>'
                  f'<text x="{left + 14}" y="{height - 5}" font-size="12">covered (complete or zero-fill)</text>'
                  f'<rect x="{left + 230}" y="{height - 14}" width="10" height="10" fill="#c62828"/>'
-                 f'<text x="{left + 244}" y="{height - 5}" font-size="12">not covered (incomplete or unknown)</text>')
+                 f'<text x="{left + 244}" y="{height - 5}" font-size="12">not covered (missing, incomplete or unknown)</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -626,8 +569,8 @@ def render_report_html(verify_result: Mapping[str, Any], coverage_by_month: Sequ
         f'{"READY" if ready else "NOT READY"}</span></h1>'
         f'<p class="meta">generated {esc(verify_result["generated_at"])} · {m["universe"]:,} markets · '
         f'coverage {_pct(m["coverage"])} (threshold {_pct(verify_result["min_coverage"])}) · '
-        f'complete {m["complete"]:,} · zero-fill {m["zero_fill"]:,} · incomplete {m["incomplete"]:,} · '
-        f'unknown {m["unknown"]:,}</p>'
+        f'complete {m["complete"]:,} · zero-fill {m["zero_fill"]:,} · missing {m["missing"]:,} · '
+        f'incomplete {m["incomplete"]:,} · unknown {m["unknown"]:,}</p>'
         f"<h2>Coverage by market end month</h2>{_bar_chart(coverage_by_month)}"
         f"<h2>Criteria</h2>{criteria}"
         f"<h2>Worst gaps (most expected fills not stored)</h2>{gaps}"

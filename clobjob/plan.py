@@ -1,5 +1,5 @@
-"""The controller's arithmetic: what is missing (one ClickHouse query), how much work that is, and how to
-cut it into work units balanced over shards.
+"""The controller's arithmetic: what is missing (``Store.market_fill_counts``, classified by
+``models.MarketStatus``), how much work that is, and how to cut it into work units balanced over shards.
 
 A market is fetched whole (its fills deduplicate by id, so refetching an incomplete market is safe).
 Small markets are batched into one unit (one GraphQL ``or`` query over all their tokens, pages of
@@ -16,13 +16,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from enum import Enum
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from clobjob.errors import BadInput
-from clobjob.models import BadValue, WorkUnit, normalize_condition_id
+from clobjob.models import BadValue, MarketFills, MarketStatus, WorkUnit, coverage_summary, normalize_condition_id
 from clobjob.store import Store
 
 PAGE_SIZE = 1000
@@ -31,77 +30,11 @@ MAX_BATCH_TOKENS = 200
 GIANT_FACTOR = 0.05
 DAY_S = 86_400
 FALLBACK_SPAN_S = 90 * DAY_S  # assumed trading span before the end date when a market has no start date
-
-
-class Status(str, Enum):
-    """Where a market stands: ``expected`` is the subgraph's tradesQuantity, ``stored`` our fill count."""
-
-    COMPLETE = "complete"  # stored >= expected (expected known), something stored
-    INCOMPLETE = "incomplete"  # 0 < stored < expected
-    MISSING = "missing"  # nothing stored; expected > 0 or unknown
-    ZERO_FILL = "zero_fill"  # expected = 0 and nothing stored
-    UNVERIFIED = "unverified"  # something stored, expected unknown (no orderbook row): cannot tell
-
-
-WORK = (Status.MISSING, Status.INCOMPLETE)
 AGE_BUCKETS = ("<30d", "30d-1y", "1y-2y", ">2y", "unknown")
 VOLUME_BUCKETS = ("top100", "top1000", "rest")
 
-MISSING_SQL = """
-WITH
-  universe AS (
-    SELECT condition_id, token_ids, start_date, end_date, volume FROM {db}.markets FINAL
-    WHERE notEmpty(token_ids) AND ({all:Bool} OR condition_id IN {ids:Array(String)})
-  ),
-  tokens AS (SELECT condition_id, arrayJoin(token_ids) AS token_id FROM universe),
-  stored AS (
-    SELECT token_id, count() AS n FROM {db}.clob_fills FINAL
-    WHERE token_id IN (SELECT token_id FROM tokens) GROUP BY token_id
-  ),
-  expected AS (
-    SELECT token_id, trades_quantity AS q, 1 AS known FROM {db}.orderbooks FINAL
-    WHERE token_id IN (SELECT token_id FROM tokens)
-  ),
-  per_market AS (
-    SELECT t.condition_id AS condition_id, sum(s.n) AS stored_fills,
-           if(max(e.known) = 1, sum(e.q), NULL) AS expected_fills
-    FROM tokens AS t LEFT JOIN stored AS s USING token_id LEFT JOIN expected AS e USING token_id
-    GROUP BY t.condition_id
-  )
-SELECT u.condition_id, if(status IN ('missing', 'incomplete'), u.token_ids, []),
-       toUnixTimestamp(u.start_date), toUnixTimestamp(u.end_date), u.volume,
-       p.expected_fills, p.stored_fills,
-       row_number() OVER (ORDER BY u.volume DESC, u.condition_id) AS volume_rank,
-       multiIf(p.expected_fills IS NULL, if(p.stored_fills = 0, 'missing', 'unverified'),
-               p.expected_fills = 0 AND p.stored_fills = 0, 'zero_fill',
-               p.stored_fills >= p.expected_fills, 'complete',
-               p.stored_fills = 0, 'missing',
-               'incomplete') AS status
-FROM universe AS u INNER JOIN per_market AS p USING condition_id
-ORDER BY u.condition_id
-SETTINGS join_use_nulls = 0
-"""
-
 
 # --- the missing work ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class MarketWork:
-    """One market of the universe with its expected (None = unknown) and stored fill counts.
-
-    ``token_ids`` are only read for markets to fetch (missing, incomplete): empty for the others.
-    """
-
-    condition_id: str
-    token_ids: tuple[str, ...]
-    start_ts: int | None
-    end_ts: int | None
-    volume: float
-    expected_fills: int | None
-    stored_fills: int
-    volume_rank: int
-    status: Status
 
 
 def age_bucket(end_ts: int | None, now: int) -> str:
@@ -117,27 +50,31 @@ def volume_bucket(rank: int) -> str:
     return "top100" if rank <= 100 else "top1000" if rank <= 1000 else "rest"
 
 
-def _matrix(pairs: Counter[tuple[str, Status]], buckets: Sequence[str]) -> dict[str, dict[str, int]]:
-    return {b: {s.value: pairs[(b, s)] for s in Status} for b in buckets}
+def _matrix(pairs: Counter[tuple[str, MarketStatus]], buckets: Sequence[str]) -> dict[str, dict[str, int]]:
+    return {b: {s.value: pairs[(b, s)] for s in MarketStatus} for b in buckets}
 
 
 @dataclass(frozen=True)
 class MissingReport:
-    """Every market of the universe (or of a custom list) classified, with aggregates for diagnose."""
+    """Every market of the universe (or of a custom list) classified (``MarketStatus``), with aggregates."""
 
     as_of: int
-    markets: tuple[MarketWork, ...]
+    markets: tuple[MarketFills, ...]
     not_found: tuple[str, ...] = ()  # requested condition ids absent from the universe
 
     @cached_property
-    def work(self) -> tuple[MarketWork, ...]:
+    def work(self) -> tuple[MarketFills, ...]:
         """Markets to fetch (missing and incomplete), by condition id."""
-        return tuple(m for m in self.markets if m.status in WORK)
+        return tuple(m for m in self.markets if m.status.to_fetch)
+
+    @cached_property
+    def summary(self) -> dict[str, Any]:
+        """``models.coverage_summary`` of the markets (the same figures status and verify show)."""
+        return coverage_summary(self.markets)
 
     def by_status(self) -> dict[str, int]:
         """Market count per status."""
-        counts = Counter(m.status for m in self.markets)
-        return {s.value: counts[s] for s in Status}
+        return {s.value: self.summary[s.value] for s in MarketStatus}
 
     def by_age(self) -> dict[str, dict[str, int]]:
         """Market count per end-date age bucket and status."""
@@ -148,10 +85,9 @@ class MissingReport:
         return _matrix(Counter((volume_bucket(m.volume_rank), m.status) for m in self.markets), VOLUME_BUCKETS)
 
     @property
-    def coverage(self) -> float:
-        """Share of markets verified complete (complete or zero-fill); 1.0 for an empty universe."""
-        done = sum(1 for m in self.markets if m.status in (Status.COMPLETE, Status.ZERO_FILL))
-        return done / len(self.markets) if self.markets else 1.0
+    def coverage(self) -> float | None:
+        """Share of markets covered (complete or zero-fill); None for an empty universe."""
+        return self.summary["coverage"]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary with stable keys."""
@@ -161,13 +97,13 @@ class MissingReport:
             "markets": len(self.markets),
             "not_found": list(self.not_found),
             "by_status": status,
-            "coverage": round(self.coverage, 6),
+            "coverage": None if self.coverage is None else round(self.coverage, 6),
             "by_age": self.by_age(),
             "by_volume": self.by_volume(),
             "to_fetch": {
                 "markets": len(self.work),
-                "missing": status[Status.MISSING.value],
-                "incomplete": status[Status.INCOMPLETE.value],
+                "missing": status[MarketStatus.MISSING.value],
+                "incomplete": status[MarketStatus.INCOMPLETE.value],
                 "unknown_expected": sum(1 for m in self.work if m.expected_fills is None),
                 "expected_fills": sum(m.expected_fills or 0 for m in self.work),
                 "requests": estimate_requests(self),
@@ -176,15 +112,11 @@ class MissingReport:
 
 
 def missing_work(store: Store, condition_ids: list[str] | None = None, *, now: int | None = None) -> MissingReport:
-    """Classify every market (or those listed) with ONE query over markets ⨝ orderbooks ⨝ stored fills."""
-    ids = [normalize_condition_id(c) for c in condition_ids] if condition_ids is not None else []
-    rows = store.db.rows(MISSING_SQL, {"all": condition_ids is None, "ids": ids})
-    markets = tuple(
-        MarketWork(cid, tuple(tokens), start, end, volume, expected, stored, rank, Status(status))
-        for cid, tokens, start, end, volume, expected, stored, rank, status in rows
-    )
+    """Classify every market (or those listed) with the store's one fill-count query."""
+    ids = [normalize_condition_id(c) for c in condition_ids] if condition_ids is not None else None
+    markets = tuple(store.market_fill_counts(ids))
     found = {m.condition_id for m in markets}
-    not_found = tuple(sorted({c for c in ids if c not in found}))
+    not_found = tuple(sorted({c for c in ids or () if c not in found}))
     return MissingReport(int(datetime.now(timezone.utc).timestamp()) if now is None else now, markets, not_found)
 
 
@@ -199,20 +131,20 @@ def _requests(fills: int, page_size: int) -> int:
 class _Chunk:
     """A unit before shard assignment: markets, known expected fills, estimated requests, time range."""
 
-    markets: tuple[MarketWork, ...]
+    markets: tuple[MarketFills, ...]
     fills: int
     requests: int
     ts_from: int | None = None
     ts_to: int | None = None
 
 
-def _chunks(work: Sequence[MarketWork], page_size: int, batch_requests: int, max_batch_tokens: int) -> list[_Chunk]:
+def _chunks(work: Sequence[MarketFills], page_size: int, batch_requests: int, max_batch_tokens: int) -> list[_Chunk]:
     """Small markets batched up to ``batch_requests`` and ``max_batch_tokens``; large ones alone.
 
     An unknown expected count is planned as one page of work. Order: by condition id (canonical).
     """
     chunks: list[_Chunk] = []
-    batch: list[MarketWork] = []
+    batch: list[MarketFills] = []
     batch_work = batch_tokens = 0
 
     def close_batch() -> None:
@@ -237,7 +169,7 @@ def _chunks(work: Sequence[MarketWork], page_size: int, batch_requests: int, max
     return chunks
 
 
-def time_span(market: MarketWork, now: int) -> tuple[int, int]:
+def time_span(market: MarketFills, now: int) -> tuple[int, int]:
     """The span [start, end) over which a market's fills are assumed spread (for cutting giants).
 
     The end is the end date, never later than ``now`` (``now`` when unknown); the start is the start date,
@@ -452,7 +384,7 @@ def still_to_fetch(store: Store, report: MissingReport) -> MissingReport:
     fetched, synced = store.fetched_markets(), store.orderbooks_synced_at()
     epoch = datetime.fromtimestamp(0, timezone.utc)
     keep = tuple(m for m in report.markets
-                 if m.status not in WORK or fetched.get(m.condition_id, epoch) <= synced.get(m.condition_id, epoch))
+                 if not m.status.to_fetch or fetched.get(m.condition_id, epoch) <= synced.get(m.condition_id, epoch))
     return MissingReport(report.as_of, keep, report.not_found)
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from clobjob.config import Settings
 from clobjob.errors import ClobjobError
-from clobjob.models import WorkUnit
-from clobjob.plan import MarketWork, MissingReport
+from clobjob.models import MarketFills, WorkUnit
+from clobjob.plan import MissingReport
 from clobjob.sources.subgraph import SubgraphSource
 from clobjob.worker import make_controller
 
@@ -41,7 +41,7 @@ class LiveCheck:
     errors: int
 
 
-def pick_sample(report: MissingReport, size: int) -> list[MarketWork]:
+def pick_sample(report: MissingReport, size: int) -> list[MarketFills]:
     """A deterministic sample of the work: the most recent, the oldest and the largest markets first."""
     work = sorted(report.work, key=lambda m: m.condition_id)
     picks = [
@@ -53,7 +53,7 @@ def pick_sample(report: MissingReport, size: int) -> list[MarketWork]:
     return list(dict.fromkeys(p for p in picks if p is not None))[:size]
 
 
-async def _first_page(source: SubgraphSource, market: MarketWork, timeout_s: float) -> SampleFetch:
+async def _first_page(source: SubgraphSource, market: MarketFills, timeout_s: float) -> SampleFetch:
     unit = WorkUnit(run_id="diagnose", unit_id=0, shard=0, condition_ids=(market.condition_id,),
                     token_ids=market.token_ids)
     started = time.monotonic()

@@ -18,7 +18,7 @@ import pytest
 
 from clobjob import cli, monitor
 from clobjob.errors import BadInput
-from clobjob.models import FILL_COLUMNS, Checkpoint, Heartbeat, Market, UnitState, WorkUnit
+from clobjob.models import FILL_COLUMNS, Checkpoint, Heartbeat, Market, UnitState, WorkUnit, coverage_summary
 from tests.test_store import make_fill
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
@@ -62,7 +62,7 @@ def checkpoint(run_id: str, shard: int, unit_id: int, state: UnitState, fills: i
 
 def seed_coverage(store) -> None:
     """A complete, B incomplete, C and E zero-fill (E has no orderbook row but predates the sync),
-    D unknown (added after the sync, no orderbook row)."""
+    D missing (added after the sync, no orderbook row: expected unknown, nothing stored)."""
     store.upsert_markets([
         market(1, ("11", "12"), end=datetime(2026, 10, 15, tzinfo=timezone.utc), volume=50),
         market(2, ("21",), end=datetime(2026, 10, 20, tzinfo=timezone.utc), volume=40),
@@ -79,16 +79,16 @@ def seed_coverage(store) -> None:
 
 def test_market_categories_and_coverage(store):
     seed_coverage(store)
-    markets = {m.market.condition_id: m for m in monitor.market_coverage(store)}
-    assert {c: (m.category, m.expected, m.stored, m.missing) for c, m in markets.items()} == {
-        cid(1): ("complete", 5, 5, 0), cid(2): ("incomplete", 4, 1, 3), cid(3): ("zero-fill", 0, 0, 0),
-        cid(4): ("unknown", None, 0, 0), cid(5): ("zero-fill", 0, 0, 0),
+    markets = {m.condition_id: m for m in store.market_fill_counts()}
+    assert {c: (m.status.value, m.expected_fills, m.stored_fills, m.gap) for c, m in markets.items()} == {
+        cid(1): ("complete", 5, 5, 0), cid(2): ("incomplete", 4, 1, 3), cid(3): ("zero_fill", 0, 0, 0),
+        cid(4): ("missing", None, 0, 0), cid(5): ("zero_fill", 0, 0, 0),
     }
-    assert monitor.coverage_summary(list(markets.values())) == {
-        "universe": 5, "covered": 3, "missing": 2, "coverage": 0.6, "complete": 1, "zero_fill": 2,
-        "incomplete": 1, "unknown": 1,
+    assert coverage_summary(list(markets.values())) == {
+        "universe": 5, "covered": 3, "not_covered": 2, "coverage": 0.6, "complete": 1, "zero_fill": 2,
+        "incomplete": 1, "missing": 1, "unknown": 0,
     }
-    assert monitor.coverage_summary([])["coverage"] is None
+    assert coverage_summary([])["coverage"] is None
 
 
 def test_recent_fills_by_fill_timestamp(store):
@@ -99,7 +99,7 @@ def test_recent_fills_by_fill_timestamp(store):
 
 def test_coverage_by_month_and_worst_gaps(store):
     seed_coverage(store)
-    markets = monitor.market_coverage(store)
+    markets = store.market_fill_counts()
     assert monitor.coverage_by_month(markets) == [
         {"month": "2026-10", "covered": 1, "not_covered": 1},
         {"month": "2026-11", "covered": 2, "not_covered": 0},
@@ -114,7 +114,8 @@ def test_coverage_by_month_and_worst_gaps(store):
 
 STATUS_KEYS = {"schema_version", "generated_at", "live", "live_age_s", "stalled_after_s", "run_id",
                "parent_run_id", "created_at", "source", "state", "markets", "recent", "aggregate", "shards"}
-MARKETS_KEYS = {"universe", "covered", "missing", "coverage", "complete", "zero_fill", "incomplete", "unknown"}
+MARKETS_KEYS = {"universe", "covered", "not_covered", "coverage", "complete", "zero_fill", "incomplete", "missing",
+                "unknown"}
 AGGREGATE_KEYS = {"units_done", "units_failed", "units_total", "fills", "expected_fills", "rps", "share_429",
                   "remaining_requests", "eta_s"}
 SHARD_KEYS = {"shard", "state", "units_done", "units_failed", "units_total", "fills", "expected_fills", "rps",
@@ -167,7 +168,7 @@ def test_run_status_math_is_exact(store):
                                    "remaining_requests": 11, "eta_s": 5.5}
     assert (status["run_id"], status["parent_run_id"], status["source"], status["state"]) == \
         ("r1", "r0", "subgraph", "running")
-    assert status["markets"]["coverage"] == 0.6 and status["markets"]["missing"] == 2
+    assert status["markets"]["coverage"] == 0.6 and status["markets"]["not_covered"] == 2
     assert status["recent"] == {"fills_24h": 2, "fills_7d": 4}
     assert status["stalled_after_s"] == 15 and status["generated_at"] == NOW.isoformat()
 
@@ -178,7 +179,7 @@ def test_status_json_schema_is_stable(store):
     assert empty["run_id"] is None and empty["state"] is None and empty["shards"] == []
     seed_run(store)
     status = json.loads(json.dumps(monitor.run_status(store, now=NOW)))
-    assert set(status) == STATUS_KEYS and status["schema_version"] == 1 and status["live"] is False
+    assert set(status) == STATUS_KEYS and status["schema_version"] == 2 and status["live"] is False
     assert set(status["markets"]) == MARKETS_KEYS and set(status["recent"]) == {"fills_24h", "fills_7d"}
     assert set(status["aggregate"]) == AGGREGATE_KEYS
     assert all(set(s) == SHARD_KEYS for s in status["shards"])
@@ -468,7 +469,7 @@ class TagCollector(HTMLParser):
 def test_html_report_is_self_contained(store):
     seed_ready(store)
     break_top(store)
-    store.upsert_markets([market(99, ("1099",), volume=1)])  # no end date, unknown
+    store.upsert_markets([market(99, ("1099",), volume=1)])  # no end date, loaded after the sync: missing
     result = monitor.verify(store, now=NOW, top_n=5)
     months, gaps = monitor.report_sections(store)
     page = monitor.render_report_html(result, months, gaps)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from datetime import datetime, timezone
 
 import pytest
 from hypothesis import given, settings as hyp_settings, strategies as st
 
-from clobjob import plan
+from clobjob import monitor, plan
 from clobjob.cli import main
 from clobjob.errors import BadInput
-from clobjob.models import FILL_COLUMNS, Checkpoint, Market, UnitState
-from clobjob.plan import MarketWork, Status
+from clobjob.models import FILL_COLUMNS, Checkpoint, Market, MarketFills, MarketStatus as Status, UnitState
 from clobjob.store import open_store
 from tests.test_store import make_fill
 
@@ -36,36 +36,43 @@ def fills_of(token: str, count: int, seed: int) -> list[tuple]:
     return rows
 
 
-# name: (orderbook trades per token (None = no row), stored fills per token, expected status)
+# name: (orderbook trades per token (None = no row), stored fills per token, market loaded after the sync,
+#        expected status)
 SEED = {
-    "complete": ((3, 2), (3, 2), Status.COMPLETE),
-    "incomplete": ((5, 5), (4, 0), Status.INCOMPLETE),
-    "missing": ((7, 0), (0, 0), Status.MISSING),
-    "zero": ((0, 0), (0, 0), Status.ZERO_FILL),
-    "unknown": ((None, None), (0, 0), Status.MISSING),
-    "unverified": ((None, None), (1, 0), Status.UNVERIFIED),
-    "partial_book": ((2, None), (2, 0), Status.COMPLETE),
-    "over": ((1, 0), (2, 0), Status.COMPLETE),
-    "stale_zero": ((0, 0), (1, 0), Status.COMPLETE),
-    "partial_missing": ((None, 4), (0, 0), Status.MISSING),
+    "complete": ((3, 2), (3, 2), False, Status.COMPLETE),
+    "incomplete": ((5, 5), (4, 0), False, Status.INCOMPLETE),
+    "missing": ((7, 0), (0, 0), False, Status.MISSING),
+    "zero": ((0, 0), (0, 0), False, Status.ZERO_FILL),
+    "never_traded": ((None, None), (0, 0), False, Status.ZERO_FILL),
+    "stored_never_traded": ((None, None), (1, 0), False, Status.COMPLETE),
+    "unknown": ((None, None), (0, 0), True, Status.MISSING),
+    "stored_unknown": ((None, None), (1, 0), True, Status.UNKNOWN),
+    "partial_book": ((2, None), (2, 0), False, Status.COMPLETE),
+    "over": ((1, 0), (2, 0), False, Status.COMPLETE),
+    "stale_zero": ((0, 0), (1, 0), False, Status.COMPLETE),
+    "partial_missing": ((None, 4), (0, 0), True, Status.MISSING),
 }
 
 
 def seed(store) -> dict[str, str]:
-    """Markets of every kind with partial data stored; returns name → condition id."""
+    """Markets of every kind with partial data stored, some loaded after the orderbooks sync; returns
+    name → condition id."""
     names, books, rows = {}, {}, []
-    markets = []
-    for n, (name, (trades, stored, _)) in enumerate(SEED.items(), 1):
+    early, late = [], []
+    for n, (name, (trades, stored, after_sync, _)) in enumerate(SEED.items(), 1):
         tokens = (str(1000 * n + 1), str(1000 * n + 2))
         names[name] = cid(n)
-        markets.append(Market(condition_id=cid(n), token_ids=tokens, volume=float(n),
-                              end_date=datetime.fromtimestamp(NOW - n * 100 * DAY, timezone.utc)))
+        (late if after_sync else early).append(
+            Market(condition_id=cid(n), token_ids=tokens, volume=float(n), question=f"market {n}?",
+                   end_date=datetime.fromtimestamp(NOW - n * 100 * DAY, timezone.utc)))
         for token, quantity, count in zip(tokens, trades, stored):
             if quantity is not None:
                 books[token] = (cid(n), quantity)
             rows += fills_of(token, count, seed=int(token))
-    store.upsert_markets(markets)
+    store.upsert_markets(early)
     store.upsert_orderbooks(books)
+    time.sleep(0.01)
+    store.upsert_markets(late)
     store.insert_fill_rows(rows)
     store.insert_fill_rows(rows[:3])  # re-sent rows do not count twice
     return names
@@ -75,19 +82,21 @@ def test_missing_incomplete_and_complete_sets_are_exact(store):
     names = seed(store)
     report = plan.missing_work(store, now=NOW)
     got = {m.condition_id: m for m in report.markets}
-    for name, (_, _, status) in SEED.items():
+    for name, (_, _, _, status) in SEED.items():
         assert got[names[name]].status is status, name
     assert got[names["unknown"]].expected_fills is None and got[names["partial_book"]].expected_fills == 2
+    assert got[names["never_traded"]].expected_fills == 0 and got[names["partial_missing"]].expected_fills == 4
     assert got[names["complete"]].stored_fills == 5 and got[names["incomplete"]].stored_fills == 4
+    assert got[names["complete"]].question == "market 1?" and got[names["complete"]].token_ids == ("1001", "1002")
     assert {m.condition_id for m in report.work} == {names[n] for n in ("incomplete", "missing", "unknown",
                                                                           "partial_missing")}
     summary = report.to_dict()
-    assert summary["by_status"] == {"complete": 4, "incomplete": 1, "missing": 3, "zero_fill": 1, "unverified": 1}
+    assert summary["by_status"] == {"complete": 5, "incomplete": 1, "missing": 3, "zero_fill": 2, "unknown": 1}
     assert summary["to_fetch"] == {"markets": 4, "missing": 3, "incomplete": 1, "unknown_expected": 1,
                                    "expected_fills": 10 + 7 + 4, "requests": 2}
-    # end dates 100·n days ago: n = 1..3 → 30d-1y, n = 4..7 → 1y-2y, n = 8..10 → >2y
-    assert sum(summary["by_age"]["30d-1y"].values()) == 3 and sum(summary["by_age"][">2y"].values()) == 3
-    assert sum(summary["by_volume"]["top100"].values()) == 10 and got[cid(10)].volume_rank == 1
+    # end dates 100·n days ago: n = 1..3 → 30d-1y, n = 4..7 → 1y-2y, n = 8..12 → >2y
+    assert sum(summary["by_age"]["30d-1y"].values()) == 3 and sum(summary["by_age"][">2y"].values()) == 5
+    assert sum(summary["by_volume"]["top100"].values()) == 12 and got[cid(12)].volume_rank == 1
 
 
 def test_custom_list_restricts_and_reports_unknown_ids(store):
@@ -96,6 +105,22 @@ def test_custom_list_restricts_and_reports_unknown_ids(store):
     report = plan.missing_work(store, [names["missing"], names["complete"].upper().replace("0X", "0x"), stranger])
     assert {m.condition_id for m in report.markets} == {names["missing"], names["complete"]}
     assert report.not_found == (stranger,)
+    assert [m.volume_rank for m in report.markets] == [12, 10]  # ranks in the whole universe
+
+
+def test_plan_and_monitor_agree_on_every_market(store):
+    """One definition: diagnose/plan and status/verify classify alike (a zero-trade market after a sync is
+    zero-fill for both, a market loaded after the last sync is missing for both)."""
+    names = seed(store)
+    report = plan.missing_work(store, now=NOW)
+    shown = monitor.run_status(store)["markets"]
+    assert {status: shown[status] for status in report.by_status()} == report.by_status()
+    assert shown["coverage"] == report.coverage and monitor.verify(store)["markets"] == shown
+    months = monitor.coverage_by_month(store.market_fill_counts())
+    assert sum(m["not_covered"] for m in months) == len(report.work) + shown["unknown"] == shown["not_covered"]
+    planned = {c for u in plan.plan_backfill(store, 2, "agree") for c in u.condition_ids}
+    assert planned == {m.condition_id for m in report.work}
+    assert names["never_traded"] not in planned and names["unknown"] in planned
 
 
 def test_custom_list_validation_names_bad_ids_and_lines(tmp_path):
@@ -120,6 +145,8 @@ def cli(settings, *argv: str) -> int:
 
 
 def test_cli_diagnose_json_out_and_bad_list_exit_2(settings, tmp_path, capsys):
+    assert cli(settings, "diagnose", "--offline", "--rate", "1") == 0  # empty universe: coverage unknown
+    assert "coverage - " in capsys.readouterr().out
     with open_store(settings) as store:
         names = seed(store)
     bad = tmp_path / "bad.txt"
@@ -189,9 +216,9 @@ def test_cli_plan_time_window(settings, capsys):
 
 
 def work(n: int, expected: int | None, *, start: int | None = NOW - 100 * DAY, end: int | None = NOW - DAY,
-         tokens: int = 2) -> MarketWork:
-    return MarketWork(cid(n), tuple(str(n * 10 + t) for t in range(tokens)), start, end, float(expected or 0),
-                      expected, 0, n, Status.MISSING)
+         tokens: int = 2) -> MarketFills:
+    return MarketFills(cid(n), tuple(str(n * 10 + t) for t in range(tokens)), start, end, float(expected or 0),
+                       expected, 0, n)
 
 
 def heavy_tailed(count: int, seed: int) -> plan.MissingReport:
@@ -229,8 +256,8 @@ def check_cover(report: plan.MissingReport, units: list, max_tokens: int = plan.
     shards=st.integers(1, 16),
 )
 def test_every_missing_market_in_exactly_one_unit_or_tiling_ranges(expected, spans, shards):
-    markets = [MarketWork(cid(n), (str(2 * n), str(2 * n + 1)), *spans[n % len(spans)], 0.0, e, 0, n,
-                          Status.MISSING) for n, e in enumerate(expected)]
+    markets = [MarketFills(cid(n), (str(2 * n), str(2 * n + 1)), *spans[n % len(spans)], 0.0, e, 0, n)
+               for n, e in enumerate(expected)]
     report = plan.MissingReport(NOW, tuple(markets))
     units = plan.plan_units(report, shards, "h")
     check_cover(report, units)
@@ -320,7 +347,7 @@ async def test_live_check_samples_markets_and_finds_the_rate_limit(settings):
     try:
         probing = settings.with_overrides(subgraph_url=str(server.make_url("/gn")), initial_rps=20.0,
                                           max_in_flight=4, request_timeout_s=2.0)
-        markets = (work(1, 5), MarketWork(cid(2), ("666",), None, None, 0.0, None, 0, 2, Status.MISSING))
+        markets = (work(1, 5), MarketFills(cid(2), ("666",), None, None, 0.0, None, 0, 2))
         live = await live_check(plan.MissingReport(NOW, markets), probing, sample=2, probe_s=1.5)
     finally:
         await server.close()

@@ -15,6 +15,15 @@ from clobjob.store import schema
 INSERT_SETTINGS = {"async_insert": 0}
 
 
+def id_set(name: str) -> str:
+    """A bound list of strings as an ``IN`` operand: ``x IN {id_set("ids")}`` with ``{"ids": [...]}``.
+
+    A bare ``IN {ids:Array(String)}`` is quadratic in the list (27 s for 20,000 ids on chDB); as a
+    subquery it becomes one hash set (1.5 s for 200,000, mostly passing the parameter).
+    """
+    return f"(SELECT arrayJoin({{{name}:Array(String)}}))"
+
+
 def connect(settings: Settings) -> Any:
     """A clickhouse-connect client for the configured DSN (``http(s)://…`` or ``chdb:///path``)."""
     dsn = settings.dsn()

@@ -7,7 +7,7 @@ from typing import Any
 
 from clobjob.errors import SourceError
 from clobjob.models import FILL_COLUMNS
-from clobjob.store.database import Database
+from clobjob.store.database import Database, id_set
 
 DERIVED_COLUMNS = ("transaction_hash", "order_hash")  # ALIAS columns: the halves of ``id``
 STORED_COLUMNS = tuple(c for c in FILL_COLUMNS if c not in DERIVED_COLUMNS)
@@ -66,7 +66,7 @@ class FillTable:
         else:
             found = self.db.rows(
                 "SELECT token_id, count() FROM {db}.clob_fills FINAL "
-                "WHERE token_id IN {tokens:Array(String)} GROUP BY token_id",
+                f"WHERE token_id IN {id_set('tokens')} GROUP BY token_id",
                 {"tokens": list(token_ids)},
             )
         return {token: count for token, count in found}

@@ -5,8 +5,30 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
-from clobjob.models import Market, as_utc
-from clobjob.store.database import Database
+from clobjob.models import Market, MarketFills, as_utc
+from clobjob.store.database import Database, id_set
+
+FILL_COUNTS_SQL = """
+WITH (SELECT maxOrNull(synced_at) FROM {db}.orderbooks) AS last_sync
+SELECT condition_id, token_ids, toUnixTimestamp(start_date), toUnixTimestamp(end_date), volume,
+       if(any_row = 1 OR updated_at <= last_sync, expected, NULL), stored,
+       row_number() OVER (ORDER BY volume DESC, condition_id), question, closed
+FROM (
+  SELECT t.condition_id AS condition_id, any(t.token_ids) AS token_ids, any(t.question) AS question,
+         any(t.start_date) AS start_date, any(t.end_date) AS end_date, any(t.closed) AS closed,
+         any(t.volume) AS volume, any(t.updated_at) AS updated_at,
+         sum(s.n) AS stored, sum(b.q) AS expected, max(b.has_row) AS any_row
+  FROM (SELECT condition_id, token_ids, question, start_date, end_date, closed, volume, updated_at,
+               arrayJoin(token_ids) AS token_id FROM {db}.markets FINAL WHERE notEmpty(token_ids)) AS t
+  LEFT JOIN (SELECT token_id, count() AS n FROM {db}.clob_fills FINAL GROUP BY token_id) AS s USING token_id
+  LEFT JOIN (SELECT token_id, trades_quantity AS q, 1 AS has_row FROM {db}.orderbooks FINAL) AS b USING token_id
+  GROUP BY t.condition_id
+)
+ORDER BY condition_id
+SETTINGS join_use_nulls = 0
+"""
+"""Per market of the universe: expected fills by the rule of ``models.MarketStatus`` (NULL = unknown), stored
+fills, volume rank. Each table is read once (no CTE referenced twice: ClickHouse inlines CTEs)."""
 
 MARKET_COLUMNS = ("condition_id", "token_ids", "question", "slug", "start_date", "end_date", "closed", "volume",
                   "neg_risk", "source")
@@ -27,7 +49,7 @@ class MarketTable:
         """The current market rows (all, or the given condition ids)."""
         where, params = "", {}
         if condition_ids is not None:
-            where, params = "WHERE condition_id IN {ids:Array(String)}", {"ids": list(condition_ids)}
+            where, params = f"WHERE condition_id IN {id_set('ids')}", {"ids": list(condition_ids)}
         found = self.db.rows(
             f"SELECT {', '.join(MARKET_COLUMNS)} FROM {{db}}.markets FINAL {where} ORDER BY condition_id",
             params,
@@ -38,7 +60,7 @@ class MarketTable:
         """Token id → condition id, from the universe and the subgraph's orderbooks (all, or some markets)."""
         where, params = "", {}
         if condition_ids is not None:
-            where, params = "WHERE condition_id IN {ids:Array(String)}", {"ids": list(condition_ids)}
+            where, params = f"WHERE condition_id IN {id_set('ids')}", {"ids": list(condition_ids)}
         found = self.db.rows(
             f"""SELECT token_id, any(condition_id) FROM (
                     SELECT arrayJoin(token_ids) AS token_id, condition_id FROM {{db}}.markets FINAL {where}
@@ -48,6 +70,18 @@ class MarketTable:
             params,
         )
         return dict(found)
+
+    def market_fill_counts(self, condition_ids: Iterable[str] | None = None) -> list[MarketFills]:
+        """Every market of the universe (or only those listed) with expected and stored fills, by condition id.
+
+        One query over markets ⨝ orderbooks ⨝ stored fills (``MarketFills.status`` classifies the rows). It
+        reads the whole universe (the volume ranks need it, and 200,000 markets with 10M fills take ≈ 2 s);
+        a list is applied to the result, so a long one costs nothing (as a query parameter, 200,000 ids
+        would add ≈ 1.5 s per reference).
+        """
+        wanted = None if condition_ids is None else set(condition_ids)
+        return [MarketFills(cid, tuple(tokens), *rest) for cid, tokens, *rest in self.db.rows(FILL_COUNTS_SQL)
+                if wanted is None or cid in wanted]
 
     def count_markets(self) -> int:
         """Markets in the universe."""
