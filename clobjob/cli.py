@@ -367,6 +367,40 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     return backfill(settings, shards=args.shards, parallelism=args.parallelism, markets_file=args.markets)
 
 
+def _shard_list(text: str) -> list[int]:
+    try:
+        return sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of shard numbers") from None
+
+
+def cmd_rerun(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from clobjob import monitor, rerun
+    from clobjob.store import open_store
+
+    settings = settings.with_overrides(subgraph_url=args.subgraph_url, max_rps=args.max_rps)
+    with open_store(settings) as store:
+        if monitor.run_status(store, args.run_id, coverage=False,
+                              heartbeat_interval_s=settings.heartbeat_interval_s)["state"] == "running":
+            raise BadInput(f"run {args.run_id} is still running: wait for it (or stop it) before rerunning it")
+        run_id = rerun.rerun_id(store, args.run_id)
+        units = rerun.plan_rerun(store, args.run_id, run_id, failed_only=args.failed, shards=args.shards,
+                                 new_shards=args.new_shards)
+        if not units:
+            where = f" in shard(s) {','.join(map(str, args.shards))}" if args.shards else ""
+            print(f"run {args.run_id}: nothing to rerun (no {'failed' if args.failed else 'unfinished'} unit{where})")
+            return 0
+        shards = store.run(run_id)["shards"]
+        print(f"rerun {run_id} of {args.run_id}: {len(units):,} unit(s) over {shards} shard(s), each resuming from "
+              "its stored cursor")
+        code = asyncio.run(_run_backfill(settings, store, run_id, args.parallelism or shards))
+        status = monitor.run_status(store, run_id, heartbeat_interval_s=settings.heartbeat_interval_s)
+    print(monitor.render_status(status))
+    return code
+
+
 # --- simulator and demo --------------------------------------------------------------------------
 
 
@@ -492,6 +526,17 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--subgraph-url", help="override CLOBJOB_SUBGRAPH_URL")
     backfill.add_argument("--max-rps", type=float, help="hard ceiling on requests/s (adaptive below it)")
     backfill.set_defaults(func=cmd_backfill)
+
+    rerun = groups.add_parser("rerun", help="a new run of a run's failed or unfinished units, launched locally")
+    rerun.add_argument("--run-id", required=True, help="the run whose units to rerun")
+    rerun.add_argument("--failed", action="store_true", help="only units that failed (default: every unfinished unit)")
+    rerun.add_argument("--shards", type=_shard_list, metavar="I,J", help="only units of these shards of the run")
+    rerun.add_argument("--new-shards", type=int, metavar="N",
+                       help="shards of the new run (default: as many as held the selected units)")
+    rerun.add_argument("--parallelism", type=int, help="shards running at once (default: all)")
+    rerun.add_argument("--subgraph-url", help="override CLOBJOB_SUBGRAPH_URL")
+    rerun.add_argument("--max-rps", type=float, help="hard ceiling on requests/s (adaptive below it)")
+    rerun.set_defaults(func=cmd_rerun)
 
     demo = groups.add_parser("demo", help="backfill a simulated subgraph into the embedded database, end to end")
     demo.add_argument("--markets", type=int, default=2000, help="simulated markets (default 2000)")

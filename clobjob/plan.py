@@ -370,9 +370,15 @@ def read_condition_ids(path: str | Path) -> list[str]:
 
 
 def resumable_run(store: Store) -> dict[str, Any] | None:
-    """The latest backfill run if it still has unfinished (or failed) units: resume it, do not re-plan."""
-    latest = next((r for r in store.runs() if r["params"].get("kind") == "backfill"), None)
-    return latest if latest is not None and store.unfinished_units(latest["run_id"]) else None
+    """The latest backfill run if it still has unfinished (or failed) units: resume it, do not re-plan.
+
+    Not once a rerun (``clobjob rerun``) took its units over: then what is still missing is planned afresh.
+    """
+    runs = store.runs()
+    latest = next((r for r in runs if r["params"].get("kind") == "backfill"), None)
+    if latest is None or any(r["parent_run_id"] == latest["run_id"] for r in runs):
+        return None
+    return latest if store.unfinished_units(latest["run_id"]) else None
 
 
 def still_to_fetch(store: Store, report: MissingReport) -> MissingReport:
