@@ -7,9 +7,11 @@ bucket AND a free slot of an adaptive in-flight window, and then reports one ver
 Rate (CUBIC-like around the last throttle point, after botocore's adaptive mode):
 
 - slow start: until the first throttle the rate doubles every busy second;
-- a throttle (429) or overload answer sets the *ceiling* to ``min(rate, accepted rate)``, the accepted
-  rate being the successes per second over the last ~80 requests (0.5-10 s): upstream buckets have a
-  burst, so throttling starts well after the nominal rate passed the limit and overestimates it.
+- a throttle (429) sets the *ceiling* to ``min(rate, accepted rate)``, the accepted rate being the
+  answers that were not throttled per second over the last ~80 requests (0.5-10 s): upstream buckets
+  have a burst, so throttling starts well after the nominal rate passed the limit and overestimates it.
+  An overload answer sets the ceiling to the current rate (it says the service is busy, not where the
+  limit is; measuring it from accepted answers spiralled the rate down under random faults);
   The rate drops to ``0.9 × ceiling`` (at most halved by one event);
 - one congestion event per round trip: a throttle of a request sent before the last decrease was
   already in flight when we reacted and does not cut again;
@@ -23,7 +25,10 @@ Rate (CUBIC-like around the last throttle point, after botocore's adaptive mode)
   does not inflate its rate. The rate always stays within ``[min_rps, max_rps]``.
 
 In-flight window (Netflix AIMD): +1 per success while in-flight ≥ half the window, ×0.9 on an overload
-or a failure (timeout, connection error, cancelled request), once per round trip as above.
+or a lost request (timeout, connection error, cancellation), once per round trip as above; it is a
+float admitting ``floor(window)`` requests, so small windows shrink smoothly. A useless answer
+(error page, garbled body, statement timeout: ``failed``) moves neither window nor rate: under random
+faults those answers are not load, and reacting to them collapsed the window to one request.
 Retry-After (seconds or an HTTP-date) pauses all sending until it passes. ``backoff()`` is capped
 exponential backoff with full jitter. ``allow_retry()`` keeps retries within a fraction of the traffic
 of the last 10 s, plus a small floor so that a cold start can retry.
@@ -128,7 +133,7 @@ class _Recent:
 class Permit:
     """One granted request: give exactly one verdict inside the ``slot()`` block.
 
-    A block left without a verdict (an exception, a timeout, a cancellation) counts as ``failed()``.
+    A block left without a verdict (an exception, a timeout, a cancellation) counts as ``lost()``.
     """
 
     __slots__ = ("_controller", "_sent_at", "_seq", "_verdict")
@@ -155,9 +160,15 @@ class Permit:
         self._controller._on_overloaded(self)
 
     def failed(self) -> None:
-        """No usable answer: timeout, connection error, cancelled request."""
+        """An answer, but a useless one that says nothing about load: an error page, a garbled or empty
+        body, a statement timeout. Counted; the window and the rate stay."""
         self._settle("failed")
         self._controller._on_failed(self)
+
+    def lost(self) -> None:
+        """No answer at all: a timeout, a connection error, a cancelled request (the window shrinks)."""
+        self._settle("lost")
+        self._controller._on_lost(self)
 
     def _settle(self, verdict: str) -> None:
         if self._verdict is not None:
@@ -179,7 +190,7 @@ class AdaptiveRateController:
         max_window: int = 64,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
-        retry_ratio: float = 0.1,
+        retry_ratio: float = 0.5,
         retry_min_per_s: float = 0.5,
         retry_window_s: float = 10.0,
         stats_window_s: float = 60.0,
@@ -220,7 +231,7 @@ class AdaptiveRateController:
         self._last_grant = now
         self._cut_after = 0  # permits granted up to this one were in flight at the last decrease
         # in-flight window
-        self._window = max(min_window, min(max_window, initial_window))
+        self._window = float(max(min_window, min(max_window, initial_window)))  # admits floor(window)
         self._occupied = 0  # slots held: waiting for a token or in flight
         self._in_flight = 0
         self._window_waiters: deque[asyncio.Future[None]] = deque()
@@ -254,7 +265,7 @@ class AdaptiveRateController:
         finally:
             self._in_flight -= 1
             if permit._verdict is None:
-                permit.failed()
+                permit.lost()
             self._leave_window()
 
     def backoff(self, attempt: int) -> float:
@@ -281,7 +292,7 @@ class AdaptiveRateController:
             rate_rps=self._rate,
             ceiling_rps=self._ceiling,
             accepted_rps=self._accepted_rate(now),
-            window=self._window,
+            window=int(self._window),
             in_flight=self._in_flight,
             requests=self._requests,
             successes=self._successes,
@@ -340,10 +351,12 @@ class AdaptiveRateController:
             rate = ceiling + PROBE_GAIN * math.sqrt(ceiling) * (self._busy - RECOVERY_S) ** 3
         self._set_rate(rate, now)
 
-    def _decrease(self, permit: Permit, now: float) -> None:
+    def _decrease(self, permit: Permit, now: float, *, measured: bool) -> None:
+        """Cut the rate; ``measured`` takes the ceiling from the accepted rate (throttles: the upstream
+        bucket's burst hides the limit), otherwise from the current rate (an overload says nothing of it)."""
         if permit._seq <= self._cut_after:  # already in flight when we last reacted
             return
-        ceiling = min(self._rate, self._accepted_rate(now))
+        ceiling = min(self._rate, self._accepted_rate(now)) if measured else self._rate
         cut = self._clamp(max(BETA * ceiling, MAX_CUT * self._rate))
         self._ceiling = max(ceiling, cut)
         self._cut_rate = cut
@@ -378,7 +391,7 @@ class AdaptiveRateController:
         self._wake_window()
 
     def _wake_window(self) -> None:
-        while self._window_waiters and self._occupied < self._window:
+        while self._window_waiters and self._occupied + 1 <= self._window:
             waiter = self._window_waiters.popleft()
             if not waiter.done():
                 self._occupied += 1
@@ -387,7 +400,7 @@ class AdaptiveRateController:
     def _shrink_window(self, permit: Permit) -> None:
         if permit._seq <= self._window_cut_after:
             return
-        self._window = max(self.min_window, int(self._window * WINDOW_DECREASE))
+        self._window = max(float(self.min_window), self._window * WINDOW_DECREASE)
         self._window_cut_after = self._requests
 
     # verdicts
@@ -401,7 +414,7 @@ class AdaptiveRateController:
         previous = sample if self._latency is None else self._latency
         self._latency = previous + LATENCY_GAIN * (sample - previous)
         if self._in_flight * 2 >= self._window and self._window < self.max_window:
-            self._window += 1
+            self._window = min(float(self.max_window), self._window + 1.0)
             self._wake_window()
 
     def _on_throttled(self, permit: Permit, retry_after: float | str | None) -> None:
@@ -412,16 +425,22 @@ class AdaptiveRateController:
         delay = parse_retry_after(retry_after) if isinstance(retry_after, str) else retry_after
         if delay is not None and delay > 0:
             self._paused_until = max(self._paused_until, now + min(delay, self.max_pause_s))
-        self._decrease(permit, now)
+        self._decrease(permit, now, measured=True)
 
     def _on_overloaded(self, permit: Permit) -> None:
         now = self._clock()
         self._answers.add(now)
+        self._accepts.add(now)  # admitted by the upstream limit, whatever the answer
         self._errors += 1
-        self._decrease(permit, now)
+        self._decrease(permit, now, measured=False)
         self._shrink_window(permit)
 
     def _on_failed(self, permit: Permit) -> None:
-        self._answers.add(self._clock())
+        now = self._clock()
+        self._answers.add(now)
+        self._accepts.add(now)
+        self._errors += 1
+
+    def _on_lost(self, permit: Permit) -> None:
         self._errors += 1
         self._shrink_window(permit)

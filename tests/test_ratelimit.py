@@ -343,7 +343,7 @@ def test_retry_budget_caps_retries_at_the_fraction_of_traffic():
 # ---------------------------------------------------------------------------- window
 
 
-def test_window_grows_under_load_and_shrinks_on_failures():
+def test_window_grows_under_load_and_shrinks_on_lost_requests_not_on_useless_answers():
     async def main():
         ctl = controller(initial_rps=1000.0, initial_window=8, max_window=20)
         for _ in range(10):  # saturate the window: every success sees it at least half full
@@ -352,7 +352,11 @@ def test_window_grows_under_load_and_shrinks_on_failures():
             await close_permits(managers)
         grown = ctl.snapshot().window
         managers, permits = await open_permits(ctl, 10)
-        settle_all(permits, "failed")  # a burst of timeouts from in-flight requests: one event
+        settle_all(permits, "failed")  # error pages / garbled bodies: not a load signal
+        await close_permits(managers)
+        assert ctl.snapshot().window == grown
+        managers, permits = await open_permits(ctl, 10)
+        settle_all(permits, "lost")  # a burst of timeouts from in-flight requests: one event
         await close_permits(managers)
         shrunk_once = ctl.snapshot().window
         async with ctl.slot() as permit:
@@ -363,7 +367,7 @@ def test_window_grows_under_load_and_shrinks_on_failures():
     assert grown == 20
     assert shrunk_once == 18
     assert state.window == 16
-    assert state.errors == 11
+    assert state.errors == 21
 
 
 def test_window_limits_in_flight_requests():

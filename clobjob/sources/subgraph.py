@@ -62,6 +62,8 @@ from clobjob.sources.base import Page
 PAGE_SIZE = 1000
 MAX_TOKENS_PER_QUERY = 200
 MAX_ATTEMPTS = 8
+MIN_ATTEMPT_TIMEOUT_S = 5.0  # a first attempt may take at least this long …
+LATENCY_TIMEOUTS = 10.0  # … or this many smoothed latencies
 
 ALLOWANCE_TEXT = "surpassed your query allowance"
 STORE_TIMEOUT_TEXT = "database query timed out"
@@ -106,9 +108,9 @@ def _graphql_errors(errors: Any) -> None:
     if INDEXING_ERROR_TEXT in lowered:
         raise SubgraphIndexingError(f"subgraph indexing error: {text}")
     if STORE_TIMEOUT_TEXT in lowered or TOO_EXPENSIVE_TEXT in lowered:
-        raise _Retry(text, "failed", heavy="now")
+        raise _Retry(text, "answered", heavy="now")
     if QUERY_TIMEOUT_TEXT in lowered:
-        raise _Retry(text, "failed", heavy="repeated")
+        raise _Retry(text, "answered", heavy="repeated")
     if OVERLOADED_TEXT in lowered:
         raise _Retry(text, "overloaded")
     if any(t in lowered for t in TRANSIENT_TEXTS):
@@ -349,14 +351,22 @@ class SubgraphSource:
 
     # --- requests ----------------------------------------------------------------------------
 
-    async def _send(self, permit: Permit, payload: bytes) -> dict[str, Any]:
+    def _attempt_timeout(self, attempt: int) -> float:
+        """Seconds one attempt may take: a hung answer is cut after a few typical latencies, and each
+        retry doubles the allowance up to ``request_timeout_s``, so a legitimately slow query still gets through."""
+        latency = self.controller.snapshot().latency_s or 1.0
+        first = max(MIN_ATTEMPT_TIMEOUT_S, LATENCY_TIMEOUTS * latency)
+        return min(self._timeout.total or first, first * 2 ** (attempt - 1))
+
+    async def _send(self, permit: Permit, payload: bytes, timeout_s: float) -> dict[str, Any]:
         """One POST; gives the permit its verdict and returns ``data`` or raises what the answer calls for."""
         try:
-            async with self._client().post(self.url, data=payload) as response:
+            async with self._client().post(self.url, data=payload,
+                                           timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
                 body = await response.read()
                 status, headers = response.status, response.headers
         except asyncio.TimeoutError:
-            raise _Retry(f"timed out after {self._timeout.total:g}s", "failed") from None
+            raise _Retry(f"timed out after {timeout_s:.3g}s", "failed") from None
         except aiohttp.ClientError as exc:
             raise _Retry(f"{type(exc).__name__}: {exc}", "failed") from None
         try:
@@ -366,6 +376,8 @@ class SubgraphSource:
                 permit.throttled(retry.retry_after)
             elif retry.verdict == "overloaded":
                 permit.overloaded()
+            elif retry.verdict == "answered":
+                permit.success()
             else:
                 permit.failed()
             raise
@@ -389,7 +401,7 @@ class SubgraphSource:
                     await asyncio.sleep(self.controller.backoff(attempt - 1))
             try:
                 async with self.controller.slot() as permit:
-                    return await self._send(permit, payload)
+                    return await self._send(permit, payload, self._attempt_timeout(attempt))
             except _Retry as retry:
                 reason = str(retry)
                 if splittable and (retry.heavy == "now" or (retry.heavy == "repeated" and heavy_before)):
