@@ -50,7 +50,6 @@ import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -536,7 +535,8 @@ def _bar_chart(months: Sequence[Mapping[str, Any]]) -> str:
     parts.append(f'<rect x="{left}" y="{height - 14}" width="10" height="10" fill="#2e7d32"/>'
                  f'<text x="{left + 14}" y="{height - 5}" font-size="12">covered (complete or zero-fill)</text>'
                  f'<rect x="{left + 230}" y="{height - 14}" width="10" height="10" fill="#c62828"/>'
-                 f'<text x="{left + 244}" y="{height - 5}" font-size="12">not covered (missing, incomplete or unknown)</text>')
+                 f'<text x="{left + 244}" y="{height - 5}" font-size="12">'
+                 'not covered (missing, incomplete or unknown)</text>')
     parts.append("</svg>")
     return "".join(parts)
 

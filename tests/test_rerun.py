@@ -36,7 +36,7 @@ def seed_run(store, run_id: str = "r") -> dict[int, WorkUnit]:
              for s, u, *_ in SEED}
     store.create_run(run_id, 3, list(units.values()), params={"kind": "backfill"}, source="subgraph")
     store.save_checkpoints([Checkpoint(run_id=run_id, shard=s, unit_id=u, state=state, cursor=cursor, pages=pages,
-                                       fills=10 * pages, attempts=3, last_error="boom" if state is UnitState.FAILED else "")
+                                       fills=10 * pages, attempts=3, last_error="boom")
                             for s, u, state, cursor, pages in SEED if state is not None])
     return units
 
