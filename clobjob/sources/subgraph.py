@@ -28,17 +28,18 @@ field, a wrong type or a non-numeric BigInt raises ``SourceError`` naming the en
 ``condition_id`` comes from the caller's token → condition map; a token missing from it gets "".
 
 Errors, and what the rate controller is told. 429 / "surpassed your query allowance" → ``throttled``
-(Retry-After honoured); ``service is overloaded`` → ``overloaded``; 5xx, empty or truncated bodies,
-``Query timed out`` / store timeouts, connection errors and timeouts (hung responses are cut by the
-session's timeouts) → ``failed`` (the in-flight window shrinks, the rate does not). All of them are
-retried. Only explicit rate and overload answers cut the rate: measured on the simulator's hostile
-profile, cutting it on every 5xx / empty body / statement timeout too (random faults, not load) drives
-the rate from the 30 req/s limit down to 1–3 req/s. Retries wait the controller's jittered backoff and
-wait for its retry budget (which delays retries, never drops them); after ``max_attempts`` tries
-``TransientSourceError`` carries the last reason.
-``indexing_error`` raises ``SubgraphIndexingError`` (the worker fails the unit at once); any other
-GraphQL error (validation, argument range, "Cannot mix column filters…"), an unexpected HTTP status or
-a drifted shape raises ``SourceError`` at once (exit 2) with the server's text.
+(Retry-After honoured); ``service is overloaded`` → ``overloaded``; ``Query timed out`` / store
+timeouts → ``success`` (answered at once: the query is heavy, the rate is fine); 5xx, empty or
+truncated bodies, connection errors and timeouts → ``failed``. All of them are retried. Only explicit
+rate and overload answers cut the rate: measured on the simulator's hostile profile, cutting it on
+every 5xx / empty body / statement timeout too (random faults, not load) drives the rate from the
+30 req/s limit down to 1–3 req/s, and shrinking the window on every store timeout made the end-to-end
+hostile backfill 3× slower. A hung answer is cut after max(5 s, 10 smoothed latencies), doubled at
+each retry up to ``request_timeout_s``. Retries wait the controller's jittered backoff and its retry
+budget (which delays them, never drops them); after ``max_attempts`` tries ``TransientSourceError``
+carries the last reason. ``indexing_error`` raises ``SubgraphIndexingError`` (the worker fails the
+unit at once); any other GraphQL error (validation, argument range, "Cannot mix column filters…"), an
+unexpected HTTP status or a drifted shape raises ``SourceError`` at once (exit 2) with the server's text.
 """
 
 from __future__ import annotations
