@@ -407,8 +407,8 @@ def cmd_rerun(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_sim_serve(args: argparse.Namespace, settings: Settings) -> int:
     from clobjob.sim import serve
 
-    serve(args.host, args.port, args.markets, args.seed, args.profile, rate_limit_rps=args.rate_limit,
-          burst=args.burst, retry_after=args.retry_after or None,
+    serve(args.host, args.port, args.markets, args.seed, top_fills=args.top_fills, profile=args.profile,
+          rate_limit_rps=args.rate_limit, burst=args.burst, retry_after=args.retry_after or None,
           **{name: getattr(args, name) for name in FAULT_FLAGS})
     return 0
 
@@ -553,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8787)
     serve.add_argument("--markets", type=int, default=2000)
     serve.add_argument("--seed", type=int, default=7)
+    serve.add_argument("--top-fills", type=int, metavar="N", help="make the largest market exactly N fills")
     serve.add_argument("--profile", choices=["clean", "throttled", "hostile"], default="clean")
     serve.add_argument("--rate-limit", type=float, metavar="RPS", help="token bucket rate per client IP")
     serve.add_argument("--burst", type=int, help="token bucket size")

@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     unit_attempts: int = Field(5, ge=1)
 
     log_format: str = Field("auto", pattern="^(auto|json|human)$")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus /metrics on this port")
 
     @field_validator("clickhouse_database")
     @classmethod

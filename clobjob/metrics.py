@@ -76,11 +76,14 @@ class MetricsServer:
             self.add(collect, labels or {})
 
     def add(self, collect: Collect, labels: Mapping[str, str | int]) -> None:
-        """Register one more source (e.g. another shard of this process) under its own labels."""
+        """Register one more source (e.g. another shard of this process) under its own labels; a source
+        with the same labels (a retried shard) replaces the earlier one."""
         bad = [k for k in labels if not _LABEL.match(k)]
         if bad:
             raise ValueError(f"bad label name(s) {bad}")
-        self._sources.append(({k: str(v) for k, v in labels.items()}, collect))
+        named = {k: str(v) for k, v in labels.items()}
+        self._sources = [(known, source) for known, source in self._sources if known != named]
+        self._sources.append((named, collect))
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = exposition((labels, collect()) for labels, collect in self._sources)

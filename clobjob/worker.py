@@ -14,8 +14,9 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from loguru import logger
 
 from clobjob.config import Settings
 from clobjob.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, ClobjobError
+from clobjob.metrics import MetricsServer
 from clobjob.models import Checkpoint, Heartbeat, UnitState, WorkUnit
 from clobjob.ratelimit import AdaptiveRateController
 from clobjob.sources.base import FillSource, Page
@@ -65,42 +67,32 @@ class ShardCounters:
     units_failed: int = 0
     fills: int = 0
     pages: int = 0
-    fills_stored: int = 0
     started_at: float = field(default_factory=time.monotonic)
     last_progress: float = field(default_factory=time.monotonic)
 
 
-class StoreIO:
-    """Runs the (synchronous) store calls of one worker on one thread, in order, off the event loop."""
+class StoreWriter:
+    """A process's one path to the store: store calls run in order on one thread, off the event loop,
+    and fills of every shard of the process share one buffer, flushed in large batches (one insert
+    stream per process, as ClickHouse prefers). A flush stores the rows, then the checkpoints they cover."""
 
-    def __init__(self, store: Store, name: str) -> None:
-        self.store = store
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    def __init__(self, store: Store, batch_rows: int) -> None:
+        self.store, self._batch_rows = store, batch_rows
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._buffer = FillBuffer()
+        self._pending: dict[tuple[int, int], tuple[Checkpoint, str]] = {}
+        self._lock = asyncio.Lock()
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the store thread. Once submitted it runs to the end even if the caller is
         cancelled (a stop must never drop a queued insert or checkpoint)."""
         return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._thread, fn, *args))
 
-    def close(self) -> None:
-        """Stop the thread (after pending calls finish)."""
-        self._thread.shutdown(wait=True)
-
-
-class Flusher:
-    """Buffers fills and pending checkpoints; a flush stores the rows, then the checkpoints they cover."""
-
-    def __init__(self, io: StoreIO, batch_rows: int, pod: str, counters: ShardCounters) -> None:
-        self._io, self._batch_rows, self._pod, self._counters = io, batch_rows, pod, counters
-        self._buffer = FillBuffer()
-        self._pending: dict[int, Checkpoint] = {}
-        self._lock = asyncio.Lock()
-
-    async def add(self, progress: UnitProgress, page: Page | None = None) -> None:
+    async def add(self, progress: UnitProgress, pod: str, page: Page | None = None) -> None:
         """Queue a page's rows and the unit's new checkpoint; flush when the batch is full."""
         if page is not None:
             self._buffer.extend(page.rows)
-        self._pending[progress.unit.unit_id] = progress.checkpoint()
+        self._pending[(progress.unit.shard, progress.unit.unit_id)] = (progress.checkpoint(), pod)
         if len(self._buffer) >= self._batch_rows:
             await self.flush()
 
@@ -110,21 +102,24 @@ class Flusher:
             columns, checkpoints = self._buffer.take(), list(self._pending.values())
             self._pending = {}
             if columns[0] or checkpoints:
-                await self._io.call(self._write, columns, checkpoints)
+                await self.call(self._write, columns, checkpoints)
 
-    def _write(self, columns: list[list[Any]], checkpoints: list[Checkpoint]) -> None:
+    def _write(self, columns: list[list[Any]], checkpoints: list[tuple[Checkpoint, str]]) -> None:
         """One job on the store thread, so the checkpoints cannot be written without their rows."""
         if columns[0]:
-            self._io.store.insert_fills(columns)
-            self._counters.fills_stored += len(columns[0])
-        if checkpoints:
-            self._io.store.save_checkpoints(checkpoints, self._pod)
+            self.store.insert_fills(columns)
+        for pod in sorted({pod for _, pod in checkpoints}):
+            self.store.save_checkpoints([cp for cp, owner in checkpoints if owner == pod], pod)
 
     async def flush_every(self, interval_s: float) -> None:
         """Flush on a timer (the time bound of a batch)."""
         while True:
             await asyncio.sleep(interval_s)
             await self.flush()
+
+    def close(self) -> None:
+        """Stop the thread (after pending calls finish)."""
+        self._thread.shutdown(wait=True)
 
 
 def describe(exc: BaseException) -> str:
@@ -139,28 +134,30 @@ class ShardWorker:
     """Runs every unfinished unit of one shard of a run to completion, failure or stop."""
 
     def __init__(self, settings: Settings, store: Store, source: FillSource, controller: AdaptiveRateController,
-                 run_id: str, shard: int, *, stop: asyncio.Event | None = None, pod: str | None = None) -> None:
+                 run_id: str, shard: int, *, stop: asyncio.Event | None = None, pod: str | None = None,
+                 writer: StoreWriter | None = None) -> None:
         self.settings, self.source, self.controller = settings, source, controller
         self.run_id, self.shard = run_id, shard
         self.stop = stop or asyncio.Event()
         self.pod = pod or pod_name(shard)
         self.counters = ShardCounters()
         self.state = "starting"
-        self._io = StoreIO(store, f"store-{shard}")
-        self._flusher = Flusher(self._io, settings.batch_rows, self.pod, self.counters)
+        self._owns_writer = writer is None
+        self._writer = writer or StoreWriter(store, settings.batch_rows)
         self._log = logger.bind(run_id=run_id, shard=shard)
-        self._last_beat = (time.monotonic(), 0)
+        self._last_beat, self._last_rps = (time.monotonic(), 0), 0.0
 
     async def run(self) -> int:
         """Work the shard; returns the exit code (0 done, 1 some unit failed, 143 stopped)."""
         try:
-            todo, conditions = await self._io.call(self._load)
+            todo, conditions = await self._writer.call(self._load)
             return await self._work(todo, conditions)
         finally:
-            self._io.close()
+            if self._owns_writer:
+                self._writer.close()
 
     def _load(self) -> tuple[list[UnitProgress], Mapping[str, str]]:
-        store = self._io.store
+        store = self._writer.store
         run = store.run(self.run_id)
         if run is None:
             raise BadInput(f"run {self.run_id!r} does not exist (plan it first)")
@@ -198,8 +195,9 @@ class ShardWorker:
                 for progress in todo:
                     group.create_task(gated(progress))
 
-        background = [asyncio.create_task(self._flusher.flush_every(self.settings.flush_interval_s)),
-                      asyncio.create_task(self._beat_every(self.settings.heartbeat_interval_s))]
+        background = [asyncio.create_task(self._beat_every(self.settings.heartbeat_interval_s))]
+        if self._owns_writer:
+            background.append(asyncio.create_task(self._writer.flush_every(self.settings.flush_interval_s)))
         units = asyncio.create_task(every_unit())
         stopper = asyncio.create_task(self.stop.wait())
         try:
@@ -215,7 +213,7 @@ class ShardWorker:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await self._flusher.flush()
+            await self._writer.flush()
         if error is not None:
             self.state = "failed"
             await self._beat()
@@ -239,7 +237,7 @@ class ShardWorker:
                 while True:
                     page = await asyncio.wait_for(anext(pages), self.settings.stall_timeout_s)
                     self._advance(progress, page)
-                    await self._flusher.add(progress, page)
+                    await self._writer.add(progress, self.pod, page)
                     if page.done:
                         self.counters.units_done += 1
                         log.debug("unit done: {} fills, {} pages", progress.fills, progress.pages)
@@ -278,7 +276,7 @@ class ShardWorker:
             progress.state = UnitState.FAILED
             self.counters.units_failed += 1
             log.error("unit failed after {} attempts: {}", progress.attempts, progress.last_error)
-            await self._flusher.add(progress)
+            await self._writer.add(progress, self.pod)
             return True
         log.warning("unit attempt {} failed, resuming from its cursor: {}", progress.attempts, progress.last_error)
         await asyncio.sleep(self.controller.backoff(progress.attempts))
@@ -290,14 +288,21 @@ class ShardWorker:
             await asyncio.sleep(interval_s)
 
     async def _beat(self) -> None:
-        await self._io.call(self._io.store.save_heartbeat, self.heartbeat())
+        await self._writer.call(self._writer.store.save_heartbeat, self.heartbeat())
+
+    def metrics(self) -> dict[str, float]:
+        """The shard's figures for Prometheus (see clobjob.metrics)."""
+        rate = self.controller.snapshot()
+        return {"fills_total": self.counters.fills, "requests_total": rate.requests,
+                "throttled_total": rate.throttled, "rate_limit_rps": rate.rate_rps, "in_flight": rate.in_flight,
+                "rps": self._last_rps, "heartbeat_age_seconds": time.monotonic() - self._last_beat[0]}
 
     def heartbeat(self) -> Heartbeat:
         """The shard's heartbeat as of now."""
         rate = self.controller.snapshot()
         now, pages = time.monotonic(), self.counters.pages
         rps = (pages - self._last_beat[1]) / max(now - self._last_beat[0], 1e-9)
-        self._last_beat = (now, pages)
+        self._last_beat, self._last_rps = (now, pages), rps
         return Heartbeat(
             run_id=self.run_id, shard=self.shard, pod=self.pod, at=datetime.now(timezone.utc), state=self.state,
             fills=self.counters.fills, requests=rate.requests, throttled=rate.throttled,
@@ -350,7 +355,22 @@ async def run_worker(settings: Settings, run_id: str, shard: int) -> int:
         run = store.run(run_id)
         controller = make_controller(settings)
         source = open_source(run["source"] if run else "subgraph", settings, controller)
+        worker = ShardWorker(settings, store, source, controller, run_id, shard, stop=stop)
         try:
-            return await ShardWorker(settings, store, source, controller, run_id, shard, stop=stop).run()
+            async with metrics_server(settings) as metrics:
+                if metrics:
+                    metrics.add(worker.metrics, {"run_id": run_id, "shard": shard})
+                return await worker.run()
         finally:
             await source.close()
+
+
+@asynccontextmanager
+async def metrics_server(settings: Settings) -> AsyncIterator[MetricsServer | None]:
+    """The optional Prometheus endpoint (``CLOBJOB_METRICS_PORT``), or None when it is off."""
+    if settings.metrics_port is None:
+        yield None
+        return
+    async with MetricsServer(settings.metrics_port) as server:
+        logger.info("Prometheus metrics on :{}/metrics", server.port)
+        yield server

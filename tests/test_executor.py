@@ -6,7 +6,7 @@ import asyncio
 
 from clobjob.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SIGTERM
 from clobjob.executors.local import LocalExecutor, in_process_index
-from clobjob.worker import make_controller
+from clobjob.worker import StoreWriter, make_controller
 
 from tests.scripted import ScriptedSource, fast, plan, stored_ids  # noqa: F401 - fixture
 
@@ -56,11 +56,13 @@ async def test_stop_ends_every_index_with_143(store, settings, plan):  # noqa: F
 
     source.on_page = slow
     s = fast(settings)
+    writer = StoreWriter(store, s.batch_rows)  # shared by both shards: one buffer, one insert stream
     outcome = await LocalExecutor(parallelism=2).run(
-        [0, 1], in_process_index(s, store, source, make_controller(s), "r", stop), stop)
+        [0, 1], in_process_index(s, writer, source, make_controller(s), "r", stop), stop)
     assert outcome.exit_code == EXIT_SIGTERM
     source.on_page = None
     outcome = await LocalExecutor(parallelism=2).run(
-        [0, 1], in_process_index(s, store, source, make_controller(s), "r", asyncio.Event()), asyncio.Event())
+        [0, 1], in_process_index(s, writer, source, make_controller(s), "r", asyncio.Event()), asyncio.Event())
+    writer.close()
     assert outcome.exit_code == EXIT_OK and outcome.completed == [0, 1]
     assert stored_ids(store) == {row[0] for rows in plan.values() for row in rows}

@@ -87,3 +87,24 @@ async def test_unknown_run_or_shard_is_bad_input(store, settings, plan):
     s = fast(settings)
     with pytest.raises(BadInput, match="'nope'"):
         await ShardWorker(s, store, source, make_controller(s), "nope", 0).run()
+
+
+async def test_worker_serves_prometheus_metrics(store, settings, plan):  # noqa: F811
+    import aiohttp
+
+    from clobjob.worker import metrics_server
+
+    s = fast(settings, metrics_port=0)
+    source = ScriptedSource(plan)
+    shard = ShardWorker(s, store, source, make_controller(s), "r", 0, pod="test-0")
+    async with metrics_server(s) as metrics:
+        metrics.add(shard.metrics, {"run_id": "r", "shard": 0})
+        metrics.add(shard.metrics, {"run_id": "r", "shard": 0})  # a retried shard replaces, never duplicates
+        assert await shard.run() == EXIT_OK
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{metrics.port}/metrics") as answer:
+                text = await answer.text()
+    expected = sum(len(plan[u]) for u in (0, 2, 4))
+    assert f'clobjob_fills_total{{run_id="r",shard="0"}} {expected}' in text
+    assert text.count("clobjob_fills_total{") == 1
+    assert "# TYPE clobjob_rate_limit_rps gauge" in text

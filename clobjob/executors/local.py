@@ -26,7 +26,7 @@ from clobjob.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, C
 from clobjob.ratelimit import AdaptiveRateController
 from clobjob.sources.base import FillSource
 from clobjob.store import Store
-from clobjob.worker import ShardWorker, make_controller
+from clobjob.worker import ShardWorker, StoreWriter, make_controller, metrics_server
 
 
 @dataclass
@@ -103,13 +103,17 @@ class LocalExecutor:
         return outcome
 
 
-def in_process_index(settings: Settings, store: Store, source: FillSource, controller: AdaptiveRateController,
-                     run_id: str, stop: asyncio.Event,
+def in_process_index(settings: Settings, writer: StoreWriter, source: FillSource,
+                     controller: AdaptiveRateController, run_id: str, stop: asyncio.Event,
                      on_worker: Callable[[ShardWorker], None] | None = None) -> RunIndex:
-    """One attempt of a shard as a task of this process (embedded chDB: one process per database)."""
+    """One attempt of a shard as a task of this process (embedded chDB: one process per database).
+
+    Every shard of the process shares its store writer (one insert stream, one bounded buffer), its
+    rate controller and its source session."""
 
     async def run_index(shard: int) -> int:
-        worker = ShardWorker(settings, store, source, controller, run_id, shard, stop=stop, pod=f"local-{shard}")
+        worker = ShardWorker(settings, writer.store, source, controller, run_id, shard, stop=stop,
+                             pod=f"local-{shard}", writer=writer)
         if on_worker:
             on_worker(worker)
         try:
@@ -152,8 +156,22 @@ async def run_local(settings: Settings, store: Store, run_id: str, shards: Seque
 
     controller = controller or make_controller(settings)
     source = open_source(source_name, settings, controller)
+    writer = StoreWriter(store, settings.batch_rows)
+    flushing = asyncio.create_task(writer.flush_every(settings.flush_interval_s))
     try:
-        return await executor.run(
-            shards, in_process_index(settings, store, source, controller, run_id, stop, on_worker), stop)
+        async with metrics_server(settings) as metrics:
+
+            def started(worker: ShardWorker) -> None:
+                if metrics:
+                    metrics.add(worker.metrics, {"run_id": run_id, "shard": worker.shard})
+                if on_worker:
+                    on_worker(worker)
+
+            return await executor.run(
+                shards, in_process_index(settings, writer, source, controller, run_id, stop, started), stop)
     finally:
+        flushing.cancel()
+        await asyncio.gather(flushing, return_exceptions=True)
+        await writer.flush()
+        writer.close()
         await source.close()

@@ -73,7 +73,7 @@ class _Universe:
     counts: np.ndarray  # fills
 
 
-def _universe(rng: np.random.Generator, n: int) -> _Universe:
+def _universe(rng: np.random.Generator, n: int, top_fills: int | None) -> _Universe:
     neg_risk = rng.random(n) < 0.3
     start = np.where(neg_risk, _NEGRISK_FROM, _CTF_FROM)
     created = start + (rng.random(n) * (HEAD_TS - _DAY - start)).astype(np.int64)
@@ -81,11 +81,12 @@ def _universe(rng: np.random.Generator, n: int) -> _Universe:
     created, neg_risk = created[order], neg_risk[order]
     end = created + np.exp(rng.normal(np.log(20 * _DAY), 1.0, n)).astype(np.int64) + 3600
     known = rng.random(n) >= 0.04
-    return _Universe(created, end, neg_risk, known, _fill_counts(rng, known))
+    return _Universe(created, end, neg_risk, known, _fill_counts(rng, known, top_fills))
 
 
-def _fill_counts(rng: np.random.Generator, known: np.ndarray) -> np.ndarray:
-    """Heavy-tailed fills per market: 45% none, a lognormal body, and a few whales scaling with N."""
+def _fill_counts(rng: np.random.Generator, known: np.ndarray, top_fills: int | None) -> np.ndarray:
+    """Heavy-tailed fills per market: 45% none, a lognormal body, and a few whales scaling with N;
+    ``top_fills`` makes the largest whale exactly that big (a benchmark's giant market)."""
     n = len(known)
     counts = np.floor(np.exp(rng.normal(1.6, 1.5, n))).astype(np.int64)
     counts[rng.random(n) < 0.45] = 0
@@ -93,6 +94,8 @@ def _fill_counts(rng: np.random.Generator, known: np.ndarray) -> np.ndarray:
     candidates = np.flatnonzero(known)
     whales = rng.choice(candidates, size=min(int(np.clip(n // 400, 1, 25)), len(candidates)), replace=False)
     counts[whales] = np.exp(rng.uniform(np.log(top / 5), np.log(top), len(whales))).astype(np.int64)
+    if top_fills is not None:
+        counts[whales[0]] = top_fills
     counts[~known] = 0
     return counts
 
@@ -317,11 +320,11 @@ class Dataset:
     fills: Table
 
     @classmethod
-    def generate(cls, markets: int = 2000, seed: int = 7) -> Dataset:
-        """Generate ``markets`` markets and their fills, deterministically from ``seed``."""
+    def generate(cls, markets: int = 2000, seed: int = 7, top_fills: int | None = None) -> Dataset:
+        """Generate ``markets`` markets and their fills, deterministically from ``seed`` (and ``top_fills``)."""
         rng = np.random.default_rng(seed)
         key = int(rng.integers(0, 2**63))
-        universe = _universe(rng, markets)
+        universe = _universe(rng, markets, top_fills)
         raw_tokens = rng.bytes(64 * markets)
         tokens = [str(int.from_bytes(raw_tokens[i:i + 32], "big")) for i in range(0, len(raw_tokens), 32)]
         wallets = int(np.clip(universe.counts.sum() // 6, 200, 250_000))

@@ -207,11 +207,12 @@ async def _serve_until_signalled(ds: Dataset, cfg: SimConfig, host: str, port: i
 
 
 def serve(host: str = "127.0.0.1", port: int = 8787, markets: int = 2000, seed: int = 7,
+          top_fills: int | None = None,
           profile: str = "clean", **knobs: Any) -> None:
     """Generate a dataset and serve it until SIGINT/SIGTERM, printing the URL on stdout.
 
     ``knobs`` are SimConfig fields overriding the profile; None values are ignored (unset CLI flags).
     """
-    ds = Dataset.generate(markets=markets, seed=seed)
+    ds = Dataset.generate(markets=markets, seed=seed, top_fills=top_fills)
     cfg = SimConfig.for_profile(profile, seed=seed, **{k: v for k, v in knobs.items() if v is not None})
     asyncio.run(_serve_until_signalled(ds, cfg, host, port))

@@ -1,0 +1,152 @@
+"""End-to-end backfill benchmark: the real `clobjob backfill` against the simulator behind a 20 req/s limit.
+
+Side by side in one run, on the same heavy-tailed dataset (with one 200,000-fill market):
+  A. an uninterrupted backfill with 8 shards;
+  B. the same backfill killed with SIGKILL mid-run, then resumed.
+Prints wall time, fills/s, utilisation of the limit (useful pages/s ÷ limit), 429 share, pages fetched twice
+after the kill (B's pages − A's), makespan of the slowest shard ÷ mean shard, and peak RSS of the backfill
+process (sampled from /proc while the giant market is being fetched). Asserts nothing.
+
+    python bench/backfill_e2e.py [--markets 3000] [--top-fills 200000] [--limit 20] [--shards 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process in MB (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class Sim:
+    """`clobjob sim serve` in its own process, so the backfill under test does not share its CPU time."""
+
+    def __init__(self, markets: int, seed: int, top_fills: int, limit: float) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "clobjob", "sim", "serve", "--port", "0", "--markets", str(markets),
+             "--seed", str(seed), "--top-fills", str(top_fills), "--profile", "throttled",
+             "--rate-limit", str(limit), "--burst", "10"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.url = self.process.stdout.readline().strip()
+        self.base = self.url.split("/subgraphs")[0]
+
+    def stats(self) -> dict[str, int]:
+        with urllib.request.urlopen(self.base + "/__stats", timeout=10) as answer:
+            return json.load(answer)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def clobjob(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clobjob", *args], env=env, capture_output=True, text=True,
+                          check=True)
+
+
+def shard_makespans(env: dict[str, str]) -> list[float]:
+    """Seconds from the run's creation to each shard's last checkpoint."""
+    code = ("import json; from clobjob.config import Settings; from clobjob.store import open_store\n"
+            "with open_store(Settings()) as s:\n"
+            "    rows = s.db.rows('SELECT p.shard, dateDiff(\\'millisecond\\', r.created_at, max(p.updated_at)) '\n"
+            "        'FROM {db}.backfill_progress AS p FINAL JOIN {db}.backfill_runs AS r FINAL USING run_id '\n"
+            "        'GROUP BY p.shard, r.created_at ORDER BY p.shard')\n"
+            "print(json.dumps([ms / 1000 for _, ms in rows]))")
+    return json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                     check=True).stdout)
+
+
+def backfill(env: dict[str, str], shards: int, kill_after_s: float | None = None) -> tuple[float, float]:
+    """Run `clobjob backfill` (optionally SIGKILLed after some seconds); returns (wall s, peak RSS MB)."""
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-m", "clobjob", "backfill", "--shards", str(shards)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0.0
+
+    def sample() -> None:
+        nonlocal peak
+        while process.poll() is None:
+            peak = max(peak, rss_mb(process.pid))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        process.wait(timeout=kill_after_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    sampler.join()
+    return time.monotonic() - started, peak
+
+
+def prepare(root: Path, sim: Sim) -> dict[str, str]:
+    env = {**os.environ, "CLOBJOB_CLICKHOUSE_URL": f"chdb://{root / 'db'}", "CLOBJOB_SUBGRAPH_URL": sim.url,
+           "CLOBJOB_HOME": str(root / "home"), "CLOBJOB_LOG_FORMAT": "json"}
+    clobjob(env, "markets", "sync")  # the universe from the subgraph itself (marketDatas + orderbooks)
+    return env
+
+
+def main() -> None:
+    root = Path(tempfile.mkdtemp(prefix="clobjob-e2e-"))
+    sim = Sim(ARGS.markets, ARGS.seed, ARGS.top_fills, ARGS.limit)
+    try:
+        env = prepare(root / "a", sim)
+        before = sim.stats()
+        wall, peak = backfill(env, ARGS.shards)
+        after = sim.stats()
+        spans = shard_makespans(env)
+        pages = after["fill_requests"] - before["fill_requests"]
+        fills = after["fills_served"] - before["fills_served"]
+        requests = after["requests"] - before["requests"]
+        throttled = after["throttled_429"] - before["throttled_429"]
+
+        env_b = prepare(root / "b", sim)
+        before_b = sim.stats()
+        killed_at, _ = backfill(env_b, ARGS.shards, kill_after_s=wall * 0.4)
+        resumed, _ = backfill(env_b, ARGS.shards)
+        pages_b = sim.stats()["fill_requests"] - before_b["fill_requests"]
+    finally:
+        sim.close()
+
+    print(f"dataset: {ARGS.markets:,} markets (seed {ARGS.seed}), largest market {ARGS.top_fills:,} fills; "
+          f"limit {ARGS.limit:g} req/s burst 10; {ARGS.shards} shards")
+    print(f"{'wall time':<34}{wall:>10.1f} s")
+    print(f"{'fills stored':<34}{fills:>10,}")
+    print(f"{'fills/s':<34}{fills / wall:>10,.0f}")
+    print(f"{'useful pages/s ÷ limit':<34}{pages / wall / ARGS.limit:>10.2f}")
+    print(f"{'429 share of requests':<34}{throttled / max(requests, 1):>10.2%}")
+    print(f"{'requests (pages) total':<34}{requests:>10,} ({pages:,} useful)")
+    print(f"{'slowest shard ÷ mean shard':<34}{max(spans) / (sum(spans) / len(spans)):>10.2f}"
+          f"   (per shard s: {', '.join(f'{s:.0f}' for s in spans)})")
+    print(f"{'peak RSS of the backfill process':<34}{peak:>10.0f} MB")
+    print(f"{'kill -9 at':<34}{killed_at:>10.1f} s, resumed run {resumed:.1f} s")
+    print(f"{'pages fetched twice after the kill':<34}{pages_b - pages:>10,} (of {pages:,})")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--markets", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--top-fills", type=int, default=200_000)
+    parser.add_argument("--limit", type=float, default=20.0)
+    parser.add_argument("--shards", type=int, default=8)
+    ARGS = parser.parse_args()
+    main()
