@@ -61,6 +61,15 @@ def clobjob(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           check=True)
 
 
+def engine_baseline_mb(env: dict[str, str]) -> float:
+    """RSS of a process that only opens the embedded database: the chDB engine's own share of the peak."""
+    code = ("from clobjob.config import Settings; from clobjob.store import open_store\n"
+            "with open_store(Settings()) as s:\n    s.count_fills()\n"
+            "    print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS')][0])")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return int(done.stdout.strip()) / 1024
+
+
 def shard_makespans(env: dict[str, str]) -> list[float]:
     """Seconds from the run's creation to each shard's last checkpoint."""
     code = ("import json; from clobjob.config import Settings; from clobjob.store import open_store\n"
@@ -113,6 +122,7 @@ def main() -> None:
         wall, peak = backfill(env, ARGS.shards)
         after = sim.stats()
         spans = shard_makespans(env)
+        baseline = engine_baseline_mb(env)
         pages = after["fill_requests"] - before["fill_requests"]
         fills = after["fills_served"] - before["fills_served"]
         requests = after["requests"] - before["requests"]
@@ -136,7 +146,8 @@ def main() -> None:
     print(f"{'requests (pages) total':<34}{requests:>10,} ({pages:,} useful)")
     print(f"{'slowest shard ÷ mean shard':<34}{max(spans) / (sum(spans) / len(spans)):>10.2f}"
           f"   (per shard s: {', '.join(f'{s:.0f}' for s in spans)})")
-    print(f"{'peak RSS of the backfill process':<34}{peak:>10.0f} MB")
+    print(f"{'peak RSS of the backfill process':<34}{peak:>10.0f} MB   (embedded engine alone: {baseline:.0f} MB; "
+          f"above it: {peak - baseline:.0f} MB)")
     print(f"{'kill -9 at':<34}{killed_at:>10.1f} s, resumed run {resumed:.1f} s")
     print(f"{'pages fetched twice after the kill':<34}{pages_b - pages:>10,} (of {pages:,})")
 
