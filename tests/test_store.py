@@ -71,7 +71,7 @@ def test_price_is_exact_usdc_per_share(store):
 
 def test_values_are_bound_not_formatted(store):
     hostile = "x'; DROP TABLE {db}.clob_fills; --"
-    assert store.fill_counts_by_token([hostile]) == {}
+    assert store.markets([hostile]) == [] and store.token_conditions([hostile]) == {}
     assert store.count_fills() == 0  # the table still exists
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from clobjob.errors import SourceError
 from clobjob.models import FILL_COLUMNS
-from clobjob.store.database import Database, id_set
+from clobjob.store.database import Database
 
 DERIVED_COLUMNS = ("transaction_hash", "order_hash")  # ALIAS columns: the halves of ``id``
 STORED_COLUMNS = tuple(c for c in FILL_COLUMNS if c not in DERIVED_COLUMNS)
@@ -58,15 +58,3 @@ class FillTable:
     def count_fills(self) -> int:
         """Distinct stored fills (exact, whatever merges have happened)."""
         return self.db.scalar("SELECT count() FROM {db}.clob_fills FINAL")
-
-    def fill_counts_by_token(self, token_ids: Sequence[str] | None = None) -> dict[str, int]:
-        """Exact distinct fill counts per token id (all tokens, or only those given)."""
-        if token_ids is None:
-            found = self.db.rows("SELECT token_id, count() FROM {db}.clob_fills FINAL GROUP BY token_id")
-        else:
-            found = self.db.rows(
-                "SELECT token_id, count() FROM {db}.clob_fills FINAL "
-                f"WHERE token_id IN {id_set('tokens')} GROUP BY token_id",
-                {"tokens": list(token_ids)},
-            )
-        return {token: count for token, count in found}

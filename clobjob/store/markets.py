@@ -98,7 +98,3 @@ class MarketTable:
         """Per condition id, when the subgraph's expected fills of its tokens were last synced."""
         found = self.db.rows("SELECT condition_id, max(synced_at) FROM {db}.orderbooks FINAL GROUP BY condition_id")
         return {condition: as_utc(at) for condition, at in found}
-
-    def expected_fills_by_token(self) -> dict[str, int]:
-        """tradesQuantity per token as last synced from the subgraph."""
-        return dict(self.db.rows("SELECT token_id, trades_quantity FROM {db}.orderbooks FINAL"))
