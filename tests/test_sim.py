@@ -345,6 +345,7 @@ def _matches(record: dict[str, Any], where: dict[str, Any]) -> bool:
             name, _, op = key.partition("_")
             value = _value(record, name)
             ok = {"": lambda: value == target, "gt": lambda: value > target, "lte": lambda: value <= target,
+                  "lt": lambda: value < target,
                   "in": lambda: value in target, "not": lambda: value != target,
                   "starts_with_nocase": lambda: value.lower().startswith(target.lower())}[op]()
         if not ok:
@@ -357,9 +358,13 @@ def _matches(record: dict[str, Any], where: dict[str, Any]) -> bool:
 def test_filters_order_and_paging_match_brute_force(small: Small, data: st.DataObject) -> None:
     engine, truth = small.engine, small.truth
     pick = st.integers(0, len(truth) - 1).map(truth.__getitem__)
+    hex_prefix = st.text("0123456789abcdef", max_size=18).map(lambda digits: "0x" + digits)
     conditions = st.one_of(
         pick.map(lambda r: {"timestamp_gt": int(r["timestamp"])}),
         pick.map(lambda r: {"id_gt": r["id"]}),
+        pick.map(lambda r: {"id_lt": r["id"]}),
+        hex_prefix.map(lambda h: {"id_gt": h}),  # id-range unit boundaries: shorter than any id
+        hex_prefix.map(lambda h: {"id_lt": h}),
         pick.map(lambda r: {"makerAssetId_in": [r["makerAssetId"], r["takerAssetId"]]}),
         pick.map(lambda r: {"takerAssetId": r["takerAssetId"]}),
         pick.map(lambda r: {"maker_starts_with_nocase": r["maker"][:4].upper()}),

@@ -82,19 +82,25 @@ class Column:
         return None
 
 
-_HEX_PREFIX = re.compile(r"0x[0-9a-f]{16}")
+_HEX_PREFIX = re.compile(r"0x([0-9a-f]{0,16})")
 
 
-def hex_prefix(value: str) -> int | None:
-    """The first 64 bits of a lower-case ``0x`` hex string (None if it has fewer or is not one)."""
-    return int(value[2:18], 16) if _HEX_PREFIX.match(value) else None
+def hex_prefix(value: str) -> tuple[np.uint64, np.uint64] | None:
+    """The range [low, high] of the first 64 bits of the ids that share the leading hex digits of a lower-case
+    ``0x`` string (up to 16 of them; None if it is not one): any id whose first 64 bits fall outside compares
+    with ``value`` as those bits do. numpy scalars, so that a search never converts the prefix array."""
+    match = _HEX_PREFIX.match(value)
+    if match is None:
+        return None
+    digits = match[1]
+    return np.uint64(int(digits.ljust(16, "0"), 16)), np.uint64(int(digits.ljust(16, "f"), 16))
 
 
 class IdColumn(Column):
     """Entity ids; rows are in id order, so comparisons are binary searches over lazily rendered ids.
 
-    For ``0x`` hex ids, ``prefix`` (each row's ``hex_prefix``, ascending) narrows a search to the few rows
-    sharing the query's first 64 bits before any id is rendered.
+    For ``0x`` hex ids, ``prefix`` (each row's first 64 bits, ascending) narrows a search to the few rows
+    sharing the query's leading hex digits (``hex_prefix``) before any id is rendered.
     """
 
     def __init__(self, n: int, render: Callable[[np.ndarray], list[str]], prefix: np.ndarray | None = None) -> None:
@@ -111,8 +117,9 @@ class IdColumn(Column):
     def rank(self, value: str, *, right: bool = False) -> int:
         """Number of ids < value (or <= value with ``right``), byte-wise."""
         lo, hi = 0, self.n
-        if self.prefix is not None and (key := hex_prefix(value)) is not None:
-            lo, hi = int(np.searchsorted(self.prefix, key, "left")), int(np.searchsorted(self.prefix, key, "right"))
+        if self.prefix is not None and (keys := hex_prefix(value)) is not None:
+            lo, hi = (int(np.searchsorted(self.prefix, keys[0], "left")),
+                      int(np.searchsorted(self.prefix, keys[1], "right")))
         find = bisect.bisect_right if right else bisect.bisect_left
         return find(range(self.n), value, lo, hi, key=self._at)
 
