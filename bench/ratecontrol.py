@@ -1,0 +1,440 @@
+"""Adaptive rate control vs the old guide's fixed presets vs an ideal paced client, on the simulator.
+
+The simulator runs in its own process (its per-IP token bucket is shared by every client on loopback);
+the clients under test run in this process, except the four independent clients (four OS processes).
+
+1. Limit 20 req/s (burst 10), heavy-tailed universe of ``--markets`` markets, the same data for every
+   variant: the ideal reference (told the limit, paces exactly at it, same batched units and code), the
+   adaptive fetcher (``SubgraphSource`` + the default ``AdaptiveRateController``), and the old guide's
+   presets (WORKER_COUNT/DELAY_MS 16/500, 32/100, 64/50: per market, maker side then taker side, each
+   paged by id_gt, DELAY_MS after every request, exponential backoff from 1 s on a 429). The presets are
+   stopped after ``--cap`` seconds and their wall time extrapolated from the share of their (exactly
+   known) useful requests done.
+2. The limit changes 20 → 8 → 30 req/s every 15 s under the adaptive fetcher.
+3. Four adaptive clients in four processes (the plan's four shards) share the 20 req/s limit.
+4. Limit 100 req/s (Goldsky's documented per-IP limit) on ``--big-markets`` markets: ideal and adaptive,
+   with the client's CPU time, to show the client is not the bottleneck.
+
+    python bench/ratecontrol.py [--markets 5000] [--big-markets 20000] [--seed 7] [--cap 40]
+
+Prints the figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import numpy as np
+from loguru import logger
+
+from clobjob.config import Settings
+from clobjob.models import MarketFills, WorkUnit
+from clobjob.plan import MissingReport, plan_units
+from clobjob.sim import Dataset
+from clobjob.sim.data import HEAD_TS
+from clobjob.sources.markets import market_from_gamma
+from clobjob.sources.subgraph import ALLOWANCE_TEXT, FILL_FIELDS, PAGE_SIZE, SubgraphSource, merge_universe
+from clobjob.worker import make_controller
+
+PRESETS = ((16, 500), (32, 100), (64, 50))
+OLD_QUERY = ("query($tokens: [String!]!, $after: String!) {{ orderFilledEvents(first: 1000, orderBy: id, "
+             "orderDirection: asc, where: {{{side}_in: $tokens, id_gt: $after}}) {{ "
+             + " ".join(FILL_FIELDS) + " }} }}")
+OLD_BACKOFF_CAP_S = 60.0  # the guide doubles from 1 s; we stop doubling at a minute
+
+
+# --- the simulator process -----------------------------------------------------------------------
+
+
+class Sim:
+    """``clobjob.sim.serve`` in a child process; ``configure`` and ``stats`` over its admin endpoints."""
+
+    def __init__(self, markets: int, seed: int, rps: float, burst: int) -> None:
+        code = (f"from clobjob.sim import serve; serve(port=0, markets={markets}, seed={seed}, profile='clean', "
+                f"rate_limit_rps={rps}, burst={burst})")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+        assert self.proc.stdout is not None
+        self.url = self.proc.stdout.readline().strip()
+        parts = urlsplit(self.url)
+        self.base = f"{parts.scheme}://{parts.netloc}"
+
+    def configure(self, **knobs: Any) -> None:
+        request = urllib.request.Request(self.base + "/__config", json.dumps(knobs).encode(), method="POST")
+        urllib.request.urlopen(request).read()
+
+    def stats(self) -> dict[str, int]:
+        return json.loads(urllib.request.urlopen(self.base + "/__stats").read())
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+# --- the data ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Work:
+    """The universe as the clients see it, the adaptive/ideal plan, and what the old method needs."""
+
+    markets: list[tuple[str, tuple[str, ...]]]  # Gamma markets: condition id, token ids
+    conditions: dict[str, str]
+    units: list[WorkUnit]
+    old_requests: int  # useful requests the old method needs: per market and side, fills // 1000 + 1
+    fills: int
+    whales: int
+
+
+def prepare(sim: Sim, markets: int, seed: int, shards: int = 1) -> Work:
+    """Gamma export → ``markets sync`` against the simulator → plan, as ``clobjob`` would do it."""
+    ds = Dataset.generate(markets=markets, seed=seed)
+    gamma = [market_from_gamma(obj, line) for line, obj in enumerate(ds.markets, 1)]
+
+    async def universe() -> Any:
+        settings = Settings(subgraph_url=sim.url)
+        async with SubgraphSource(settings, make_controller(settings)) as source:
+            return await source.universe()
+
+    _, orderbooks = merge_universe(gamma, asyncio.run(universe()))
+    report = []
+    for rank, market in enumerate(sorted(gamma, key=lambda m: -m.volume), 1):
+        known = [orderbooks[t][1] for t in market.token_ids if t in orderbooks]
+        end = None if market.end_date is None else int(market.end_date.timestamp())
+        report.append(MarketFills(market.condition_id, market.token_ids, None, end, market.volume,
+                                  sum(known) if known else None, 0, rank))
+    sides = [np.bincount(ds.fills.columns[f].codes, minlength=len(ds.assets)) for f in ("makerAssetId", "takerAssetId")]
+    old = sum(int(side[1 + 2 * i:3 + 2 * i].sum()) // PAGE_SIZE + 1 for i in range(markets) for side in sides)
+    fills = [sum(orderbooks.get(t, ("", 0))[1] for t in m.token_ids) for m in gamma]
+    return Work([(m.condition_id, m.token_ids) for m in gamma],
+                {t: c for t, (c, _) in orderbooks.items()},
+                plan_units(MissingReport(HEAD_TS, tuple(report)), shards, "bench", giant_factor=0.0),
+                old, ds.n_fills, sum(n >= 10_000 for n in fills))
+
+
+# --- clients -------------------------------------------------------------------------------------
+
+
+class _Ignored:
+    """A verdict sink: the ideal client does not adapt."""
+
+    def __getattr__(self, _name: str) -> Callable[..., None]:
+        return lambda *_args: None
+
+
+class Paced:
+    """The ideal reference's pacer: told the limit, it grants exactly ``rps`` requests per second."""
+
+    def __init__(self, rps: float, max_window: int = 64) -> None:
+        self.interval, self.max_window, self._next = 1.0 / rps, max_window, 0.0
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[_Ignored]:
+        now = time.monotonic()
+        at = max(now, self._next)
+        self._next = at + self.interval
+        await asyncio.sleep(at - now)
+        yield _Ignored()
+
+    def backoff(self, _attempt: int) -> float:
+        return self.interval
+
+    def allow_retry(self) -> bool:
+        return True
+
+    def snapshot(self) -> SimpleNamespace:
+        return SimpleNamespace(latency_s=None)
+
+
+async def fetch(source: SubgraphSource, units: list[WorkUnit], conditions: dict[str, str], concurrency: int,
+                until: float | None = None) -> int:
+    """Fetch every unit (with ``until``: keep cycling through them until that ``time.monotonic()``)."""
+    fills, queue = 0, deque(units)
+
+    async def run() -> None:
+        nonlocal fills
+        while queue and (until is None or time.monotonic() < until):
+            unit = queue.popleft()
+            if until is not None:
+                queue.append(unit)
+            async with aclosing(source.pages(unit, "", conditions)) as pages:
+                async for page in pages:
+                    fills += len(page.rows)
+                    if until is not None and time.monotonic() >= until:
+                        return
+
+    await asyncio.gather(*(run() for _ in range(min(concurrency, len(units)))))
+    return fills
+
+
+async def sample(controller: Any, into: list[tuple[float, int, int, int]], every: float = 0.25) -> None:
+    """Append ``(wall time, requests, successes, throttled)`` of the controller every ``every`` seconds."""
+    while True:
+        state = controller.snapshot()
+        into.append((time.time(), state.requests, state.successes, state.throttled))
+        await asyncio.sleep(every)
+
+
+async def run_client(url: str, units: list[WorkUnit], conditions: dict[str, str], *, ideal_rps: float | None = None,
+                     until: float | None = None, schedule: Callable[[], Any] | None = None,
+                     ) -> tuple[int, list[tuple[float, int, int, int]]]:
+    """One fetcher (adaptive, or paced at ``ideal_rps``); returns its fills and its timeline."""
+    settings = Settings(subgraph_url=url)
+    controller = make_controller(settings) if ideal_rps is None else Paced(ideal_rps)
+    timeline: list[tuple[float, int, int, int]] = []
+    async with SubgraphSource(settings, controller) as source:  # type: ignore[arg-type]
+        sampler = asyncio.create_task(sample(controller, timeline)) if ideal_rps is None else None
+        changes = asyncio.create_task(schedule()) if schedule else None
+        fills = await fetch(source, units, conditions, settings.max_in_flight, until)
+        for task in (sampler, changes):
+            if task:
+                task.cancel()
+    if ideal_rps is None:
+        state = controller.snapshot()
+        timeline.append((time.time(), state.requests, state.successes, state.throttled))
+    return fills, timeline
+
+
+async def old_preset(url: str, markets: list[tuple[str, tuple[str, ...]]], workers: int, delay_ms: int,
+                     cap_s: float) -> int:
+    """The old guide's backfill for ``cap_s`` seconds at most; returns the fills fetched."""
+    fills, todo = 0, iter(markets)
+
+    async def request(session: aiohttp.ClientSession, payload: bytes) -> list[dict[str, Any]]:
+        backoff = 1.0
+        while True:
+            async with session.post(url, data=payload, headers={"Content-Type": "application/json"}) as response:
+                body = await response.text()
+            await asyncio.sleep(delay_ms / 1000)
+            if response.status != 429 and ALLOWANCE_TEXT not in body:
+                return json.loads(body)["data"]["orderFilledEvents"]
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, OLD_BACKOFF_CAP_S)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal fills
+        for _, tokens in todo:
+            for side in ("makerAssetId", "takerAssetId"):
+                after = ""
+                while True:
+                    query = OLD_QUERY.format(side=side)
+                    events = await request(session, json.dumps({"query": query, "variables": {
+                        "tokens": list(tokens), "after": after}}).encode())
+                    fills += len(events)
+                    if len(events) < PAGE_SIZE:
+                        break
+                    after = events[-1]["id"]
+
+    connector = aiohttp.TCPConnector(limit=workers)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        try:
+            await asyncio.wait_for(asyncio.gather(*(worker(session) for _ in range(workers))), cap_s)
+        except TimeoutError:
+            pass
+    return fills
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    name: str
+    wall: float
+    requests: float
+    ok: float
+    throttled: float
+    fills: int
+    elapsed: float  # measured seconds (= wall unless extrapolated)
+    note: str = ""
+
+    def row(self, ideal_wall: float, limit: float, markets: int) -> str:
+        mark = "~" if self.note else " "
+        return (f"{self.name:<22}{mark}{self.wall:>8.1f}{mark}{self.wall / ideal_wall:>7.2f}"
+                f"{self.ok / self.wall / limit:>14.2f}{self.throttled / max(self.requests, 1):>11.1%}"
+                f"{self.fills / self.elapsed:>11,.0f}{mark}{self.requests / markets:>9.3f}  {self.note}")
+
+
+HEADER = (f"{'variant':<23}{'wall s':>8} {'×ideal':>7}{'useful/limit':>14}{'429 share':>11}{'fills/s':>11} "
+          f"{'req/market':>9}")
+
+
+def measured(sim: Sim, name: str, body: Callable[[], Any]) -> tuple[Figures, Any]:
+    """Run one variant and take its counts from the simulator's stats."""
+    time.sleep(1.0)  # the per-IP bucket refills between variants
+    before, started, cpu = sim.stats(), time.perf_counter(), time.process_time()
+    result = asyncio.run(body())
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    after = sim.stats()
+    delta = {k: after[k] - before[k] for k in after}
+    fills = result[0] if isinstance(result, tuple) else result
+    figures = Figures(name, elapsed, delta["requests"], delta["ok"], delta["throttled_429"], fills, elapsed)
+    return figures, cpu
+
+
+def limit_rows(work: Work, sim: Sim, limit: float, cap_s: float) -> list[Figures]:
+    rows = []
+    ideal, _ = measured(sim, f"ideal (paced at {limit:g})",
+                        lambda: run_client(sim.url, work.units, work.conditions, ideal_rps=limit))
+    rows.append(ideal)
+    adaptive, _ = measured(sim, "adaptive", lambda: run_client(sim.url, work.units, work.conditions))
+    rows.append(adaptive)
+    for workers, delay in PRESETS:
+        old, _ = measured(sim, f"old {workers} / {delay} ms",
+                          lambda w=workers, d=delay: old_preset(sim.url, work.markets, w, d, cap_s))
+        done = old.ok / work.old_requests
+        scale = 1 / max(done, 1e-9)
+        rows.append(Figures(old.name, old.elapsed * scale, old.requests * scale, old.ok * scale,
+                            old.throttled * scale, old.fills, old.elapsed,
+                            f"extrapolated: {done:.1%} of its {work.old_requests:,} useful requests in "
+                            f"{old.elapsed:.0f} s"))
+    return rows
+
+
+def rate_over(timeline: list[tuple[float, int, int, int]], column: int, t0: float, t1: float) -> float:
+    """Events per second of a timeline column between two wall times."""
+    def at(t: float) -> float:
+        times = [p[0] for p in timeline]
+        return float(np.interp(t, times, [p[column] for p in timeline]))
+    return (at(t1) - at(t0)) / max(t1 - t0, 1e-9)
+
+
+def limit_changes(work: Work, sim: Sim, phases: tuple[float, ...], phase_s: float) -> list[str]:
+    """The adaptive fetcher while the limit changes every ``phase_s`` seconds."""
+    starts: list[float] = []
+
+    async def schedule() -> None:
+        for limit in phases:
+            sim.configure(rate_limit_rps=limit)
+            starts.append(time.time())
+            await asyncio.sleep(phase_s)
+
+    time.sleep(1.0)
+    until = time.monotonic() + phase_s * len(phases)
+    _, timeline = asyncio.run(run_client(sim.url, work.units, work.conditions, until=until, schedule=schedule))
+    sim.configure(rate_limit_rps=phases[0])
+    lines = [f"{'phase':<12}{'limit':>6}{'follows in':>12}{'useful/limit':>14}{'429 share':>11}   "
+             "useful req/s, each second"]
+    for i, (limit, start) in enumerate(zip(phases, starts, strict=True)):
+        end = start + phase_s
+        per_second = [rate_over(timeline, 2, t, t + 1) for t in np.arange(start, end - 0.5, 1.0)]
+        follow = next((t - start for t in np.arange(start, end - 2, 0.25)
+                       if all(0.8 * limit <= rate_over(timeline, 1, u, u + 1) <= 1.2 * limit
+                              for u in np.arange(t, t + 2, 0.25))), None)
+        sent = rate_over(timeline, 1, start, end) * phase_s
+        thr = rate_over(timeline, 3, start, end) * phase_s
+        lines.append(f"{i * phase_s:>4.0f}-{(i + 1) * phase_s:<3.0f} s{limit:>8g}"
+                     f"{'-' if follow is None else f'{follow:.1f} s':>12}"
+                     f"{rate_over(timeline, 2, start + 5, end) / limit:>14.2f}{thr / max(sent, 1):>11.1%}   "
+                     + " ".join(f"{r:.0f}" for r in per_second))
+    return lines
+
+
+def four_clients(sim: Sim, markets: int, seed: int, limit: float, seconds: float) -> list[str]:
+    """Four adaptive clients in four processes, each cycling through one shard of a 4-shard plan."""
+    work = prepare(sim, markets, seed, shards=4)
+    time.sleep(1.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for shard in range(4):
+            path = Path(tmp) / f"shard{shard}.json"
+            path.write_text(json.dumps({"url": sim.url, "conditions": work.conditions, "seconds": seconds,
+                                        "units": [u.model_dump() for u in work.units if u.shard == shard]}))
+            procs.append(subprocess.Popen([sys.executable, __file__, "--client", str(path)], stdout=subprocess.PIPE,
+                                          text=True))
+        results = [json.loads(p.communicate()[0]) for p in procs]
+    timelines = [r["timeline"] for r in results]
+    t0, t1 = max(t[0][0] for t in timelines), min(t[-1][0] for t in timelines)
+    rates = [rate_over(t, 2, t0, t1) for t in timelines]
+    fair = limit / 4
+    throttled = sum(r["throttled"] for r in results) / max(1, sum(r["requests"] for r in results))
+    return [f"four adaptive clients (4 OS processes, one shard each) sharing {limit:g} req/s, over the {t1 - t0:.0f} s "
+            f"all four ran: together {sum(rates) / limit:.2f} of the limit; per client "
+            + ", ".join(f"{r:.1f}" for r in rates)
+            + f" req/s (fair share {fair:g}: lowest {min(rates) / fair:.2f} of it); 429 share {throttled:.1%}"]
+
+
+def client_main(path: str) -> None:
+    """``--client``: one of the four processes; prints its timeline as JSON."""
+    job = json.loads(Path(path).read_text())
+    units = [WorkUnit(**u) for u in job["units"]]
+    until = time.monotonic() + job["seconds"]
+    _, timeline = asyncio.run(run_client(job["url"], units, job["conditions"], until=until))
+    print(json.dumps({"timeline": timeline, "requests": timeline[-1][1], "throttled": timeline[-1][3]}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--markets", type=int, default=5000)
+    parser.add_argument("--big-markets", type=int, default=20000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--cap", type=float, default=40.0, help="seconds each old preset runs before extrapolation")
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    if args.client:
+        client_main(args.client)
+        return
+    started, load = time.perf_counter(), os.getloadavg()[0]
+
+    limit = 20.0
+    sim = Sim(args.markets, args.seed, limit, 10)
+    try:
+        work = prepare(sim, args.markets, args.seed)
+        print(f"simulator: {args.markets:,} markets, {work.fills:,} fills ({work.whales} markets with ≥ 10,000), "
+              f"limit {limit:g} req/s burst 10; the plan: {len(work.units)} units, "
+              f"{sum(u.expected_requests for u in work.units):,} requests expected\n")
+        rows = limit_rows(work, sim, limit, args.cap)
+        print(HEADER)
+        for row in rows:
+            print(row.row(rows[0].wall, limit, args.markets))
+        print("(clobjob plans from the orderbooks' tradesQuantity: markets with 0 expected fills are not fetched,"
+              " small markets share a query, big ones are cut in ~10-page time ranges; the old scripts query"
+              " every market and side)\n")
+        print("limit changes under the adaptive fetcher (follows in: until its send rate stays within ±20% of "
+              "the new limit for 2 s)")
+        print("\n".join(limit_changes(work, sim, (20.0, 8.0, 30.0), 15.0)) + "\n")
+        print("\n".join(four_clients(sim, args.markets, args.seed, limit, 30.0)) + "\n")
+    finally:
+        sim.close()
+
+    fast = 100.0
+    sim = Sim(args.big_markets, args.seed, fast, 50)
+    try:
+        work = prepare(sim, args.big_markets, args.seed)
+        ideal, _ = measured(sim, f"ideal (paced at {fast:g})",
+                            lambda: run_client(sim.url, work.units, work.conditions, ideal_rps=fast))
+        adaptive, cpu = measured(sim, "adaptive", lambda: run_client(sim.url, work.units, work.conditions))
+        print(f"limit {fast:g} req/s burst 50, {args.big_markets:,} markets, {work.fills:,} fills:")
+        print(HEADER)
+        for row in (ideal, adaptive):
+            print(row.row(ideal.wall, fast, args.big_markets))
+        print(f"adaptive client CPU: {cpu:.1f} s in {adaptive.wall:.1f} s = {cpu / adaptive.wall:.0%} of one core "
+              f"for {adaptive.ok / adaptive.wall:.0f} answers/s ({adaptive.fills / adaptive.wall:,.0f} fills/s) "
+              f"parsed; the rest of the {os.cpu_count()} CPUs serve the simulator")
+    finally:
+        sim.close()
+    print(f"\nbench took {time.perf_counter() - started:.0f} s; host load average {load:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} CPUs)")
+
+
+if __name__ == "__main__":
+    main()
