@@ -221,7 +221,8 @@ class UnitState(str, Enum):
 
 
 class WorkUnit(BaseModel):
-    """A piece of planned work: all fills of ``token_ids`` (optionally within [ts_from, ts_to)).
+    """A piece of planned work: all fills of ``token_ids``, optionally only those within [ts_from, ts_to) and
+    with an id within [id_from, id_to) in byte order (None: unbounded on that side).
 
     An empty ``token_ids`` with a time range is a time-window unit over every market.
     """
@@ -235,6 +236,8 @@ class WorkUnit(BaseModel):
     token_ids: tuple[str, ...] = ()
     ts_from: int | None = None
     ts_to: int | None = None
+    id_from: str | None = None
+    id_to: str | None = None
     expected_fills: int = 0
     expected_requests: int = 1
 

@@ -3,8 +3,14 @@
 
 A market is fetched whole (its fills deduplicate by id, so refetching an incomplete market is safe).
 Small markets are batched into one unit (one GraphQL ``or`` query over all their tokens, pages of
-``page_size``); large markets get a unit each; giant ones are cut into time ranges that tile the whole
-time line, so that no shard becomes the straggler. Units go to shards longest-first (LPT).
+``page_size``); large markets get a unit each; giant ones are cut into ranges of fill id that tile the whole
+id space, so that no shard becomes the straggler. Units go to shards longest-first (LPT).
+
+Why id ranges: a fill id is tx hash + "_" + order hash, and tx hashes are keccak hashes, so ids are uniform
+in byte order and equal id ranges hold equal shares of a market's fills whatever their spread in time.
+Cutting by time assumed fills spread evenly over a market's life; they are not (the end-to-end bench's
+slowest shard took 2× the mean). Boundaries are ``0x`` + ``ID_DIGITS`` hex digits: shorter than any id, so
+no id equals one and a range's first page can start with ``id_gt: id_from``.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ BATCH_REQUESTS = 10
 MAX_BATCH_TOKENS = 200
 GIANT_FACTOR = 0.05
 DAY_S = 86_400
-FALLBACK_SPAN_S = 90 * DAY_S  # assumed trading span before the end date when a market has no start date
+ID_DIGITS = 8  # hex digits of an id-range boundary (at most 16**ID_DIGITS ranges)
 AGE_BUCKETS = ("<30d", "30d-1y", "1y-2y", ">2y", "unknown")
 VOLUME_BUCKETS = ("top100", "top1000", "rest")
 
@@ -129,13 +135,13 @@ def _requests(fills: int, page_size: int) -> int:
 
 @dataclass(frozen=True)
 class _Chunk:
-    """A unit before shard assignment: markets, known expected fills, estimated requests, time range."""
+    """A unit before shard assignment: markets, known expected fills, estimated requests, fill-id range."""
 
     markets: tuple[MarketFills, ...]
     fills: int
     requests: int
-    ts_from: int | None = None
-    ts_to: int | None = None
+    id_from: str | None = None
+    id_to: str | None = None
 
 
 def _chunks(work: Sequence[MarketFills], page_size: int, batch_requests: int, max_batch_tokens: int) -> list[_Chunk]:
@@ -169,27 +175,21 @@ def _chunks(work: Sequence[MarketFills], page_size: int, batch_requests: int, ma
     return chunks
 
 
-def time_span(market: MarketFills, now: int) -> tuple[int, int]:
-    """The span [start, end) over which a market's fills are assumed spread (for cutting giants).
-
-    The end is the end date, never later than ``now`` (``now`` when unknown); the start is the start date,
-    or ``FALLBACK_SPAN_S`` before the end when unknown.
-    """
-    end = now if market.end_ts is None else min(market.end_ts, now)
-    start = end - FALLBACK_SPAN_S if market.start_ts is None else market.start_ts
-    return start, end
+def id_bounds(pieces: int) -> list[str | None]:
+    """Boundaries of ``pieces`` equal ranges tiling the fill-id space: None, then strictly increasing
+    ``0x`` hex prefixes shorter than any id, then None (at most ``16**ID_DIGITS`` ranges)."""
+    pieces = min(pieces, 16**ID_DIGITS)
+    inner = ("0x" + format(i * 16**ID_DIGITS // pieces, f"0{ID_DIGITS}x") for i in range(1, pieces))
+    return [None, *inner, None]
 
 
-def _split(chunk: _Chunk, pieces: int, now: int, page_size: int) -> list[_Chunk]:
-    """A one-market chunk cut into ``pieces`` time ranges tiling the whole line (first from -inf, last to +inf)."""
-    start, end = time_span(chunk.markets[0], now)
-    pieces = min(pieces, end - start)
-    if pieces <= 1:
-        return [chunk]
-    bounds: list[int | None] = [None, *(start + (end - start) * i // pieces for i in range(1, pieces)), None]
+def _split(chunk: _Chunk, pieces: int, page_size: int) -> list[_Chunk]:
+    """A one-market chunk cut into ``pieces`` ranges of fill id (``id_bounds``), fills shared out evenly."""
+    bounds = id_bounds(pieces)
+    count = len(bounds) - 1
     result = []
-    for i in range(pieces):
-        fills = chunk.fills * (i + 1) // pieces - chunk.fills * i // pieces
+    for i in range(count):
+        fills = chunk.fills * (i + 1) // count - chunk.fills * i // count
         result.append(_Chunk(chunk.markets, fills, _requests(fills, page_size), bounds[i], bounds[i + 1]))
     return result
 
@@ -219,18 +219,19 @@ def plan_units(report: MissingReport, shards: int, run_id: str, *, page_size: in
     """Work units for the report's missing and incomplete markets, assigned to ``shards`` (deterministic).
 
     A single-market unit above ``giant_factor`` × the mean requests per shard (and above
-    ``batch_requests``) is cut into time ranges of about that size. Units are numbered largest first.
+    ``batch_requests``) is cut into fill-id ranges of about that size (``id_bounds``), which hold equal shares
+    of its fills whatever their spread in time. Units are numbered largest first.
     """
     chunks = _chunks(report.work, page_size, batch_requests, max_batch_tokens)
     limit = max(batch_requests, giant_factor * sum(c.requests for c in chunks) / max(shards, 1))
     cut = [piece for c in chunks
-           for piece in (_split(c, math.ceil(c.requests / limit), report.as_of, page_size)
+           for piece in (_split(c, math.ceil(c.requests / limit), page_size)
                          if len(c.markets) == 1 and c.requests > limit else [c])]
     return [
         WorkUnit(run_id=run_id, unit_id=unit_id, shard=shard,
                  condition_ids=tuple(m.condition_id for m in cut[i].markets),
                  token_ids=tuple(t for m in cut[i].markets for t in m.token_ids),
-                 ts_from=cut[i].ts_from, ts_to=cut[i].ts_to,
+                 id_from=cut[i].id_from, id_to=cut[i].id_to,
                  expected_fills=cut[i].fills, expected_requests=cut[i].requests)
         for unit_id, (i, shard) in enumerate(assign([c.requests for c in cut], shards))
     ]

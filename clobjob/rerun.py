@@ -1,10 +1,11 @@
 """Reruns: a new run made of the failed or unfinished units of an earlier one (``clobjob rerun``).
 
-A rerun keeps each unit's tokens and time range, re-assigns the units over shards with the planner's LPT
-``assign`` (by the requests each still needs), records ``parent_run_id`` and ``params.kind = "rerun"``, and
-is launched like any other run. Each unit resumes from the cursor its last attempt stored: the rerun starts
-with a pending checkpoint holding that cursor, fills and pages. That is safe because a checkpoint never
-points past rows that are not stored (data first, checkpoint second), and any re-sent fill deduplicates by id.
+A rerun keeps each unit's tokens, time range and fill-id range (a copy of the unit), re-assigns the units
+over shards with the planner's LPT ``assign`` (by the requests each still needs), records ``parent_run_id``
+and ``params.kind = "rerun"``, and is launched like any other run. Each unit resumes from the cursor its
+last attempt stored: the rerun starts with a pending checkpoint holding that cursor, fills and pages. That
+is safe because a checkpoint never points past rows that are not stored (data first, checkpoint second),
+and any re-sent fill deduplicates by id.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from datetime import datetime, timezone
 
@@ -227,10 +228,15 @@ def heavy_tailed(count: int, seed: int) -> plan.MissingReport:
     return plan.MissingReport(NOW, tuple(markets))
 
 
-def tiles(ranges: list[tuple[int | None, int | None]]) -> bool:
-    ordered = sorted(ranges, key=lambda r: -1 if r[0] is None else r[0])
+def tiles(ranges: list[tuple[str | None, str | None]]) -> bool:
+    """Fill-id ranges tile the whole id space: the first from None, the last to None, each boundary shared by
+    neighbours, boundaries strictly increasing lower-case hex prefixes shorter than any id."""
+    ordered = sorted(ranges, key=lambda r: "" if r[0] is None else r[0])
+    inner = [r[0] for r in ordered[1:]]
     return (ordered[0][0] is None and ordered[-1][1] is None
-            and all(a[1] is not None and a[1] == b[0] for a, b in zip(ordered, ordered[1:])))
+            and all(a[1] == b[0] for a, b in zip(ordered, ordered[1:]))
+            and all(a < b for a, b in zip(inner, inner[1:]))
+            and all(re.fullmatch(r"0x[0-9a-f]{1,63}", b) for b in inner))
 
 
 def check_cover(report: plan.MissingReport, units: list, max_tokens: int = plan.MAX_BATCH_TOKENS) -> None:
@@ -239,8 +245,9 @@ def check_cover(report: plan.MissingReport, units: list, max_tokens: int = plan.
         markets = [m for m in report.work if m.condition_id in unit.condition_ids]
         assert unit.token_ids == tuple(t for m in markets for t in m.token_ids)
         assert len(unit.condition_ids) == 1 or len(unit.token_ids) <= max_tokens
+        assert unit.ts_from is None and unit.ts_to is None
         for c in unit.condition_ids:
-            ranges.setdefault(c, []).append((unit.ts_from, unit.ts_to))
+            ranges.setdefault(c, []).append((unit.id_from, unit.id_to))
     assert set(ranges) == {m.condition_id for m in report.work}
     for c, found in ranges.items():
         assert found == [(None, None)] or (len(found) > 1 and tiles(found)), c
@@ -255,7 +262,7 @@ def check_cover(report: plan.MissingReport, units: list, max_tokens: int = plan.
                              st.one_of(st.none(), st.integers(NOW - 900 * DAY, NOW + 90 * DAY))), min_size=1),
     shards=st.integers(1, 16),
 )
-def test_every_missing_market_in_exactly_one_unit_or_tiling_ranges(expected, spans, shards):
+def test_every_missing_market_in_exactly_one_unit_or_tiling_id_ranges(expected, spans, shards):
     markets = [MarketFills(cid(n), (str(2 * n), str(2 * n + 1)), *spans[n % len(spans)], 0.0, e, 0, n)
                for n, e in enumerate(expected)]
     report = plan.MissingReport(NOW, tuple(markets))
@@ -267,15 +274,23 @@ def test_every_missing_market_in_exactly_one_unit_or_tiling_ranges(expected, spa
         assert planned in (0, e or 0)  # a market alone (whole or cut) keeps its exact expected count
 
 
-def test_giant_market_is_cut_into_tiling_time_ranges():
-    report = plan.MissingReport(NOW, (work(1, 5_000_000), *(work(n, 900) for n in range(2, 400))))
+@pytest.mark.parametrize(("start", "end"), [(NOW - 100 * DAY, NOW - DAY), (None, None)])
+def test_giant_market_is_cut_into_equal_tiling_id_ranges(start, end):
+    report = plan.MissingReport(NOW, (work(1, 5_000_000, start=start, end=end), *(work(n, 900) for n in range(2, 400))))
     units = plan.plan_units(report, 8, "g")
-    giant = [u for u in units if u.condition_ids == (cid(1),)]
-    assert len(giant) > 8 and tiles([(u.ts_from, u.ts_to) for u in giant])
+    giant = sorted((u for u in units if u.condition_ids == (cid(1),)), key=lambda u: u.id_from or "")
+    assert len(giant) > 8 and tiles([(u.id_from, u.id_to) for u in giant])
     assert sum(u.expected_fills for u in giant) == 5_000_000
-    inner = sorted(u.ts_from for u in giant if u.ts_from is not None)
-    assert NOW - 100 * DAY < inner[0] and inner[-1] < NOW - DAY
+    assert max(u.expected_fills for u in giant) - min(u.expected_fills for u in giant) <= 1
+    widths = [int(b.id_from, 16) - int(a.id_from or "0x0", 16) for a, b in zip(giant, giant[1:])]
+    assert max(widths) - min(widths) <= 1  # equal shares of the id space
     check_cover(report, units)
+
+
+def test_id_bounds_tile_the_id_space():
+    assert plan.id_bounds(1) == [None, None]
+    assert plan.id_bounds(4) == [None, "0x40000000", "0x80000000", "0xc0000000", None]
+    assert tiles(list(zip(plan.id_bounds(1000), plan.id_bounds(1000)[1:])))
 
 
 def test_plan_is_deterministic_and_independent_of_input_order():

@@ -32,6 +32,7 @@ def seed_run(store, run_id: str = "r") -> dict[int, WorkUnit]:
     """A 3-shard subgraph backfill run: units 1, 3, 7 failed; 2, 4, 6 unfinished; 0, 5, 8 done."""
     units = {u: WorkUnit(run_id=run_id, shard=s, unit_id=u, condition_ids=(f"0x{u:064x}",), token_ids=(str(100 + u),),
                          ts_from=1000 * u if u % 2 else None, ts_to=1000 * u + 500 if u % 2 else None,
+                         id_from=f"0x{u:08x}" if u % 3 else None, id_to=f"0x{u + 1:08x}" if u % 3 == 1 else None,
                          expected_fills=1000 * u, expected_requests=u + 10)
              for s, u, *_ in SEED}
     store.create_run(run_id, 3, list(units.values()), params={"kind": "backfill"}, source="subgraph")
@@ -43,7 +44,8 @@ def seed_run(store, run_id: str = "r") -> dict[int, WorkUnit]:
 
 def work(unit: WorkUnit) -> tuple:
     """What a unit fetches (its identity across runs)."""
-    return unit.condition_ids, unit.token_ids, unit.ts_from, unit.ts_to, unit.expected_fills, unit.expected_requests
+    return (unit.condition_ids, unit.token_ids, unit.ts_from, unit.ts_to, unit.id_from, unit.id_to,
+            unit.expected_fills, unit.expected_requests)
 
 
 def test_rerun_failed_creates_a_run_of_exactly_the_failed_units(store):

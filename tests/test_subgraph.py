@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from clobjob import plan
 from clobjob.config import Settings
 from clobjob.errors import SourceError, TransientSourceError
 from clobjob.models import EXCHANGES, FILL_COLUMNS, Fill, WorkUnit
@@ -123,6 +124,22 @@ def test_time_filters_sit_inside_each_or_branch():
     branch = "id_gt: $after, timestamp_gte: $from, timestamp_lt: $to"
     assert f"{{makerAssetId_in: $tokens, {branch}}}" in query and f"{{takerAssetId_in: $tokens, {branch}}}" in query
     assert "where: {id_gt: $after, timestamp_gte: $from, timestamp_lt: $to}" in fills_query(False, True, True)
+    bounded = fills_query(True, False, False, True)
+    assert "$upto: ID!" in bounded and "{takerAssetId_in: $tokens, id_gt: $after, id_lt: $upto}" in bounded
+    assert "where: {id_gt: $after, id_lt: $upto, timestamp_gte: $from}" in fills_query(False, True, False, True)
+
+
+async def test_id_range_unit_starts_at_id_from_and_stops_before_id_to(canned):
+    source, fake = await canned([(200, fills_body([event(1)]))])
+    await collect(source, unit(id_from="0x40000000", id_to="0x80000000"))
+    await collect(source, unit(id_to="0x40000000"))
+    await collect(source, unit(id_from="0xc0000000"))
+    assert [body["variables"] for _, body in fake.requests] == [
+        {"after": "0x40000000", "upto": "0x80000000", "tokens": [TOKEN]},
+        {"after": "", "upto": "0x40000000", "tokens": [TOKEN]},
+        {"after": "0xc0000000", "tokens": [TOKEN]},
+    ]
+    assert "id_lt" not in fake.requests[2][1]["query"]
 
 
 @pytest.mark.parametrize(
@@ -146,6 +163,13 @@ async def test_missing_collection_is_drift(canned):
     source, _ = await canned([(200, json.dumps({"data": {"orderFilled": []}}).encode())])
     with pytest.raises(SourceError, match="data.orderFilledEvents"):
         await collect(source, unit())
+
+
+async def test_market_entities_drift_names_the_field(canned):
+    source, _ = await canned([(200, json.dumps({"data": {"marketDatas": [
+        {"id": TOKEN, "condition": CONDITION}, {"id": TOKEN, "condition": "not hex"}]}}).encode())])
+    with pytest.raises(SourceError, match=r"marketDatas\[1\]\.condition: condition id 'not hex' is not hex"):
+        await source.market_tokens()
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -312,6 +336,28 @@ async def test_resume_from_a_mid_unit_cursor_yields_exactly_the_rest(sim, datase
         resumed = await collect(source, work, pages[cut].cursor, dataset.token_to_condition)
         assert [r for p in resumed for r in p.rows] == [r for p in pages[cut + 1:] for r in p.rows]
         assert resumed[-1].done
+
+
+async def test_giant_market_split_into_id_ranges_is_recovered_exactly(sim, dataset):
+    tokens_of: dict[str, list[str]] = {}
+    for token, condition in sorted(dataset.token_to_condition.items()):
+        tokens_of.setdefault(condition, []).append(token)
+    giant = max(tokens_of, key=lambda c: sum(map(dataset.trades_quantity, tokens_of[c])))
+    tokens = tuple(tokens_of[giant])
+    bounds = plan.id_bounds(7)
+    units = [unit(tokens, unit_id=i, id_from=lo, id_to=hi) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+    _, source = await sim(SimConfig())
+    pages = [await collect(source, work, conditions=dataset.token_to_condition) for work in units]
+    for work, found in zip(units, pages):
+        ids = [r[0] for p in found for r in p.rows]
+        assert len(found) > 1 and ids
+        assert all((work.id_from is None or work.id_from < i) and (work.id_to is None or i < work.id_to) for i in ids)
+    expected = {k: v for k, v in truth_rows(dataset).items() if v[14] == giant}
+    assert len(expected) > 5 * plan.PAGE_SIZE
+    assert_exact([r for found in pages for p in found for r in p.rows], expected)
+    middle, found = units[3], pages[3]  # a range resumes inside itself
+    resumed = await collect(source, middle, found[0].cursor, dataset.token_to_condition)
+    assert [r for p in resumed for r in p.rows] == [r for p in found[1:] for r in p.rows]
 
 
 async def test_time_window_units(sim, dataset):

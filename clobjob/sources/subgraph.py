@@ -10,7 +10,9 @@ Query shape. A unit's fills are paged with ``orderBy: id, orderDirection: asc, f
 query instead of two cursors (maker side, taker side) halves the requests of every market that fits in
 one page — most of them on a heavy-tailed universe, where requests, not fills, are what the rate limit
 caps — and costs nothing on big markets (same number of full pages). A unit without token ids is a
-time-window unit over every market: ``where: {timestamp_gte, timestamp_lt, id_gt}``.
+time-window unit over every market: ``where: {timestamp_gte, timestamp_lt, id_gt}``. A unit cut from a
+giant market by fill id (``unit.id_from``/``id_to``, see ``clobjob.plan``) starts its cursor at ``id_from``
+and adds ``id_lt: $upto`` (= ``id_to``) to each branch.
 
 Token batches. A unit's tokens are queried ``max_tokens`` at a time. A batch the server cannot run
 (``Store error: database query timed out`` at once, ``Query timed out`` twice in a row, ``query is
@@ -20,8 +22,9 @@ keeps timing out is retried like any transient error.
 Cursor (opaque to everyone else): "" = from the start; otherwise the JSON list of the pending segments
 ``[[lo, hi, after], …]`` — token index range ``unit.token_ids[lo:hi]`` (``[0, 0]`` for a time-window
 unit) still to page after fill id ``after`` (the id exactly as the server returned it, since ``id_gt``
-compares bytes). The first segment is the one in progress; ``[]`` = the unit is done. A cursor thus
-carries pending split halves, and a resumed unit continues exactly where its last page ended.
+compares bytes; a fresh segment starts at the unit's ``id_from``, or ""). The first segment is the one
+in progress; ``[]`` = the unit is done. A cursor thus carries pending split halves, and a resumed unit
+continues exactly where its last page ended.
 
 Rows (``FILL_COLUMNS`` order) are parsed without a model per fill, but strictly: a missing or renamed
 field, a wrong type or a non-numeric BigInt raises ``SourceError`` naming the entity, index and field.
@@ -226,9 +229,13 @@ def fill_rows(events: list[Any], conditions: Mapping[str, str]) -> list[tuple[An
 
 
 @lru_cache(maxsize=None)
-def fills_query(by_tokens: bool, since: bool, until: bool) -> str:
-    """The fills query for a token set (or a time window), with the time filters present."""
+def fills_query(by_tokens: bool, since: bool, until: bool, upto: bool = False) -> str:
+    """The fills query for a token set (or a time window), with the time filters and the id upper bound
+    (``id_lt: $upto``) present."""
     params, common = ["$after: ID!"], ["id_gt: $after"]
+    if upto:
+        params.append("$upto: ID!")
+        common.append("id_lt: $upto")
     if since:
         params.append("$from: BigInt!")
         common.append("timestamp_gte: $from")
@@ -260,11 +267,12 @@ class Segment:
 
 
 def start_segments(unit: WorkUnit, max_tokens: int) -> list[Segment]:
-    """The segments of a unit not started yet: its tokens in batches of ``max_tokens``."""
-    count = len(unit.token_ids)
+    """The segments of a unit not started yet: its tokens in batches of ``max_tokens``, each from ``id_from``
+    (a boundary shorter than any id, so ``id_gt`` on it keeps the ids that start with it)."""
+    count, start = len(unit.token_ids), unit.id_from or ""
     if not count:
-        return [Segment(0, 0)]
-    return [Segment(lo, min(lo + max_tokens, count)) for lo in range(0, count, max_tokens)]
+        return [Segment(0, 0, start)]
+    return [Segment(lo, min(lo + max_tokens, count), start) for lo in range(0, count, max_tokens)]
 
 
 def encode_cursor(segments: Sequence[Segment]) -> str:
@@ -419,12 +427,15 @@ class SubgraphSource:
         if not segments:
             yield Page((), encode_cursor(()), True)
             return
-        query = fills_query(bool(unit.token_ids), unit.ts_from is not None, unit.ts_to is not None)
+        query = fills_query(bool(unit.token_ids), unit.ts_from is not None, unit.ts_to is not None,
+                            unit.id_to is not None)
         base: dict[str, Any] = {}
         if unit.ts_from is not None:
             base["from"] = str(unit.ts_from)
         if unit.ts_to is not None:
             base["to"] = str(unit.ts_to)
+        if unit.id_to is not None:
+            base["upto"] = unit.id_to
         while segments:
             segment = segments[0]
             variables = {**base, "after": segment.after}

@@ -12,8 +12,8 @@ from typing import Any
 from clobjob.models import Checkpoint, Heartbeat, UnitState, WorkUnit, as_utc
 from clobjob.store.database import Database
 
-UNIT_COLUMNS = ("run_id", "shard", "unit_id", "condition_ids", "token_ids", "ts_from", "ts_to",
-                "expected_fills", "expected_requests")
+UNIT_COLUMNS = ("run_id", "shard", "unit_id", "condition_ids", "token_ids", "ts_from", "ts_to", "id_from",
+                "id_to", "expected_fills", "expected_requests")
 PROGRESS_COLUMNS = ("run_id", "shard", "unit_id", "state", "cursor", "fills", "pages", "attempts",
                     "last_error")
 HEARTBEAT_COLUMNS = tuple(Heartbeat.model_fields)

@@ -85,6 +85,8 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 token_ids Array(String),
                 ts_from Nullable(Int64),
                 ts_to Nullable(Int64),
+                id_from Nullable(String),
+                id_to Nullable(String),
                 expected_fills UInt64,
                 expected_requests UInt64
             ) ENGINE = {engine:ReplacingMergeTree}
