@@ -407,7 +407,7 @@ def main() -> None:
         for row in rows:
             print(row.row(rows[0].wall, limit, args.markets))
         print("(clobjob plans from the orderbooks' tradesQuantity: markets with 0 expected fills are not fetched,"
-              " small markets share a query, big ones are cut in ~10-page time ranges; the old scripts query"
+              " small markets share a query, big ones are cut in ~10-page id ranges; the old scripts query"
               " every market and side)\n")
         print("limit changes under the adaptive fetcher (follows in: until its send rate stays within ±20% of "
               "the new limit for 2 s)")
