@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -135,6 +136,7 @@ def main() -> None:
         pages_b = sim.stats()["fill_requests"] - before_b["fill_requests"]
     finally:
         sim.close()
+        shutil.rmtree(root, ignore_errors=True)
 
     print(f"dataset: {ARGS.markets:,} markets (seed {ARGS.seed}), largest market {ARGS.top_fills:,} fills; "
           f"limit {ARGS.limit:g} req/s burst 10; {ARGS.shards} shards")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import random
 import resource
+import shutil
 import tempfile
 import time
 
@@ -66,6 +67,7 @@ def main() -> None:
     for batch in (10_000, 50_000, 100_000, 250_000):
         total, insert_only = measure(rows, batch, f"bench_{batch}", path)
         print(f"{batch:>8,} {total:>24,.0f} {insert_only:>22,.0f}")
+    shutil.rmtree(path, ignore_errors=True)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak_mb:,.0f} MB (includes the {args.rows:,} generated rows held in memory)")
 
