@@ -486,28 +486,17 @@ def test_invariants_hold_under_any_sequence_of_outcomes(ops, min_rps, max_rps, i
 # ---------------------------------------------------------------------------- simulations
 
 
-def test_simulation_single_client_holds_the_limit_with_few_429s():
+@pytest.mark.parametrize("limit, seconds", [(20.0, 300), (100.0, 120)])
+def test_simulation_single_client_holds_the_limit_with_few_429s(limit, seconds):
+    """At 20 req/s and at Goldsky's documented 100 req/s: the controller is not the bottleneck."""
+
     async def main():
         ctl = controller()
-        server = TokenBucketServer(limit=20.0)
+        server = TokenBucketServer(limit=limit)
         tasks = greedy_client(ctl, server, 0)
-        await asyncio.sleep(300)
+        await asyncio.sleep(seconds)
         await stop(tasks)
-        return server.admitted(0, 300) / (20.0 * 300), server.share_429(0, 300)
-
-    utilisation, share_429 = run(main)
-    assert utilisation >= 0.90
-    assert share_429 <= 0.02
-
-
-def test_simulation_at_100_rps_the_controller_is_not_the_bottleneck():
-    async def main():
-        ctl = controller()
-        server = TokenBucketServer(limit=100.0)
-        tasks = greedy_client(ctl, server, 0)
-        await asyncio.sleep(120)
-        await stop(tasks)
-        return server.admitted(0, 120) / (100.0 * 120), server.share_429(0, 120)
+        return server.admitted(0, seconds) / (limit * seconds), server.share_429(0, seconds)
 
     utilisation, share_429 = run(main)
     assert utilisation >= 0.90
