@@ -6,6 +6,7 @@ Identifiers are normalised once, here, at the edge: hex is lower-case with ``0x`
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -67,6 +68,23 @@ def normalize_token_id(value: str | int) -> str:
     if not 0 <= number < 2**256:
         raise BadValue(f"token id {value!r} is outside uint256")
     return str(number)
+
+
+def json_array_items(text: str) -> list[tuple[int, Any]]:
+    """(line, value) of each element of the JSON array in ``text``, read one element at a time so that
+    every element is located by the line it starts on; ``json.JSONDecodeError`` names the line of a fault."""
+    decoder, items = json.JSONDecoder(), []
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            raise json.JSONDecodeError("JSON array is not closed", text, pos)
+        if text[pos] == "]":
+            return items
+        value, end = decoder.raw_decode(text, pos)
+        items.append((text.count("\n", 0, pos) + 1, value))
+        pos = end
 
 
 def as_utc(value: datetime | None) -> datetime | None:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from clobjob.errors import BadInput
-from clobjob.models import BadValue, MarketFills, MarketStatus, WorkUnit, coverage_summary, normalize_condition_id
+from clobjob.models import (BadValue, MarketFills, MarketStatus, WorkUnit, coverage_summary, json_array_items,
+                            normalize_condition_id)
 from clobjob.store import Store
 
 PAGE_SIZE = 1000
@@ -323,20 +324,6 @@ def default_run_id(now: datetime | None = None) -> str:
 # --- custom market lists -------------------------------------------------------------------------
 
 
-def _json_items(text: str) -> list[tuple[int, Any]]:
-    """The items of a JSON array with the line each starts on."""
-    decoder, items = json.JSONDecoder(), []
-    pos = text.index("[") + 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return items
-        value, end = decoder.raw_decode(text, pos)
-        items.append((text.count("\n", 0, pos) + 1, value))
-        pos = end
-
-
 def read_condition_ids(path: str | Path) -> list[str]:
     """Condition ids from a JSON array or one per line (``#`` comments), normalised and deduplicated.
 
@@ -348,7 +335,7 @@ def read_condition_ids(path: str | Path) -> list[str]:
         raise BadInput(f"cannot read market list {path}: {exc.strerror}") from None
     if text.lstrip().startswith("["):
         try:
-            items = _json_items(text)
+            items = json_array_items(text)
         except json.JSONDecodeError as exc:
             raise BadInput(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
     else:

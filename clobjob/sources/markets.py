@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from clobjob.errors import BadInput
-from clobjob.models import BadValue, Market, normalize_condition_id, normalize_token_id
+from clobjob.models import BadValue, Market, json_array_items, normalize_condition_id, normalize_token_id
 
 
 class BadRow(ValueError):
@@ -87,23 +87,11 @@ def market_from_gamma(obj: Any, line: int) -> Market:
 
 def _json_objects(text: str) -> list[tuple[int, Any]]:
     """(line, value) of each element of a JSON array, or of each non-empty line of JSONL."""
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        decoder, found = json.JSONDecoder(), []
-        pos = text.index("[") + 1
-        while True:
-            while pos < len(text) and text[pos] in " \t\r\n,":
-                pos += 1
-            if pos >= len(text):
-                raise BadInput("JSON array is not closed")
-            if text[pos] == "]":
-                return found
-            line = text.count("\n", 0, pos) + 1
-            try:
-                value, pos = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as exc:
-                raise BadInput(f"line {exc.lineno}: invalid JSON: {exc.msg}") from None
-            found.append((line, value))
+    if text.lstrip().startswith("["):
+        try:
+            return json_array_items(text)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"line {exc.lineno}: invalid JSON: {exc.msg}") from None
     rows = []
     for number, raw in enumerate(text.splitlines(), start=1):
         if raw.strip():
