@@ -17,7 +17,6 @@ import tempfile
 import time
 
 from clobjob.config import Settings
-from clobjob.models import FILL_COLUMNS
 from clobjob.store import FillBuffer, open_store
 
 

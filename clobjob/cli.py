@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -13,9 +13,6 @@ from loguru import logger
 from clobjob.config import Settings
 from clobjob.errors import EXIT_BAD_INPUT, BadInput, ClobjobError
 from clobjob.logs import setup_logging
-
-Command = Callable[[argparse.Namespace, Settings], int]
-
 
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings().with_overrides(

@@ -34,3 +34,11 @@ def settings(chdb_dir, tmp_path, monkeypatch) -> Settings:
 def store(settings) -> Store:
     with open_store(settings) as opened:
         yield opened
+
+
+@pytest.fixture
+def plan(store):
+    """A planned run "r" of a scripted source (tests/scripted.py): the rows of each unit."""
+    from tests.scripted import plan_scripted_run
+
+    return plan_scripted_run(store)

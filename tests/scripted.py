@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 
-import pytest
-
 from clobjob.models import FILL_COLUMNS, Market, WorkUnit
 from clobjob.sources.base import Page
 from clobjob.worker import ShardWorker, make_controller
@@ -63,9 +61,8 @@ class ScriptedSource:
         pass
 
 
-@pytest.fixture
-def plan(store, settings):
-    """A run of 2 shards with 3 units each of 0..95 rows."""
+def plan_scripted_run(store) -> dict[int, list[tuple]]:
+    """Plan run "r": 2 shards with 3 units each of 0..95 rows; returns the rows of each unit."""
     rng = random.Random(5)
     units, fills = [], {}
     for unit_id in range(6):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from clobjob.cli import main
 from clobjob.models import EXCHANGES, FILL_COLUMNS
 from clobjob.sim import Dataset, SimConfig, SimServer, export
 

@@ -8,7 +8,7 @@ from clobjob.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SIGTERM
 from clobjob.executors.local import LocalExecutor, in_process_index
 from clobjob.worker import StoreWriter, make_controller
 
-from tests.scripted import ScriptedSource, fast, plan, stored_ids  # noqa: F401 - fixture
+from tests.scripted import ScriptedSource, fast, stored_ids
 
 
 def scripted(codes: dict[int, list[int]], log: list[tuple[int, int]], running: list[int] | None = None):
@@ -45,7 +45,7 @@ async def test_bad_input_fails_the_whole_job():
     assert outcome.indexes[1].runs == 1  # no retry after the job failed
 
 
-async def test_stop_ends_every_index_with_143(store, settings, plan):  # noqa: F811
+async def test_stop_ends_every_index_with_143(store, settings, plan):
     source = ScriptedSource(plan)
     stop = asyncio.Event()
 

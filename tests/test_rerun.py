@@ -18,7 +18,7 @@ from clobjob.sim import Dataset, SimConfig, SimServer
 from clobjob.sources.subgraph import SubgraphIndexingError
 from clobjob.store import open_store
 from clobjob.worker import ShardWorker, make_controller
-from tests.scripted import PAGE, ScriptedSource, fast, plan, stored_ids  # noqa: F401 - fixture
+from tests.scripted import PAGE, ScriptedSource, fast, stored_ids
 
 # (shard, unit id, state of the latest checkpoint (None = never started), cursor, pages)
 SEED = [
@@ -116,7 +116,7 @@ def test_backfill_does_not_resume_a_run_a_rerun_took_over(store):
     assert resumable_run(store) is None  # backfill plans what is still missing instead
 
 
-async def test_rerun_resumes_each_unit_from_its_stored_cursor(store, settings, plan):  # noqa: F811
+async def test_rerun_resumes_each_unit_from_its_stored_cursor(store, settings, plan):
     unit_id = next(u for u, rows in plan.items() if len(rows) > 2 * PAGE)
     source = ScriptedSource(plan)
     source.fail_at[(unit_id, 2)] = [SubgraphIndexingError("indexing_error")]

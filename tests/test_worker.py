@@ -13,7 +13,7 @@ from clobjob.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, SourceE
 from clobjob.models import UnitState
 from clobjob.worker import ShardWorker, make_controller
 
-from tests.scripted import ScriptedSource, fast, plan, stored_ids, worker  # noqa: F401 - fixture
+from tests.scripted import ScriptedSource, fast, stored_ids, worker
 
 async def test_shards_complete_store_everything_and_a_rerun_fetches_nothing(store, settings, plan):
     source = ScriptedSource(plan)
@@ -89,7 +89,7 @@ async def test_unknown_run_or_shard_is_bad_input(store, settings, plan):
         await ShardWorker(s, store, source, make_controller(s), "nope", 0).run()
 
 
-async def test_worker_serves_prometheus_metrics(store, settings, plan):  # noqa: F811
+async def test_worker_serves_prometheus_metrics(store, settings, plan):
     import aiohttp
 
     from clobjob.worker import metrics_server
