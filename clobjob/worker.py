@@ -238,7 +238,8 @@ class ShardWorker:
                     page = await asyncio.wait_for(anext(pages), self.settings.stall_timeout_s)
                     self._advance(progress, page)
                     await self._writer.add(progress, self.pod, page)
-                    if page.done:
+                    done, page = page.done, None  # the buffer has the rows; hold none while the next is fetched
+                    if done:
                         self.counters.units_done += 1
                         log.debug("unit done: {} fills, {} pages", progress.fills, progress.pages)
                         return

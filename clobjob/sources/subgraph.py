@@ -455,7 +455,12 @@ class SubgraphSource:
                 segments.pop(0)
             else:
                 segment.after = _text(events[-1], "id")
-            yield Page(rows, encode_cursor(segments), not segments)
+            # Nothing of this page may stay referenced from this frame while the unit waits for its next
+            # request slot: with hundreds of units parked per process, stale parsed pages were most of the heap.
+            data = events = None
+            page, rows = Page(rows, encode_cursor(segments), not segments), None
+            yield page
+            page = None
 
     # --- markets -----------------------------------------------------------------------------
 

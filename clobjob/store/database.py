@@ -73,8 +73,16 @@ class Database:
     def insert(self, table: str, column_names: Sequence[str], columns: Sequence[Sequence[Any]]) -> None:
         """Insert one columnar block (one list per column) into ``table``."""
         if columns and len(columns[0]):
-            self.client.insert(table, list(columns), database=self.database, column_names=list(column_names),
-                               column_oriented=True, settings=INSERT_SETTINGS)
+            context = self.client.create_insert_context(table, column_names=list(column_names),
+                                                        database=self.database, column_oriented=True,
+                                                        settings=INSERT_SETTINGS, data=list(columns))
+            try:
+                self.client.insert(context=context)
+            finally:
+                # clickhouse-connect's InsertContext sits in a reference cycle and keeps the data (also outside
+                # its ``data`` property): unless it lets go, every inserted block (≈10 MB of Python objects per
+                # 20,000 fills) stays alive until the next full garbage collection.
+                vars(context).clear()
 
     def migrate(self) -> list[int]:
         """Create the database and apply every migration not yet recorded; returns the versions applied."""
