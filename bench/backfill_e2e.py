@@ -2,12 +2,24 @@
 
 Side by side in one run, on the same heavy-tailed dataset (with one 200,000-fill market):
   A. an uninterrupted backfill with 8 shards;
-  B. the same backfill killed with SIGKILL mid-run, then resumed.
+  B. the same backfill killed with SIGKILL mid-run, then resumed;
+  C. A again under tracemalloc, for the Python heap (skip with --no-heap).
 Prints wall time, fills/s, utilisation of the limit (useful pages/s ÷ limit), 429 share, pages fetched twice
-after the kill (B's pages − A's), makespan of the slowest shard ÷ mean shard, and peak RSS of the backfill
-process (sampled from /proc while the giant market is being fetched). Asserts nothing.
+after the kill (B's pages − A's), makespan of the slowest shard ÷ mean shard, and memory. Asserts nothing.
 
-    python bench/backfill_e2e.py [--markets 3000] [--top-fills 200000] [--limit 20] [--shards 8]
+Memory, three figures:
+  * peak RSS of A's process (sampled from /proc every 0.2 s, so while the giant market is being fetched);
+  * the embedded engine's share: RSS of a process that only imports chDB and opens the database (~350 MB of
+    library and start-up state), and what is above it. "Above it" is NOT ours alone: chDB's RSS grows by a
+    further ~100-200 MB while it inserts and merges (malloc retention, not counted by its own MemoryTracking;
+    a pure insert loop with no clobjob code shows it);
+  * the Python heap peak (tracemalloc in run C): what a Kubernetes worker, which talks to a ClickHouse server and
+    has no engine in-process, holds in Python objects. Shown as the traced peak and as the peak above the heap
+    right after the backfill's imports (module code, incl. chDB's pyarrow): the rest is data in flight (pages,
+    row buffers, insert blocks). Tracing slows the process by ~10-30%, so C runs at a little lower throughput
+    than A (its wall time is printed).
+
+    python bench/backfill_e2e.py [--markets 3000] [--top-fills 200000] [--limit 20] [--shards 8] [--no-heap]
 """
 
 from __future__ import annotations
@@ -71,6 +83,22 @@ def engine_baseline_mb(env: dict[str, str]) -> float:
     return int(done.stdout.strip()) / 1024
 
 
+# `clobjob backfill` under tracemalloc. It imports what the backfill will import first and notes the heap then
+# (module code and start-up state), and at exit the traced peak: both in bytes to $CLOBJOB_BENCH_HEAP.
+TRACED_BACKFILL = (
+    "import atexit, os, runpy, sys, tracemalloc\n"
+    "tracemalloc.start()\n"
+    "import aiohttp, chdb, clickhouse_connect, clobjob.cli, clobjob.executors.local, clobjob.monitor\n"
+    "import clobjob.sources.subgraph, clobjob.store, clobjob.worker\n"
+    "modules = tracemalloc.get_traced_memory()[0]\n"
+    "def report():\n"
+    "    with open(os.environ['CLOBJOB_BENCH_HEAP'], 'w') as out:\n"
+    "        out.write(f'{modules} {tracemalloc.get_traced_memory()[1]}')\n"
+    "atexit.register(report)\n"
+    "sys.argv = ['clobjob', *sys.argv[1:]]\n"
+    "runpy.run_module('clobjob', run_name='__main__', alter_sys=True)\n")
+
+
 def shard_makespans(env: dict[str, str]) -> list[float]:
     """Seconds from the run's creation to each shard's last checkpoint."""
     code = ("import json; from clobjob.config import Settings; from clobjob.store import open_store\n"
@@ -83,10 +111,13 @@ def shard_makespans(env: dict[str, str]) -> list[float]:
                                      check=True).stdout)
 
 
-def backfill(env: dict[str, str], shards: int, kill_after_s: float | None = None) -> tuple[float, float]:
-    """Run `clobjob backfill` (optionally SIGKILLed after some seconds); returns (wall s, peak RSS MB)."""
+def backfill(env: dict[str, str], shards: int, kill_after_s: float | None = None,
+             traced: bool = False) -> tuple[float, float]:
+    """Run `clobjob backfill` (optionally SIGKILLed after some seconds, optionally under tracemalloc);
+    returns (wall s, peak RSS MB)."""
     started = time.monotonic()
-    process = subprocess.Popen([sys.executable, "-m", "clobjob", "backfill", "--shards", str(shards)], env=env,
+    command = ["-c", TRACED_BACKFILL] if traced else ["-m", "clobjob"]
+    process = subprocess.Popen([sys.executable, *command, "backfill", "--shards", str(shards)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0.0
 
@@ -134,6 +165,13 @@ def main() -> None:
         killed_at, _ = backfill(env_b, ARGS.shards, kill_after_s=wall * 0.4)
         resumed, _ = backfill(env_b, ARGS.shards)
         pages_b = sim.stats()["fill_requests"] - before_b["fill_requests"]
+
+        heap = None
+        if ARGS.heap:
+            env_c = prepare(root / "c", sim)
+            env_c["CLOBJOB_BENCH_HEAP"] = str(root / "heap")
+            wall_c, _ = backfill(env_c, ARGS.shards, traced=True)
+            module_heap, heap = (int(b) / 2**20 for b in (root / "heap").read_text().split())
     finally:
         sim.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -150,6 +188,9 @@ def main() -> None:
           f"   (per shard s: {', '.join(f'{s:.0f}' for s in spans)})")
     print(f"{'peak RSS of the backfill process':<34}{peak:>10.0f} MB   (embedded engine alone: {baseline:.0f} MB; "
           f"above it: {peak - baseline:.0f} MB)")
+    if heap is not None:
+        print(f"{'Python heap peak (tracemalloc)':<34}{heap:>10.0f} MB   (modules alone: {module_heap:.0f} MB; "
+              f"data in flight: {heap - module_heap:.0f} MB; traced run {wall_c:.0f} s)")
     print(f"{'kill -9 at':<34}{killed_at:>10.1f} s, resumed run {resumed:.1f} s")
     print(f"{'pages fetched twice after the kill':<34}{pages_b - pages:>10,} (of {pages:,})")
 
@@ -161,5 +202,7 @@ if __name__ == "__main__":
     parser.add_argument("--top-fills", type=int, default=200_000)
     parser.add_argument("--limit", type=float, default=20.0)
     parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--no-heap", dest="heap", action="store_false",
+                        help="skip run C (the Python heap under tracemalloc)")
     ARGS = parser.parse_args()
     main()
