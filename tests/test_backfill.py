@@ -133,9 +133,8 @@ def test_kill_9_at_random_moments_then_resume_exact_and_sigterm_checkpoints(tmp_
         time.sleep(3.0)
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-            started = time.monotonic()
-            assert process.wait(timeout=15) == 143, process.stderr.read()[-2000:]
-            assert time.monotonic() - started < 10
+            # the contract is an exit within 10 s (the pod's grace period); a longer wait raises TimeoutExpired
+            assert process.wait(timeout=10) == 143, process.stderr.read()[-2000:]
             found = stored_rows(env)
             assert found["progress"].get("running", 0) + found["progress"].get("done", 0) > 0
 
