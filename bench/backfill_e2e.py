@@ -3,11 +3,13 @@
 Side by side in one run, on the same heavy-tailed dataset (with one 200,000-fill market):
   A. an uninterrupted backfill with 8 shards;
   B. the same backfill killed with SIGKILL mid-run, then resumed;
-  C. A again under tracemalloc, for the Python heap (skip with --no-heap).
+  C. A again under tracemalloc, for the Python heap (skip with --no-heap);
+  D. A with the database served by `clobjob db serve` from its own process, so every shard is a `clobjob worker`
+     process talking HTTP to it: the shape of a pod against a ClickHouse server.
 Prints wall time, fills/s, utilisation of the limit (useful pages/s ÷ limit), 429 share, pages fetched twice
 after the kill (B's pages − A's), makespan of the slowest shard ÷ mean shard, and memory. Asserts nothing.
 
-Memory, three figures:
+Memory, four figures:
   * peak RSS of A's process (sampled from /proc every 0.2 s, so while the giant market is being fetched);
   * the embedded engine's share: RSS of a process that only imports chDB and opens the database (~350 MB of
     library and start-up state), and what is above it. "Above it" is NOT ours alone: chDB's RSS grows by a
@@ -17,7 +19,9 @@ Memory, three figures:
     has no engine in-process, holds in Python objects. Shown as the traced peak and as the peak above the heap
     right after the backfill's imports (module code, incl. chDB's pyarrow): the rest is data in flight (pages,
     row buffers, insert blocks). Tracing slows the process by ~10-30%, so C runs at a little lower throughput
-    than A (its wall time is printed).
+    than A (its wall time is printed);
+  * run D's peak RSS per worker process (sampled like A): the memory a worker pod needs, the figure the
+    < 300 MB target is about. The served engine's process and the executor are printed beside it.
 
     python bench/backfill_e2e.py [--markets 3000] [--top-fills 200000] [--limit 20] [--shards 8] [--no-heap]
 """
@@ -35,6 +39,14 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of ``pid``."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def rss_mb(pid: int) -> float:
@@ -112,9 +124,10 @@ def shard_makespans(env: dict[str, str]) -> list[float]:
 
 
 def backfill(env: dict[str, str], shards: int, kill_after_s: float | None = None,
-             traced: bool = False) -> tuple[float, float]:
+             traced: bool = False, workers: dict[int, float] | None = None) -> tuple[float, float]:
     """Run `clobjob backfill` (optionally SIGKILLed after some seconds, optionally under tracemalloc);
-    returns (wall s, peak RSS MB)."""
+    returns (wall s, peak RSS MB of the backfill process). ``workers`` collects the peak RSS of each child
+    process (the `clobjob worker` processes when the database is a server)."""
     started = time.monotonic()
     command = ["-c", TRACED_BACKFILL] if traced else ["-m", "clobjob"]
     process = subprocess.Popen([sys.executable, *command, "backfill", "--shards", str(shards)], env=env,
@@ -125,6 +138,8 @@ def backfill(env: dict[str, str], shards: int, kill_after_s: float | None = None
         nonlocal peak
         while process.poll() is None:
             peak = max(peak, rss_mb(process.pid))
+            for child in children(process.pid) if workers is not None else ():
+                workers[child] = max(workers.get(child, 0.0), rss_mb(child))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -138,8 +153,33 @@ def backfill(env: dict[str, str], shards: int, kill_after_s: float | None = None
     return time.monotonic() - started, peak
 
 
-def prepare(root: Path, sim: Sim) -> dict[str, str]:
-    env = {**os.environ, "CLOBJOB_CLICKHOUSE_URL": f"chdb://{root / 'db'}", "CLOBJOB_SUBGRAPH_URL": sim.url,
+class ServedDatabase:
+    """`clobjob db serve` in its own process: the embedded engine behind ClickHouse's HTTP interface, so the
+    backfill's workers run as separate processes, as pods against a ClickHouse server. Samples its RSS."""
+
+    def __init__(self, path: Path) -> None:
+        env = {**os.environ, "CLOBJOB_CLICKHOUSE_URL": f"chdb://{path}"}
+        self.process = subprocess.Popen([sys.executable, "-m", "clobjob", "db", "serve", "--port", "0"], env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.url = self.process.stdout.readline().strip()
+        self.peak = 0.0
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _sample(self) -> None:
+        while self.process.poll() is None:
+            self.peak = max(self.peak, rss_mb(self.process.pid))
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self._sampler.join()
+
+
+def prepare(root: Path, sim: Sim, database_url: str | None = None) -> dict[str, str]:
+    env = {**os.environ, "CLOBJOB_CLICKHOUSE_URL": database_url or f"chdb://{root / 'db'}",
+           "CLOBJOB_SUBGRAPH_URL": sim.url,
            "CLOBJOB_HOME": str(root / "home"), "CLOBJOB_LOG_FORMAT": "json"}
     clobjob(env, "markets", "sync")  # the universe from the subgraph itself (marketDatas + orderbooks)
     return env
@@ -166,6 +206,14 @@ def main() -> None:
         resumed, _ = backfill(env_b, ARGS.shards)
         pages_b = sim.stats()["fill_requests"] - before_b["fill_requests"]
 
+        served = ServedDatabase(root / "d" / "db")
+        try:
+            env_d = prepare(root / "d", sim, served.url)
+            workers: dict[int, float] = {}
+            wall_d, executor_d = backfill(env_d, ARGS.shards, workers=workers)
+        finally:
+            served.close()
+
         heap = None
         if ARGS.heap:
             env_c = prepare(root / "c", sim)
@@ -191,6 +239,12 @@ def main() -> None:
     if heap is not None:
         print(f"{'Python heap peak (tracemalloc)':<34}{heap:>10.0f} MB   (modules alone: {module_heap:.0f} MB; "
               f"data in flight: {heap - module_heap:.0f} MB; traced run {wall_c:.0f} s)")
+    print(f"D. workers as processes: the database served by `clobjob db serve` (as pods against a server), "
+          f"wall {wall_d:.1f} s")
+    print(f"{'peak RSS of a worker process':<34}{max(workers.values()):>10.0f} MB   (largest of {len(workers)}; "
+          f"smallest {min(workers.values()):.0f} MB)")
+    print(f"{'peak RSS of the executor process':<34}{executor_d:>10.0f} MB")
+    print(f"{'peak RSS of the served engine':<34}{served.peak:>10.0f} MB")
     print(f"{'kill -9 at':<34}{killed_at:>10.1f} s, resumed run {resumed:.1f} s")
     print(f"{'pages fetched twice after the kill':<34}{pages_b - pages:>10,} (of {pages:,})")
 

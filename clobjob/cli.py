@@ -35,6 +35,15 @@ def cmd_db_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_db_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from clobjob.store.serve import serve
+
+    if not settings.embedded:
+        raise BadInput(f"db serve shares the embedded database; {settings.redacted_dsn()} is already a server")
+    serve(settings.dsn().removeprefix("chdb://"), args.host, args.port)
+    return 0
+
+
 # --- markets -------------------------------------------------------------------------------------
 
 
@@ -467,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = groups.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     db.add_parser("migrate", help="create or upgrade the schema (idempotent)").set_defaults(func=cmd_db_migrate)
+    db_serve = db.add_parser("serve", help="serve the embedded database over ClickHouse's HTTP interface "
+                             "(prints its URL), so separate processes can share it")
+    db_serve.add_argument("--host", default="127.0.0.1")
+    db_serve.add_argument("--port", type=int, default=8123, help="0 = a free port")
+    db_serve.set_defaults(func=cmd_db_serve)
 
     markets = groups.add_parser("markets", help="the market universe").add_subparsers(
         dest="markets_command", required=True

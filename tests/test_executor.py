@@ -28,11 +28,12 @@ def scripted(codes: dict[int, list[int]], log: list[tuple[int, int]], running: l
 
 async def test_failed_index_is_retried_per_index_and_does_not_stop_others():
     log: list[tuple[int, int]] = []
-    codes = {0: [EXIT_FAILED, EXIT_OK], 1: [EXIT_FAILED] * 3, 2: [EXIT_OK], 3: [EXIT_OK]}
+    killed = 128 + 9  # a pod killed by SIGKILL or the OOM killer fails like exit 1
+    codes = {0: [EXIT_FAILED, EXIT_OK], 1: [EXIT_FAILED, killed, EXIT_FAILED], 2: [killed, EXIT_OK], 3: [EXIT_OK]}
     outcome = await LocalExecutor(parallelism=2, backoff_limit_per_index=2, retry_delay_s=0.01).run(
         [0, 1, 2, 3], scripted(codes, log, running=[]), asyncio.Event())
     assert outcome.completed == [0, 2, 3] and outcome.failed == [1]
-    assert outcome.indexes[1].runs == 3 and outcome.indexes[0].runs == 2
+    assert outcome.indexes[1].runs == 3 and outcome.indexes[0].runs == 2 and outcome.indexes[2].runs == 2
     assert outcome.exit_code == EXIT_FAILED
 
 

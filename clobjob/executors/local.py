@@ -1,7 +1,8 @@
 """Run every shard of a run on one machine with the semantics of a Kubernetes Indexed Job.
 
-Each shard is a completion index. At most ``parallelism`` indexes run at once; an index that exits 1
-is retried up to ``backoff_limit_per_index`` times with a doubling delay (``backoffLimitPerIndex``);
+Each shard is a completion index. At most ``parallelism`` indexes run at once; an index that fails — exit 1,
+or killed like a pod by a signal (128 + signal: 137 for SIGKILL or an OOM kill) — is retried up to
+``backoff_limit_per_index`` times with a doubling delay (``backoffLimitPerIndex``);
 a failed index does not stop the others; an index that exits 2 (bad configuration or input) fails the
 whole run at once (``podFailurePolicy`` FailJob); a stop request ends every index after its checkpoint.
 
@@ -89,7 +90,7 @@ class LocalExecutor:
                     if state.exit_code == EXIT_BAD_INPUT:
                         fail_job.set()
                         stop.set()
-                    if state.exit_code != EXIT_FAILED or state.runs > self.backoff_limit_per_index:
+                    if state.exit_code in (EXIT_OK, EXIT_BAD_INPUT) or state.runs > self.backoff_limit_per_index:
                         return
                     delay = self.retry_delay_s * 2 ** (state.runs - 1)
                     logger.bind(shard=shard).warning("index {} failed (run {}); retrying in {:.0f}s",
@@ -139,7 +140,7 @@ def subprocess_index(settings: Settings, run_id: str, stop: asyncio.Event) -> Ru
             process.send_signal(signal.SIGTERM)
         stopper.cancel()
         code = await waiter
-        return EXIT_SIGTERM if code == -signal.SIGTERM else code
+        return 128 - code if code < 0 else code  # killed by a signal: the exit code a pod reports (137, 143)
 
     return run_index
 

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
 
+from clobjob.serving import LocalServer
 from clobjob.sim.data import Dataset
 from clobjob.sim.engine import Engine
 from clobjob.sim.faults import THROTTLE_BODY, Fault, FaultPlan, SimConfig, TokenBucket, retry_after_header
@@ -48,7 +44,7 @@ def _json(payload: Any, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
-class SimServer:
+class SimServer(LocalServer):
     """A simulated Goldsky orderbook-subgraph endpoint on ``host:port`` (port 0 = a free port).
 
     Use ``async with SimServer(ds, cfg) as sim`` in async code or ``with SimServer(ds, cfg).run_in_thread()
@@ -57,13 +53,13 @@ class SimServer:
 
     def __init__(self, ds: Dataset, cfg: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0,
                  path: str = DEFAULT_PATH) -> None:
+        super().__init__(host, port)
         self.cfg = cfg or SimConfig()
-        self.host, self.port, self.path = host, port, path
+        self.path = path
         self._engine = Engine(ds)
         self._limiter = TokenBucket(self.cfg.rate_limit_rps, self.cfg.burst)
         self._faults = FaultPlan(self.cfg.seed)
         self._stats = dict.fromkeys(STAT_KEYS, 0)
-        self._runner: web.AppRunner | None = None
         self._closing: asyncio.Event | None = None
 
     @property
@@ -84,47 +80,19 @@ class SimServer:
         self.cfg = cfg
         return cfg
 
-    async def start(self) -> None:
-        """Bind and serve."""
+    def build_app(self) -> web.Application:
         self._closing = asyncio.Event()
         app = web.Application(client_max_size=64 * 1024**2)
         app.router.add_get("/__stats", self._get_stats)
         app.router.add_post("/__config", self._post_config)
         app.router.add_post("/{tail:.*}", self._graphql)
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
-        self.port = self._runner.addresses[0][1]
+        return app
 
     async def stop(self) -> None:
         """Wake slow/hung handlers and shut down."""
         if self._closing is not None:
             self._closing.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> SimServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        await self.stop()
-
-    @contextmanager
-    def run_in_thread(self) -> Iterator[SimServer]:
-        """Serve from a background thread with its own event loop (for sync code and subprocess tests)."""
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="clobjob-sim", daemon=True)
-        thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self.start(), loop).result()
-            yield self
-        finally:
-            asyncio.run_coroutine_threadsafe(self.stop(), loop).result()
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
+        await super().stop()
 
     def _count(self, key: str, n: int = 1) -> None:
         self._stats[key] += n
@@ -194,18 +162,6 @@ class SimServer:
         return web.Response(status=answer.status, text=text, content_type="application/json")
 
 
-async def _serve_until_signalled(ds: Dataset, cfg: SimConfig, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with SimServer(ds, cfg, host=host, port=port) as sim:
-        print(f"clobjob sim: {len(ds.markets)} markets, {ds.n_fills} fills, seed {cfg.seed}; "
-              f"Ctrl+C to stop", file=sys.stderr, flush=True)
-        print(sim.url, flush=True)
-        await stop.wait()
-
-
 def serve(host: str = "127.0.0.1", port: int = 8787, markets: int = 2000, seed: int = 7,
           top_fills: int | None = None,
           profile: str = "clean", **knobs: Any) -> None:
@@ -215,4 +171,5 @@ def serve(host: str = "127.0.0.1", port: int = 8787, markets: int = 2000, seed: 
     """
     ds = Dataset.generate(markets=markets, seed=seed, top_fills=top_fills)
     cfg = SimConfig.for_profile(profile, seed=seed, **{k: v for k, v in knobs.items() if v is not None})
-    asyncio.run(_serve_until_signalled(ds, cfg, host, port))
+    SimServer(ds, cfg, host=host, port=port).serve_until_signalled(
+        f"clobjob sim: {len(ds.markets)} markets, {ds.n_fills} fills, seed {cfg.seed}")

@@ -1,0 +1,114 @@
+"""`clobjob db serve`: the embedded database over ClickHouse's HTTP interface, so that workers run as separate
+processes exactly as pods talk to a ClickHouse server — and the local executor's subprocess path is tested."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lz4.frame
+import pytest
+from clickhouse_connect.driver.exceptions import DatabaseError
+
+from clobjob.models import FILL_COLUMNS
+from clobjob.sim import Dataset, SimConfig, SimServer, export
+from clobjob.store import open_store
+from clobjob.store.serve import EngineError, EngineServer, decompress, split_statement
+
+from tests.scripted import fill_row
+from tests.truth import expected_rows, run_cli, stored_rows
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_every_frame_of_a_compressed_body_is_decoded():
+    blocks = [os.urandom(3000) for _ in range(3)]  # clickhouse-connect compresses each insert block alone
+    assert decompress(b"".join(lz4.frame.compress(b) for b in blocks), "lz4") == b"".join(blocks)
+    assert decompress(b"".join(gzip.compress(b) for b in blocks), "gzip") == b"".join(blocks)
+    assert decompress(b"plain", "") == b"plain"
+    with pytest.raises(EngineError, match="'snappy'") as bad:
+        decompress(b"x", "snappy")
+    assert bad.value.code == 36
+
+
+def test_statement_and_insert_data_follow_the_http_interface_rule():
+    data = b"\x01\x02\nrest"
+    assert split_statement(b"", b"INSERT INTO t (a) FORMAT Native\n" + data) == (b"INSERT INTO t (a) FORMAT Native",
+                                                                                  data)
+    assert split_statement(b"INSERT INTO t FORMAT Native", data) == (b"INSERT INTO t FORMAT Native", data)
+    assert split_statement(b"SELECT 1", b"+ 2") == (b"SELECT 1\n+ 2", b"")
+    assert split_statement(b"", b"SELECT 'FORMAT' AS x FORMAT JSON") == (b"SELECT 'FORMAT' AS x FORMAT JSON", b"")
+
+
+@pytest.fixture
+def served(chdb_dir, settings):
+    """The session's chDB path served from a thread of this process; settings that reach it over HTTP."""
+    with EngineServer(str(chdb_dir)).run_in_thread() as server:
+        yield server, settings.with_overrides(clickhouse_url=server.url)
+
+
+def test_store_over_the_served_engine_is_exact_across_many_compressed_blocks(served):
+    server, settings = served
+    rows = [fill_row(1, i, token=str(10**70 + i % 7), condition="0x" + "ab" * 32) for i in range(20_000)]
+    amount = FILL_COLUMNS.index("maker_amount_filled")
+    with open_store(settings) as store:
+        store.insert_fill_rows(rows)  # one insert of several ~2 MB Native blocks, each its own lz4 frame
+        assert store.count_fills() == len(rows)
+        stored = dict(store.db.rows("SELECT id, maker_amount_filled FROM {db}.clob_fills"))
+    assert stored == {row[0]: row[amount] for row in rows}  # every amount exact (UInt256 over the wire)
+
+
+def test_engine_errors_reach_the_client_with_their_code(served):
+    server, settings = served
+    with open_store(settings) as store:
+        with pytest.raises(DatabaseError, match="UNKNOWN_TABLE") as refused:
+            store.db.rows("SELECT * FROM {db}.no_such_table")
+        assert refused.value.code == 60
+        assert store.db.scalar("SELECT {x:String}", {"x": "still\tserving"}) == "still\tserving"
+
+
+def test_db_serve_refuses_a_server_url():
+    done = subprocess.run([sys.executable, "-m", "clobjob", "db", "serve"], capture_output=True, text=True,
+                          env={**os.environ, "CLOBJOB_CLICKHOUSE_URL": "http://127.0.0.1:1"}, timeout=60)
+    assert done.returncode == 2 and "already a server" in done.stderr
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The `clobjob worker` processes the executor started."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(pid) for pid in children if b"worker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+@pytest.mark.slow
+def test_workers_as_processes_on_a_served_database_survive_a_killed_worker(served, tmp_path):
+    """The Indexed Job on one machine: one `clobjob worker` process per index over HTTP; a worker killed
+    with SIGKILL mid-run (an OOM kill, a lost node) is retried for its index alone; the data is exact."""
+    server, settings = served
+    dataset = Dataset.generate(markets=1000, seed=21)
+    with SimServer(dataset, SimConfig.for_profile("throttled", seed=21, rate_limit_rps=25.0)).run_in_thread() as sim:
+        env = {**os.environ, "CLOBJOB_CLICKHOUSE_URL": server.url,
+               "CLOBJOB_CLICKHOUSE_DATABASE": settings.clickhouse_database, "CLOBJOB_SUBGRAPH_URL": sim.url,
+               "CLOBJOB_HOME": str(tmp_path / "home"), "CLOBJOB_LOG_FORMAT": "json",
+               "CLOBJOB_FLUSH_INTERVAL_S": "1"}
+        markets_file, _ = export(tmp_path / "export", markets=1000, seed=21)
+        assert run_cli(env, "markets", "load", str(markets_file)).returncode == 0
+        assert run_cli(env, "markets", "sync").returncode == 0
+        backfill = subprocess.Popen([sys.executable, "-m", "clobjob", "backfill", "--shards", "3"], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while len(workers := worker_pids(backfill.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(workers) == 3, "the executor did not start one worker process per index"
+        time.sleep(random.Random(21).uniform(1.5, 3.0))
+        os.kill(workers[0], signal.SIGKILL)
+        out, err = backfill.communicate(timeout=180)
+        assert backfill.returncode == 0, err[-3000:]
+        assert "failed (run 1); retrying" in err  # the killed index ran again
+    found = stored_rows(env)
+    assert found["dups"] == 0 and found["rows"] == expected_rows(dataset)
