@@ -63,9 +63,12 @@ def decompress(body: bytes, encoding: str) -> bytes:
 
         frame = lz4.frame.LZ4FrameDecompressor
     elif encoding == "zstd":
-        import zstandard
+        try:
+            from compression import zstd  # Python 3.14
+        except ImportError:
+            from backports import zstd  # what clickhouse-connect installs before 3.14
 
-        frame = zstandard.ZstdDecompressor().decompressobj
+        frame = zstd.ZstdDecompressor
     else:
         raise EngineError(f"Code: 36. DB::Exception: Unknown Content-Encoding {encoding!r}. (BAD_ARGUMENTS)")
     decoded, rest = bytearray(), body
