@@ -40,6 +40,8 @@ def cmd_db_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     if not settings.embedded:
         raise BadInput(f"db serve shares the embedded database; {settings.redacted_dsn()} is already a server")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("db serve has no authentication: on {} the database is open to that network", args.host)
     serve(settings.dsn().removeprefix("chdb://"), args.host, args.port)
     return 0
 
