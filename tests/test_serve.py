@@ -43,11 +43,12 @@ def test_plain_and_unknown_encodings():
 
 def test_statement_and_insert_data_follow_the_http_interface_rule():
     data = b"\x01\x02\nrest"
-    assert split_statement(b"", b"INSERT INTO t (a) FORMAT Native\n" + data) == (b"INSERT INTO t (a) FORMAT Native",
+    assert split_statement(b"", b"INSERT INTO t (a) FORMAT Native\n" + data) == ("INSERT INTO t (a) FORMAT Native",
                                                                                   data)
-    assert split_statement(b"INSERT INTO t FORMAT Native", data) == (b"INSERT INTO t FORMAT Native", data)
-    assert split_statement(b"SELECT 1", b"+ 2") == (b"SELECT 1\n+ 2", b"")
-    assert split_statement(b"", b"SELECT 'FORMAT' AS x FORMAT JSON") == (b"SELECT 'FORMAT' AS x FORMAT JSON", b"")
+    assert split_statement(b"INSERT INTO t FORMAT Native", data) == ("INSERT INTO t FORMAT Native", data)
+    assert split_statement(b"SELECT 1", b"+ 2") == ("SELECT 1\n+ 2", b"")
+    assert split_statement(b"SELECT 1", b"") == ("SELECT 1", b"")
+    assert split_statement(b"", b"SELECT 'FORMAT' AS x FORMAT JSON") == ("SELECT 'FORMAT' AS x FORMAT JSON", b"")
 
 
 @pytest.fixture

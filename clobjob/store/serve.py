@@ -22,6 +22,7 @@ import tempfile
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+
 from aiohttp import web
 
 from clobjob.serving import LocalServer
@@ -33,7 +34,7 @@ TRANSPORT_PARAMS = frozenset({
     "http_headers_progress_interval_ms", "user", "password", "quota_key", "compress", "decompress",
     "buffer_size", "http_response_buffer_size", "cancel_http_readonly_queries_on_client_close",
 })
-_FORMAT = re.compile(rb"\bFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
+_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*$", re.IGNORECASE)
 _INSERT_HEAD = re.compile(rb"\A\s*INSERT\s.*?\bFORMAT\s+\w+[ \t]*\r?\n?", re.IGNORECASE | re.DOTALL)
 _SETTING_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
 _CODE = re.compile(r"Code: (\d+)\.")
@@ -79,14 +80,17 @@ def decompress(body: bytes, encoding: str) -> bytes:
     return bytes(decoded)
 
 
-def split_statement(query: bytes, body: bytes) -> tuple[bytes, bytes]:
+def split_statement(query: bytes, body: bytes) -> tuple[str, bytes | memoryview]:
     """(statement, insert data) of a request, by the HTTP interface's rule: the query is the ``query``
-    parameter followed by the body; an ``INSERT … FORMAT X`` statement's data starts after its first line."""
-    text = query + (b"\n" + body if query and body else body)
+    parameter followed by the body; an ``INSERT … FORMAT X`` statement's data starts after its first line.
+    The data is a view of the body, not a copy (insert bodies are megabytes)."""
+    if query and body and _INSERT_HEAD.match(query + b"\n"):  # the statement in the URL, the data in the body
+        return query.strip().decode(), body
+    text = query + b"\n" + body if query and body else query or body
     head = _INSERT_HEAD.match(text)
     if head is None:
-        return text, b""
-    return head.group(0).rstrip(), text[head.end():]
+        return text.decode(), b""
+    return head.group(0).rstrip().decode(), memoryview(text)[head.end():]
 
 
 def _quote(value: str) -> str:
@@ -107,14 +111,14 @@ class Engine:
         self._settings: dict[str, str] = {}
         self.timezone = self._run_now("SELECT timezone()", "", b"", {}, {}, "TabSeparated")[0].decode().strip()
 
-    async def run(self, statement: bytes, database: str, data: bytes, params: dict[str, str],
+    async def run(self, statement: str, database: str, data: bytes | memoryview, params: dict[str, str],
                   settings: dict[str, str], fmt: str) -> tuple[bytes, dict[str, str]]:
         """Run one statement on the engine thread; returns (result bytes in ``fmt``, summary)."""
         return await asyncio.get_running_loop().run_in_executor(
-            self._thread, self._run_now, statement.decode(), database, data, params, settings, fmt)
+            self._thread, self._run_now, statement, database, data, params, settings, fmt)
 
-    def _run_now(self, sql: str, database: str, data: bytes, params: dict[str, str], settings: dict[str, str],
-                 fmt: str) -> tuple[bytes, dict[str, str]]:
+    def _run_now(self, sql: str, database: str, data: bytes | memoryview, params: dict[str, str],
+                 settings: dict[str, str], fmt: str) -> tuple[bytes, dict[str, str]]:
         for name in settings:
             if not _SETTING_NAME.match(name):
                 raise EngineError(f"Code: 115. DB::Exception: Unknown setting {name!r}. (UNKNOWN_SETTING)")
@@ -142,13 +146,12 @@ class Engine:
                 self._conn.query(f"SET {name} = {_quote(value)}", "TabSeparated")
                 self._settings[name] = value
 
-    def _insert(self, sql: str, data: bytes, params: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    def _insert(self, sql: str, data: bytes | memoryview, params: dict[str, str]) -> tuple[bytes, dict[str, str]]:
         """``INSERT … FORMAT X`` with its data: chDB reads the data from a file (``FROM INFILE``)."""
         with tempfile.NamedTemporaryFile(prefix="clobjob-insert-", dir=self.path) as block:
             block.write(data)
             block.flush()
-            statement = _FORMAT.sub(lambda m: f"FROM INFILE {_quote(block.name)} FORMAT {m.group(1).decode()}"
-                                    .encode(), sql.encode(), count=1).decode()
+            statement = _FORMAT.sub(lambda m: f"FROM INFILE {_quote(block.name)} FORMAT {m.group(1)}", sql, count=1)
             result = self._conn.query(statement, "TabSeparated", params=params)
             return b"", {"written_rows": str(result.rows_written()), "written_bytes": str(len(data))}
 
@@ -163,11 +166,9 @@ class EngineServer(LocalServer):
 
     def __init__(self, path: str, host: str = "127.0.0.1", port: int = 0) -> None:
         super().__init__(host, port)
-        self.path = path
-        self.engine: Engine | None = None
+        self.engine = Engine(path)
 
     def build_app(self) -> web.Application:
-        self.engine = self.engine or Engine(self.path)
         app = web.Application(client_max_size=1024**3)
         app.router.add_get("/ping", self._ping)
         app.router.add_route("*", "/", self._query)
@@ -176,9 +177,7 @@ class EngineServer(LocalServer):
     async def stop(self) -> None:
         """Stop serving and release the database path."""
         await super().stop()
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        self.engine.close()
 
     async def _ping(self, _request: web.Request) -> web.Response:
         return web.Response(text="Ok.\n")
@@ -197,10 +196,9 @@ class EngineServer(LocalServer):
             if not statement.strip():
                 return web.Response(text="Ok.\n")
             named = _FORMAT.search(statement)
-            fmt = named.group(1).decode() if named else fields.get("default_format", "TabSeparated")
+            fmt = named.group(1) if named else fields.get("default_format", "TabSeparated")
             params = {k.removeprefix("param_"): v for k, v in fields.items() if k.startswith("param_")}
             settings = {k: v for k, v in fields.items() if k not in TRANSPORT_PARAMS and not k.startswith("param_")}
-            assert self.engine is not None
             result, summary = await self.engine.run(statement, fields.get("database", ""), data, params,
                                                     settings, fmt)
         except EngineError as exc:
