@@ -133,8 +133,9 @@ def chart_job(run_id: str = RUN, name: str = JOB, *, shards: int = 8, status: di
     }
 
 
-def pod(job: str, index: int, attempt: int, phase: str, exit_code: int | None = None, reason: str = "") -> dict:
-    """A pod of an Indexed Job as the API server lists it."""
+def pod(job: str, index: int, attempt: int, phase: str, exit_code: int | None = None, reason: str = "", *,
+        index_label: bool = True) -> dict:
+    """A pod of an Indexed Job as the API server lists it (without the index label before Kubernetes 1.28)."""
     state = ({"terminated": {"exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0 else "Error"),
                              "startedAt": "2026-12-01T10:00:05Z", "finishedAt": "2026-12-01T10:20:00Z"}}
              if exit_code is not None else {"running": {"startedAt": "2026-12-01T10:00:05Z"}})
@@ -143,7 +144,7 @@ def pod(job: str, index: int, attempt: int, phase: str, exit_code: int | None = 
         "metadata": {"name": f"{job}-{index}-{attempt:05x}", "namespace": NS,
                      "creationTimestamp": f"2026-12-01T10:{attempt:02d}:00Z",
                      "labels": {"job-name": job, "batch.kubernetes.io/job-name": job,
-                                "batch.kubernetes.io/job-completion-index": str(index)},
+                                **({"batch.kubernetes.io/job-completion-index": str(index)} if index_label else {})},
                      "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
         "spec": {"containers": [{"name": "worker", "image": "ghcr.io/example/clobjob:0.1.0"}]},
         "status": {"phase": phase, "containerStatuses": [{
@@ -314,7 +315,7 @@ async def test_status_with_partly_failed_indexes(k8s, executor):
     k8s.objects[JOBS, NS, JOB] = chart_job(shards=5, status=status)
     k8s.objects[JOBS, NS, "polymarket-clobjob-worker-2"] = chart_job(f"{RELEASE}-2", "polymarket-clobjob-worker-2")
     pods = [pod(JOB, 0, 1, "Succeeded", 0), pod(JOB, 1, 1, "Failed", 1), pod(JOB, 1, 2, "Failed", 137, "OOMKilled"),
-            pod(JOB, 1, 3, "Failed", 1), pod(JOB, 2, 1, "Succeeded", 0), pod(JOB, 3, 1, "Succeeded", 0),
+            pod(JOB, 1, 3, "Failed", 1), pod(JOB, 2, 1, "Succeeded", 0), pod(JOB, 3, 1, "Succeeded", 0, index_label=False),
             pod(JOB, 4, 4, "Running"), pod("polymarket-clobjob-worker-2", 4, 1, "Failed", 2)]
     for p in pods:
         k8s.objects[PODS, NS, p["metadata"]["name"]] = p
