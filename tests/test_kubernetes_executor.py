@@ -11,6 +11,8 @@ import asyncio
 import copy
 import json
 import re
+import subprocess
+import sys
 
 import kmock
 import kubernetes_validate
@@ -467,3 +469,13 @@ def test_logs_commands_for_one_shard_and_for_all():
     assert kubectl_logs(NS, JOB, 3) == (f"kubectl logs -n {NS} -l job-name={JOB},"
                                         "batch.kubernetes.io/job-completion-index=3")
     assert kubectl_logs(NS, JOB, shards=8) == f"kubectl logs -n {NS} -l job-name={JOB} --prefix --max-log-requests=8"
+
+
+def test_the_module_imports_without_the_kubernetes_client():
+    code = ("import sys; sys.modules['kubernetes'] = None; import clobjob.executors.kubernetes as k; "
+            "print(k.parse_indexes('0,2-3'))\n"
+            "try:\n    k.KubernetesExecutor()\nexcept k.KubernetesNotConfigured as exc:\n    print(exc)")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    needs = "the Kubernetes executor needs the kubernetes client: pip install 'clobjob[kubernetes]'"
+    assert done.stdout.splitlines() == ["(0, 2, 3)", needs]
