@@ -143,7 +143,7 @@ class PodView:
     @classmethod
     def from_api(cls, pod: dict[str, Any]) -> PodView:
         meta, status = pod.get("metadata", {}), pod.get("status", {})
-        raw = meta.get("labels", {}).get(INDEX_KEY, meta.get("annotations", {}).get(INDEX_KEY))
+        raw = (meta.get("labels") or {}).get(INDEX_KEY, (meta.get("annotations") or {}).get(INDEX_KEY))
         containers = status.get("containerStatuses") or []
         worker = next((c for c in containers if c.get("name") == WORKER_CONTAINER), containers[0] if containers else {})
         ended = (worker.get("state") or {}).get("terminated") or {}
@@ -182,8 +182,8 @@ class JobView:
             raise KubernetesRefused(f"{where}: unreadable status: {exc}") from None
         return cls(
             name=meta.get("name", ""), namespace=meta.get("namespace", ""),
-            run_id=meta.get("labels", {}).get(RUN_ID_LABEL, ""),
-            parent_run_id=meta.get("annotations", {}).get(PARENT_ANNOTATION),
+            run_id=(meta.get("labels") or {}).get(RUN_ID_LABEL, ""),
+            parent_run_id=(meta.get("annotations") or {}).get(PARENT_ANNOTATION),
             completions=spec.get("completions") or 1, parallelism=spec.get("parallelism") or 1,
             completed_indexes=completed, failed_indexes=failed,
             active=status.get("active") or 0, ready=status.get("ready") or 0,
