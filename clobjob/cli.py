@@ -75,7 +75,7 @@ def cmd_markets_sync(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     def show() -> str | None:
-        status = monitor.current_status(settings, args.run_id)
+        status = launch.status(settings, args.run_id, on=args.on)
         if args.json:
             print(json.dumps(status, indent=None if args.watch else 2), flush=True)
         else:
@@ -196,7 +196,7 @@ def _shard_list(text: str) -> list[int]:
 
 def cmd_rerun(args: argparse.Namespace, settings: Settings) -> int:
     return launch.rerun_run(_with_source_flags(args, settings), run_id=args.run_id, failed_only=args.failed,
-                            shards=args.shards, new_shards=args.new_shards, parallelism=args.parallelism)
+                            shards=args.shards, new_shards=args.new_shards, parallelism=args.parallelism, on=args.on)
 
 
 # --- simulator and demo --------------------------------------------------------------------------
@@ -222,6 +222,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                        fresh=args.fresh)
 
 
+EXECUTORS = ("auto", "local", "kubernetes")
 DESCRIPTION = ("Backfill Polymarket CLOB order fills into ClickHouse: completely, at the highest rate the source "
                "allows, resumable after any stop, on one machine or sharded across a Kubernetes Indexed Job.")
 FAULT_FLAGS = ("p_5xx", "p_graphql_timeout", "p_overloaded", "p_store_timeout_in", "p_empty_body", "p_truncated",
@@ -264,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="the stable JSON schema (clobjob/monitor.py)")
     status.add_argument("--watch", type=float, metavar="SECONDS",
                         help="redraw every SECONDS; exit 0 when the run is done, 1 when it failed, 130 on Ctrl+C")
+    status.add_argument("--on", choices=EXECUTORS, default="auto",
+                        help="show the run's Kubernetes Job beside ClickHouse: auto (default: when in a pod or a kube "
+                             "config exists), kubernetes, or local (never)")
     status.set_defaults(func=cmd_status)
     verify = groups.add_parser("verify", help="readiness for P&L; exit 0 only when ready")
     verify.add_argument("--json", action="store_true", help="every criterion as JSON")
@@ -312,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     rerun.add_argument("--parallelism", type=int, help="shards running at once (default: all)")
     rerun.add_argument("--subgraph-url", help="override CLOBJOB_SUBGRAPH_URL")
     rerun.add_argument("--max-rps", type=float, help="hard ceiling on requests/s (adaptive below it)")
+    rerun.add_argument("--on", choices=EXECUTORS, default="auto",
+                       help="where to run it: local, or kubernetes (a new Indexed Job copied from the run's Job); "
+                            "auto (default) = kubernetes inside a pod, else local")
     rerun.set_defaults(func=cmd_rerun)
 
     demo = groups.add_parser("demo", help="backfill a simulated subgraph into the embedded database, end to end")

@@ -20,7 +20,8 @@ from loguru import logger
 
 from clobjob import monitor, plan, rerun
 from clobjob.config import Settings
-from clobjob.errors import BadInput
+from clobjob.errors import BadInput, ClobjobError
+from clobjob.executors import kubernetes
 from clobjob.executors.base import JobOutcome
 from clobjob.executors.local import LocalExecutor
 from clobjob.models import Run, RunKind, RunParams, RunState, WorkUnit
@@ -173,8 +174,9 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
 
 
 def rerun_run(settings: Settings, *, run_id: str, failed_only: bool, shards: list[int] | None,
-              new_shards: int | None, parallelism: int | None, say: Say = _say) -> int:
-    """Make a new run of ``run_id``'s failed (or unfinished) units and run it locally."""
+              new_shards: int | None, parallelism: int | None, on: str = "auto", say: Say = _say) -> int:
+    """Make a new run of ``run_id``'s failed (or unfinished) units and run it: locally, or on Kubernetes
+    (``on``; ``auto`` = Kubernetes inside a pod) as a new Indexed Job copied from the run's own Job."""
     with open_store(settings) as store:
         state = monitor.run_status(store, run_id, coverage=False,
                                    heartbeat_interval_s=settings.heartbeat_interval_s)["state"]
@@ -191,7 +193,42 @@ def rerun_run(settings: Settings, *, run_id: str, failed_only: bool, shards: lis
         assert run is not None
         say(f"rerun {new_id} of {run_id}: {len(units):,} unit(s) over {run.shards} shard(s), each resuming from "
             "its stored cursor")
+        if _on_kubernetes(on):
+            return _launch_on_kubernetes(run, rerun.lineage(store, run), parallelism or run.shards, say)
         return _run_and_report(settings, store, run, parallelism, say)
+
+
+def _on_kubernetes(on: str) -> bool:
+    return on == "kubernetes" or (on == "auto" and kubernetes.in_a_cluster())
+
+
+def _launch_on_kubernetes(run: Run, lineage: list[str], parallelism: int, say: Say) -> int:
+    """Start ``run`` as an Indexed Job copied from its lineage's Job; the Job runs on after this returns."""
+    executor = kubernetes.KubernetesExecutor()
+    asyncio.run(executor.launch(run, parallelism=parallelism, stop=asyncio.Event(), lineage=lineage))
+    view = executor.job_status(run.run_id)
+    name = view.name if view else "?"
+    say(f"launched Job {executor.namespace}/{name}: {run.shards} shard(s), parallelism {parallelism}\n"
+        f"watch it: clobjob status --run-id {run.run_id} --watch 10\n"
+        f"logs of shard N: {kubernetes.kubectl_logs(executor.namespace, name, 0).replace('=0', '=N')}\n"
+        f"all shards: {kubernetes.kubectl_logs(executor.namespace, name, shards=run.shards)}")
+    return 0
+
+
+def status(settings: Settings, run_id: str | None, *, on: str = "auto") -> dict[str, Any]:
+    """``monitor.current_status`` of a run, with its Kubernetes Job beside it (``job``: null when the run has
+    no Job or no cluster is configured; ``{"error": …}`` when the cluster cannot be read)."""
+    found = monitor.current_status(settings, run_id)
+    found["job"] = None
+    wanted = on == "kubernetes" or (on == "auto" and (kubernetes.in_a_cluster() or kubernetes.kube_config_present()))
+    if found["run_id"] is not None and wanted:
+        try:
+            view = kubernetes.KubernetesExecutor().job_status(found["run_id"])
+        except ClobjobError as exc:
+            found["job"] = {"error": str(exc)}
+        else:
+            found["job"] = kubernetes.job_summary(view) if view is not None else None
+    return found
 
 
 def _run_and_report(settings: Settings, store: Store, run: Run, parallelism: int | None, say: Say) -> int:

@@ -69,3 +69,13 @@ def plan_rerun(store: Store, run_id: str, new_run_id: str, *, failed_only: bool 
                      units)
     store.save_checkpoints(carried)
     return units
+
+
+def lineage(store: Store, run: Run) -> list[str]:
+    """The runs ``run`` descends from: its parent first, then the parent's parent, up to the original run."""
+    chain, parent = [], run.parent_run_id
+    while parent and parent not in chain:
+        chain.append(parent)
+        found = store.run(parent)
+        parent = found.parent_run_id if found else ""
+    return chain

@@ -479,3 +479,52 @@ def test_the_module_imports_without_the_kubernetes_client():
     assert done.returncode == 0, done.stderr
     needs = "the Kubernetes executor needs the kubernetes client: pip install 'clobjob[kubernetes]'"
     assert done.stdout.splitlines() == ["(0, 2, 3)", needs]
+
+
+# -- clobjob rerun and status on Kubernetes -------------------------------------------------------------------------
+
+
+def kube_config(k8s, tmp_path, monkeypatch) -> None:
+    path = tmp_path / "kubeconfig"
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kind",
+        "clusters": [{"name": "kind", "cluster": {"server": str(k8s.url).rstrip("/")}}],
+        "users": [{"name": "me", "user": {"token": "t0ken"}}],
+        "contexts": [{"name": "kind", "context": {"cluster": "kind", "user": "me", "namespace": NS}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+
+
+async def test_rerun_of_failed_shards_launches_a_job_and_status_shows_it_beside_clickhouse(
+        k8s, store, settings, tmp_path, monkeypatch):
+    from clobjob import launch, monitor
+    from clobjob.models import Checkpoint, Run, RunKind, RunParams, UnitState, WorkUnit
+
+    units = [WorkUnit(run_id=RUN, unit_id=u, shard=u % 2, token_ids=(str(100 + u),), expected_requests=2)
+             for u in range(4)]
+    store.create_run(Run(run_id=RUN, shards=2, source="subgraph", params=RunParams(kind=RunKind.PLAN)), units)
+    store.save_checkpoints([Checkpoint(run_id=RUN, shard=u.shard, unit_id=u.unit_id,
+                                       state=UnitState.FAILED if u.shard == 1 else UnitState.DONE,
+                                       cursor="", last_error="TransientSourceError: HTTP 503") for u in units])
+    k8s.objects[JOBS, NS, JOB] = chart_job(shards=2, status={"completedIndexes": "0", "failedIndexes": "1",
+                                                              "failed": 3, "succeeded": 1})
+    k8s.objects[PODS, NS, f"{JOB}-1-a"] = pod(JOB, 1, 1, "Failed", 1)
+    kube_config(k8s, tmp_path, monkeypatch)
+    said: list[str] = []
+
+    code = await asyncio.to_thread(launch.rerun_run, settings, run_id=RUN, failed_only=True, shards=None,
+                                   new_shards=None, parallelism=None, on="kubernetes", say=said.append)
+    assert code == 0
+    (created,) = [body for body in sent(k8s) if body["kind"] == "Job"]
+    assert created["metadata"]["labels"]["clobjob.io/run-id"] == f"{RUN}-r1"
+    assert created["spec"]["completions"] == 1
+    assert created["spec"]["template"]["spec"]["containers"][0]["args"] == ["worker", "--run-id", f"{RUN}-r1"]
+    assert store.run(f"{RUN}-r1").parent_run_id == RUN
+    assert any(f"kubectl logs -n {NS} -l job-name={created['metadata']['name']}" in line for line in said)
+
+    status = await asyncio.to_thread(launch.status, settings, RUN, on="kubernetes")
+    assert status["state"] == "failed" and status["job"]["name"] == JOB and tuple(status["job"]["failed_indexes"]) == (1,)
+    shown = monitor.render_status(status)
+    assert f"logs of shard 1: kubectl logs -n {NS} -l job-name={JOB},batch.kubernetes.io/job-completion-index=1" \
+        in shown
+    json.dumps(status)  # the --json output stays JSON

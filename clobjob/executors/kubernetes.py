@@ -21,7 +21,9 @@ namespace and object; 429, 5xx and connection errors are retried with full-jitte
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from clobjob.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, ClobjobError
-from clobjob.executors.local import IndexOutcome, JobOutcome
+from clobjob.executors.base import IndexOutcome, JobOutcome
+from clobjob.models import Run
 
 NAME_LABEL = "app.kubernetes.io/name"
 COMPONENT_LABEL = "app.kubernetes.io/component"
@@ -177,7 +180,8 @@ class JobView:
         meta, spec, status = job.get("metadata", {}), job.get("spec", {}), job.get("status") or {}
         where = f"Job {meta.get('namespace')}/{meta.get('name')}"
         try:
-            completed, failed = parse_indexes(status.get("completedIndexes")), parse_indexes(status.get("failedIndexes"))
+            completed = parse_indexes(status.get("completedIndexes"))
+            failed = parse_indexes(status.get("failedIndexes"))
         except ValueError as exc:
             raise KubernetesRefused(f"{where}: unreadable status: {exc}") from None
         return cls(
@@ -204,7 +208,7 @@ class JobView:
 
     @property
     def failure_reason(self) -> str | None:
-        """Why the Job failed (PodFailurePolicy, BackoffLimitExceeded, MaxFailedIndexesExceeded…), None if it did not."""
+        """Why the Job failed (PodFailurePolicy, BackoffLimitExceeded, MaxFailedIndexesExceeded…), or None."""
         failed = self.condition("Failed") or self.condition("FailureTarget")
         return (failed.reason or "Failed") if failed else None
 
@@ -389,6 +393,36 @@ class KubernetesExecutor:
     def logs_command(self, job_name: str, index: int | None = None, shards: int = 5) -> str:
         """``kubectl logs`` for one shard of a Job of this namespace, or for all ``shards`` of it."""
         return kubectl_logs(self.namespace, job_name, index, shards=shards)
+
+    async def launch(self, run: Run, *, parallelism: int, stop: asyncio.Event,
+                     lineage: Sequence[str] = ()) -> JobOutcome:
+        """Start rerun ``run``'s Job (its ``lineage``: parent run first) and return its outcome so far; a run's
+        first Job is the chart's (``helm install`` / ``helm upgrade``). ``stop`` is not needed: the Job runs on."""
+        if not run.parent_run_id or not lineage:
+            raise BadInput(f"run {run.run_id}: on Kubernetes a run's first Job comes from the chart "
+                           "(helm install / helm upgrade); clobjob launches reruns")
+        view = await asyncio.to_thread(self.launch_rerun, run.run_id, lineage, shards=run.shards,
+                                       parallelism=parallelism)
+        return view.outcome()
+
+
+def in_a_cluster() -> bool:
+    """Whether this process runs in a Kubernetes pod."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def kube_config_present() -> bool:
+    """Whether a kube config is there to reach a cluster from outside it."""
+    path = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+    return any(Path(p).is_file() for p in path.split(os.pathsep) if p)
+
+
+def job_summary(view: JobView) -> dict[str, Any]:
+    """A Job's status as JSON-ready data, with the ``kubectl logs`` command of every shard whose index failed or
+    whose newest pod failed (for ``clobjob status``)."""
+    failing = sorted(set(view.failed_indexes) | {i for i, phase in view.phases.items() if phase == "Failed"})
+    return {**dataclasses.asdict(view), "failure_reason": view.failure_reason, "finished": view.finished,
+            "logs": {str(i): view.logs_command(i) for i in failing}, "logs_all": view.logs_command()}
 
 
 def rerun_job(source: dict[str, Any], source_run_id: str, run_id: str, parent_run_id: str, *, shards: int,

@@ -13,6 +13,10 @@ Status JSON (``run_status``), ``schema_version`` 2; every key is always present:
   and (now − 7 d, now] (null with ``coverage=False``).
 - ``aggregate``: ``units_done, units_failed, units_total, fills, expected_fills, rps, share_429,
   remaining_requests, eta_s``.
+- ``job`` (``clobjob status`` only): the run's Kubernetes Job beside ClickHouse — name, namespace,
+  completions, parallelism, completed/failed indexes, pod counts, conditions, pods, ``failure_reason``,
+  ``finished``, ``logs`` (the ``kubectl logs`` command per failed shard) and ``logs_all``; null when the run has
+  no Job or no cluster is configured, ``{"error": …}`` when the cluster cannot be read.
 - ``shards``: one object per shard (``models.ShardStatus``): ``shard, state, units_done, units_failed,
   units_total, fills, expected_fills, rps, share_429, remaining_requests, heartbeat_age_s, eta_s,
   last_error, pod``.
@@ -207,9 +211,28 @@ def render_status(status: Mapping[str, Any]) -> str:
             lines.append(f"{s['shard']:>5} {s['state']:<8} {units:>19} {s['fills']:>11,} {s['expected_fills']:>11,} "
                          f"{s['rps']:>6.1f} {pct(s['share_429']):>7} {render_duration(s['eta_s']):>8} "
                          f"{render_duration(s['heartbeat_age_s']):>7}  {s['pod'][:16]:<16} {s['last_error'][:60]}")
+    lines += render_job(status.get("job"))
     return "\n".join(line.rstrip() for line in lines)
 
 
+
+
+def render_job(job: Mapping[str, Any] | None) -> list[str]:
+    """The lines of a run's Kubernetes Job (``job`` of ``clobjob status``), none when it has no Job."""
+    if not job:
+        return []
+    if "error" in job:
+        return ["", f"kubernetes: cannot read the Job: {job['error']}"]
+    done = ",".join(map(str, job["completed_indexes"])) or "-"
+    failed = ",".join(map(str, job["failed_indexes"])) or "-"
+    state = "finished" if job["finished"] else "active"
+    reason = f" ({job['failure_reason']})" if job["failure_reason"] else ""
+    lines = ["", f"job      {job['namespace']}/{job['name']} · {state}{reason} · completions {job['completions']} · "
+             f"parallelism {job['parallelism']} · completed {done} · failed {failed} · pods active {job['active']}, "
+             f"failed {job['failed']}"]
+    lines += [f"  logs of shard {index}: {command}" for index, command in job["logs"].items()]
+    lines.append(f"  logs of all shards: {job['logs_all']}")
+    return lines
 
 
 def render_progress(status: Mapping[str, Any], width: int = 24) -> str:
