@@ -67,6 +67,7 @@ class SimConfig(BaseModel):
     gamma_rate_limit_rps: float | None = Field(None, gt=0, description="Gamma API token-bucket rate per client IP")
     gamma_burst: int = Field(10, ge=1)
     gamma_bad_rows: list[int] = Field([], description="Gamma markets (positions in the dataset) served malformed")
+    gamma_keyset: bool = Field(True, description="serve Gamma's /markets/keyset (False: 404, offset paging only)")
 
     @model_validator(mode="after")
     def _probabilities_sum(self) -> SimConfig:

@@ -175,6 +175,9 @@ class SimServer(LocalServer):
         if (throttled := self._throttled(self._gamma_limiter, request, GAMMA_THROTTLE_BODY)) is not None:
             self._count("gamma_throttled_429")
             return throttled
+        if request.path == KEYSET_PATH and not self.cfg.gamma_keyset:
+            self._count("gamma_errors")
+            raise web.HTTPNotFound()
         listing = self._gamma.answer(request.path, request.query, self.cfg.gamma_bad_rows)
         await self._serve_time(listing.rows)
         self._count("gamma_ok" if listing.status == 200 else "gamma_errors")
