@@ -576,8 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fresh", action="store_true", help="drop the demo database first")
     demo.set_defaults(func=cmd_demo)
 
-    sim = groups.add_parser("sim", help="the local simulator of the Goldsky orderbook subgraph and Gamma").add_subparsers(
-        dest="sim_command", required=True)
+    sim = groups.add_parser("sim", help="the local simulator of the Goldsky orderbook subgraph and of Gamma")
+    sim = sim.add_subparsers(dest="sim_command", required=True)
     serve = sim.add_parser("serve", help="serve a simulated subgraph and Gamma /markets until Ctrl+C "
                                             "(prints the subgraph URL; Gamma is at its root)")
     serve.add_argument("--host", default="127.0.0.1")

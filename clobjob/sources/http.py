@@ -92,7 +92,7 @@ class RateControlledHttp:
                                                   **kwargs) as response:
                     body = await response.read()
                     status, headers = response.status, response.headers
-            except asyncio.TimeoutError:  # no answer: the permit is lost (the window shrinks)
+            except TimeoutError:  # no answer: the permit is lost (the window shrinks)
                 raise Retry(f"timed out after {timeout_s:.3g}s") from None
             except aiohttp.ClientError as exc:
                 raise Retry(f"{type(exc).__name__}: {exc}") from None
