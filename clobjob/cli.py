@@ -203,14 +203,14 @@ def cmd_rerun(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_sim_serve(args: argparse.Namespace, settings: Settings) -> int:
-    sim.serve(args.host, args.port, args.markets, args.seed, top_fills=args.top_fills, profile=args.profile,
-              rate_limit_rps=args.rate_limit, burst=args.burst, retry_after=args.retry_after or None,
-              **{name: getattr(args, name) for name in FAULT_FLAGS})
+    sim.serve(args.host, args.port, args.profile, **_dataset_options(args), rate_limit_rps=args.rate_limit,
+              burst=args.burst, retry_after=args.retry_after or None, gamma_rate_limit_rps=args.gamma_rate_limit,
+              gamma_burst=args.gamma_burst, **{name: getattr(args, name) for name in FAULT_FLAGS + LATENCY_FLAGS})
     return 0
 
 
 def cmd_sim_export(args: argparse.Namespace, settings: Settings) -> int:
-    markets, truth = sim.export(args.out, markets=args.markets, seed=args.seed)
+    markets, truth = sim.export(args.out, **_dataset_options(args))
     print(f"wrote {markets} and {truth}")
     return 0
 
@@ -227,6 +227,19 @@ DESCRIPTION = ("Backfill Polymarket CLOB order fills into ClickHouse: completely
                "allows, resumable after any stop, on one machine or sharded across a Kubernetes Indexed Job.")
 FAULT_FLAGS = ("p_5xx", "p_graphql_timeout", "p_overloaded", "p_store_timeout_in", "p_empty_body", "p_truncated",
                "p_slow", "p_hang")
+LATENCY_FLAGS = ("latency_base_s", "latency_per_row_ms", "latency_jitter")
+
+
+def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``DatasetOptions`` (one definition for ``sim serve`` and ``sim export``)."""
+    for name, info in sim.DatasetOptions.model_fields.items():
+        shown = "none" if info.default is None else info.default
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=info.default, metavar="N",
+                            help=f"{info.description} (default {shown})")
+
+
+def _dataset_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in sim.DatasetOptions.model_fields}
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -329,25 +342,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fresh", action="store_true", help="drop the demo database first")
     demo.set_defaults(func=cmd_demo)
 
-    sim = groups.add_parser("sim", help="the local simulator of the Goldsky orderbook subgraph").add_subparsers(
-        dest="sim_command", required=True)
-    serve = sim.add_parser("serve", help="serve a simulated subgraph until Ctrl+C (prints its URL)")
+    sim = groups.add_parser("sim", help="the local simulator of the Goldsky orderbook subgraph and of Gamma")
+    sim = sim.add_subparsers(dest="sim_command", required=True)
+    serve = sim.add_parser("serve", help="serve a simulated subgraph and Gamma /markets until Ctrl+C "
+                                            "(prints the subgraph URL; Gamma is at its root)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8787)
-    serve.add_argument("--markets", type=int, default=2000)
-    serve.add_argument("--seed", type=int, default=7)
-    serve.add_argument("--top-fills", type=int, metavar="N", help="make the largest market exactly N fills")
-    serve.add_argument("--profile", choices=["clean", "throttled", "hostile"], default="clean")
+    _add_dataset_flags(serve)
+    serve.add_argument("--profile", choices=["clean", "throttled", "hostile", "realistic"], default="clean",
+                       help="limits, faults and service time (default clean); flags below override it")
     serve.add_argument("--rate-limit", type=float, metavar="RPS", help="token bucket rate per client IP")
     serve.add_argument("--burst", type=int, help="token bucket size")
     serve.add_argument("--retry-after", action="store_true", help="send Retry-After with 429s")
     for name in FAULT_FLAGS:
         serve.add_argument("--" + name.replace("_", "-"), type=float, metavar="P", help=f"probability of {name[2:]}")
+    serve.add_argument("--latency-base-s", type=float, metavar="S",
+                       help="service time of every answer, seconds (default 0; realistic 0.25)")
+    serve.add_argument("--latency-per-row-ms", type=float, metavar="MS",
+                       help="added service time per row answered, ms (default 0; realistic 0.6)")
+    serve.add_argument("--latency-jitter", type=float, metavar="SHARE",
+                       help="service time varies uniformly by ± this share, seeded (default 0; realistic 0.2)")
+    serve.add_argument("--gamma-rate-limit", type=float, metavar="RPS",
+                       help="Gamma /markets token bucket rate per client IP (default none; realistic 10)")
+    serve.add_argument("--gamma-burst", type=int, help="Gamma token bucket size (default 10)")
     serve.set_defaults(func=cmd_sim_serve)
-    export = sim.add_parser("export", help="write markets.jsonl (Gamma shape) and truth.jsonl for a seed")
+    export = sim.add_parser("export", help="write markets.jsonl (Gamma shape) and truth.jsonl of the dataset "
+                                           "`sim serve` serves with the same flags")
     export.add_argument("--out", required=True, metavar="DIR")
-    export.add_argument("--markets", type=int, default=2000)
-    export.add_argument("--seed", type=int, default=7)
+    _add_dataset_flags(export)
     export.set_defaults(func=cmd_sim_export)
 
     return parser

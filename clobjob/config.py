@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     subgraph_url: str = GOLDSKY_ORDERBOOK_URL
     subgraph_api_key: SecretStr | None = None
     rpc_url: SecretStr | None = None
+    gamma_url: str = Field("https://gamma-api.polymarket.com", description="Polymarket Gamma API base URL")
 
     max_rps: float | None = Field(None, gt=0, description="hard ceiling on requests/s (adaptive below it)")
     initial_rps: float = Field(5.0, gt=0)
