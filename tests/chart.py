@@ -17,6 +17,9 @@ from typing import Any
 import helm_python as helm
 import kubernetes_validate
 import yaml
+from aiohttp import web
+
+from clobjob.store.serve import EngineServer
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "clobjob"
@@ -86,6 +89,33 @@ def image_entrypoint() -> list[str]:
     """The Dockerfile's ENTRYPOINT (exec form), which a container's args follow."""
     found = re.findall(r"^ENTRYPOINT\s+(\[.*\])\s*$", (ROOT / "Dockerfile").read_text(), re.M)
     return json.loads(found[-1])
+
+
+class GuardedEngineServer(EngineServer):
+    """`db serve` behind a user and password, as a ClickHouse server is: wrong or missing credentials get
+    ClickHouse's AUTHENTICATION_FAILED (code 516), so a misnamed password variable fails."""
+
+    def __init__(self, path: str, user: str, password: str) -> None:
+        super().__init__(path)
+        self.credentials = (user, password)
+
+    def build_app(self) -> web.Application:
+        app = super().build_app()
+
+        @web.middleware
+        async def authenticate(request: web.Request, handler):
+            header = request.headers.get("Authorization", "")
+            given = (tuple(base64.b64decode(header.removeprefix("Basic ")).decode().split(":", 1))
+                     if header.startswith("Basic ") else
+                     (request.headers.get("X-ClickHouse-User", "default"), request.headers.get("X-ClickHouse-Key", "")))
+            if request.path != "/ping" and given != self.credentials:
+                return web.Response(status=516, headers={"X-ClickHouse-Exception-Code": "516"},
+                                    text=f"Code: 516. DB::Exception: {given[0]}: Authentication failed. "
+                                         "(AUTHENTICATION_FAILED)\n")
+            return await handler(request)
+
+        app.middlewares.append(authenticate)
+        return app
 
 
 # --- the kubelet, locally ----------------------------------------------------------------------------------
@@ -242,6 +272,13 @@ def job_pod(job: dict[str, Any], index: int | None = None, attempt: int = 0) -> 
         env["JOB_COMPLETION_INDEX"] = str(index)
         pod_name = f"{name}-{index}-{attempt:05x}"
     return Pod(template["spec"], pod_name, job["metadata"].get("namespace", "data"), labels, annotations, env)
+
+
+def pod_of(obj: dict[str, Any]) -> Pod:
+    """A Pod object (the helm test pod, a `kubectl run` pod) as it runs."""
+    meta = obj["metadata"]
+    return Pod(obj["spec"], meta["name"], meta.get("namespace", "data"), dict(meta.get("labels", {})),
+               dict(meta.get("annotations", {})))
 
 
 def fails_job(job: dict[str, Any], container: str, exit_code: int) -> bool:
