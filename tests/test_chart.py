@@ -89,7 +89,7 @@ def test_worker_job_is_the_indexed_job_the_executor_and_worker_rely_on():
     assert spec["ttlSecondsAfterFinished"] > 0
     assert spec["podFailurePolicy"]["rules"] == [
         {"action": "FailJob", "onExitCodes": {"containerName": "worker", "operator": "In", "values": [2]}},
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
     labels = {"app.kubernetes.io/name": "clobjob", "app.kubernetes.io/instance": "bf",
               "app.kubernetes.io/component": "worker", "app.kubernetes.io/managed-by": "Helm",
               "helm.sh/chart": "clobjob-0.1.0", "clobjob.io/run-id": "bf-3"}

@@ -272,6 +272,7 @@ podFailurePolicy:
     - action: Ignore
       onPodConditions:
         - type: DisruptionTarget
+          status: "True"
 {{- end }}
 
 {{/* A one-off clobjob pod for `kubectl run --overrides`: the workers' image, settings and hardening, and
