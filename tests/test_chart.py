@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -259,6 +260,28 @@ def test_kustomize_output_validates(path):
     validate(objs)
     kinds = sorted(o["kind"] for o in objs)
     assert kinds == sorted(["ConfigMap", "Job", "Job", "Role", "RoleBinding", "Secret", "ServiceAccount"])
+
+
+def test_kustomize_base_is_what_the_chart_renders():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_k8s.py"), "--check"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_example_overlay_keeps_plan_and_workers_in_step():
+    objs = kustomize("k8s/overlays/example")
+    plan = next(o for o in objs if o["kind"] == "Job" and o["metadata"]["name"] == "clobjob-plan")
+    worker = next(o for o in objs if o["kind"] == "Job" and o["metadata"]["name"] == "clobjob-worker-1")
+    assert worker["spec"]["suspend"] is True  # no hooks: started once the plan completed
+    assert container(plan, "plan")["args"] == ["plan", "--shards", "16", "--run-id", "clobjob-1"]
+    assert (worker["spec"]["completions"], worker["spec"]["parallelism"]) == (16, 8)
+    assert container(worker, "worker")["args"] == ["worker", "--run-id", "clobjob-1"]
+    for c in (container(plan, "universe"), container(plan, "plan"), container(worker, "worker")):
+        assert secret_refs(c) == {"CLOBJOB_CLICKHOUSE_URL": ("clobjob", "clickhouse-url"),
+                                  "CLOBJOB_CLICKHOUSE_PASSWORD": ("clickhouse", "password")}
+        assert c["envFrom"] == [{"configMapRef": {"name": "clobjob"}}]
+    binding = next(o for o in objs if o["kind"] == "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "clobjob", "namespace": "clobjob"}]
 
 
 def test_kustomize_objects_match_the_chart():
