@@ -56,8 +56,9 @@ def without_helm(obj: dict[str, Any]) -> dict[str, Any]:
             for source in container.get("envFrom", []):
                 source["configMapRef"]["name"] = NAME
             for var in container.get("env", []):
-                if "secretKeyRef" in var.get("valueFrom", {}) and var["valueFrom"]["secretKeyRef"]["name"].startswith(NAME):
-                    var["valueFrom"]["secretKeyRef"]["name"] = NAME
+                ref = var.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["name"].startswith(NAME):
+                    ref["name"] = NAME
         if obj["metadata"]["labels"]["app.kubernetes.io/component"] == "worker":
             obj["spec"] = {"suspend": True, **obj["spec"]}
     return obj

@@ -87,7 +87,7 @@ def existing_after_install(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def image_entrypoint() -> list[str]:
     """The Dockerfile's ENTRYPOINT (exec form), which a container's args follow."""
-    found = re.findall(r"^ENTRYPOINT\s+(\[.*\])\s*$", (ROOT / "Dockerfile").read_text(), re.M)
+    found = re.findall(r"^ENTRYPOINT\s+(\[.*\])\s*$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
     return json.loads(found[-1])
 
 

@@ -12,15 +12,15 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import helm_python as helm
 import pytest
 import yaml
 
 from clobjob.sim import Dataset, SimConfig, SimServer
-from tests.chart import (CHART, ROOT, GuardedEngineServer, Kubelet, existing_after_install, existing_before, fails_job, image_entrypoint,
-                         job_pod, kubectl_run_pods, notes, objects, one, pod_of, render, validate)
+
+from tests.chart import (CHART, ROOT, GuardedEngineServer, Kubelet, existing_after_install, existing_before, fails_job,
+                         image_entrypoint, job_pod, kubectl_run_pods, notes, objects, one, pod_of, render, validate)
 from tests.truth import expected_rows, stored_rows
 
 pytestmark = pytest.mark.timeout(240)
@@ -139,11 +139,11 @@ def test_secrets_come_by_reference_and_never_sit_in_the_configmap():
 def test_existing_secrets_are_referenced_and_no_chart_secret_is_made():
     objs = rendered(OVERRIDES["existing secrets"])
     assert not [o for o in objs if o["kind"] == "Secret"]
-    for job in (one(objs, "Job", "worker"), one(objs, "Job", "plan")):
-        for c in job["spec"]["template"]["spec"].get("initContainers", []) + job["spec"]["template"]["spec"]["containers"]:
-            assert secret_refs(c) == {"CLOBJOB_CLICKHOUSE_URL": ("ch", "dsn"), "CLOBJOB_CLICKHOUSE_PASSWORD": ("ch", "pw"),
-                                      "CLOBJOB_SUBGRAPH_API_KEY": ("goldsky", "token"),
-                                      "CLOBJOB_RPC_URL": ("alchemy", "url")}
+    plan, worker = one(objs, "Job", "plan"), one(objs, "Job", "worker")
+    for c in (container(plan, "universe"), container(plan, "plan"), container(worker, "worker")):
+        assert secret_refs(c) == {"CLOBJOB_CLICKHOUSE_URL": ("ch", "dsn"), "CLOBJOB_CLICKHOUSE_PASSWORD": ("ch", "pw"),
+                                  "CLOBJOB_SUBGRAPH_API_KEY": ("goldsky", "token"),
+                                  "CLOBJOB_RPC_URL": ("alchemy", "url")}
 
 
 def test_plan_hook_runs_one_clobjob_command_per_container_with_its_files_mounted():
@@ -154,10 +154,12 @@ def test_plan_hook_runs_one_clobjob_command_per_container_with_its_files_mounted
     assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"]
     universe, main = container(plan, "universe"), container(plan, "plan")
     assert universe["args"] == ["markets", "load", "/etc/clobjob/universe/markets.jsonl"]
-    assert main["args"] == ["plan", "--shards", "8", "--run-id", "bf-2", "--markets", "/etc/clobjob/targets/markets.txt"]
+    assert main["args"] == ["plan", "--shards", "8", "--run-id", "bf-2",
+                            "--markets", "/etc/clobjob/targets/markets.txt"]
     # everything the hook uses exists before it: hooks of lower weight
     before = {(o["kind"], o["metadata"]["name"]) for o in existing_before(objs, plan)}
-    assert {("ConfigMap", "bf-clobjob-plan"), ("Secret", "bf-clobjob-plan"), ("ConfigMap", "bf-clobjob-plan-files")} <= before
+    assert {("ConfigMap", "bf-clobjob-plan"), ("Secret", "bf-clobjob-plan"),
+            ("ConfigMap", "bf-clobjob-plan-files")} <= before
     files = next(o for o in objs if o["metadata"]["name"] == "bf-clobjob-plan-files")["data"]
     assert files == {"markets.jsonl": '{"conditionId": "0x1"}\n', "markets.txt": "0x" + "ab" * 32 + "\n"}
     assert container(one(rendered(OVERRIDES["gamma universe"]), "Job", "plan"), "universe")["args"] == [
@@ -287,7 +289,7 @@ def test_example_overlay_keeps_plan_and_workers_in_step():
 def test_kustomize_objects_match_the_chart():
     """The same worker pod as the chart renders (names aside): one source of behaviour for both installs."""
     objs = kustomize("k8s/overlays/example")
-    worker = next(o for o in objs if o["kind"] == "Job" and o["metadata"]["labels"]["app.kubernetes.io/component"] == "worker")
+    worker = next(o for o in objs if o["kind"] == "Job" and o["metadata"]["name"] == "clobjob-worker-1")
     chart = one(rendered(CH, release="clobjob", revision=1), "Job", "worker")
     for key in ("completionMode", "podReplacementPolicy", "podFailurePolicy"):
         assert worker["spec"][key] == chart["spec"][key]
@@ -313,8 +315,8 @@ def test_the_rendered_chart_runs_the_product(chdb_dir, tmp_path):
     password = "pw-" + uuid.uuid4().hex[:8]
     with GuardedEngineServer(str(chdb_dir), "clobjob", password).run_in_thread() as engine, \
             SimServer(dataset, SimConfig(seed=14, rate_limit_rps=40.0, burst=10)).run_in_thread() as sim:
-        values = {"shards": 4, "parallelism": 2, "universe": {"source": "subgraph"},
-                  "clickhouse": {"url": engine.url.replace("//", "//clobjob@"), "password": password, "database": database},
+        clickhouse = {"url": engine.url.replace("//", "//clobjob@"), "password": password, "database": database}
+        values = {"shards": 4, "parallelism": 2, "universe": {"source": "subgraph"}, "clickhouse": clickhouse,
                   "subgraph": {"url": sim.url}, "settings": {"FLUSH_INTERVAL_S": "0.5", "HEARTBEAT_INTERVAL_S": "1"}}
         manifests = render(values, release="bf", revision=1)
         objs = objects(manifests)
@@ -333,11 +335,11 @@ def test_the_rendered_chart_runs_the_product(chdb_dir, tmp_path):
 
         (test_pod,) = [o for o in objs if o["kind"] == "Pod"]
         assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
-        (name, code, output), = kubelet.run_pod(pod_of(test_pod))
+        (_, code, output), = kubelet.run_pod(pod_of(test_pod))
         assert code == 0, output
 
         for pod_name, pod in kubectl_run_pods(notes(manifests)):
-            (name, code, output), = kubelet.run_pod(pod_of(pod))
+            (_, code, output), = kubelet.run_pod(pod_of(pod))
             assert code == 0, (pod_name, output)
             assert password not in output
             if pod_name.endswith("-status"):

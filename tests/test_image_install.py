@@ -36,12 +36,12 @@ def test_install_script_builds_a_working_core_install_in_a_fresh_venv(tmp_path):
 
 
 def test_the_dockerfile_runs_the_install_script_and_the_console_script_as_user_10001():
-    stages = re.findall(r"^FROM\s+(\S+)", DOCKERFILE, re.M)
+    stages = re.findall(r"^FROM\s+(\S+)", DOCKERFILE, re.MULTILINE)
     assert len(stages) == 2 and all("slim" in s or s == "${PYTHON_IMAGE}" for s in stages)
-    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.\d+-slim$", DOCKERFILE, re.M)
-    assert re.search(r"^RUN clobjob-install /src /opt/clobjob", DOCKERFILE, re.M)
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.\d+-slim$", DOCKERFILE, re.MULTILINE)
+    assert re.search(r"^RUN clobjob-install /src /opt/clobjob", DOCKERFILE, re.MULTILINE)
     assert "COPY docker/install.sh" in DOCKERFILE and "COPY --from=build /opt/clobjob /opt/clobjob" in DOCKERFILE
-    assert re.findall(r"^USER\s+(\S+)", DOCKERFILE, re.M)[-1] == "10001:10001"
+    assert re.findall(r"^USER\s+(\S+)", DOCKERFILE, re.MULTILINE)[-1] == "10001:10001"
     assert image_entrypoint() == ["clobjob"]
     assert "[embedded]" not in DOCKERFILE
     for label in ("title", "description", "version"):
@@ -49,6 +49,6 @@ def test_the_dockerfile_runs_the_install_script_and_the_console_script_as_user_1
 
 
 def test_dockerignore_sends_only_what_the_build_copies():
-    copied = set(re.findall(r"^COPY (?!--from)(\S+)", DOCKERFILE, re.M) + ["README.md"])
+    copied = set(re.findall(r"^COPY (?!--from)(\S+)", DOCKERFILE, re.MULTILINE) + ["README.md"])
     allowed = {line.strip("!/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
     assert copied == allowed
