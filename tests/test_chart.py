@@ -17,7 +17,9 @@ import helm_python as helm
 import pytest
 import yaml
 
+from clobjob.config import Settings
 from clobjob.sim import Dataset, SimConfig, SimServer
+from clobjob.store import open_store
 
 from tests.chart import (CHART, ROOT, GuardedEngineServer, Kubelet, existing_after_install, existing_before, fails_job,
                          image_entrypoint, job_pod, kubectl_run_pods, notes, objects, one, pod_of, render, validate)
@@ -330,8 +332,13 @@ def test_the_rendered_chart_runs_the_product(chdb_dir, tmp_path):
 
         kubelet = Kubelet(existing_after_install(objs), tmp_path, entrypoint)
         job = one(objs, "Job", "worker")
-        killed = run_indexed_job(kubelet, job, victim=1)
-        assert killed == 1
+        reader = Settings(clickhouse_url=engine.url.replace("//", f"//clobjob:{password}@"),
+                          clickhouse_database=database)
+        with open_store(reader, migrate=False) as store:
+            def checkpointed(shard: int) -> int:
+                return store.db.scalar("SELECT sum(fills) FROM {db}.backfill_progress FINAL "
+                                       "WHERE run_id = 'bf-1' AND shard = {shard:UInt32}", {"shard": shard})
+            assert run_indexed_job(kubelet, job, victim=1, checkpointed=checkpointed) == 1
 
         (test_pod,) = [o for o in objs if o["kind"] == "Pod"]
         assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
@@ -352,10 +359,11 @@ def test_the_rendered_chart_runs_the_product(chdb_dir, tmp_path):
     assert found["dups"] == 0 and found["rows"] == expected_rows(dataset)
 
 
-def run_indexed_job(kubelet: Kubelet, job: dict, victim: int) -> int:
+def run_indexed_job(kubelet: Kubelet, job: dict, victim: int, checkpointed) -> int:
     """The Job controller for an Indexed Job: every index to completion, at most `parallelism` pods at once, a
     failed pod replaced until `backoffLimitPerIndex`; a podFailurePolicy FailJob exit fails the test. The pod
-    of index ``victim`` is SIGKILLed once while it runs. Returns how many pods were killed."""
+    of index ``victim`` is SIGKILLed once, mid-run: after its first checkpoint (``checkpointed(shard)`` > 0
+    fills), before it exits. Returns how many pods were killed."""
     spec = job["spec"]
     killed = 0
 
@@ -366,7 +374,8 @@ def run_indexed_job(kubelet: Kubelet, job: dict, victim: int) -> int:
             (worker,) = pod.spec["containers"]
             process = kubelet.start(pod, worker, stdout=subprocess.DEVNULL)
             if index == victim and attempt == 0:
-                time.sleep(1.5)
+                while process.poll() is None and not checkpointed(index):
+                    time.sleep(0.05)
                 assert process.poll() is None, "the victim finished before it could be killed: slow the simulator"
                 process.send_signal(signal.SIGKILL)
                 killed += 1
