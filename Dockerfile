@@ -21,8 +21,8 @@ LABEL org.opencontainers.image.title="clobjob" \
       org.opencontainers.image.description="Backfill Polymarket CLOB order fills into ClickHouse, one Indexed-Job pod per shard" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.base.name="${PYTHON_IMAGE}"
-RUN groupadd --system --gid 10001 clobjob \
- && useradd --system --uid 10001 --gid 10001 --home-dir /tmp/clobjob --no-create-home --shell /usr/sbin/nologin clobjob
+RUN groupadd --gid 10001 clobjob \
+ && useradd --uid 10001 --gid 10001 --home-dir /tmp/clobjob --no-create-home --shell /usr/sbin/nologin clobjob
 COPY --from=build /opt/clobjob /opt/clobjob
 ENV PATH=/opt/clobjob/bin:$PATH \
     PYTHONUNBUFFERED=1 \

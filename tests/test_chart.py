@@ -21,8 +21,9 @@ from clobjob.config import Settings
 from clobjob.sim import Dataset, SimConfig, SimServer
 from clobjob.store import open_store
 
-from tests.chart import (CHART, ROOT, GuardedEngineServer, Kubelet, existing_after_install, existing_before, fails_job,
-                         image_entrypoint, job_pod, kubectl_run_pods, notes, objects, one, pod_of, render, validate)
+from tests.chart import (CHART, KUBE_VERSIONS, ROOT, GuardedEngineServer, Kubelet, existing_after_install,
+                         existing_before, fails_job, image_entrypoint, job_pod, kubectl_run_pods, notes, objects, one,
+                         pod_of, render, validate)
 from tests.truth import expected_rows, stored_rows
 
 pytestmark = pytest.mark.timeout(240)
@@ -69,8 +70,9 @@ def secret_refs(c):
 @pytest.mark.parametrize("case", list(OVERRIDES))
 def test_renders_lints_strict_and_validates_for_every_claimed_kubernetes(case):
     values = OVERRIDES[case]
-    report = helm.lint(CHART, values, strict=True)
-    assert not report["errors"] and all(m["severity"] < 2 for m in report["messages"]), report
+    for version in KUBE_VERSIONS:
+        report = helm.lint(CHART, values, strict=True, kube_version=f"v{version}.0")
+        assert not report["errors"] and all(m["severity"] < 2 for m in report["messages"]), report
     objs = rendered(values)
     validate(objs)
     assert len({(o["kind"], o["metadata"]["name"]) for o in objs}) == len(objs)
@@ -328,6 +330,7 @@ def test_the_rendered_chart_runs_the_product(chdb_dir, tmp_path):
         hook_kubelet = Kubelet(existing_before(objs, plan), tmp_path, entrypoint)
         results = hook_kubelet.run_pod(job_pod(plan))
         assert [(name, code) for name, code, _ in results] == [("universe", 0), ("plan", 0)], results
+        assert not [name for name, _, output in results if password in output]
         assert "run bf-1: " in results[-1][2]
 
         kubelet = Kubelet(existing_after_install(objs), tmp_path, entrypoint)
@@ -338,12 +341,12 @@ def test_the_rendered_chart_runs_the_product(chdb_dir, tmp_path):
             def checkpointed(shard: int) -> int:
                 return store.db.scalar("SELECT sum(fills) FROM {db}.backfill_progress FINAL "
                                        "WHERE run_id = 'bf-1' AND shard = {shard:UInt32}", {"shard": shard})
-            assert run_indexed_job(kubelet, job, victim=1, checkpointed=checkpointed) == 1
+            assert run_indexed_job(kubelet, job, victim=1, checkpointed=checkpointed, secret=password) == 1
 
         (test_pod,) = [o for o in objs if o["kind"] == "Pod"]
         assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
         (_, code, output), = kubelet.run_pod(pod_of(test_pod))
-        assert code == 0, output
+        assert code == 0 and password not in output, output
 
         for pod_name, pod in kubectl_run_pods(notes(manifests)):
             (_, code, output), = kubelet.run_pod(pod_of(pod))
@@ -359,11 +362,11 @@ def test_the_rendered_chart_runs_the_product(chdb_dir, tmp_path):
     assert found["dups"] == 0 and found["rows"] == expected_rows(dataset)
 
 
-def run_indexed_job(kubelet: Kubelet, job: dict, victim: int, checkpointed) -> int:
+def run_indexed_job(kubelet: Kubelet, job: dict, victim: int, checkpointed, secret: str) -> int:
     """The Job controller for an Indexed Job: every index to completion, at most `parallelism` pods at once, a
     failed pod replaced until `backoffLimitPerIndex`; a podFailurePolicy FailJob exit fails the test. The pod
     of index ``victim`` is SIGKILLed once, mid-run: after its first checkpoint (``checkpointed(shard)`` > 0
-    fills), before it exits. Returns how many pods were killed."""
+    fills), before it exits. No pod's output holds ``secret``. Returns how many pods were killed."""
     spec = job["spec"]
     killed = 0
 
@@ -380,6 +383,7 @@ def run_indexed_job(kubelet: Kubelet, job: dict, victim: int, checkpointed) -> i
                 process.send_signal(signal.SIGKILL)
                 killed += 1
             _, err = process.communicate(timeout=180)
+            assert secret not in err
             code = 128 - process.returncode if process.returncode < 0 else process.returncode  # 137 like a pod
             assert not fails_job(job, "worker", code), f"index {index} failed the Job (exit {code}): {err[-2000:]}"
             if code == 0:
