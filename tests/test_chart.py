@@ -234,6 +234,7 @@ def test_notes_give_the_exact_commands():
     ({"image": {"tag": 1.5}}, "at '/image/tag': got number, want string"),
     ({"terminationGracePeriodSeconds": 5}, "at '/terminationGracePeriodSeconds': minimum: got 5, want 30"),
     ({"shard": 3}, "additional properties 'shard' not allowed"),
+    ({"settings": {"max_rps": 5}}, "invalid propertyName 'max_rps'"),
 ])
 def test_schema_rejects_bad_values_naming_them(values, message):
     with pytest.raises(helm.HelmValuesError) as rejected:
@@ -245,6 +246,7 @@ def test_schema_rejects_bad_values_naming_them(values, message):
     ({}, "clickhouse.url is required"),
     ({"clickhouse": {"deploy": True}}, "clickhouse.deploy needs clickhouse.password"),
     (CH | {"universe": {"source": "file"}}, "universe.source=file needs --set-file universe.file="),
+    (CH | {"settings": {"RPC_URL": "https://x"}}, "settings.RPC_URL: the chart sets CLOBJOB_RPC_URL itself; use rpc.url"),
 ])
 def test_missing_required_values_fail_with_what_to_set(values, message):
     with pytest.raises(helm.HelmError, match=message.replace(".", r"\.")):

@@ -108,7 +108,14 @@ CLOBJOB_SUBGRAPH_URL: {{ . | quote }}
 CLOBJOB_SOURCE: {{ .Values.source | quote }}
 CLOBJOB_LOG_FORMAT: "json"
 CLOBJOB_HOME: "/tmp/clobjob"
+{{- $own := dict "CLICKHOUSE_URL" "clickhouse.url" "CLICKHOUSE_PASSWORD" "clickhouse.password"
+      "CLICKHOUSE_DATABASE" "clickhouse.database" "CLICKHOUSE_CLUSTER" "clickhouse.cluster" "SUBGRAPH_URL" "subgraph.url"
+      "SUBGRAPH_API_KEY" "subgraph.apiKey" "RPC_URL" "rpc.url" "SOURCE" "source" "METRICS_PORT" "metrics.port"
+      "LOG_FORMAT" "nothing (pods log JSON)" "HOME" "nothing (it is /tmp/clobjob, the writable emptyDir)" }}
 {{- range $name, $value := .Values.settings }}
+{{- with get $own $name }}
+{{- fail (printf "settings.%s: the chart sets CLOBJOB_%s itself; use %s" $name $name .) }}
+{{- end }}
 {{ printf "CLOBJOB_%s" $name }}: {{ $value | toString | quote }}
 {{- end }}
 {{- end }}
