@@ -12,19 +12,21 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import helm_python as helm
 import pytest
 import yaml
 
 from clobjob.config import Settings
-from clobjob.sim import Dataset, SimConfig, SimServer
+from clobjob.sim import Dataset, SimConfig, SimServer, export
 from clobjob.store import open_store
 
 from tests.chart import (CHART, KUBE_VERSIONS, ROOT, GuardedEngineServer, Kubelet, existing_after_install,
                          existing_before, fails_job, image_entrypoint, job_pod, kubectl_run_pods, notes, objects, one,
                          pod_of, render, validate)
-from tests.truth import expected_rows, stored_rows
+from tests.truth import COMPARED, expected_rows, stored_rows
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -246,7 +248,8 @@ def test_schema_rejects_bad_values_naming_them(values, message):
     ({}, "clickhouse.url is required"),
     ({"clickhouse": {"deploy": True}}, "clickhouse.deploy needs clickhouse.password"),
     (CH | {"universe": {"source": "file"}}, "universe.source=file needs --set-file universe.file="),
-    (CH | {"settings": {"RPC_URL": "https://x"}}, "settings.RPC_URL: the chart sets CLOBJOB_RPC_URL itself; use rpc.url"),
+    (CH | {"settings": {"RPC_URL": "https://x"}},
+     "settings.RPC_URL: the chart sets CLOBJOB_RPC_URL itself; use rpc.url"),
 ])
 def test_missing_required_values_fail_with_what_to_set(values, message):
     with pytest.raises(helm.HelmError, match=message.replace(".", r"\.")):
@@ -311,60 +314,101 @@ def test_kustomize_objects_match_the_chart():
 # --- the rendered chart runs the product -------------------------------------------------------------------
 
 
+@dataclass
+class Backend:
+    """The services a release talks to, on loopback: the simulator as its subgraph, `db serve` behind a password
+    as its ClickHouse server."""
+
+    sim_url: str
+    engine_url: str
+    password: str
+    database: str = field(default_factory=lambda: f"t_{uuid.uuid4().hex[:12]}")
+
+    def values(self, **more) -> dict:
+        clickhouse = {"url": self.engine_url.replace("//", "//clobjob@"), "password": self.password,
+                      "database": self.database}
+        return {"clickhouse": clickhouse, "subgraph": {"url": self.sim_url},
+                "settings": {"FLUSH_INTERVAL_S": "0.5", "HEARTBEAT_INTERVAL_S": "1"}} | more
+
+    def settings(self) -> Settings:
+        return Settings(clickhouse_url=self.engine_url.replace("//", f"//clobjob:{self.password}@"),
+                        clickhouse_database=self.database)
+
+    def stored(self, tmp_path) -> dict:
+        return stored_rows({"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+                            **self.settings().as_env(), "CLOBJOB_HOME": str(tmp_path / "home")})
+
+
+@contextmanager
+def backend(chdb_dir, dataset: Dataset, seed: int):
+    password = "pw-" + uuid.uuid4().hex[:8]
+    with GuardedEngineServer(str(chdb_dir), "clobjob", password).run_in_thread() as engine, \
+            SimServer(dataset, SimConfig(seed=seed, rate_limit_rps=40.0, burst=10)).run_in_thread() as sim:
+        yield Backend(sim.url, engine.url, password)
+
+
+def helm_install(values: dict, services: Backend, tmp_path, victim: int | None = None):
+    """`helm install` as processes: the plan hook's containers with what exists before it, then the worker
+    Job's indexes with what exists after the install. Returns the rendering and the kubelet of the release."""
+    manifests = render(values, release="bf", revision=1)
+    objs = objects(manifests)
+    plan = one(objs, "Job", "plan")
+    results = Kubelet(existing_before(objs, plan), tmp_path, image_entrypoint()).run_pod(job_pod(plan))
+    assert [(name, code) for name, code, _ in results] == [("universe", 0), ("plan", 0)], results
+    assert not [name for name, _, output in results if services.password in output]
+    assert "run bf-1: " in results[-1][2]
+    kubelet = Kubelet(existing_after_install(objs), tmp_path, image_entrypoint())
+    with open_store(services.settings(), migrate=False) as store:
+        def checkpointed(shard: int) -> int:
+            return store.db.scalar("SELECT sum(fills) FROM {db}.backfill_progress FINAL "
+                                   "WHERE run_id = 'bf-1' AND shard = {shard:UInt32}", {"shard": shard})
+        killed = run_indexed_job(kubelet, one(objs, "Job", "worker"), victim, checkpointed, services.password)
+    assert killed == (victim is not None)
+    return manifests, objs, kubelet
+
+
 def test_the_rendered_chart_runs_the_product(chdb_dir, tmp_path):
     """helm install, as processes: the plan hook's containers, then every index of the worker Job (at most
     `parallelism` at once, one pod SIGKILLed mid-run and replaced as the Job controller would), then the helm
     test pod and the status/rerun commands of NOTES.txt — each container with the environment, mounts and
     args the kubelet would give it. The fills stored are exactly the simulator's."""
     dataset = Dataset.generate(markets=300, seed=14)
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    password = "pw-" + uuid.uuid4().hex[:8]
-    with GuardedEngineServer(str(chdb_dir), "clobjob", password).run_in_thread() as engine, \
-            SimServer(dataset, SimConfig(seed=14, rate_limit_rps=40.0, burst=10)).run_in_thread() as sim:
-        clickhouse = {"url": engine.url.replace("//", "//clobjob@"), "password": password, "database": database}
-        values = {"shards": 4, "parallelism": 2, "universe": {"source": "subgraph"}, "clickhouse": clickhouse,
-                  "subgraph": {"url": sim.url}, "settings": {"FLUSH_INTERVAL_S": "0.5", "HEARTBEAT_INTERVAL_S": "1"}}
-        manifests = render(values, release="bf", revision=1)
-        objs = objects(manifests)
-        entrypoint = image_entrypoint()
-
-        plan = one(objs, "Job", "plan")
-        hook_kubelet = Kubelet(existing_before(objs, plan), tmp_path, entrypoint)
-        results = hook_kubelet.run_pod(job_pod(plan))
-        assert [(name, code) for name, code, _ in results] == [("universe", 0), ("plan", 0)], results
-        assert not [name for name, _, output in results if password in output]
-        assert "run bf-1: " in results[-1][2]
-
-        kubelet = Kubelet(existing_after_install(objs), tmp_path, entrypoint)
-        job = one(objs, "Job", "worker")
-        reader = Settings(clickhouse_url=engine.url.replace("//", f"//clobjob:{password}@"),
-                          clickhouse_database=database)
-        with open_store(reader, migrate=False) as store:
-            def checkpointed(shard: int) -> int:
-                return store.db.scalar("SELECT sum(fills) FROM {db}.backfill_progress FINAL "
-                                       "WHERE run_id = 'bf-1' AND shard = {shard:UInt32}", {"shard": shard})
-            assert run_indexed_job(kubelet, job, victim=1, checkpointed=checkpointed, secret=password) == 1
+    with backend(chdb_dir, dataset, seed=14) as services:
+        values = services.values(shards=4, parallelism=2, universe={"source": "subgraph"})
+        manifests, objs, kubelet = helm_install(values, services, tmp_path, victim=1)
 
         (test_pod,) = [o for o in objs if o["kind"] == "Pod"]
         assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
         (_, code, output), = kubelet.run_pod(pod_of(test_pod))
-        assert code == 0 and password not in output, output
+        assert code == 0 and services.password not in output, output
 
         for pod_name, pod in kubectl_run_pods(notes(manifests)):
             (_, code, output), = kubelet.run_pod(pod_of(pod))
             assert code == 0, (pod_name, output)
-            assert password not in output
+            assert services.password not in output
             if pod_name.endswith("-status"):
                 assert "bf-1" in output and "done" in output
-
-        found = stored_rows({"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-                             "CLOBJOB_CLICKHOUSE_URL": engine.url.replace("//", f"//clobjob:{password}@"),
-                             "CLOBJOB_CLICKHOUSE_DATABASE": database,
-                             "CLOBJOB_HOME": str(tmp_path / "home")})
+        found = services.stored(tmp_path)
     assert found["dups"] == 0 and found["rows"] == expected_rows(dataset)
 
 
-def run_indexed_job(kubelet: Kubelet, job: dict, victim: int, checkpointed, secret: str) -> int:
+def test_a_universe_file_and_targets_reach_the_plan_through_their_mounted_configmaps(chdb_dir, tmp_path):
+    """--set-file universe.file and targets: the hook loads the file and plans only the targets; exactly the
+    targets' fills are stored."""
+    dataset = Dataset.generate(markets=60, seed=15)
+    markets_file, _ = export(tmp_path / "export", markets=60, seed=15)
+    targets = [m["conditionId"] for m in dataset.markets[::3]]
+    with backend(chdb_dir, dataset, seed=15) as services:
+        values = services.values(shards=2, parallelism=2, targets="\n".join(targets) + "\n",
+                                 universe={"source": "file", "file": markets_file.read_text()})
+        helm_install(values, services, tmp_path)
+        found = services.stored(tmp_path)
+    condition = COMPARED.index("condition_id")
+    expected = {k: row for k, row in expected_rows(dataset).items() if row[condition] in set(targets)}
+    assert expected and found["dups"] == 0 and found["rows"] == expected
+
+
+def run_indexed_job(kubelet: Kubelet, job: dict, victim: int | None, checkpointed, secret: str) -> int:
     """The Job controller for an Indexed Job: every index to completion, at most `parallelism` pods at once, a
     failed pod replaced until `backoffLimitPerIndex`; a podFailurePolicy FailJob exit fails the test. The pod
     of index ``victim`` is SIGKILLed once, mid-run: after its first checkpoint (``checkpointed(shard)`` > 0
