@@ -153,7 +153,8 @@ class Kubelet:
         self.objs = {(o["kind"], o["metadata"]["name"]): o for o in objs}
         self.root = root
         self.entrypoint = entrypoint
-        # The image's root filesystem is read-only: a process writing outside its mounts fails.
+        # The image's root filesystem is read-only: the working directory is, so a relative write fails (for a
+        # non-root test run; root ignores the mode).
         self.rootfs = Path(tempfile.mkdtemp(dir=root, prefix="rootfs-"))
         self.rootfs.chmod(0o555)
 
@@ -239,6 +240,8 @@ class Kubelet:
         assert command == ["clobjob"], f"container {container['name']} does not run the clobjob entrypoint"
         process_env = {"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
                        "HOSTNAME": pod.name, **env}
+        if rewrite("/tmp") != "/tmp":
+            process_env.setdefault("TMPDIR", rewrite("/tmp"))  # the container's /tmp is its emptyDir
         popen.setdefault("stdout", subprocess.PIPE)
         popen.setdefault("stderr", subprocess.PIPE)
         return subprocess.Popen([sys.executable, "-m", "clobjob", *args], env=process_env, cwd=self.rootfs,
