@@ -1,5 +1,6 @@
-# clobjob worker image: the `clobjob` console script, core install (pods talk to a ClickHouse server: no chDB,
-# pandas or pyarrow), non-root, read-only root filesystem friendly (state only under /tmp and in ClickHouse).
+# clobjob image: the `clobjob` console script with the Kubernetes client, no embedded engine (pods talk to a
+# ClickHouse server: no chDB, pandas or pyarrow), non-root, read-only root filesystem friendly (state only under
+# /tmp and in ClickHouse).
 #
 #   docker build -t clobjob:dev .
 #   docker run --rm clobjob:dev worker --help
