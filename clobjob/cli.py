@@ -146,8 +146,8 @@ def _render_diagnosis(shown: dict[str, Any]) -> str:
     if conflicts["tokens_in_two_markets"]:
         shown_conflicts = "; ".join(f"{c['token_id']} in {', '.join(c['condition_ids'])}"
                                     for c in conflicts["examples"][:2])
-        lines.append(f"conflicts: {conflicts['tokens_in_two_markets']:,} token(s) claimed by two markets (counted once, "
-                     f"for the lower condition id), e.g. {shown_conflicts}")
+        lines.append(f"conflicts: {conflicts['tokens_in_two_markets']:,} token(s) claimed by two markets "
+                     f"(counted once, for the lower condition id), e.g. {shown_conflicts}")
     if mismatches["fewer"] or mismatches["more"]:
         lines.append(f"counts: {mismatches['fewer']:,} market(s) fetched to the end hold fewer fills than the source's "
                      f"count, {mismatches['more']:,} more; e.g. " + "; ".join(mismatches["examples"][:2]))
