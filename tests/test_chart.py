@@ -170,7 +170,7 @@ def test_plan_hook_runs_one_clobjob_command_per_container_with_its_files_mounted
     assert files == {"markets.jsonl": '{"conditionId": "0x1"}\n', "markets.txt": "0x" + "ab" * 32 + "\n"}
     assert container(one(rendered(OVERRIDES["gamma universe"]), "Job", "plan"), "universe")["args"] == [
         "markets", "sync", "--gamma"]
-    assert container(one(rendered(CH), "Job", "plan"), "universe")["args"] == ["markets", "sync"]
+    assert container(one(rendered(CH), "Job", "plan"), "universe")["args"] == ["markets", "sync", "--add-subgraph-markets"]
 
 
 def test_metrics_add_the_port_the_variable_and_scrape_annotations():
