@@ -56,7 +56,7 @@ from graphql.validation import (
 )
 
 from clobjob.sim.data import HEAD_BLOCK, Dataset, block_hash, block_timestamp
-from clobjob.sim.entities import Store
+from clobjob.sim.entities import EntityStore
 from clobjob.sim.schema import ENTITIES, build, plural_field, singular_field
 from clobjob.sim.table import QueryError, collection
 
@@ -170,12 +170,12 @@ def _graph_node_error(error: GraphQLError) -> QueryError:
     return QueryError(error.message, locations)
 
 
-class Engine:
+class GraphEngine:
     """Answers GraphQL request bodies against one dataset."""
 
     def __init__(self, ds: Dataset) -> None:
         self.schema = build()
-        self.store = Store(ds)
+        self.store = EntityStore(ds)
         self.deployment = deployment_id(ds.seed)
         self._key = ds.key
         self._roots = {plural_field(e): (e, True) for e in ENTITIES} | {singular_field(e): (e, False) for e in ENTITIES}

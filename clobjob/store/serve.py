@@ -97,7 +97,7 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-class Engine:
+class EmbeddedEngine:
     """One chDB connection on one thread: statements with their database, bound parameters and settings."""
 
     def __init__(self, path: str) -> None:
@@ -162,11 +162,11 @@ class Engine:
 
 
 class EngineServer(LocalServer):
-    """``Engine`` behind ClickHouse's HTTP interface on ``host:port``; ``url`` is the DSN to give clobjob."""
+    """``EmbeddedEngine`` behind ClickHouse's HTTP interface on ``host:port``; ``url`` is the DSN to give clobjob."""
 
     def __init__(self, path: str, host: str = "127.0.0.1", port: int = 0) -> None:
         super().__init__(host, port)
-        self.engine = Engine(path)
+        self.engine = EmbeddedEngine(path)
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1024**3)
