@@ -1,6 +1,7 @@
 """The simulator's HTTP server: GraphQL POST at any path, Goldsky-like throttling and faults, stats.
 
-``POST /<any path>``: a GraphQL request. ``GET /__stats``: counts of requests and outcomes (JSON).
+``POST /<any path>``: a GraphQL request; ``POST /rpc``: Polygon JSON-RPC when the server has an ``RpcNode``
+(``clobjob.sim.rpc``). ``GET /__stats``: counts of requests and outcomes (JSON).
 ``POST /__config``: change knobs at run time (JSON object of SimConfig fields). Rate limits and faults never
 apply to the two ``/__`` endpoints.
 """
@@ -19,6 +20,7 @@ from clobjob.serving import LocalServer
 from clobjob.sim.data import Dataset
 from clobjob.sim.engine import Engine
 from clobjob.sim.faults import THROTTLE_BODY, Fault, FaultPlan, SimConfig, TokenBucket, retry_after_header
+from clobjob.sim.rpc import RPC_PATH, Chain, RpcConfig, RpcNode
 
 DEFAULT_PATH = "/subgraphs/orderbook-subgraph/gn"
 STAT_KEYS = ("requests", "ok", "query_errors", "throttled_429", "http_5xx", "graphql_timeout", "overloaded",
@@ -52,8 +54,9 @@ class SimServer(LocalServer):
     """
 
     def __init__(self, ds: Dataset, cfg: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0,
-                 path: str = DEFAULT_PATH) -> None:
+                 path: str = DEFAULT_PATH, rpc: RpcNode | None = None) -> None:
         super().__init__(host, port)
+        self.rpc = rpc
         self.cfg = cfg or SimConfig()
         self.path = path
         self._engine = Engine(ds)
@@ -66,6 +69,11 @@ class SimServer(LocalServer):
     def url(self) -> str:
         """The GraphQL endpoint (any path on the server works)."""
         return f"http://{self.host}:{self.port}{self.path}"
+
+    @property
+    def rpc_url(self) -> str:
+        """The JSON-RPC endpoint (with an ``RpcNode``)."""
+        return f"http://{self.host}:{self.port}{RPC_PATH}"
 
     def stats(self) -> dict[str, int]:
         """Counts of requests and of each outcome."""
@@ -85,6 +93,8 @@ class SimServer(LocalServer):
         app = web.Application(client_max_size=64 * 1024**2)
         app.router.add_get("/__stats", self._get_stats)
         app.router.add_post("/__config", self._post_config)
+        if self.rpc is not None:
+            self.rpc.mount(app)
         app.router.add_post("/{tail:.*}", self._graphql)
         return app
 
@@ -164,12 +174,14 @@ class SimServer(LocalServer):
 
 def serve(host: str = "127.0.0.1", port: int = 8787, markets: int = 2000, seed: int = 7,
           top_fills: int | None = None,
-          profile: str = "clean", **knobs: Any) -> None:
+          profile: str = "clean", rpc_profile: str | None = None, **knobs: Any) -> None:
     """Generate a dataset and serve it until SIGINT/SIGTERM, printing the URL on stdout.
 
     ``knobs`` are SimConfig fields overriding the profile; None values are ignored (unset CLI flags).
+    ``rpc_profile`` also serves the v2 chain's JSON-RPC at ``/rpc`` with that provider profile.
     """
     ds = Dataset.generate(markets=markets, seed=seed, top_fills=top_fills)
     cfg = SimConfig.for_profile(profile, seed=seed, **{k: v for k, v in knobs.items() if v is not None})
-    SimServer(ds, cfg, host=host, port=port).serve_until_signalled(
+    rpc = RpcNode(Chain(ds, seed=seed), RpcConfig.for_profile(rpc_profile, seed=seed)) if rpc_profile else None
+    SimServer(ds, cfg, host=host, port=port, rpc=rpc).serve_until_signalled(
         f"clobjob sim: {len(ds.markets)} markets, {ds.n_fills} fills, seed {cfg.seed}")
