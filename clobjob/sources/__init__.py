@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from clobjob.ratelimit import AdaptiveRateController
     from clobjob.sources.base import FillSource
 
-SOURCES = ("subgraph",)
+SOURCES = ("subgraph", "rpc")
 
 
 def open_source(name: str, settings: Settings, controller: AdaptiveRateController) -> FillSource:
@@ -23,4 +23,8 @@ def open_source(name: str, settings: Settings, controller: AdaptiveRateControlle
         from clobjob.sources.subgraph import SubgraphSource
 
         return SubgraphSource(settings, controller)
+    if name == "rpc":
+        from clobjob.sources.rpc import RpcSource
+
+        return RpcSource(settings, controller)
     raise BadInput(f"unknown source {name!r} (known: {', '.join(SOURCES)})")
