@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 from Crypto.Hash import keccak
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from clobjob.config import Settings
@@ -121,15 +123,15 @@ def test_a_log_without_a_valid_position_is_a_source_error(changes):
     (-32005, "query returned more than 10000 results.", {"from": "0x100", "to": "0x10f", "limit": 10000},
      "result", 16, None, 10000),
     (-32602, "range 1000000 exceeds limit of 10000", None, "range", None, 10000, None),
-    (-32602, "Log response size exceeded. You can make eth_getLogs requests with up to a 2K block range and no "
-             "limit on the response size, or you can request any block range with a cap of 10K logs in the "
-             "response. Based on your parameters, this block range should work: [0x100, 0x1ff]",
+    (-32602, ("Log response size exceeded. You can make eth_getLogs requests with up to a 2K block range and no "
+              "limit on the response size, or you can request any block range with a cap of 10K logs in the "
+              "response. Based on your parameters, this block range should work: [0x100, 0x1ff]"),
      None, "result", 256, None, 10000),
     (-32000, "query exceeds max block range 100000", None, "range", None, 100000, None),
     (-32000, "eth_getLogs range is too large, max is 1k blocks", None, "range", None, 1000, None),
     (-32000, "block range is too wide (maximum 1024)", None, "range", None, 1024, None),
-    (-32600, "You can make eth_getLogs requests with up to a 10 block range. Based on your parameters, this block "
-             "range should work: [0x100, 0x109]", None, "range", 10, 10, None),
+    (-32600, ("You can make eth_getLogs requests with up to a 10 block range. Based on your parameters, this block "
+              "range should work: [0x100, 0x109]"), None, "range", 10, 10, None),
     (413, "HTTP 413: Request Entity Too Large", None, "result", None, None, None),
     (-32000, "something nobody documented", None, "result", None, None, None),
     (-32005, "project ID request rate exceeded", None, "rate", None, None, None),

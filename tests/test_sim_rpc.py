@@ -12,8 +12,7 @@ import pytest
 
 from clobjob.sim import Dataset, SimServer
 from clobjob.sim.data import block_timestamp
-from clobjob.sim.rpc import CTF_V2, NEGRISK_V2, NEGRISK_V2_FROM, ORDER_FILLED, ORDERS_MATCHED, Chain, RpcConfig, \
-    RpcNode
+from clobjob.sim.rpc import CTF_V2, NEGRISK_V2, NEGRISK_V2_FROM, ORDER_FILLED, ORDERS_MATCHED, Chain, RpcConfig, RpcNode
 
 pytestmark = pytest.mark.timeout(60)
 FILTER = {"address": [CTF_V2, NEGRISK_V2], "topics": [[ORDER_FILLED]]}

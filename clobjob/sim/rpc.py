@@ -65,8 +65,9 @@ STAT_KEYS = ("requests", "calls", "batches", "batch_rejected", "throttled_429", 
 
 _RATE_ERRORS = {
     "infura": (-32005, "project ID request rate exceeded"),
-    "alchemy": (429, "Your app has exceeded its compute units per second capacity. If you have retries enabled, "
-                     "you can safely ignore this message. If not, check out https://docs.alchemy.com/reference/throughput"),
+    "alchemy": (429, ("Your app has exceeded its compute units per second capacity. If you have retries enabled, "
+                      "you can safely ignore this message. If not, check out "
+                      "https://docs.alchemy.com/reference/throughput")),
 }
 _DEFAULT_RATE_ERROR = (429, "Too Many Requests")
 _PROFILES: dict[str, dict[str, Any]] = {
@@ -148,7 +149,8 @@ class Chain:
         self.fills: list[tuple[dict[str, Any], _Fill]] = []  # the OrderFilled logs with their values
         self._tx_of_block: dict[int, list[str]] = {}
         for block in range(start_block, self.end_block):
-            matches = rng.randint(100, 400) if rng.random() < busy_share else int(rng.expovariate(1 / matches_per_block))
+            busy = rng.random() < busy_share
+            matches = rng.randint(100, 400) if busy else int(rng.expovariate(1 / matches_per_block))
             txs: list[list[tuple[str, list[str], str, _Fill | None]]] = []
             for _ in range(matches):
                 code = rng.randrange(len(tokens))

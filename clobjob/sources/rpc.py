@@ -1,4 +1,4 @@
-"""CLOB v2 fills from Polygon logs: ``eth_getLogs`` over the exchange contracts (JSON-RPC over aiohttp), rate-controlled.
+"""CLOB v2 fills from Polygon logs: ``eth_getLogs`` of the exchange contracts over JSON-RPC (aiohttp), rate-controlled.
 
 What is read. The v2 ``OrderFilled`` logs (topic0 ``ORDER_FILLED_V2``) of every configured exchange contract
 (``Settings.rpc_contracts``, default CTF Exchange v2 AND NegRisk Exchange v2: reading only the CTF one silently
@@ -78,8 +78,8 @@ RATE_TEXTS = ("rate limit", "request rate", "too many requests", "compute units"
 RESULT_TEXTS = ("results", "response size", "too many logs", "response is too big", "too large response", "413")
 RANGE_TEXTS = ("range", "block", "too wide")
 _SUGGESTED = re.compile(r"\[\s*(0x[0-9a-fA-F]+)\s*,\s*(0x[0-9a-fA-F]+)\s*\]")
-_BLOCK_LIMIT = re.compile(r"(?:max(?:imum)?(?: is| block range)?|limit of|up to an?)\s+(\d+)\s*(k)?\b", re.I)
-_RESULT_LIMIT = re.compile(r"(?:more than|cap of)\s+(\d+)\s*(k)?\s*(?:results|logs)", re.I)
+_BLOCK_LIMIT = re.compile(r"(?:max(?:imum)?(?: is| block range)?|limit of|up to an?)\s+(\d+)\s*(k)?\b", re.IGNORECASE)
+_RESULT_LIMIT = re.compile(r"(?:more than|cap of)\s+(\d+)\s*(k)?\s*(?:results|logs)", re.IGNORECASE)
 _QUANTITY = re.compile(r"0x[0-9a-fA-F]{1,64}")
 _WORD_HEX = re.compile(r"0x[0-9a-fA-F]{64}")
 _DATA_HEX = re.compile(r"0x[0-9a-fA-F]{448}")  # 7 words
@@ -150,7 +150,8 @@ def _error(raw: Any) -> RpcError:
 
 
 def _answers(doc: Any, count: int) -> list[Any]:
-    """Per call (ids 0…count-1), its result or its ``RpcError``; ``Retryable`` if an answer is missing."""
+    """Per call (ids 0…count-1), its result or its ``RpcError``; a batch lacking answers is rejected, a single
+    call without one is not JSON-RPC (``SourceError``)."""
     items = doc if isinstance(doc, list) else [doc]
     found: dict[int, Any] = {}
     for item in items:
@@ -161,7 +162,7 @@ def _answers(doc: Any, count: int) -> list[Any]:
             return [_error(items[0]["error"])] * count  # one error for the whole request (id null)
         if count > 1:
             raise _BatchRejected(f"the answer lacks {count - len(found)} of {count} calls")
-        raise Retryable(f"JSON-RPC answer lacks the call's answer: {json.dumps(doc)[:120]}", "failed")
+        raise SourceError(f"the endpoint does not answer JSON-RPC: {json.dumps(doc)[:200]} (is the RPC URL right?)")
     return [found[i] for i in range(count)]
 
 
@@ -342,7 +343,7 @@ class RpcSource:
                                            timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
                 body = await response.read()
                 status, retry_after = response.status, response.headers.get("Retry-After")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Retryable(f"timed out after {timeout_s:.3g}s", "failed") from None
         except aiohttp.ClientError as exc:
             raise Retryable(f"{type(exc).__name__}: {exc}", "failed") from None

@@ -58,7 +58,7 @@ import aiohttp
 from loguru import logger
 
 from clobjob.config import Settings
-from clobjob.errors import EXIT_FAILED, ClobjobError, SourceError, TransientSourceError
+from clobjob.errors import EXIT_FAILED, ClobjobError, SourceError
 from clobjob.models import EXCHANGES, BadValue, Market, WorkUnit, normalize_condition_id, normalize_token_id
 from clobjob.ratelimit import AdaptiveRateController, Retryable, controlled_request
 from clobjob.sources.base import Page
