@@ -216,12 +216,12 @@ async def test_throttling_goes_through_the_controller_and_loses_nothing(dataset,
     assert state.throttled > 0 and src.batch < 20  # 429s cut the rate; partly throttled batches shrink
 
 
-async def test_http_413_and_5xx_split_and_retry(dataset, chain):
-    rpc = node(chain, "clean", http_413_logs=3_000, p_5xx=0.05)
-    async with SimServer(dataset, rpc=rpc) as sim, source(sim.rpc_url) as src:
+async def test_http_413_splits_and_5xx_and_hangs_are_retried(dataset, chain):
+    rpc = node(chain, "clean", http_413_logs=3_000, p_5xx=0.05, p_hang=0.05, hang_s=60, seed=2)
+    async with SimServer(dataset, rpc=rpc) as sim, source(sim.rpc_url, request_timeout_s=1.0) as src:
         rows, _ = await collect(src, unit(chain), dataset.token_to_condition)
     assert rows == chain.truth(dataset.token_to_condition)
-    assert rpc.stats()["http_413"] >= 1 and rpc.stats()["http_5xx"] >= 1
+    assert min(rpc.stats()[key] for key in ("http_413", "http_5xx", "hang")) >= 1
 
 
 async def test_a_unit_past_the_safe_head_waits_for_new_blocks(dataset, chain):
