@@ -43,7 +43,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from clobjob.errors import BadInput
-from clobjob.models import Heartbeat, Run, RunState, ShardStatus, as_utc, coverage_summary
+from clobjob.models import (
+    Heartbeat,
+    Run,
+    RunState,
+    ShardStatus,
+    as_utc,
+    coverage_summary,
+)
 from clobjob.store import Store
 
 SCHEMA_VERSION = 2

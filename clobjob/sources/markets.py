@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from clobjob.errors import BadInput
-from clobjob.models import BadValue, Market, json_array_items, normalize_condition_id, normalize_token_id
+from clobjob.models import (
+    BadValue,
+    Market,
+    json_array_items,
+    normalize_condition_id,
+    normalize_token_id,
+)
 
 
 class BadRow(ValueError):
