@@ -53,7 +53,6 @@ from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from loguru import logger
 
 from clobjob.config import Settings
@@ -66,6 +65,7 @@ from clobjob.ratelimit import (
     controlled_request,
 )
 from clobjob.sources.base import Page
+from clobjob.sources.http import HttpSession
 
 ORDER_FILLED_V2 = "0xd543adfd945773f1a62f74f0ee55a5e3b9b1a28262980ba90b1a89f2ea84d8ee"
 """keccak256("OrderFilled(bytes32,address,address,uint8,uint256,uint256,uint256,uint256,bytes32,bytes32)")."""
@@ -314,22 +314,11 @@ class RpcSource:
         self._blocks: OrderedDict[int, int] = OrderedDict()  # block → timestamp
         self._head: tuple[int, float] | None = None  # (head, monotonic time read)
         self._checked_chain = False
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self.controller.max_window, limit_per_host=0,
-                                             enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(
-                connector=connector, headers={"Content-Type": "application/json", "Accept": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=self._timeout_s, connect=min(self._timeout_s, 10.0)))
-        return self._session
+        self._http = HttpSession(controller, settings.request_timeout_s)
 
     async def close(self) -> None:
         """Close the session and its connections."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
 
     async def __aenter__(self) -> RpcSource:
         return self
@@ -343,15 +332,8 @@ class RpcSource:
         """One HTTP request for ``calls``: per call its result or ``RpcError`` (the permit is told of rate answers)."""
         requests = [{"jsonrpc": "2.0", "id": i, "method": m, "params": p} for i, (m, p) in enumerate(calls)]
         payload = json.dumps(requests if len(requests) > 1 else requests[0], separators=(",", ":")).encode()
-        try:
-            async with self._client().post(self._url, data=payload,
-                                           timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-                body = await response.read()
-                status, retry_after = response.status, response.headers.get("Retry-After")
-        except TimeoutError:
-            raise Retryable(f"timed out after {timeout_s:.3g}s", "failed") from None
-        except aiohttp.ClientError as exc:
-            raise Retryable(f"{type(exc).__name__}: {exc}", "failed") from None
+        status, headers, body = await self._http.send("POST", self._url, timeout_s, data=payload)
+        retry_after = headers.get("Retry-After")
         if status == 429:
             raise Retryable("throttled (HTTP 429)", "throttled", retry_after)
         if status == 413:

@@ -55,7 +55,6 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
-import aiohttp
 from loguru import logger
 
 from clobjob.config import Settings
@@ -70,6 +69,7 @@ from clobjob.models import (
 )
 from clobjob.ratelimit import AdaptiveRateController, Retryable, controlled_request
 from clobjob.sources.base import Page
+from clobjob.sources.http import JSON_HEADERS, HttpSession
 
 PAGE_SIZE = 1000
 DATA_UNTIL = datetime(2026, 4, 28, 11, tzinfo=timezone.utc)  # the last v1 fill: the subgraph indexes only v1
@@ -347,29 +347,14 @@ class SubgraphSource:
         self.controller = controller
         self.max_tokens = max_tokens
         self.max_attempts = max_attempts
-        self._timeout = aiohttp.ClientTimeout(
-            total=settings.request_timeout_s,
-            connect=min(settings.request_timeout_s, 10.0),
-            sock_read=settings.request_timeout_s,
-        )
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers = dict(JSON_HEADERS)
         if settings.subgraph_api_key is not None:
-            self._headers["Authorization"] = f"Bearer {settings.subgraph_api_key.get_secret_value()}"
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self.controller.max_window, limit_per_host=0,
-                                             enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
-                                                  headers=self._headers)
-        return self._session
+            headers["Authorization"] = f"Bearer {settings.subgraph_api_key.get_secret_value()}"
+        self._http = HttpSession(controller, settings.request_timeout_s, headers)
 
     async def close(self) -> None:
         """Close the session and its connections."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
 
     async def __aenter__(self) -> SubgraphSource:
         return self
@@ -381,16 +366,7 @@ class SubgraphSource:
 
     async def _send(self, payload: bytes, timeout_s: float) -> dict[str, Any]:
         """One POST: ``data``, or what the answer calls for (``_Retry``, ``SourceError``)."""
-        try:
-            async with self._client().post(self.url, data=payload,
-                                           timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-                body = await response.read()
-                status, headers = response.status, response.headers
-        except asyncio.TimeoutError:
-            raise _Retry(f"timed out after {timeout_s:.3g}s", "failed") from None
-        except aiohttp.ClientError as exc:
-            raise _Retry(f"{type(exc).__name__}: {exc}", "failed") from None
-        return _answer(status, headers, body)
+        return _answer(*await self._http.send("POST", self.url, timeout_s, data=payload))
 
     async def query(self, query: str, variables: dict[str, Any], *, splittable: bool = False) -> dict[str, Any]:
         """The ``data`` of one GraphQL query, retried through the controller.
@@ -409,7 +385,7 @@ class SubgraphSource:
 
         return await controlled_request(
             self.controller, lambda _permit, timeout_s: self._send(payload, timeout_s),
-            what="subgraph", max_attempts=self.max_attempts, timeout_s=self._timeout.total or 30.0,
+            what="subgraph", max_attempts=self.max_attempts, timeout_s=self._http.request_timeout_s,
             on_retry=on_retry)
 
     # --- fills -------------------------------------------------------------------------------
