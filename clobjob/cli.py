@@ -110,7 +110,8 @@ def _ratio(text: str) -> float:
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     with monitor.open_readable(settings) as store:
         result = monitor.verify(store, min_coverage=args.min_coverage,
-                                heartbeat_interval_s=settings.heartbeat_interval_s)
+                                heartbeat_interval_s=settings.heartbeat_interval_s,
+                                on_chain=settings.rpc_url is not None)
         if args.report:
             Path(args.report).write_text(monitor.render_report_html(result, *monitor.report_sections(store)))
     print(json.dumps(result, indent=2) if args.json else monitor.render_verify(result))
@@ -199,7 +200,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     return launch.backfill(_with_source_flags(args, settings), shards=args.shards, parallelism=args.parallelism,
-                           markets_file=args.markets)
+                           markets_file=args.markets, source=args.source)
 
 
 def _shard_list(text: str) -> list[int]:
@@ -337,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--shards", type=int, default=4, help="shards of a new run (default 4)")
     backfill.add_argument("--parallelism", type=int, help="shards running at once (default: all)")
     backfill.add_argument("--markets", metavar="FILE", help="only these condition ids (JSON array or one per line)")
+    backfill.add_argument("--source", choices=["subgraph", "rpc", "all"],
+                          help="subgraph: v1 fills of the universe's markets; rpc: v2 fills from Polygon logs "
+                               "(CLOBJOB_RPC_URL); all: both (default: all when CLOBJOB_RPC_URL is set, else subgraph)")
     backfill.add_argument("--subgraph-url", help="override CLOBJOB_SUBGRAPH_URL")
     backfill.add_argument("--max-rps", type=float, help="hard ceiling on requests/s (adaptive below it)")
     backfill.set_defaults(func=cmd_backfill)
