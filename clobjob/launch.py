@@ -177,9 +177,11 @@ def _utc(flag: str, value: str) -> datetime:
 
 
 def plan_run(settings: Settings, *, shards: int, run_id: str | None, markets_file: str | None = None,
-             since: str | None = None, until: str | None = None, force: bool = False,
+             since: str | None = None, until: str | None = None, force: bool = False, source: str | None = None,
              say: Say = _say) -> tuple[Run, list[WorkUnit]]:
-    """Plan a run of the missing markets (or of a time window over every market) and record it."""
+    """Plan a run of the missing markets and, from the chain, the v2 blocks not fetched yet (``source``, as for
+    ``backfill``), or of a time window over every market, and record it."""
+    source = _source(settings, source) if since is None else plan.SOURCE
     if (since is None) != (until is None):
         raise BadInput("--since and --until go together")
     if since is not None and markets_file:
@@ -191,12 +193,17 @@ def plan_run(settings: Settings, *, shards: int, run_id: str | None, markets_fil
             params = RunParams(kind=RunKind.PLAN, since=since, until=until, units=len(units))
         else:
             ids = _market_list(markets_file)
-            say(count_expected(settings, store, ids))
+            if source != "rpc":
+                say(count_expected(settings, store, ids))
             report = plan.missing_work(store, ids)
-            units = plan.plan_units(report, shards, run_id)
+            if source == "rpc":
+                report = plan.MissingReport(report.as_of, ())
+            blocks = _blocks_to_fetch(settings, store, source, say) if source != "subgraph" else None
+            source = source if blocks is not None or source == "rpc" else plan.SOURCE
+            units = plan.plan_units(report, shards, run_id, blocks=blocks)
             params = RunParams(kind=RunKind.PLAN, as_of=report.as_of, markets=len(report.work),
                                markets_file=markets_file, not_found=len(report.not_found), units=len(units))
-        run = Run(run_id=run_id, shards=shards, source=plan.SOURCE, params=params)
+        run = Run(run_id=run_id, shards=shards, source=source, params=params)
         plan.write_plan(store, run, units, force=force)
     return run, units
 
@@ -210,7 +217,7 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
 
     ``source``: ``subgraph`` (v1 fills of the universe's markets), ``rpc`` (v2 fills: the blocks from the v2
     exchanges' deploy to the safe head not fetched yet) or ``all``; default ``all`` when an RPC URL is set."""
-    source = source or ("all" if settings.rpc_url else plan.SOURCE)
+    source = _source(settings, source)
     chain_unread = False
     with open_store(settings) as store:
         _require_universe(store)
@@ -234,6 +241,11 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
                 f"expected fills in ≈ {sum(u.expected_requests for u in units):,} requests over {shards} shard(s)")
         code = _run_and_report(settings, store, run, parallelism, say)
         return EXIT_FAILED if chain_unread and code == EXIT_OK else code
+
+
+def _source(settings: Settings, given: str | None) -> str:
+    """What to fetch: the flag, else ``CLOBJOB_SOURCE``, else all when an RPC URL is set, else the subgraph."""
+    return given or settings.source or ("all" if settings.rpc_url else plan.SOURCE)
 
 
 def _blocks_to_fetch(settings: Settings, store: Store, source: str, say: Say) -> tuple[int, int] | None:
