@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -192,15 +193,9 @@ def plan_run(settings: Settings, *, shards: int, run_id: str | None, markets_fil
             units = plan.plan_window(_utc("--since", since), _utc("--until", until), shards, run_id)
             params = RunParams(kind=RunKind.PLAN, since=since, until=until, units=len(units))
         else:
-            ids = _market_list(markets_file)
-            if source != "rpc":
-                say(count_expected(settings, store, ids))
-            report = plan.missing_work(store, ids)
-            if source == "rpc":
-                report = plan.MissingReport(report.as_of, ())
-            blocks = _blocks_to_fetch(settings, store, source, say) if source != "subgraph" else None
-            source = source if blocks is not None or source == "rpc" else plan.SOURCE
-            units = plan.plan_units(report, shards, run_id, blocks=blocks)
+            work = _find_work(settings, store, _market_list(markets_file), source, say)
+            report, source = work.report, work.source
+            units = plan.plan_units(report, shards, run_id, blocks=work.blocks)
             params = RunParams(kind=RunKind.PLAN, as_of=report.as_of, markets=len(report.work),
                                markets_file=markets_file, not_found=len(report.not_found), units=len(units))
         run = Run(run_id=run_id, shards=shards, source=source, params=params)
@@ -217,7 +212,6 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
 
     ``source``: ``subgraph`` (v1 fills of the universe's markets), ``rpc`` (v2 fills: the blocks from the v2
     exchanges' deploy to the safe head not fetched yet) or ``all``; default ``all`` when an RPC URL is set."""
-    source = _source(settings, source)
     chain_unread = False
     with open_store(settings) as store:
         _require_universe(store)
@@ -225,13 +219,10 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
         if run is not None:
             say(f"resuming run {run.run_id}: {store.unfinished_units(run.run_id):,} unit(s) left")
         else:
-            ids = _market_list(markets_file)
-            if source != "rpc":
-                say(count_expected(settings, store, ids))
-            blocks = _blocks_to_fetch(settings, store, source, say) if source != "subgraph" else None
-            if blocks is None and source == "all":
-                source, chain_unread = plan.SOURCE, True
-            units = plan.plan_backfill(store, shards, plan.default_run_id(store), ids, source=source, blocks=blocks)
+            work = _find_work(settings, store, _market_list(markets_file), _source(settings, source), say)
+            chain_unread = work.chain_unread
+            units = plan.plan_backfill(store, shards, plan.default_run_id(store), work.report, source=work.source,
+                                       blocks=work.blocks)
             if not units:
                 say("everything is complete: nothing to fetch")
                 return EXIT_FAILED if chain_unread else EXIT_OK
@@ -241,6 +232,30 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
                 f"expected fills in ≈ {sum(u.expected_requests for u in units):,} requests over {shards} shard(s)")
         code = _run_and_report(settings, store, run, parallelism, say)
         return EXIT_FAILED if chain_unread and code == EXIT_OK else code
+
+
+@dataclass(frozen=True)
+class _Work:
+    """What a plan covers: the markets' report, the v2 blocks (None: none), the run's source, and whether the
+    chain could not be read although the source wanted it."""
+
+    report: plan.MissingReport
+    blocks: tuple[int, int] | None
+    source: str
+    chain_unread: bool
+
+
+def _find_work(settings: Settings, store: Store, ids: list[str] | None, source: str, say: Say) -> _Work:
+    """Count the expected fills and classify the markets (unless ``source`` is rpc), and find the v2 blocks to
+    fetch (unless it is subgraph)."""
+    if source != "rpc":
+        say(count_expected(settings, store, ids))
+    report = plan.missing_work(store, ids)
+    if source == "rpc":
+        report = plan.MissingReport(report.as_of, ())
+    blocks = _blocks_to_fetch(settings, store, source, say) if source != "subgraph" else None
+    unread = blocks is None and source == "all"
+    return _Work(report, blocks, plan.SOURCE if unread else source, unread)
 
 
 def _source(settings: Settings, given: str | None) -> str:
