@@ -83,7 +83,7 @@ def _to_stderr(text: str) -> None:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if not args.watch:
-        status = launch.status(settings, args.run_id, on=args.on, wait_s=monitor.LIVE_WAIT_S, say=_to_stderr)
+        status = launch.status(settings, args.run_id, on=args.on, wait_s=args.wait, say=_to_stderr)
         print(json.dumps(status, indent=2) if args.json else monitor.render_status(status))
         return 0
     try:
@@ -208,7 +208,10 @@ def _shard_list(text: str) -> list[int]:
 
 
 def cmd_rerun(args: argparse.Namespace, settings: Settings) -> int:
-    return launch.rerun_run(_with_source_flags(args, settings), run_id=args.run_id, failed_only=args.failed,
+    run_id = args.run_id or launch.status(settings, None, on="local")["run_id"]
+    if run_id is None:
+        raise BadInput("no run to rerun: the database has no run yet")
+    return launch.rerun_run(_with_source_flags(args, settings), run_id=run_id, failed_only=args.failed,
                             shards=args.shards, new_shards=args.new_shards, parallelism=args.parallelism, on=args.on)
 
 
@@ -355,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", type=float, metavar="SECONDS",
                         help="redraw every SECONDS until the run has ended; exit 0 done, 1 failed, 143 stopped, "
                              "130 on Ctrl+C")
+    status.add_argument("--wait", type=float, default=monitor.LIVE_WAIT_S, metavar="SECONDS",
+                        help="while another process holds the embedded database, wait this long for the live status "
+                             "it publishes")
     status.add_argument("--on", choices=EXECUTORS, default="auto",
                         help="show the run's Kubernetes Job too: auto (when in a pod or a kube config exists), "
                              "kubernetes, or local (never)")
@@ -405,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rerun = _command(groups, "rerun", "a new run of a run's failed or unfinished units, each resuming from its "
                      "checkpoint", cmd_rerun, long_running=True)
-    rerun.add_argument("--run-id", required=True, metavar="RUN", help="the run whose units to rerun")
+    rerun.add_argument("--run-id", metavar="RUN", help="the run whose units to rerun (default: the latest run)")
     rerun.add_argument("--failed", action="store_true", help="only units that failed (default: every unfinished unit)")
     rerun.add_argument("--shards", type=_shard_list, metavar="I,J", help="only units of these shards of the run")
     rerun.add_argument("--new-shards", type=_positive_int, metavar="N",

@@ -343,6 +343,8 @@ def demo(settings: Settings, *, markets: int, seed: int, profile: str, shards: i
         say(f"loaded {len(dataset.markets):,} markets (Gamma shape); " + sync_markets(settings))
         code = backfill(settings, shards=shards, parallelism=None, say=say)
         fill_requests = sim.stats()["fill_requests"]
+    if code == EXIT_SIGTERM:
+        return code
     with open_store(settings) as store:
         stored = store.count_fills()
         say(monitor.render_verify(monitor.verify(store, heartbeat_interval_s=settings.heartbeat_interval_s)))

@@ -114,7 +114,8 @@ def test_coverage_by_month_and_worst_gaps(store):
 # --- run status ----------------------------------------------------------------------------------
 
 STATUS_KEYS = {"schema_version", "generated_at", "live", "live_age_s", "stalled_after_s", "run_id",
-               "parent_run_id", "created_at", "source", "state", "markets", "recent", "aggregate", "shards"}
+               "parent_run_id", "created_at", "source", "state", "ended", "reruns", "finished_by", "markets", "recent",
+               "aggregate", "shards"}
 MARKETS_KEYS = {"universe", "covered", "not_covered", "coverage", "complete", "zero_fill", "incomplete", "missing",
                 "unknown"}
 AGGREGATE_KEYS = {"units_done", "units_failed", "units_total", "fills", "expected_fills", "rps", "share_429",
@@ -180,7 +181,7 @@ def test_status_json_schema_is_stable(store):
     assert empty["run_id"] is None and empty["state"] is None and empty["shards"] == []
     seed_run(store)
     status = json.loads(json.dumps(monitor.run_status(store, now=NOW)))
-    assert set(status) == STATUS_KEYS and status["schema_version"] == 2 and status["live"] is False
+    assert set(status) == STATUS_KEYS and status["schema_version"] == 3 and status["live"] is False
     assert set(status["markets"]) == MARKETS_KEYS and set(status["recent"]) == {"fills_24h", "fills_7d"}
     assert set(status["aggregate"]) == AGGREGATE_KEYS
     assert all(set(s) == SHARD_KEYS for s in status["shards"])
@@ -204,7 +205,10 @@ def test_default_run_is_the_latest_and_unknown_run_is_bad_input(store):
     (3, 1, 1, True, "running", 15.0, "running"),
     (3, 1, 1, True, "running", 15.001, "stalled"),
     (3, 0, 0, False, "starting", 0.0, "running"),
-    (3, 1, 0, True, "stopped", 1.0, "stalled"),
+    (3, 1, 0, True, "stopped", 1.0, "stopped"),
+    (3, 1, 0, True, "stopped", 99.0, "stopped"),
+    (3, 2, 1, True, "starting", 1.0, "running"),  # an index about to be retried: not failed for good
+    (3, 2, 1, True, "starting", 16.0, "failed"),
     (3, 1, 0, True, None, None, "stalled"),
     (3, 0, 0, False, None, None, "pending"),
 ])
@@ -218,6 +222,7 @@ def test_shard_state_precedence(total, done, failed, started, beat_state, age, e
     ([], "done"), (["done", "done"], "done"), (["done", "failed"], "failed"),
     (["failed", "running", "stalled"], "running"), (["failed", "stalled", "pending"], "stalled"),
     (["failed", "pending"], "pending"), (["pending", "done"], "pending"),
+    (["stopped", "done"], "stopped"), (["stopped", "pending"], "stopped"), (["stopped", "running"], "running"),
 ])
 def test_run_state(states, expected):
     assert monitor.run_state(states) == expected
@@ -246,7 +251,7 @@ def test_publish_and_read_live(store, tmp_path):
     monitor.publish_live(status, path)
     assert os.listdir(path.parent) == ["status.json"]  # atomic replace leaves no temp file
     live = monitor.read_live(path, 60, now=NOW + timedelta(seconds=5))
-    assert live == {**status, "live": True, "live_age_s": 5.0}
+    assert live == {**status, "live": True, "live_age_s": 5.0, "pid": os.getpid()}
     assert monitor.read_live(path, 60, now=NOW + timedelta(seconds=61)) is None
     path.write_text("{not json")
     assert monitor.read_live(path, 60, now=NOW) is None
@@ -289,8 +294,9 @@ def test_status_reads_live_file_while_another_process_holds_the_database(tmp_pat
         verify = clobjob("verify")
         assert verify.returncode == 1 and f"in use by another process (pid {holder.pid})" in verify.stderr
         (tmp_path / "home" / "live" / "status.json").unlink()
-        gone = clobjob("status")
-        assert gone.returncode == 1 and "no fresh live status" in gone.stderr
+        gone = clobjob("status", "--wait", "1")
+        assert gone.returncode == 1 and "waiting up to 1s for its live status" in gone.stderr
+        assert "has published no live status" in gone.stderr and "Traceback" not in gone.stderr
     finally:
         holder.terminate()
         holder.wait(timeout=30)
@@ -341,7 +347,7 @@ def test_watch_redraws_until_interrupted(store, settings, capsys, monkeypatch):
 def test_status_json_cli(store, settings, capsys):
     seed_run(store)
     assert run_cli(settings, "status", "--json", "--run-id", "r1") == 0
-    assert set(json.loads(capsys.readouterr().out)) == STATUS_KEYS
+    assert set(json.loads(capsys.readouterr().out)) == STATUS_KEYS | {"job"}
     assert run_cli(settings, "status", "--run-id", "missing") == 2
 
 

@@ -1,14 +1,16 @@
 """The status of a run over all its shards, and its rendering (a table, one progress line).
 
-Status JSON (``run_status``), ``schema_version`` 2; every key is always present:
+Status JSON (``run_status``), ``schema_version`` 3; every key is always present:
 
 - ``schema_version`` int; ``generated_at`` ISO time; ``live`` bool (true when read from the live file);
   ``live_age_s`` float|null (age of the live file); ``stalled_after_s`` float (heartbeat age that stalls).
 - ``run_id``, ``parent_run_id``, ``created_at``, ``source``, ``state``: the run (default: the latest); all
-  null when there is no run. ``state`` is the run state (below).
+  null when there is no run. ``state`` is the run state (below); ``ended`` bool: done, failed or stopped.
 - ``markets``: ``universe, covered, not_covered, coverage`` and the count of each ``MarketStatus``:
   ``complete, zero_fill, incomplete, missing, unknown`` (null when computed with ``coverage=False``).
   Version 2 (from 1): ``missing`` counts status missing (nothing stored); v1's ``missing`` is ``not_covered``.
+  Version 3 (from 2): state ``stopped``; ``ended``, ``reruns``, ``finished_by``; a live status adds ``pid`` (of
+  the process that published it) and ``progress`` (``monitor.progress``).
 - ``recent``: ``fills_24h, fills_7d``: distinct stored fills whose fill timestamp lies in (now − 24 h, now]
   and (now − 7 d, now] (null with ``coverage=False``).
 - ``aggregate``: ``units_done, units_failed, units_total, fills, expected_fills, rps, share_429,
@@ -53,7 +55,7 @@ from clobjob.errors import BadInput
 from clobjob.models import Heartbeat, Run, RunState, ShardStatus, as_utc, coverage_summary
 from clobjob.store import Store
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def utcnow(now: datetime | None = None) -> datetime:
@@ -267,7 +269,7 @@ def render_status(status: Mapping[str, Any]) -> str:
         a = status["aggregate"]
         lines.append(f"total    fills {a['fills']:,} of {a['expected_fills']:,} expected · units "
                      f"{a['units_done']:,}/{a['units_total']:,} done, {a['units_failed']:,} failed · "
-                     f"{a['rps']:.1f} req/s · 429s {pct(a['share_429'])}")
+                     f"{a['rps']:.1f} req/s · 429s {pct(a['share_429'])} · ETA {render_duration(a['eta_s'])}")
         if status.get("progress"):
             lines.append("progress " + render_progress(status["progress"], WIDTH - 9))
         lines.append("")
@@ -317,7 +319,7 @@ def render_progress(progress: Mapping[str, Any], width: int = WIDTH) -> str:
     parts = [f"[{'#' * filled}{'.' * (10 - filled)}] {_pct1(progress['done_share'])} "
              f"{progress['fills']:,}/{progress['expected_fills']:,} fills",
              f"ETA {render_duration(progress['eta_s'])}", f"{progress['fills_per_s']:,.0f} fills/s",
-             f"{progress['rps']:.1f} req/s ({progress['requests']:,})", f"429s {_pct1(progress['share_429'])}"]
+             f"{progress['rps']:.1f} req/s", f"429s {_pct1(progress['share_429'])}"]
     if progress["share_errors"] is not None:
         parts.append(f"errors {_pct1(progress['share_errors'])}")
     if progress["retrying"]:

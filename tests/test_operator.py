@@ -1,0 +1,184 @@
+"""What the operator sees, on a real terminal (a pty) and in a second terminal: the progress line with log
+lines above it, Ctrl+C once (stopped, checkpointed, the resume hint, exit 143) and twice (out at once), and
+``status --watch`` before, during and after a run on the embedded database and behind ``clobjob db serve``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clobjob.monitor import STOPPED_HINT
+from clobjob.sim import Dataset, SimConfig, SimServer
+from tests.terminal import CTRL_C, REPO, TerminalProcess
+from tests.test_backfill import prepared
+from tests.truth import run_cli
+
+pytestmark = pytest.mark.timeout(120)
+
+PROGRESS = r"\] +\d+\.\d% [\d,]+/[\d,]+ fills · ETA"
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ")
+
+
+def operator_env(tmp_path: Path, sim: SimServer, markets: int, seed: int, **extra: str) -> dict:
+    env = prepared(tmp_path, Dataset.generate(markets=markets, seed=seed), sim, markets, seed,
+                   CLOBJOB_HEARTBEAT_INTERVAL_S="1", CLOBJOB_FLUSH_INTERVAL_S="1", **extra)
+    env.pop("CLOBJOB_LOG_FORMAT")
+    return env
+
+
+@pytest.fixture
+def slow_sim():
+    """A throttled simulator slow enough that a backfill lasts several progress intervals."""
+    dataset = Dataset.generate(markets=800, seed=21)
+    config = SimConfig.for_profile("throttled", seed=21, rate_limit_rps=12.0, latency_base_s=0.05)
+    with SimServer(dataset, config).run_in_thread() as sim:
+        yield sim
+
+
+def test_progress_line_in_fills_with_a_warning_in_the_middle(tmp_path):
+    dataset = Dataset.generate(markets=800, seed=22)
+    config = SimConfig.for_profile("throttled", seed=22, rate_limit_rps=15.0, p_hang=0.15, hang_s=4.0)
+    with SimServer(dataset, config).run_in_thread() as sim:
+        env = operator_env(tmp_path, sim, 800, 22, CLOBJOB_STALL_TIMEOUT_S="1", CLOBJOB_REQUEST_TIMEOUT_S="10")
+        term = TerminalProcess(["backfill", "--shards", "3"], env)
+        try:
+            assert term.wait(90) == 0, "\n".join(term.screen())
+        finally:
+            term.close()
+    text, screen = term.text, term.screen()
+    first_bar = re.search(PROGRESS, text)
+    first_warning = text.find("WARNING")
+    assert first_bar and 0 <= first_bar.start() < first_warning, "a warning came while the bar was drawn"
+    assert any("unit attempt 1 failed" in line for line in screen)
+    for line in screen:  # a log line is never glued to the bar, nor the bar to a log line
+        assert not (re.search(PROGRESS, line) and re.search(r"\d\d:\d\d:\d\d (INFO|WARNING)", line)), line
+    bars = [line for line in screen if re.search(PROGRESS, line)]
+    assert bars and all(len(bar) < 100 for bar in bars)  # fits the terminal (one column spare)
+    assert "DONE" in "\n".join(screen)
+    assert any(LOG_LINE.match(line) for line in screen)
+
+
+def test_ctrl_c_once_stops_checkpoints_and_says_how_to_resume(tmp_path, slow_sim):
+    env = operator_env(tmp_path, slow_sim, 800, 21)
+    term = TerminalProcess(["backfill", "--shards", "3"], env)
+    try:
+        term.expect(PROGRESS, 60)
+        term.send(CTRL_C)
+        code = term.wait(60)
+    finally:
+        term.close()
+    screen = [line for line in term.screen() if line]
+    assert code == 143, "\n".join(screen)
+    assert screen[-1] == STOPPED_HINT
+    shown = "\n".join(screen)
+    assert "SIGINT: stopping — flushing and checkpointing (Ctrl+C again to exit at once)" in shown
+    assert "STOPPED" in shown and "retrying" not in shown and "STALLED" not in shown and "failed (" not in shown
+    assert re.search(r"shard (stopped|done): ", shown)
+    status = json.loads(run_cli(env, "status", "--json").stdout)
+    assert status["state"] == "stopped" and status["ended"]
+    assert {s["state"] for s in status["shards"]} <= {"stopped", "done"}
+    assert "stopped" in {s["state"] for s in status["shards"]}
+
+
+def test_ctrl_c_twice_exits_at_once(tmp_path, slow_sim):
+    env = operator_env(tmp_path, slow_sim, 800, 21)
+    term = TerminalProcess(["backfill", "--shards", "3"], env)
+    try:
+        term.expect(PROGRESS, 60)
+        term.send(CTRL_C)
+        term.expect("Ctrl\\+C again to exit at once", 10)
+        term.send(CTRL_C)
+        assert term.wait(10) == 130
+    finally:
+        term.close()
+    assert STOPPED_HINT not in term.text  # it did not wait to checkpoint and report
+
+
+# --- the second terminal ---------------------------------------------------------------------------
+
+
+def clobjob(env: dict, *args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "clobjob", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def read_until(stream, pattern: str, timeout_s: float) -> str:
+    """Lines of ``stream`` until one matches ``pattern``."""
+    seen, deadline = "", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if select.select([stream], [], [], 0.5)[0]:
+            line = stream.readline()
+            if not line:
+                break
+            seen += line
+            if re.search(pattern, line):
+                return seen
+    raise AssertionError(f"{pattern!r} not seen within {timeout_s}s:\n{seen}")
+
+
+def finish(process: subprocess.Popen, timeout_s: float = 60) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        raise AssertionError(f"still running after {timeout_s}s:\n{out[-3000:]}\n{err[-3000:]}") from None
+    return process.returncode, out, err
+
+
+def watch_a_run(env: dict, *, live: bool) -> None:
+    """``status --watch`` started before a run waits for it and exits 0 only once it is done; started during
+    one that is then stopped, it exits 143; started after, it exits at once."""
+    before = clobjob(env, "status", "--watch", "3")
+    read_until(before.stdout, "no run yet", 30)  # the watch just let go of the database
+    backfill = clobjob(env, "backfill", "--shards", "2")
+    code, out, err = finish(before, 90)
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert backfill.wait(timeout=30) == 0, backfill.stderr.read()[-3000:]
+    assert "DONE" in out.split("no run yet", 1)[1]
+    if live:
+        assert "[live," in out and "progress [" in out and "coverage" in out.split("[live,", 1)[1]
+
+    after = clobjob(env, "status", "--watch", "3")
+    code, out, _ = finish(after, 30)
+    assert code == 0 and out.count("Ctrl+C to stop") == 1 and "DONE" in out
+
+
+def test_watch_before_and_after_a_run_on_the_embedded_database(tmp_path, slow_sim):
+    watch_a_run(operator_env(tmp_path, slow_sim, 800, 21), live=True)
+
+
+def test_watch_during_a_run_that_is_stopped_exits_143(tmp_path, slow_sim):
+    env = operator_env(tmp_path, slow_sim, 800, 21, CLOBJOB_LOG_FORMAT="json")
+    backfill = clobjob(env, "backfill", "--shards", "3")
+    read_until(backfill.stderr, '"message": "progress', 60)  # running and publishing
+    env.pop("CLOBJOB_LOG_FORMAT")
+    watch = clobjob(env, "status", "--watch", "1")
+    read_until(watch.stdout, r"\[live, ", 30)
+    backfill.send_signal(signal.SIGTERM)
+    assert backfill.wait(timeout=60) == 143
+    code, out, err = finish(watch, 30)
+    assert code == 143, out[-3000:] + err[-3000:]
+    assert "STOPPED" in out and out.rstrip().endswith(STOPPED_HINT)
+
+
+def test_watch_behind_db_serve(tmp_path, slow_sim):
+    home = {**os.environ, "CLOBJOB_CLICKHOUSE_URL": f"chdb://{tmp_path / 'served'}",
+            "CLOBJOB_HOME": str(tmp_path / "home")}
+    server = clobjob(home, "db", "serve", "--port", "0")
+    try:
+        url = re.search(r"http://[\d.]+:\d+", read_until(server.stdout, r"http://", 60)).group(0)
+        env = operator_env(tmp_path, slow_sim, 800, 21, CLOBJOB_CLICKHOUSE_URL=url)
+        watch_a_run(env, live=False)
+    finally:
+        server.send_signal(signal.SIGINT)
+        finish(server, 30)
