@@ -158,10 +158,9 @@ def test_watch_before_and_after_a_run_on_the_embedded_database(tmp_path, slow_si
 
 
 def test_watch_during_a_run_that_is_stopped_exits_143(tmp_path, slow_sim):
-    env = operator_env(tmp_path, slow_sim, 800, 21, CLOBJOB_LOG_FORMAT="json")
-    backfill = clobjob(env, "backfill", "--shards", "3")
-    read_until(backfill.stderr, '"message": "progress', 60)  # running and publishing
-    env.pop("CLOBJOB_LOG_FORMAT")
+    env = operator_env(tmp_path, slow_sim, 800, 21)
+    backfill = clobjob(env, "backfill", "--shards", "3")  # off a terminal: JSON log lines, one per progress
+    read_until(backfill.stderr, '"message": "progress: ', 60)  # running and publishing
     watch = clobjob(env, "status", "--watch", "1")
     read_until(watch.stdout, r"\[live, ", 30)
     backfill.send_signal(signal.SIGTERM)
@@ -182,3 +181,70 @@ def test_watch_behind_db_serve(tmp_path, slow_sim):
     finally:
         server.send_signal(signal.SIGINT)
         finish(server, 30)
+
+
+# --- what status shows ---------------------------------------------------------------------------------------
+
+
+def test_status_of_a_run_a_rerun_finished_names_the_rerun(store):
+    from clobjob import monitor
+    from clobjob.models import Run, UnitState, WorkUnit
+    from tests.test_monitor import NOW, beat, checkpoint
+
+    store.create_run(Run(run_id="a", shards=1, source="subgraph"),
+                     [WorkUnit(run_id="a", unit_id=0, shard=0, expected_fills=3)])
+    store.save_checkpoints([checkpoint("a", 0, 0, UnitState.FAILED, error="TransientSourceError: HTTP 503")])
+    store.save_heartbeat(beat("a", 0, 100, "failed"))
+    assert monitor.run_status(store, "a", now=NOW)["finished_by"] is None
+    store.create_run(Run(run_id="a-r1", shards=1, source="subgraph", parent_run_id="a"),
+                     [WorkUnit(run_id="a-r1", unit_id=0, shard=0, expected_fills=3)])
+    store.save_checkpoints([checkpoint("a-r1", 0, 0, UnitState.DONE, fills=3)])
+    status = monitor.run_status(store, "a", now=NOW)
+    assert status["state"] == "failed" and status["finished_by"] == "a-r1"
+    assert status["reruns"] == [{"run_id": "a-r1", "state": "done"}]
+    assert "finished by rerun a-r1 (done)" in monitor.render_status(status)
+
+
+def test_the_status_table_fits_100_columns_and_keeps_the_error_code(store):
+    from clobjob import monitor
+    from clobjob.models import Run, UnitState, WorkUnit
+    from tests.test_monitor import NOW, beat, checkpoint
+
+    error = ("TransientSourceError: subgraph: gave up after 8 attempts: HTTP 503: 'upstream connect error or "
+             "disconnect/reset before headers. reset reason: overflow, and a very long tail of text'")
+    store.create_run(Run(run_id="w", shards=2, source="subgraph"),
+                     [WorkUnit(run_id="w", unit_id=0, shard=0, expected_fills=48_247),
+                      WorkUnit(run_id="w", unit_id=1, shard=1, expected_fills=10)])
+    store.save_checkpoints([checkpoint("w", 0, 0, UnitState.DONE, fills=48_800, pages=49),
+                            checkpoint("w", 1, 1, UnitState.FAILED, error=error)])
+    store.save_heartbeat(beat("w", 1, 1, "running", now=NOW).model_copy(update={"pod": "x" * 60}))
+    text = monitor.render_status(monitor.run_status(store, "w", now=NOW))
+    assert all(len(line) <= 100 for line in text.splitlines()), text
+    assert "TransientSourceError(HTTP 503): subgraph: gave up after 8 attempts:" in text
+    assert "48,800+" in text and monitor.status.MORE_THAN_EXPECTED in text
+    assert monitor.short_error(error, 40) == "TransientSourceError(HTTP 503): subgrap…"  # 40 columns
+
+
+def test_progress_is_in_fills_with_an_eta_from_the_measured_rate():
+    from clobjob.monitor import ProgressMeter, Requests, render_progress
+
+    clock = iter([0.0, 10.0])
+    meter = ProgressMeter(clock=lambda: next(clock))
+
+    def status(fills: int, state: str = "running", error: str = "") -> dict:
+        shards = [{"state": "done", "fills": 500, "expected_fills": 500, "last_error": ""},
+                  {"state": state, "fills": fills - 500, "expected_fills": 9_500, "last_error": error}]
+        return {"state": "running", "aggregate": {"fills": fills, "expected_fills": 10_000}, "shards": shards}
+
+    first = meter.update(status(1_000), Requests(requests=10, throttled=0, errors=0))
+    assert first["done_share"] == 0.1 and first["eta_s"] is None and first["remaining_fills"] == 9_000
+    second = meter.update(status(3_000, error="TransientSourceError: HTTP 503: busy"),
+                          Requests(requests=110, throttled=10, errors=5, retries=4), retrying=[1])
+    assert second["fills_per_s"] == 200.0 and second["rps"] == 10.0 and second["eta_s"] == 35.0
+    assert second["share_429"] == 0.1 and second["share_errors"] == 0.05
+    wide = render_progress(second, 200)
+    assert wide == ("[###.......] 30.0% 3,000/10,000 fills · ETA 35s · 200 fills/s · 10.0 req/s · 429s 10.0% · "
+                    "errors 5.0% · retrying shard 1 · retries 4 · last: TransientSourceError(HTTP 503): busy")
+    narrow = render_progress(second, 100)  # the least telling figures give way
+    assert len(narrow) <= 100 and narrow.startswith("[###.......] 30.0% 3,000/10,000 fills · ETA 35s · 200 fills/s")
+    assert "retrying shard 1 · retries 4" in narrow and "req/s" not in narrow

@@ -64,7 +64,7 @@ class IndexedJob:
                         return
                     delay = self.retry_delay_s * 2 ** (state.runs - 1)
                     logger.bind(run_id=self.run_id, shard=shard).warning(
-                        "index {} failed (attempt {} of {}, exit {}); retrying in {:.0f}s", shard, state.runs,
+                        "index {} failed (attempt {} of {}, exit {}); retrying in {:g}s", shard, state.runs,
                         self.backoff_limit_per_index + 1, state.exit_code, delay)
                     self.retrying.add(shard)
                     await self._tell(shard, RunState.STARTING)

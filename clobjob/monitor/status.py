@@ -236,8 +236,7 @@ def _pct1(ratio: float) -> str:
 _TABLE_HEADER = (f"{'shard':>5} {'state':<8} {'units d/f/all':>13} {'fills':>12} {'expected':>12} {'req/s':>6} "
                  f"{'429s':>6} {'ETA':>8} {'beat':>7}  pod")
 STOPPED_HINT = "stopped and checkpointed — run the same command to resume"
-MORE_THAN_EXPECTED = ("+ more fills stored than expected: the source's expected count is stale "
-                      "(`clobjob markets sync` refreshes it)")
+MORE_THAN_EXPECTED = "+ more fills stored than expected: the source's count is stale; `clobjob markets sync` renews it"
 
 
 def render_status(status: Mapping[str, Any]) -> str:
@@ -268,8 +267,9 @@ def render_status(status: Mapping[str, Any]) -> str:
     if status["run_id"] is not None:
         a = status["aggregate"]
         lines.append(f"total    fills {a['fills']:,} of {a['expected_fills']:,} expected · units "
-                     f"{a['units_done']:,}/{a['units_total']:,} done, {a['units_failed']:,} failed · "
-                     f"{a['rps']:.1f} req/s · 429s {pct(a['share_429'])} · ETA {render_duration(a['eta_s'])}")
+                     f"{a['units_done']:,}/{a['units_total']:,} done, {a['units_failed']:,} failed")
+        lines.append(f"rate     {a['rps']:.1f} req/s · 429s {pct(a['share_429'])} · ETA {render_duration(a['eta_s'])} "
+                     "(of the remaining requests)")
         if status.get("progress"):
             lines.append("progress " + render_progress(status["progress"], WIDTH - 9))
         lines.append("")
@@ -313,20 +313,28 @@ def render_job(job: Mapping[str, Any] | None) -> list[str]:
 
 
 def render_progress(progress: Mapping[str, Any], width: int = WIDTH) -> str:
-    """One line of ``ProgressMeter`` figures, most important first (a bar of fills stored ÷ expected, ETA,
-    rates, shares, retries, the last error), cut to ``width`` columns."""
+    """One line of ``ProgressMeter`` figures: a bar of fills stored ÷ expected, the fills and the ETA, then as
+    many of retries, rates and shares as fit ``width`` columns (the least telling dropped first), then the last
+    error when a retry is on."""
     filled = int(10 * progress["done_share"])
-    parts = [f"[{'#' * filled}{'.' * (10 - filled)}] {_pct1(progress['done_share'])} "
-             f"{progress['fills']:,}/{progress['expected_fills']:,} fills",
-             f"ETA {render_duration(progress['eta_s'])}", f"{progress['fills_per_s']:,.0f} fills/s",
-             f"{progress['rps']:.1f} req/s", f"429s {_pct1(progress['share_429'])}"]
+    head = (f"[{'#' * filled}{'.' * (10 - filled)}] {_pct1(progress['done_share'])} "
+            f"{progress['fills']:,}/{progress['expected_fills']:,} fills · ETA {render_duration(progress['eta_s'])}")
+    retrying = bool(progress["retries"] or progress["retrying"])
+    parts = [(6, f"{progress['fills_per_s']:,.0f} fills/s"), (1, f"{progress['rps']:.1f} req/s"),
+             (4, f"429s {_pct1(progress['share_429'])}")]
     if progress["share_errors"] is not None:
-        parts.append(f"errors {_pct1(progress['share_errors'])}")
+        parts.append((3, f"errors {_pct1(progress['share_errors'])}"))
     if progress["retrying"]:
-        parts.append(f"retrying shard {','.join(map(str, progress['retrying']))}")
-    if progress["retries"] or progress["retrying"]:
-        parts.append(f"retries {progress['retries']:,}")
-    line = " · ".join(parts)
-    if progress["last_error"] and (progress["retries"] or progress["retrying"]) and width - len(line) > 30:
+        parts.append((8, f"retrying shard {','.join(map(str, progress['retrying']))}"))
+    if retrying:
+        parts.append((7, f"retries {progress['retries']:,}"))
+
+    def joined() -> str:
+        return " · ".join([head, *(text for _, text in parts)])
+
+    while parts and len(joined()) > width:
+        parts.remove(min(parts))
+    line = joined()
+    if progress["last_error"] and retrying and width - len(line) > 30:
         line += " · last: " + short_error(progress["last_error"], width - len(line) - 9)
     return line if len(line) <= width else line[:width - 1] + "…"
