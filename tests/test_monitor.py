@@ -293,7 +293,12 @@ def test_status_reads_live_file_while_another_process_holds_the_database(tmp_pat
         assert "[live," in clobjob("status").stdout
         verify = clobjob("verify")
         assert verify.returncode == 1 and f"in use by another process (pid {holder.pid})" in verify.stderr
-        (tmp_path / "home" / "live" / "status.json").unlink()
+        live_file = tmp_path / "home" / "live" / "status.json"
+        earlier = {**json.loads(live_file.read_text()), "pid": holder.pid + 1}  # what an earlier process wrote
+        live_file.write_text(json.dumps(earlier))
+        stale = clobjob("status", "--wait", "1")
+        assert stale.returncode == 1 and "has published no live status" in stale.stderr
+        live_file.unlink()
         gone = clobjob("status", "--wait", "1")
         assert gone.returncode == 1 and "waiting up to 1s for its live status" in gone.stderr
         assert "has published no live status" in gone.stderr and "Traceback" not in gone.stderr

@@ -144,7 +144,7 @@ def watch_a_run(env: dict, *, live: bool) -> None:
     code, out, err = finish(before, 90)
     assert code == 0, out[-3000:] + err[-3000:]
     assert backfill.wait(timeout=30) == 0, backfill.stderr.read()[-3000:]
-    assert "DONE" in out.split("no run yet", 1)[1]
+    assert "DONE" in out  # out: what the watch showed after "no run yet"
     if live:
         assert "[live," in out and "progress [" in out and "coverage" in out.split("[live,", 1)[1]
 
@@ -170,17 +170,40 @@ def test_watch_during_a_run_that_is_stopped_exits_143(tmp_path, slow_sim):
     assert "STOPPED" in out and out.rstrip().endswith(STOPPED_HINT)
 
 
-def test_watch_behind_db_serve(tmp_path, slow_sim):
+@pytest.fixture
+def served(tmp_path):
+    """``clobjob db serve`` of a fresh embedded database: its URL."""
     home = {**os.environ, "CLOBJOB_CLICKHOUSE_URL": f"chdb://{tmp_path / 'served'}",
             "CLOBJOB_HOME": str(tmp_path / "home")}
     server = clobjob(home, "db", "serve", "--port", "0")
     try:
-        url = re.search(r"http://[\d.]+:\d+", read_until(server.stdout, r"http://", 60)).group(0)
-        env = operator_env(tmp_path, slow_sim, 800, 21, CLOBJOB_CLICKHOUSE_URL=url)
-        watch_a_run(env, live=False)
+        yield re.search(r"http://[\d.]+:\d+", read_until(server.stdout, r"http://", 60)).group(0)
     finally:
         server.send_signal(signal.SIGINT)
         finish(server, 30)
+
+
+def test_watch_behind_db_serve(tmp_path, slow_sim, served):
+    watch_a_run(operator_env(tmp_path, slow_sim, 800, 21, CLOBJOB_CLICKHOUSE_URL=served), live=False)
+
+
+def test_worker_processes_behind_db_serve_log_above_the_bar_and_stop_cleanly(tmp_path, slow_sim, served):
+    env = operator_env(tmp_path, slow_sim, 800, 21, CLOBJOB_CLICKHOUSE_URL=served)
+    term = TerminalProcess(["backfill", "--shards", "2"], env)
+    try:
+        term.expect(PROGRESS, 60)
+        term.expect(r"shard starts", 30)
+        term.send(CTRL_C)
+        code = term.wait(60)
+    finally:
+        term.close()
+    screen = [line for line in term.screen() if line]
+    assert code == 143 and screen[-1] == STOPPED_HINT, "\n".join(screen)
+    assert not any(line.lstrip().startswith("{") for line in screen)  # the workers' JSON lines, shown as text
+    assert any(re.match(r"^\d\d:\d\d:\d\d INFO +run-\S+/\d shard starts", line) for line in screen)
+    for line in screen:
+        assert not (re.search(PROGRESS, line) and re.search(r"\d\d:\d\d:\d\d (INFO|WARNING)", line)), line
+    assert "failed (" not in "\n".join(screen) and "STOPPED" in "\n".join(screen)
 
 
 # --- what status shows ---------------------------------------------------------------------------------------

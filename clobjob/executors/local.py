@@ -10,6 +10,7 @@ embedded database behind ``clobjob db serve``) each index is a ``clobjob worker`
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -21,6 +22,7 @@ from loguru import logger
 from clobjob.config import Settings
 from clobjob.errors import EXIT_BAD_INPUT, ClobjobError
 from clobjob.executors.base import IndexOutcome, JobOutcome, pod_exit_code, retryable
+from clobjob.logs import TERMINAL
 from clobjob.models import Heartbeat, Run, RunState
 from clobjob.monitor.progress import Requests
 from clobjob.parts import Parts, process_parts
@@ -108,17 +110,37 @@ def subprocess_index(settings: Settings, run_id: str, stop: asyncio.Event) -> Ru
 
     async def run_index(shard: int) -> int:
         env = {**os.environ, **settings.as_env(), "JOB_COMPLETION_INDEX": str(shard), "POD_NAME": f"local-{shard}"}
+        relay = sys.stderr.isatty()  # on a terminal, this process's one writer shows the worker's lines
+        if relay:
+            env["CLOBJOB_LOG_FORMAT"] = "json"
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "clobjob", "worker", "--run-id", run_id, env=env)
+            sys.executable, "-m", "clobjob", "worker", "--run-id", run_id, env=env,
+            stderr=asyncio.subprocess.PIPE if relay else None)
+        relaying = asyncio.create_task(_relay_logs(process.stderr)) if process.stderr is not None else None
         waiter = asyncio.create_task(process.wait())
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if not waiter.done():
             process.send_signal(signal.SIGTERM)
         stopper.cancel()
-        return pod_exit_code(await waiter)
+        code = pod_exit_code(await waiter)
+        if relaying is not None:
+            await relaying
+        return code
 
     return run_index
+
+
+async def _relay_logs(stream: asyncio.StreamReader) -> None:
+    """A worker process's JSON log lines, logged again by this process (other lines written as they are)."""
+    async for raw in stream:
+        text = raw.decode(errors="replace").rstrip("\n")
+        try:
+            line = json.loads(text)
+            logger.bind(run_id=line.get("run_id", ""), shard=line.get("shard")).log(
+                line.get("level", "INFO"), "{}", line.get("message", ""))
+        except (ValueError, AttributeError, TypeError):
+            TERMINAL.write(text + "\n")
 
 
 class LocalExecutor:
