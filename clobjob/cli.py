@@ -137,6 +137,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
                      for row in cells)
 
 
+def _short_id(condition_id: str) -> str:
+    """A condition id cut to its first and last digits, to fit a table."""
+    return condition_id if len(condition_id) <= 20 else f"{condition_id[:12]}…{condition_id[-6:]}"
+
+
 def _render_diagnosis(shown: dict[str, Any]) -> str:
     statuses = list(shown["by_status"])
     fetch, rec = shown["to_fetch"], shown["recommendation"]
@@ -152,18 +157,20 @@ def _render_diagnosis(shown: dict[str, Any]) -> str:
     for title, matrix in (("by end date", shown["by_age"]), ("by volume rank", shown["by_volume"])):
         lines += ["", _table([title, *statuses], [[b, *counts.values()] for b, counts in matrix.items()])]
     lines += ["", f"to fetch: {fetch['markets']:,} markets ({fetch['missing']:,} missing, {fetch['incomplete']:,} "
-              f"incomplete, {fetch['unknown_expected']:,} with unknown expected fills); "
-              f"{fetch['expected_fills']:,} expected fills in ≈ {fetch['requests']:,} requests",
+              f"incomplete, {fetch['unknown_expected']:,} with unknown expected fills)",
+              f"          {fetch['expected_fills']:,} expected fills in ≈ {fetch['requests']:,} requests",
               f"at {rec['rate_rps']:.1f} req/s ({rec['rate_origin']}): ≈ {monitor.render_duration(rec['duration_s'])}",
-              f"recommended: --shards {rec['shards']} with --max-in-flight {rec['in_flight']} per worker pod (a local "
-              f"backfill shares one window: --max-in-flight {rec['in_flight'] * rec['shards']})"]
+              f"recommended: --shards {rec['shards']}, --max-in-flight {rec['in_flight']} per worker pod "
+              f"(one local backfill: --max-in-flight {rec['in_flight'] * rec['shards']})"]
     live = shown["live"]
     if live is None:
         lines.append("live check: skipped")
     else:
         lines += ["", _table(["sample", "expected", "first page", "latency s", "error"],
-                             [[s["condition_id"], "?" if s["expected_fills"] is None else s["expected_fills"],
-                               f"{s['fills']}{'+' if s['more'] else ''}", f"{s['latency_s']:.2f}", s["error"]]
+                             [[_short_id(s["condition_id"]),
+                               "?" if s["expected_fills"] is None else s["expected_fills"],
+                               f"{s['fills']}{'+' if s['more'] else ''}", f"{s['latency_s']:.2f}",
+                               monitor.short_error(s["error"], 44) if s["error"] else ""]
                               for s in live["samples"]]),
                   f"probe: {live['requests']:,} requests, {live['throttled']:,} throttled, {live['errors']:,} "
                   f"errors; sustainable ≈ {live['rate_rps']:.1f} req/s"]

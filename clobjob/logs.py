@@ -51,10 +51,10 @@ class Terminal:
             sys.stderr.flush()
 
     def close(self) -> None:
-        """End the progress line (it stays on screen), so what follows starts on a new line."""
+        """Take the progress line off the screen (what follows, a summary, replaces it)."""
         with self._lock:
             if self._line:
-                sys.stderr.write("\n")
+                sys.stderr.write("\r\x1b[K")
                 sys.stderr.flush()
             self._line = ""
 

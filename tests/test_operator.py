@@ -61,10 +61,12 @@ def test_progress_line_in_fills_with_a_warning_in_the_middle(tmp_path):
     assert any("unit attempt 1 failed" in line for line in screen)
     for line in screen:  # a log line is never glued to the bar, nor the bar to a log line
         assert not (re.search(PROGRESS, line) and re.search(r"\d\d:\d\d:\d\d (INFO|WARNING)", line)), line
-    bars = [line for line in screen if re.search(PROGRESS, line)]
-    assert bars and all(len(bar) < 100 for bar in bars)  # fits the terminal (one column spare)
+    frames = re.findall(r"\[[#.]{10}\][^\r\n\x1b]*", text)  # every drawing of the bar
+    assert len(frames) > 3 and all(len(frame) < 100 for frame in frames)  # fits the terminal, a column spare
+    assert not any(re.search(PROGRESS, line) for line in screen)  # taken off once the run is over
     assert "DONE" in "\n".join(screen)
-    assert any(LOG_LINE.match(line) for line in screen)
+    logged = [line for line in screen if re.search(r" (INFO|WARNING) ", line)]
+    assert logged and all(LOG_LINE.match(line) for line in logged)  # each log line starts its own line
 
 
 def test_ctrl_c_once_stops_checkpoints_and_says_how_to_resume(tmp_path, slow_sim):
