@@ -81,6 +81,13 @@ def _to_stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _ended(status: dict[str, Any]) -> bool:
+    """The run has ended (done, failed for good, stopped), and its Kubernetes Job, if it has one, is finished
+    (until then a failed index may be retried)."""
+    job = status.get("job")
+    return status["ended"] and not (job and "error" not in job and not job["finished"])
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if not args.watch:
         status = launch.status(settings, args.run_id, on=args.on, wait_s=args.wait, say=_to_stderr)
@@ -101,7 +108,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
                     sys.stdout.write("\x1b[H\x1b[2J")  # clear and redraw in place, like watch -n
                 header = "" if args.json else f"every {args.watch:g}s, Ctrl+C to stop · {time.strftime('%H:%M:%S')}\n"
                 print(header + shown, flush=True)
-            if status is not None and status["ended"]:
+            if status is not None and _ended(status):
                 return WATCH_EXIT[RunState(status["state"])]
             time.sleep(args.watch)
     except KeyboardInterrupt:

@@ -326,9 +326,12 @@ def one_unit_run(store, run_id: str, state: UnitState, *, beat_state: str = "run
     store.save_heartbeat(beat(run_id, 0, beat_age_s, beat_state, now=now))
 
 
-@pytest.mark.parametrize(("state", "code", "shown"), [(UnitState.DONE, 0, "DONE"), (UnitState.FAILED, 1, "FAILED")])
-def test_watch_exits_with_the_run_outcome(store, settings, capsys, state, code, shown):
-    one_unit_run(store, "w", state)
+@pytest.mark.parametrize(("state", "beat_state", "code", "shown"), [
+    (UnitState.DONE, "running", 0, "DONE"), (UnitState.FAILED, "running", 1, "FAILED"),
+    (UnitState.RUNNING, "stopped", 143, "STOPPED"),
+])
+def test_watch_exits_with_the_run_outcome(store, settings, capsys, state, beat_state, code, shown):
+    one_unit_run(store, "w", state, beat_state=beat_state)
     assert run_cli(settings, "status", "--watch", "0.01") == code
     out = capsys.readouterr().out
     assert "Ctrl+C to stop" in out and shown in out

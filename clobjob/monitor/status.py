@@ -268,10 +268,11 @@ def render_status(status: Mapping[str, Any]) -> str:
         a = status["aggregate"]
         lines.append(f"total    fills {a['fills']:,} of {a['expected_fills']:,} expected · units "
                      f"{a['units_done']:,}/{a['units_total']:,} done, {a['units_failed']:,} failed")
-        lines.append(f"rate     {a['rps']:.1f} req/s · 429s {pct(a['share_429'])} · ETA {render_duration(a['eta_s'])} "
-                     "(of the remaining requests)")
-        if status.get("progress"):
+        if status.get("progress"):  # a live status: the ETA of the remaining fills at the measured rate
             lines.append("progress " + render_progress(status["progress"], WIDTH - 9))
+        else:
+            lines.append(f"rate     {a['rps']:.1f} req/s · 429s {pct(a['share_429'])} · ETA "
+                         f"{render_duration(a['eta_s'])} (of the remaining requests)")
         lines.append("")
         lines.append(_TABLE_HEADER)
         more = False
