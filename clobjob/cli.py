@@ -256,7 +256,7 @@ EXECUTORS = ("auto", "local", "kubernetes")
 DESCRIPTION = ("Backfill Polymarket CLOB order fills into ClickHouse: completely, at the highest rate the source "
                "allows, resumable after any stop, on one machine or sharded across a Kubernetes Indexed Job.")
 EPILOG = ("getting started: clobjob markets sync (or markets load FILE) → clobjob diagnose → clobjob backfill → "
-          "clobjob status --watch 10 (second terminal) → clobjob verify → clobjob rerun --run-id R --failed. "
+          "clobjob status --watch 10 (second terminal) → clobjob verify → clobjob rerun --failed. "
           "Every flag that overrides a setting also reads from its CLOBJOB_* environment variable.")
 FAULT_FLAGS = ("p_5xx", "p_graphql_timeout", "p_overloaded", "p_store_timeout_in", "p_empty_body", "p_truncated",
                "p_slow", "p_hang")
@@ -287,6 +287,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _default(setting: str) -> Any:
+    return Settings.model_fields[setting].default
+
+
 def _add_source_flags(parser: argparse.ArgumentParser, *, stores: bool = True) -> None:
     """The flags of the settings a fetching command uses (each overrides its environment variable)."""
     parser.add_argument("--subgraph-url", metavar="URL",
@@ -296,10 +300,11 @@ def _add_source_flags(parser: argparse.ArgumentParser, *, stores: bool = True) -
                              "(env CLOBJOB_MAX_RPS; default: no ceiling)")
     parser.add_argument("--max-in-flight", type=_positive_int, metavar="N",
                         help="most requests in flight at once, per process: diagnose recommends it "
-                             "(env CLOBJOB_MAX_IN_FLIGHT; default 64)")
+                             f"(env CLOBJOB_MAX_IN_FLIGHT; default {_default('max_in_flight')})")
     if stores:
         parser.add_argument("--batch-rows", type=_positive_int, metavar="N",
-                            help="most fills per insert into ClickHouse (env CLOBJOB_BATCH_ROWS; default 20000)")
+                            help="most fills per insert into ClickHouse "
+                                 f"(env CLOBJOB_BATCH_ROWS; default {_default('batch_rows')})")
 
 
 def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:

@@ -283,7 +283,9 @@ async def _publish_progress(settings: Settings, store: Store, run_id: str, execu
         if coverage:
             measured = {"markets": status["markets"], "recent": status["recent"]}
         status.update(measured)
-        requests = executor.requests() or await asyncio.to_thread(_heartbeat_requests, store, run_id, executor)
+        requests = executor.requests()
+        if requests is None:  # the shards are worker processes
+            requests = await asyncio.to_thread(_heartbeat_requests, store, run_id, executor)
         status["progress"] = meter.update(status, requests, sorted(executor.job.retrying) if executor.job else [])
         if settings.embedded:
             await asyncio.to_thread(monitor.publish_live, status, path)
