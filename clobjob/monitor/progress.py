@@ -7,8 +7,8 @@ expected_fills, done_share`` (fills ÷ expected, at most 1), ``remaining_fills``
 over shards not done), ``requests, throttled, errors`` (totals of this process's requests; ``errors`` null when
 unknown), ``share_429, share_errors`` (of the requests since the previous sample), ``fills_per_s, rps``
 (over the last samples), ``eta_s`` (remaining ÷ fills_per_s; null when nothing is being stored),
-``retries`` (request and index retries so far), ``last_error`` (the latest error of a unit not done),
-``retrying`` (shards waiting to be retried).
+``retries`` (request and index retries so far), ``last_error`` (an error of a unit not done: that of the
+highest shard with one), ``retrying`` (shards waiting to be retried).
 """
 
 from __future__ import annotations
