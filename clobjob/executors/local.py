@@ -106,7 +106,9 @@ def in_process_index(parts: Parts, run_id: str, stop: asyncio.Event) -> RunIndex
 
 
 def subprocess_index(settings: Settings, run_id: str, stop: asyncio.Event) -> RunIndex:
-    """One attempt of a shard as a ``clobjob worker`` process with ``JOB_COMPLETION_INDEX`` (a server URL)."""
+    """One attempt of a shard as a ``clobjob worker`` process with ``JOB_COMPLETION_INDEX`` (a server URL), in
+    its own session: a stop reaches it only as SIGTERM from here, as the kubelet stops a pod (a Ctrl+C on the
+    terminal never kills a worker that has not yet installed its handlers)."""
 
     async def run_index(shard: int) -> int:
         env = {**os.environ, **settings.as_env(), "JOB_COMPLETION_INDEX": str(shard), "POD_NAME": f"local-{shard}"}
@@ -115,7 +117,7 @@ def subprocess_index(settings: Settings, run_id: str, stop: asyncio.Event) -> Ru
             env["CLOBJOB_LOG_FORMAT"] = "json"
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "clobjob", "worker", "--run-id", run_id, env=env,
-            stderr=asyncio.subprocess.PIPE if relay else None)
+            stderr=asyncio.subprocess.PIPE if relay else None, start_new_session=True)
         relaying = asyncio.create_task(_relay_logs(process.stderr)) if process.stderr is not None else None
         waiter = asyncio.create_task(process.wait())
         stopper = asyncio.create_task(stop.wait())
