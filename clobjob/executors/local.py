@@ -26,7 +26,7 @@ from clobjob.logs import TERMINAL
 from clobjob.models import Heartbeat, Run, RunState
 from clobjob.monitor.progress import Requests
 from clobjob.parts import Parts, process_parts
-from clobjob.store import Store
+from clobjob.store import Store, open_store
 from clobjob.worker import ShardWorker
 
 RunIndex = Callable[[int], Awaitable[int]]
@@ -182,4 +182,11 @@ class LocalExecutor:
         if self._parts is not None and self._parts.writer is not None:
             await self._parts.writer.call(self._parts.writer.store.save_heartbeat, beat)
         else:
-            await asyncio.to_thread(self.store.save_heartbeat, beat)
+            await asyncio.to_thread(_save_heartbeat, self.settings, beat)
+
+
+def _save_heartbeat(settings: Settings, beat: Heartbeat) -> None:
+    """Save a heartbeat over a connection of its own (a server session runs one query at a time, and the
+    progress publisher may be using the executor's)."""
+    with open_store(settings, migrate=False) as store:
+        store.save_heartbeat(beat)
