@@ -336,7 +336,10 @@ async def _run_backfill(settings: Settings, store: Any, run_id: str, parallelism
         progress.cancel()
         if sys.stderr.isatty():
             sys.stderr.write("\n")
-    if outcome.failed:
+    if outcome.exit_code == EXIT_BAD_INPUT:
+        print(f"failed shards: {','.join(map(str, outcome.failed))} on a permanent error (bad input or a drifted "
+              f"source) — do not retry until it is fixed; the reason is in `clobjob status --run-id {run_id}`")
+    elif outcome.failed:
         print(f"failed shards: {','.join(map(str, outcome.failed))} — see `clobjob status --run-id {run_id}`; "
               f"rerun them with `clobjob backfill` (resumes) or `clobjob rerun --run-id {run_id} --failed`")
     return outcome.exit_code

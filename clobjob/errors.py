@@ -30,3 +30,16 @@ class TransientSourceError(ClobjobError):
     """A data source failed in a way a retry may fix (throttled, 5xx, timeout, garbled body)."""
 
     exit_code = EXIT_FAILED
+
+
+class UnitFailed(ClobjobError):
+    """One work unit cannot succeed by retrying (a bad value, a cursor that does not advance, lost rows):
+    the worker fails that unit at once, with this message as its last error, and the others go on."""
+
+    exit_code = EXIT_FAILED
+    unit_fatal = True
+
+
+class BadFill(UnitFailed):
+    """A fill row outside the storage contract (``models.check_fills``): the message names the field, the
+    value (escaped, truncated) and its place; the page is not stored and the unit's checkpoint stays before it."""

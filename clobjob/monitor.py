@@ -29,7 +29,8 @@ a failed unit, else of an unfinished unit. Aggregate: sums, rps of running shard
 heartbeats, ``eta_s`` = total remaining ÷ total rps.
 
 Shard state, first rule that matches: ``done`` every unit done (or no units); ``failed`` every unit done or
-failed; ``running`` a *live* heartbeat: age ≤ stalled_after × heartbeat interval and its state is not one a
+failed, or its worker exited on a permanent error (heartbeat state ``failed_permanently``: its ``last_error``
+then starts "do not retry until fixed: "); ``running`` a *live* heartbeat: age ≤ stalled_after × heartbeat interval and its state is not one a
 worker writes on exit (stopped/done/failed); ``stalled`` a heartbeat that is not live, or none but some unit
 has left pending; ``pending`` otherwise. Run state: ``done`` all shards done; ``failed`` all shards done or
 failed; else ``running`` if any shard runs, ``stalled`` if any is stalled, else ``pending``.
@@ -56,11 +57,11 @@ from typing import Any
 
 from clobjob.config import Settings
 from clobjob.errors import BadInput, ClobjobError
-from clobjob.models import Heartbeat, MarketFills, ShardStatus, as_utc, coverage_summary
+from clobjob.models import PERMANENT_FAILURE_STATE, Heartbeat, MarketFills, ShardStatus, as_utc, coverage_summary
 from clobjob.store import Store, open_store
 
 SCHEMA_VERSION = 2
-ENDED_BEAT_STATES = frozenset({"stopped", "done", "failed"})
+ENDED_BEAT_STATES = frozenset({"stopped", "done", "failed", PERMANENT_FAILURE_STATE})
 """Heartbeat states a worker writes when its process ends: such a heartbeat is never live."""
 SOURCE_UNTIL = {"subgraph": datetime(2026, 4, 28, 11, tzinfo=timezone.utc)}
 """The newest fill a source can hold (data-sources.md §2: the last v1 fill; the subgraph indexes only v1)."""
@@ -121,7 +122,7 @@ def shard_state(*, units_total: int, units_done: int, units_failed: int, started
     """A shard's state by the precedence in the module docstring."""
     if units_done == units_total:
         return "done"
-    if units_done + units_failed == units_total:
+    if units_done + units_failed == units_total or (beat is not None and beat.state == PERMANENT_FAILURE_STATE):
         return "failed"
     if beat is not None and beat_age_s is not None and beat_age_s <= stalled_after_s \
             and beat.state not in ENDED_BEAT_STATES:
@@ -171,6 +172,8 @@ def shard_statuses(store: Store, run: Mapping[str, Any], beats: Mapping[int, Hea
         state = shard_state(units_total=total, units_done=done, units_failed=failed, started=started > 0,
                             beat=beat, beat_age_s=age, stalled_after_s=stalled_after_s)
         rps = beat.rps if beat and state == "running" else 0.0
+        if beat is not None and beat.state == PERMANENT_FAILURE_STATE:
+            error = f"do not retry until fixed: {error}"
         result.append(ShardStatus(
             shard=shard, state=state, units_done=done, units_failed=failed, units_total=total, fills=fills,
             expected_fills=expected, rps=rps, share_429=_share(beat.throttled, beat.requests) if beat else 0.0,
@@ -283,7 +286,8 @@ def render_status(status: Mapping[str, Any]) -> str:
             units = f"{s['units_done']}/{s['units_failed']}/{s['units_total']}"
             lines.append(f"{s['shard']:>5} {s['state']:<8} {units:>19} {s['fills']:>11,} {s['expected_fills']:>11,} "
                          f"{s['rps']:>6.1f} {_pct(s['share_429']):>7} {render_duration(s['eta_s']):>8} "
-                         f"{render_duration(s['heartbeat_age_s']):>7}  {s['pod'][:16]:<16} {s['last_error'][:60]}")
+                         f"{render_duration(s['heartbeat_age_s']):>7}  {s['pod'][:16]:<16} "
+                         f"{s['last_error'] if s['state'] == 'failed' else s['last_error'][:60]}")
     return "\n".join(line.rstrip() for line in lines)
 
 

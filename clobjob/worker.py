@@ -26,12 +26,15 @@ from loguru import logger
 from clobjob.config import Settings
 from clobjob.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, ClobjobError
 from clobjob.metrics import MetricsServer
-from clobjob.models import Checkpoint, Heartbeat, UnitState, WorkUnit
+from clobjob.models import (FILL_COLUMNS, PERMANENT_FAILURE_STATE, Checkpoint, Heartbeat, UnitState, WorkUnit,
+                            check_fills)
 from clobjob.ratelimit import AdaptiveRateController
 from clobjob.sources.base import FillSource, Page
 from clobjob.store import FillBuffer, Store
 
 T = TypeVar("T")
+UnitKey = tuple[int, int]  # (shard, unit id)
+_TOKEN_AT = FILL_COLUMNS.index("token_id")
 
 
 def pod_name(shard: int) -> str:
@@ -50,6 +53,11 @@ class UnitProgress:
     attempts: int = 0
     state: UnitState = UnitState.PENDING
     last_error: str = ""
+    foreign: int = 0  # fills of tokens outside the unit, not stored
+
+    @property
+    def key(self) -> UnitKey:
+        return self.unit.shard, self.unit.unit_id
 
     def checkpoint(self) -> Checkpoint:
         """The unit's checkpoint as of now."""
@@ -74,14 +82,20 @@ class ShardCounters:
 class StoreWriter:
     """A process's one path to the store: store calls run in order on one thread, off the event loop,
     and fills of every shard of the process share one buffer, flushed in large batches (one insert
-    stream per process, as ClickHouse prefers). A flush stores the rows, then the checkpoints they cover."""
+    stream per process, as ClickHouse prefers). A flush stores the rows, then the checkpoints they cover.
+
+    A flush that fails (an insert ClickHouse refuses, fewer rows written than sent, a lost connection) never
+    raises and never writes the checkpoints queued with it: every unit with rows or a checkpoint in it is
+    *lost* (``lost``: unit → reason), its checkpoint is rewritten as failed at its last stored cursor (so a
+    rerun refetches the rows), and nothing of it is queued any more. Workers read ``lost`` to fail those units."""
 
     def __init__(self, store: Store, batch_rows: int) -> None:
         self.store, self._batch_rows = store, batch_rows
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._buffer = FillBuffer()
-        self._pending: dict[tuple[int, int], tuple[Checkpoint, str]] = {}
+        self._pending: dict[UnitKey, tuple[Checkpoint, str]] = {}
         self._lock = asyncio.Lock()
+        self.lost: dict[UnitKey, str] = {}  # written on the store thread only
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the store thread. Once submitted it runs to the end even if the caller is
@@ -89,33 +103,61 @@ class StoreWriter:
         return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._thread, fn, *args))
 
     async def add(self, progress: UnitProgress, pod: str, page: Page | None = None) -> None:
-        """Queue a page's rows and the unit's new checkpoint; flush when the batch is full."""
+        """Queue a page's rows and the unit's new checkpoint (nothing of a lost unit); flush when the batch is full."""
+        if progress.key in self.lost:
+            return
         if page is not None:
             self._buffer.extend(page.rows)
-        self._pending[(progress.unit.shard, progress.unit.unit_id)] = (progress.checkpoint(), pod)
+        self._pending[progress.key] = (progress.checkpoint(), pod)
         if len(self._buffer) >= self._batch_rows:
             await self.flush()
 
     async def flush(self) -> None:
         """Store buffered rows, then the checkpoints queued with them (never the other way round)."""
         async with self._lock:
-            columns, checkpoints = self._buffer.take(), list(self._pending.values())
+            columns, checkpoints = self._buffer.take(), self._pending
             self._pending = {}
             if columns[0] or checkpoints:
                 await self.call(self._write, columns, checkpoints)
 
-    def _write(self, columns: list[list[Any]], checkpoints: list[tuple[Checkpoint, str]]) -> None:
+    def _write(self, columns: list[list[Any]], checkpoints: dict[UnitKey, tuple[Checkpoint, str]]) -> None:
         """One job on the store thread, so the checkpoints cannot be written without their rows."""
-        if columns[0]:
-            self.store.insert_fills(columns)
-        for pod in sorted({pod for _, pod in checkpoints}):
-            self.store.save_checkpoints([cp for cp, owner in checkpoints if owner == pod], pod)
+        checkpoints = {key: queued for key, queued in checkpoints.items() if key not in self.lost}
+        try:
+            if columns[0]:
+                self.store.insert_fills(columns)
+            for pod in sorted({pod for _, pod in checkpoints.values()}):
+                self.store.save_checkpoints([cp for cp, owner in checkpoints.values() if owner == pod], pod)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the batch's units are lost, not the process
+            self._lose(checkpoints, len(columns[0]), exc)
+
+    def _lose(self, checkpoints: dict[UnitKey, tuple[Checkpoint, str]], rows: int, exc: Exception) -> None:
+        """(store thread) A batch was not stored: mark its units lost and record each as failed at its last
+        stored checkpoint (read back from ClickHouse), with the store's error as the reason."""
+        reason = f"store write failed ({rows} fills since the unit's last checkpoint not stored): {describe(exc)}"
+        self.lost.update(dict.fromkeys(checkpoints, reason))
+        logger.error("{}; {} unit(s) failed: {}", reason, len(checkpoints), sorted(checkpoints)[:20])
+        groups: dict[tuple[str, int, str], list[Checkpoint]] = {}
+        for cp, pod in checkpoints.values():
+            groups.setdefault((cp.run_id, cp.shard, pod), []).append(cp)
+        try:
+            for (run_id, shard, pod), queued in groups.items():
+                saved = self.store.checkpoints(run_id, shard)
+                self.store.save_checkpoints([saved.get(cp.unit_id, Checkpoint(
+                    run_id=run_id, shard=shard, unit_id=cp.unit_id)).model_copy(update={
+                        "state": UnitState.FAILED, "last_error": reason, "attempts": cp.attempts}) for cp in queued], pod)
+        except Exception as again:  # noqa: BLE001 - the stored checkpoints stay at their last stored cursor
+            logger.error("could not record the failed units either: {}", describe(again))
 
     async def flush_every(self, interval_s: float) -> None:
-        """Flush on a timer (the time bound of a batch)."""
+        """Flush on a timer (the time bound of a batch); a failed flush is handled by ``flush`` itself, and
+        anything else is logged, never ends the timer."""
         while True:
             await asyncio.sleep(interval_s)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception as exc:  # noqa: BLE001 - a dead timer would leave batches unflushed, silently
+                logger.opt(exception=exc).error("timed flush failed: {}", describe(exc))
 
     def close(self) -> None:
         """Stop the thread (after pending calls finish)."""
@@ -214,8 +256,11 @@ class ShardWorker:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self._writer.flush()
+        for progress in todo:  # a unit done in memory whose rows a failed flush lost is failed
+            self._lost(progress)
         if error is not None:
-            self.state = "failed"
+            permanent = isinstance(error, ClobjobError) and error.exit_code != EXIT_FAILED
+            self.state = PERMANENT_FAILURE_STATE if permanent else "failed"
             await self._beat()
             raise error
         stopped = self.stop.is_set() and self.counters.units_done + self.counters.units_failed < self.counters.units_total
@@ -231,14 +276,20 @@ class ShardWorker:
         """Fetch one unit from its cursor to the end, retrying failed attempts up to the limit."""
         log = self._log.bind(unit=progress.unit.unit_id)
         progress.state = UnitState.RUNNING
+        tokens = frozenset(progress.unit.token_ids)
         while True:
             pages = self.source.pages(progress.unit, progress.cursor, conditions)
             try:
                 while True:
                     page = await asyncio.wait_for(anext(pages), self.settings.stall_timeout_s)
+                    if self._lost(progress):
+                        return
+                    page = self._admit(progress, page, tokens, log)
                     self._advance(progress, page)
                     await self._writer.add(progress, self.pod, page)
                     done, page = page.done, None  # the buffer has the rows; hold none while the next is fetched
+                    if self._lost(progress):
+                        return
                     if done:
                         self.counters.units_done += 1
                         log.debug("unit done: {} fills, {} pages", progress.fills, progress.pages)
@@ -249,7 +300,9 @@ class ShardWorker:
             except (asyncio.CancelledError, BadInput):
                 raise
             except ClobjobError as exc:
-                if exc.exit_code != EXIT_FAILED:  # permanent: a bad query or a drifted schema
+                if exc.exit_code != EXIT_FAILED:  # permanent (a bad query, a drifted schema): recorded, then raised
+                    progress.attempts += 1
+                    await self._fail(progress, exc, log)
                     raise
                 if await self._retry_or_fail(progress, exc, log):
                     return
@@ -258,6 +311,36 @@ class ShardWorker:
                     return
             finally:
                 await pages.aclose()
+
+    def _admit(self, progress: UnitProgress, page: Page, tokens: frozenset[str], log: Any) -> Page:
+        """The page as it may be buffered: every row within the storage contract (else ``BadFill`` fails the
+        unit, naming the page), rows of tokens outside the unit dropped, counted and reported."""
+        check_fills(page.rows, f"unit {progress.unit.unit_id} page {progress.pages + 1} "
+                               f"(after cursor {progress.cursor[:80]!r}): ")
+        if not tokens:  # a time-window unit: every token belongs to it
+            return page
+        kept = [row for row in page.rows if row[_TOKEN_AT] in tokens]
+        if len(kept) == len(page.rows):
+            return page
+        progress.foreign += len(page.rows) - len(kept)
+        progress.last_error = f"{progress.foreign} fill(s) of tokens outside the unit were not stored"
+        log.warning("unit {} page {}: {} fill(s) of tokens outside the unit not stored (e.g. token {})",
+                    progress.unit.unit_id, progress.pages + 1, len(page.rows) - len(kept),
+                    next(row[_TOKEN_AT] for row in page.rows if row[_TOKEN_AT] not in tokens)[:80])
+        return Page(kept, page.cursor, page.done)
+
+    def _lost(self, progress: UnitProgress) -> bool:
+        """True when a failed flush lost rows of this unit (``StoreWriter.lost``): the unit is failed."""
+        reason = self._writer.lost.get(progress.key)
+        if reason is None:
+            return False
+        if progress.state is not UnitState.FAILED:
+            if progress.state is UnitState.DONE:
+                self.counters.units_done -= 1
+            self.counters.units_failed += 1
+            progress.state, progress.last_error = UnitState.FAILED, reason
+            self._log.bind(unit=progress.unit.unit_id).error("unit failed: {}", reason)
+        return True
 
     def _advance(self, progress: UnitProgress, page: Page) -> None:
         progress.cursor = page.cursor
@@ -271,17 +354,26 @@ class ShardWorker:
 
     async def _retry_or_fail(self, progress: UnitProgress, exc: BaseException, log: Any) -> bool:
         """Count a failed attempt; returns True when the unit has failed for good."""
+        if self._lost(progress):
+            return True
         progress.attempts += 1
         progress.last_error = describe(exc)
         if progress.attempts >= self.settings.unit_attempts or getattr(exc, "unit_fatal", False):
-            progress.state = UnitState.FAILED
-            self.counters.units_failed += 1
-            log.error("unit failed after {} attempts: {}", progress.attempts, progress.last_error)
-            await self._writer.add(progress, self.pod)
+            await self._fail(progress, exc, log)
             return True
         log.warning("unit attempt {} failed, resuming from its cursor: {}", progress.attempts, progress.last_error)
         await asyncio.sleep(self.controller.backoff(progress.attempts))
         return False
+
+    async def _fail(self, progress: UnitProgress, exc: BaseException, log: Any) -> None:
+        """Mark the unit failed with ``exc`` as its last error and queue that checkpoint (at its cursor, which
+        never points past the rows buffered so far)."""
+        if progress.state is UnitState.FAILED:
+            return
+        progress.state, progress.last_error = UnitState.FAILED, describe(exc)
+        self.counters.units_failed += 1
+        log.error("unit failed after {} attempt(s): {}", progress.attempts, progress.last_error)
+        await self._writer.add(progress, self.pod)
 
     async def _beat_every(self, interval_s: float) -> None:
         while True:

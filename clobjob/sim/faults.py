@@ -7,8 +7,10 @@ so the same sequence of requests meets the same sequence of faults.
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -59,6 +61,8 @@ class SimConfig(BaseModel):
     hang_s: float = Field(3600.0, ge=0, description="a hung response completes (504) after this long")
     max_skip: int | None = Field(5000, ge=0, description="graph-node GRAPH_GRAPHQL_MAX_SKIP; None = unlimited")
     indexing_error: bool = False
+    bad_fill_values: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="fill id → {field: value}: that fill is served with these values")
 
     @model_validator(mode="after")
     def _probabilities_sum(self) -> SimConfig:
@@ -148,3 +152,11 @@ class TokenBucket:
 def retry_after_header(wait_s: float) -> str:
     """A Retry-After value (whole seconds, at least 1)."""
     return str(max(1, math.ceil(wait_s)))
+
+
+def with_bad_values(body: str, bad: Mapping[str, Mapping[str, Any]]) -> str:
+    """A fills answer with the fields of the fills named in ``bad`` replaced (a hostile source's values)."""
+    doc = json.loads(body)
+    for event in (doc.get("data") or {}).get("orderFilledEvents") or ():
+        event.update(bad.get(event.get("id"), {}))
+    return json.dumps(doc, separators=(",", ":"))

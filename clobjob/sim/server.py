@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from clobjob.serving import LocalServer
 from clobjob.sim.data import Dataset
 from clobjob.sim.engine import Engine
-from clobjob.sim.faults import THROTTLE_BODY, Fault, FaultPlan, SimConfig, TokenBucket, retry_after_header
+from clobjob.sim.faults import (THROTTLE_BODY, Fault, FaultPlan, SimConfig, TokenBucket, retry_after_header,
+                                with_bad_values)
 
 DEFAULT_PATH = "/subgraphs/orderbook-subgraph/gn"
 STAT_KEYS = ("requests", "ok", "query_errors", "throttled_429", "http_5xx", "graphql_timeout", "overloaded",
@@ -149,6 +150,8 @@ class SimServer(LocalServer):
             self._count("store_timeout")
             return _json({"errors": [{"message": _STORE_TIMEOUT}]})
         text = answer.body
+        if self.cfg.bad_fill_values and answer.fill_query and not answer.error:
+            text = with_bad_values(text, self.cfg.bad_fill_values)
         if draw.fault is Fault.EMPTY_BODY:
             self._count("empty_body")
             return web.Response(body=b"", content_type="application/json")

@@ -57,8 +57,8 @@ from typing import Any
 import aiohttp
 from loguru import logger
 
-from clobjob.config import Settings
-from clobjob.errors import EXIT_FAILED, ClobjobError, SourceError, TransientSourceError
+from clobjob.config import Settings, redact_url
+from clobjob.errors import ClobjobError, SourceError, TransientSourceError, UnitFailed
 from clobjob.models import EXCHANGES, BadValue, Market, WorkUnit, normalize_condition_id, normalize_token_id
 from clobjob.ratelimit import AdaptiveRateController, Permit
 from clobjob.sources.base import Page
@@ -81,11 +81,8 @@ FILL_FIELDS = ("id", "transactionHash", "timestamp", "orderHash", "maker", "take
                "takerAssetId", "makerAmountFilled", "takerAmountFilled", "fee")
 
 
-class SubgraphIndexingError(ClobjobError):
+class SubgraphIndexingError(UnitFailed):
     """The subgraph answers ``indexing_error`` (it failed to index): the unit fails with this reason."""
-
-    exit_code = EXIT_FAILED
-    unit_fatal = True  # retrying the unit cannot help: the worker fails it at once
 
 
 # --- answers -------------------------------------------------------------------------------------
@@ -122,17 +119,34 @@ def _graphql_errors(errors: Any) -> None:
     raise SourceError(f"subgraph rejected the query: {text}")
 
 
-def _answer(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
-    """The ``data`` object of one HTTP answer, or the exception it calls for."""
+def _not_the_protocol(url: str, status: int, headers: Mapping[str, str], body: bytes, why: str) -> SourceError:
+    """The error for an answer that is not GraphQL JSON at all (a wrong endpoint, a portal page): permanent."""
+    return SourceError(f"{redact_url(url)} is not answering as a GraphQL endpoint ({why}): HTTP {status}, "
+                       f"Content-Type {headers.get('Content-Type', '-')!r}, {len(body):,} bytes starting "
+                       f"{body.lstrip()[:60]!r}")
+
+
+def _answer(status: int, headers: Mapping[str, str], body: bytes, url: str = "") -> dict[str, Any]:
+    """The ``data`` object of one HTTP answer, or the exception it calls for.
+
+    A body that cannot be GraphQL JSON — an HTML content type, or not starting with ``{`` — or that is not
+    UTF-8 before its end is the wrong protocol (``SourceError`` at once, naming the URL and what came back);
+    a JSON body cut short (also in the middle of a UTF-8 character) is retried as truncated."""
     if status == 429 or ALLOWANCE_TEXT.encode() in body[:2000]:
         raise _Retry(f"throttled (HTTP {status})", "throttled", headers.get("Retry-After"))
     if status >= 500 or status == 408:
         raise _Retry(f"HTTP {status}: {body[:80].decode(errors='replace').strip()!r}", "failed")
     if not body.strip():
         raise _Retry(f"empty body (HTTP {status})", "failed")
+    if "html" in headers.get("Content-Type", "").lower() or not body.lstrip().startswith(b"{"):
+        raise _not_the_protocol(url, status, headers, body, "not a JSON object")
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except UnicodeDecodeError as exc:
+        if exc.reason == "unexpected end of data" and status == 200:
+            raise _Retry(f"truncated body ({len(body)} bytes)", "failed") from None
+        raise _not_the_protocol(url, status, headers, body, f"not UTF-8 at byte {exc.start:,}") from None
+    except json.JSONDecodeError:
         if status != 200:
             raise SourceError(f"subgraph answered HTTP {status}: {body[:200].decode(errors='replace')!r}") from None
         raise _Retry(f"truncated or garbled body ({len(body)} bytes)", "failed") from None
@@ -379,7 +393,7 @@ class SubgraphSource:
         except aiohttp.ClientError as exc:
             raise _Retry(f"{type(exc).__name__}: {exc}", "failed") from None
         try:
-            data = _answer(status, headers, body)
+            data = _answer(status, headers, body, self.url)
         except _Retry as retry:
             if retry.verdict == "throttled":
                 permit.throttled(retry.retry_after)
@@ -454,7 +468,11 @@ class SubgraphSource:
             if len(events) < PAGE_SIZE:
                 segments.pop(0)
             else:
-                segment.after = _text(events[-1], "id")
+                last = _text(events[-1], "id")
+                if last <= segment.after:
+                    raise UnitFailed(f"unit {unit.unit_id}: the subgraph's cursor does not advance: a full page "
+                                     f"after id {segment.after[:140]!r} ends at id {last[:140]!r} (not after it)")
+                segment.after = last
             # Nothing of this page may stay referenced from this frame while the unit waits for its next
             # request slot: with hundreds of units parked per process, stale parsed pages were most of the heap.
             data = events = None

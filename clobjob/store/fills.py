@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from clobjob.errors import SourceError
+from clobjob.errors import ClobjobError, SourceError
 from clobjob.models import FILL_COLUMNS
 from clobjob.store.database import Database
 
@@ -13,6 +13,10 @@ DERIVED_COLUMNS = ("transaction_hash", "order_hash")  # ALIAS columns: the halve
 STORED_COLUMNS = tuple(c for c in FILL_COLUMNS if c not in DERIVED_COLUMNS)
 _STORED_AT = tuple(FILL_COLUMNS.index(c) for c in STORED_COLUMNS)
 _ID, _TX, _ORDER = (FILL_COLUMNS.index(c) for c in ("id", *DERIVED_COLUMNS))
+
+
+class StoreCountMismatch(ClobjobError):
+    """An insert that ClickHouse acknowledged with fewer rows written than sent."""
 
 
 class FillBuffer:
@@ -45,9 +49,15 @@ class FillTable:
     db: Database
 
     def insert_fills(self, columns: Sequence[Sequence[Any]]) -> int:
-        """Insert one block of columns as ``FillBuffer.take`` gives them; returns the row count."""
-        self.db.insert("clob_fills", STORED_COLUMNS, columns)
-        return len(columns[0]) if columns else 0
+        """Insert one block of columns as ``FillBuffer.take`` gives them; returns the row count.
+
+        ``StoreCountMismatch`` when ClickHouse reports fewer rows written than were sent (more is not a loss:
+        a materialized view on the table counts its own rows too); not checked when the answer has no summary."""
+        sent = len(columns[0]) if columns else 0
+        written = self.db.insert("clob_fills", STORED_COLUMNS, columns)
+        if written is not None and written < sent:
+            raise StoreCountMismatch(f"ClickHouse reports {written:,} of {sent:,} fills written to clob_fills")
+        return sent
 
     def insert_fill_rows(self, rows: Iterable[Sequence[Any]]) -> int:
         """Insert fill rows (tuples in ``FILL_COLUMNS`` order) as one block."""
