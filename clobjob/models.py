@@ -431,7 +431,7 @@ _HASH_SHAPE = _Shape(_HASH, "is not a 32-byte lower-case 0x hash")
 
 def _fill_checks(now: float) -> dict[str, Any]:
     """The check of each column (``FILL_COLUMNS`` order) as of ``now``."""
-    amount = _Int(0, UINT256_LIMIT, "is not within UInt256 (0 ≤ x < 2^256)")
+    amount = _Int(0, UINT256_LIMIT, "is not within UInt256 (0 <= x < 2^256)")
     return {
         "id": _Shape(f"{_HASH}_{_HASH}", "is not 0x + 64 lower-case hex digits, '_', 0x + 64 hex digits"),
         "transaction_hash": None,  # with a valid id, id = transaction_hash + "_" + order_hash implies both
@@ -482,6 +482,18 @@ def _row_fault(row: tuple[Any, ...]) -> tuple[str, str] | None:
     return None
 
 
+def _relations_hold(values: dict[str, tuple[Any, ...]]) -> bool:
+    """Whether every row's id, hashes, side, token and assets agree (``_row_fault`` says how one does not)."""
+    makers, takers = values["maker_asset_id"], values["taker_asset_id"]
+    try:
+        ids = tuple(map("_".join, zip(values["transaction_hash"], values["order_hash"])))
+    except TypeError:  # a hash that is not a string
+        return False
+    return (values["id"] == ids and values["side"] == tuple(map(_SIDE_BY_MAKER_ASSET.get, makers, repeat("SELL")))
+            and values["token_id"] == tuple(t if m == "0" != t else (m if t == "0" != m else None)
+                                            for m, t in zip(makers, takers)))
+
+
 def check_fills(rows: Sequence[tuple[Any, ...]], where: str = "") -> None:
     """Raise ``BadFill`` unless every row (a tuple in ``FILL_COLUMNS`` order) is within the storage contract.
 
@@ -504,12 +516,7 @@ def check_fills(rows: Sequence[tuple[Any, ...]], where: str = "") -> None:
         if check is not None and not check.all_ok(column):
             index = next(i for i, value in enumerate(column) if check.bad(value))
             raise BadFill(f"{where}fill {index} ({_shown(rows[index][0])}): {name} {_shown(column[index])} {check.why}")
-    values = dict(zip(FILL_COLUMNS, columns))
-    makers, takers = values["maker_asset_id"], values["taker_asset_id"]
-    if (values["id"] != tuple(map("_".join, zip(values["transaction_hash"], values["order_hash"])))
-            or values["side"] != tuple(map(_SIDE_BY_MAKER_ASSET.get, makers, repeat("SELL")))
-            or values["token_id"] != tuple(t if m == "0" != t else (m if t == "0" != m else None)
-                                           for m, t in zip(makers, takers))):
+    if not _relations_hold(dict(zip(FILL_COLUMNS, columns))):
         index, fault = next((i, f) for i, f in enumerate(map(_row_fault, rows)) if f is not None)
         field, why = fault
         raise BadFill(f"{where}fill {index} ({_shown(rows[index][0])}): {field} "

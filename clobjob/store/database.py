@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import clickhouse_connect
+from clickhouse_connect.driver.exceptions import Error as DriverError
 
 from clobjob.config import Settings
 from clobjob.errors import BadInput, ClobjobError
@@ -82,6 +83,11 @@ class Database:
         try:
             summary = self.client.insert(context=context).summary
             return int(summary["written_rows"]) if "written_rows" in summary else None
+        except DriverError:
+            raise
+        except Exception as exc:  # a value the driver cannot serialize: name its column (the driver only logs it)
+            raise ClobjobError(f"cannot send column {getattr(context, 'column_name', '?')} of {table} to "
+                               f"ClickHouse: {type(exc).__name__}: {exc}") from exc
         finally:
             # clickhouse-connect's InsertContext sits in a reference cycle and keeps the data (also outside
             # its ``data`` property): unless it lets go, every inserted block (≈10 MB of Python objects per
