@@ -348,14 +348,14 @@ class _Shape:
         self._rest = "".join(c for c in template if c != "h").encode().translate(None, self._HEX)
 
     def all_ok(self, values: tuple[Any, ...]) -> bool:
-        if self.optional:
-            values = tuple(set(values) - {""})
-            if not values:
-                return True
         try:
+            if self.optional:
+                values = tuple(set(values) - {""})
+                if not values:
+                    return True
             joined, n = "".join(values), len(values)
             encoded = joined.encode("ascii")
-        except (TypeError, UnicodeEncodeError):  # not all strings; not ASCII
+        except (TypeError, UnicodeEncodeError):  # not all strings (or not hashable); not ASCII
             return False
         if len(joined) != n * self.length or set(map(len, values)) != {self.length}:
             return False
@@ -366,13 +366,21 @@ class _Shape:
         return not self.all_ok((value,))
 
 
+def _each_distinct(values: tuple[Any, ...], bad: Any) -> bool:
+    """No distinct value of a column is ``bad`` (False when some value is not even hashable)."""
+    try:
+        return not any(map(bad, set(values)))
+    except TypeError:
+        return False
+
+
 class _Decimal:
     """Canonical decimal strings of an unsigned integer below 2^256 (checked once per distinct value)."""
 
     why = "is not a canonical uint256 decimal"
 
     def all_ok(self, values: tuple[Any, ...]) -> bool:
-        return not any(map(self.bad, set(values)))
+        return _each_distinct(values, self.bad)
 
     def bad(self, value: Any) -> bool:
         return not (type(value) is str and value.isascii() and value.isdigit() and len(value) <= 78
@@ -385,7 +393,7 @@ class _Name:
     why = "is not a source name (lower-case letters, digits, _)"
 
     def all_ok(self, values: tuple[Any, ...]) -> bool:
-        return not any(map(self.bad, set(values)))
+        return _each_distinct(values, self.bad)
 
     def bad(self, value: Any) -> bool:
         return not (type(value) is str and 0 < len(value) <= 32 and value.isascii()

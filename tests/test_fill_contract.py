@@ -44,7 +44,7 @@ def valid_rows(draw) -> tuple:
 surrogates = st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, codec=None), min_size=1)
 hostile = st.one_of(
     st.text(), surrogates, st.integers(), st.integers(U256, 10**100), st.integers(-10**80, -1), st.none(),
-    st.booleans(), st.floats(), st.binary(),
+    st.booleans(), st.floats(), st.binary(), st.lists(st.integers(), max_size=2), st.dictionaries(st.text(), st.none()),
     st.sampled_from(["0xab'cd0_0x'; drop table clob_fills; --", "zzzz0_not hex at all", "'; drop table markets; --",
                      "<script>alert(1)</script>", "0x" + "A" * 64, "0" * 80, "01", "", " 1", "１", 99999999999]),
 )

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from clobjob.errors import ClobjobError, SourceError
+from clobjob.errors import ClobjobError
 from clobjob.models import FILL_COLUMNS
 from clobjob.store.database import Database
 
 DERIVED_COLUMNS = ("transaction_hash", "order_hash")  # ALIAS columns: the halves of ``id``
 STORED_COLUMNS = tuple(c for c in FILL_COLUMNS if c not in DERIVED_COLUMNS)
 _STORED_AT = tuple(FILL_COLUMNS.index(c) for c in STORED_COLUMNS)
-_ID, _TX, _ORDER = (FILL_COLUMNS.index(c) for c in ("id", *DERIVED_COLUMNS))
 
 
 class StoreCountMismatch(ClobjobError):
@@ -29,13 +28,12 @@ class FillBuffer:
         return len(self._columns[0])
 
     def extend(self, rows: Iterable[Sequence[Any]]) -> None:
-        """Append rows; a row whose id is not ``transaction_hash + "_" + order_hash`` is refused."""
-        columns = self._columns
-        for row in rows:
-            if row[_ID] != f"{row[_TX]}_{row[_ORDER]}":
-                raise SourceError(f"fill id {row[_ID]!r} is not transaction hash + '_' + order hash")
-            for column, at in zip(columns, _STORED_AT):
-                column.append(row[at])
+        """Append rows that are within the storage contract (``models.check_fills``: the worker checks every
+        page before it is buffered), column by column."""
+        by_column = tuple(zip(*rows))
+        if by_column:
+            for column, at in zip(self._columns, _STORED_AT):
+                column.extend(by_column[at])
 
     def take(self) -> list[list[Any]]:
         """The gathered columns (``STORED_COLUMNS`` order); the buffer is empty afterwards."""
@@ -60,7 +58,7 @@ class FillTable:
         return sent
 
     def insert_fill_rows(self, rows: Iterable[Sequence[Any]]) -> int:
-        """Insert fill rows (tuples in ``FILL_COLUMNS`` order) as one block."""
+        """Insert fill rows (tuples in ``FILL_COLUMNS`` order) as one block (unchecked: tests and tools)."""
         buffer = FillBuffer()
         buffer.extend(rows)
         return self.insert_fills(buffer.take())
