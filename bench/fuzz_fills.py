@@ -62,8 +62,10 @@ def reference_ok(row: tuple) -> bool:
             and decimal("maker_asset_id") and decimal("taker_asset_id") and decimal("token_id")
             and all(uint(c, 256) for c in ("maker_amount_filled", "taker_amount_filled", "fee"))
             and text("condition_id", HASH, True) and v["side"] == ("BUY" if buy else "SELL")
-            and (v["taker_asset_id"] == "0") != buy and v["token_id"] == (v["taker_asset_id"] if buy else v["maker_asset_id"])
-            and type(v["is_relay_leg"]) is bool and v["exchange_version"] in (1, 2) and type(v["exchange_version"]) is int
+            and (v["taker_asset_id"] == "0") != buy
+            and v["token_id"] == (v["taker_asset_id"] if buy else v["maker_asset_id"])
+            and type(v["is_relay_leg"]) is bool
+            and type(v["exchange_version"]) is int and v["exchange_version"] in (1, 2)
             and type(v["source"]) is str and re.fullmatch(r"[a-z0-9_]{1,32}", v["source"]) is not None)
 
 

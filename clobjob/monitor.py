@@ -30,10 +30,11 @@ heartbeats, ``eta_s`` = total remaining ÷ total rps.
 
 Shard state, first rule that matches: ``done`` every unit done (or no units); ``failed`` every unit done or
 failed, or its worker exited on a permanent error (heartbeat state ``failed_permanently``: its ``last_error``
-then starts "do not retry until fixed: "); ``running`` a *live* heartbeat: age ≤ stalled_after × heartbeat interval and its state is not one a
-worker writes on exit (stopped/done/failed); ``stalled`` a heartbeat that is not live, or none but some unit
-has left pending; ``pending`` otherwise. Run state: ``done`` all shards done; ``failed`` all shards done or
-failed; else ``running`` if any shard runs, ``stalled`` if any is stalled, else ``pending``.
+then starts "do not retry until fixed: "); ``running`` a *live* heartbeat: age ≤ stalled_after × heartbeat
+interval and its state is not one a worker writes on exit (stopped/done/failed); ``stalled`` a heartbeat that
+is not live, or none but some unit has left pending; ``pending`` otherwise. Run state: ``done`` all shards
+done; ``failed`` all shards done or failed; else ``running`` if any shard runs, ``stalled`` if any is stalled,
+else ``pending``.
 
 Live status: chDB lets one process open a database path, so a backfill on the embedded database calls
 ``publish_live(run_status(...), live_path(settings))`` every few seconds; ``current_status`` reads

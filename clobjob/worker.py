@@ -6,6 +6,12 @@ batches, and writes a unit's checkpoint only after the rows it covers are stored
 the shard's liveness and rates; a per-page stall timeout cancels a stuck fetch and retries the unit.
 State lives only in ClickHouse, so a killed worker resumes where its last checkpoint points, and two
 pods running the same index are harmless (fills dedup by id, the latest checkpoint wins).
+
+A row is stored or its unit fails: every page is checked against the storage contract
+(``models.check_fills``) before it is buffered — a bad value fails the unit, naming it, with its checkpoint
+before the page — and rows of tokens outside the unit are dropped and reported; a flush that fails fails
+the units of its batch at their last stored cursor (``StoreWriter.lost``); a permanent error is recorded
+as the unit's last error before it is raised.
 """
 
 from __future__ import annotations
@@ -140,12 +146,13 @@ class StoreWriter:
         groups: dict[tuple[str, int, str], list[Checkpoint]] = {}
         for cp, pod in checkpoints.values():
             groups.setdefault((cp.run_id, cp.shard, pod), []).append(cp)
+        failed = {"state": UnitState.FAILED, "last_error": reason}
         try:
             for (run_id, shard, pod), queued in groups.items():
                 saved = self.store.checkpoints(run_id, shard)
                 self.store.save_checkpoints([saved.get(cp.unit_id, Checkpoint(
                     run_id=run_id, shard=shard, unit_id=cp.unit_id)).model_copy(update={
-                        "state": UnitState.FAILED, "last_error": reason, "attempts": cp.attempts}) for cp in queued], pod)
+                        **failed, "attempts": cp.attempts}) for cp in queued], pod)
         except Exception as again:  # noqa: BLE001 - the stored checkpoints stay at their last stored cursor
             logger.error("could not record the failed units either: {}", describe(again))
 

@@ -194,7 +194,7 @@ async def test_a_permanent_failure_is_recorded_and_status_says_do_not_retry(stor
 from tests.test_subgraph import canned, collect, event, fills_body, unit  # noqa: E402, F401 - fixture and helpers
 
 
-async def test_a_cursor_that_does_not_advance_fails_the_unit_at_once(canned):
+async def test_a_cursor_that_does_not_advance_fails_the_unit_at_once(canned):  # noqa: F811 - the fixture
     same_page = fills_body([event(i) for i in range(1000)])  # a full page, served whatever the cursor
     source, fake = await canned([(200, same_page)])
     pages = 0
@@ -212,7 +212,7 @@ async def test_a_cursor_that_does_not_advance_fails_the_unit_at_once(canned):
     ((200, b"hello, not json at all"), r"not a JSON object\): HTTP 200, Content-Type 'application/json'"),
     ((200, b"\x00\x1b[2J junk" * 1_000_000), r"10,000,000 bytes starting b'\\x00\\x1b\[2J junk"),
 ])
-async def test_an_answer_that_is_not_the_protocol_fails_fast_naming_the_url(canned, reply, why):
+async def test_an_answer_that_is_not_the_protocol_fails_fast_naming_the_url(canned, reply, why):  # noqa: F811 - the fixture
     source, fake = await canned([reply], subgraph_api_key="s3cret")
     with pytest.raises(SourceError, match=why) as failure:
         await collect(source, unit())
@@ -220,7 +220,7 @@ async def test_an_answer_that_is_not_the_protocol_fails_fast_naming_the_url(cann
     assert "s3cret" not in str(failure.value) and len(fake.requests) == 1
 
 
-async def test_a_truncated_json_body_stays_retryable(canned):
+async def test_a_truncated_json_body_stays_retryable(canned):  # noqa: F811 - the fixture
     accented = json.dumps({"data": {"orderFilledEvents": []}, "note": "é"}, ensure_ascii=False).encode()
     cut_in_a_character = accented[: accented.index("é".encode()) + 1]
     source, fake = await canned([(200, fills_body([event(1)])[:100]), (200, cut_in_a_character),
@@ -237,8 +237,9 @@ from clobjob.config import Settings
 from clobjob.store import open_store
 from clobjob.worker import ShardWorker, make_controller
 with open_store(Settings()) as store:
-    rows = store.db.rows("SELECT u.token_ids, p.state, p.last_error FROM (SELECT * FROM {db}.backfill_units FINAL) "
-                         "AS u LEFT JOIN (SELECT * FROM {db}.backfill_progress FINAL) AS p USING (run_id, shard, unit_id)")
+    rows = store.db.rows("SELECT u.token_ids, p.state, p.last_error "
+                         "FROM (SELECT * FROM {db}.backfill_units FINAL) AS u "
+                         "LEFT JOIN (SELECT * FROM {db}.backfill_progress FINAL) AS p USING (run_id, shard, unit_id)")
 json.dump(rows, sys.stdout)
 """
 

@@ -28,7 +28,10 @@ continues exactly where its last page ended.
 
 Rows (``FILL_COLUMNS`` order) are parsed without a model per fill, but strictly: a missing or renamed
 field, a wrong type or a non-numeric BigInt raises ``SourceError`` naming the entity, index and field.
-``condition_id`` comes from the caller's token → condition map; a token missing from it gets "".
+``condition_id`` comes from the caller's token → condition map; a token missing from it gets "". The values
+themselves (hex shapes, ranges, side) are the storage contract, ``models.check_fills``, which the worker
+applies to every page of every source. A full page whose last id is not after the cursor it was asked
+for (a server that ignores ``id_gt``) fails the unit at once (``UnitFailed``) instead of being paged forever.
 
 Errors, and what the rate controller is told. 429 / "surpassed your query allowance" → ``throttled``
 (Retry-After honoured); ``service is overloaded`` → ``overloaded``; ``Query timed out`` / store
@@ -43,6 +46,9 @@ budget (which delays them, never drops them); after ``max_attempts`` tries ``Tra
 carries the last reason. ``indexing_error`` raises ``SubgraphIndexingError`` (the worker fails the
 unit at once); any other GraphQL error (validation, argument range, "Cannot mix column filters…"), an
 unexpected HTTP status or a drifted shape raises ``SourceError`` at once (exit 2) with the server's text.
+So does an answer that is not GraphQL JSON at all — an HTML page, a body not starting with ``{``, bytes
+that are not UTF-8 — naming the URL (redacted), the status, the content type and the first bytes; only a
+JSON body cut short (also inside a UTF-8 character) is retried as truncated.
 """
 
 from __future__ import annotations
