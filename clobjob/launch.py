@@ -20,7 +20,7 @@ from loguru import logger
 
 from clobjob import monitor, plan, rerun
 from clobjob.config import Settings
-from clobjob.errors import BadInput, ClobjobError
+from clobjob.errors import EXIT_BAD_INPUT, BadInput, ClobjobError
 from clobjob.executors import kubernetes
 from clobjob.executors.base import JobOutcome
 from clobjob.executors.local import LocalExecutor
@@ -286,7 +286,10 @@ def status(settings: Settings, run_id: str | None, *, on: str = "auto") -> dict[
 def _run_and_report(settings: Settings, store: Store, run: Run, parallelism: int | None, say: Say) -> int:
     """Launch every shard of ``run`` here, with a progress line, then print its status."""
     outcome = asyncio.run(_launch(settings, store, run, parallelism or run.shards))
-    if outcome.failed:
+    if outcome.exit_code == EXIT_BAD_INPUT:
+        say(f"failed shards: {','.join(map(str, outcome.failed))} on a permanent error (bad input or a drifted "
+            f"source) — do not retry until it is fixed; the reason is in `clobjob status --run-id {run.run_id}`")
+    elif outcome.failed:
         say(f"failed shards: {','.join(map(str, outcome.failed))} — see `clobjob status --run-id {run.run_id}`; "
             f"rerun them with `clobjob backfill` (resumes) or `clobjob rerun --run-id {run.run_id} --failed`")
     say(monitor.render_status(monitor.run_status(store, run.run_id,

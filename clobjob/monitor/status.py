@@ -30,10 +30,12 @@ a failed unit, else of an unfinished unit. Aggregate: sums, rps of running shard
 heartbeats, ``eta_s`` = total remaining ÷ total rps.
 
 Shard state, first rule that matches: ``done`` every unit done (or no units); ``failed`` every unit done or
-failed; ``running`` a *live* heartbeat: age ≤ stalled_after × heartbeat interval and its state is not one a
-worker writes on exit (stopped/done/failed); ``stalled`` a heartbeat that is not live, or none but some unit
-has left pending; ``pending`` otherwise. Run state: ``done`` all shards done; ``failed`` all shards done or
-failed; else ``running`` if any shard runs, ``stalled`` if any is stalled, else ``pending``.
+failed, or its worker exited on a permanent error (heartbeat state ``failed_permanently``: its ``last_error``
+then starts "do not retry until fixed: "); ``running`` a *live* heartbeat: age ≤ stalled_after × heartbeat
+interval and its state is not one a worker writes on exit (``RunState.ended``); ``stalled`` a heartbeat that
+is not live, or none but some unit has left pending; ``pending`` otherwise. Run state: ``done`` all shards
+done; ``failed`` all shards done or failed; else ``running`` if any shard runs, ``stalled`` if any is stalled,
+else ``pending``.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def shard_state(*, units_total: int, units_done: int, units_failed: int, started
     """A shard's state by the precedence in the module docstring."""
     if units_done == units_total:
         return RunState.DONE
-    if units_done + units_failed == units_total:
+    if units_done + units_failed == units_total or (beat is not None and beat.state == RunState.FAILED_PERMANENTLY):
         return RunState.FAILED
     if beat is not None and beat_age_s is not None and beat_age_s <= stalled_after_s and not beat.state.ended:
         return RunState.RUNNING
@@ -105,6 +107,8 @@ def shard_statuses(store: Store, run: Run, beats: Mapping[int, Heartbeat], now: 
         state = shard_state(units_total=total, units_done=done, units_failed=failed, started=started > 0,
                             beat=beat, beat_age_s=age, stalled_after_s=stalled_after_s)
         rps = beat.rps if beat and state == RunState.RUNNING else 0.0
+        if beat is not None and beat.state == RunState.FAILED_PERMANENTLY:
+            error = f"do not retry until fixed: {error}"
         result.append(ShardStatus(
             shard=shard, state=state, units_done=done, units_failed=failed, units_total=total, fills=fills,
             expected_fills=expected, rps=rps, share_429=_share(beat.throttled, beat.requests) if beat else 0.0,
@@ -219,7 +223,8 @@ def render_status(status: Mapping[str, Any]) -> str:
             units = f"{s['units_done']}/{s['units_failed']}/{s['units_total']}"
             lines.append(f"{s['shard']:>5} {s['state']:<8} {units:>19} {s['fills']:>11,} {s['expected_fills']:>11,} "
                          f"{s['rps']:>6.1f} {pct(s['share_429']):>7} {render_duration(s['eta_s']):>8} "
-                         f"{render_duration(s['heartbeat_age_s']):>7}  {s['pod'][:16]:<16} {s['last_error'][:60]}")
+                         f"{render_duration(s['heartbeat_age_s']):>7}  {s['pod'][:16]:<16} "
+                         f"{s['last_error'] if s['state'] == RunState.FAILED else s['last_error'][:60]}")
     lines += render_job(status.get("job"))
     return "\n".join(line.rstrip() for line in lines)
 
