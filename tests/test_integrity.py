@@ -190,6 +190,23 @@ async def test_a_permanent_failure_is_recorded_and_status_says_do_not_retry(stor
         monitor.render_status(status)
 
 
+def test_backfill_on_a_drifted_answer_exits_2_and_says_do_not_retry(tmp_path):
+    from clobjob.sim import Dataset, SimConfig, SimServer
+
+    from tests.test_backfill import prepared
+    from tests.truth import run_cli
+
+    dataset = Dataset.generate(markets=200, seed=13)
+    victim = next(iter(dataset.iter_truth()))["id"]
+    with SimServer(dataset, SimConfig(seed=5, bad_fill_values={victim: {"fee": 5}})).run_in_thread() as sim:
+        env = prepared(tmp_path, dataset, sim, 200, 13)
+        done = run_cli(env, "backfill", "--shards", "1")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "on a permanent error (bad input or a drifted source) — do not retry until it is fixed" in done.stdout
+    assert "rerun them with" not in done.stdout
+    assert "do not retry until fixed: SourceError: subgraph response drifted" in done.stdout  # the status table
+
+
 # --- what the source answers -------------------------------------------------------------------------
 
 from tests.test_subgraph import canned, collect, event, fills_body, unit  # noqa: E402, F401 - fixture and helpers
