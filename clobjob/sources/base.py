@@ -24,15 +24,29 @@ class Page:
     done: bool
 
 
+class Lanes(Protocol):
+    """How many requests one unit may have in flight at once, asked by a source that can page a unit's ranges
+    concurrently. ``active`` is kept by the source: the unit's lanes (one request each) right now."""
+
+    active: int
+
+    def may_add(self, pages: float) -> bool:
+        """Whether the unit may open one more lane, worth about ``pages`` pages (0: it has nothing worth one)."""
+        ...
+
+
 class FillSource(Protocol):
     """A pluggable source of fills (``clobjob.sources.subgraph``, later ``clobjob.sources.rpc``)."""
 
     name: str
 
-    def pages(self, unit: WorkUnit, cursor: str, conditions: Mapping[str, str]) -> AsyncIterator[Page]:
+    def pages(self, unit: WorkUnit, cursor: str, conditions: Mapping[str, str],
+              lanes: Lanes | None = None) -> AsyncIterator[Page]:
         """Pages of ``unit`` resuming after ``cursor`` ("" = from the start).
 
-        ``conditions`` maps token id → condition id for the fills' ``condition_id`` column.
+        ``conditions`` maps token id → condition id for the fills' ``condition_id`` column. With ``lanes`` the
+        source may page parts of the unit concurrently, as far as ``lanes`` allows; every page's cursor then
+        covers the whole unit and claims only what was yielded before it.
         """
         ...
 
