@@ -8,7 +8,7 @@ Rate (CUBIC-like around the last throttle point, after botocore's adaptive mode)
 
 - slow start: until the first throttle the rate doubles every busy second;
 - a throttle (429) sets the *ceiling* to ``min(rate, accepted rate)``, the accepted rate being the
-  answers that were not throttled per second over the last ~80 requests (0.5-10 s): upstream buckets
+  requests that were not throttled per second over the last ~80 requests (0.5-10 s): upstream buckets
   have a burst, so throttling starts well after the nominal rate passed the limit and overestimates it.
   An overload answer sets the ceiling to the current rate (it says the service is busy, not where the
   limit is; measuring it from accepted answers spiralled the rate down under random faults);
@@ -24,7 +24,17 @@ Rate (CUBIC-like around the last throttle point, after botocore's adaptive mode)
   token and the send rate is at least 70% of the rate): a demand-limited or window-limited client
   does not inflate its rate. The rate always stays within ``[min_rps, max_rps]``.
 
-In-flight window (Netflix AIMD): +1 per success while in-flight ≥ half the window, ×0.9 on an overload
+In-flight target (Little's law): ``target_in_flight()`` = rate × smoothed latency × 1.25 + 1 (within the
+window's bounds): the requests a client must keep in flight for the token bucket, not the lack of requests,
+to be what binds. Callers size their concurrency to it (``clobjob.lanes``: a unit's id range is cut into
+ranges paged at once); at 100 req/s and 1.5 s pages it is 189, under the default ceiling of 256.
+
+The accepted rate is the sends less their throttles (which answer at once), not the useful answers, which
+arrive a latency after their sends: at 1.5 s pages those reflected the ramp's lower rates (11-15 req/s for a
+20 req/s limit) and the rate was cut to that. In slow start it is measured over the last 0.5 s only.
+
+In-flight window (Netflix AIMD, the cap on requests actually sent, and never below the target after an
+answer: +1 per success alone took many round trips to open at 1.5 s pages): +1 per success while in-flight ≥ half the window, ×0.9 on an overload
 or a lost request (timeout, connection error, cancellation), once per round trip as above; it is a
 float admitting ``floor(window)`` requests, so small windows shrink smoothly. A useless answer
 (error page, garbled body, statement timeout: ``failed``) moves neither window nor rate: under random
@@ -238,7 +248,6 @@ class AdaptiveRateController:
         self._window_waiters: deque[asyncio.Future[None]] = deque()
         self._window_cut_after = 0  # the same for the last window decrease
         # measurements and counters
-        self._accepts = _Recent(MEASURE_MAX_S)
         self._sends = _Recent(MEASURE_MAX_S)
         self._answers = _Recent(stats_window_s)
         self._recent_throttles = _Recent(stats_window_s)
@@ -380,10 +389,14 @@ class AdaptiveRateController:
         self._set_rate(cut, now)
 
     def _accepted_rate(self, now: float) -> float:
-        """Answers per second that were not throttled; in slow start (the rate has been doubling) over the
-        last ``MEASURE_MIN_S`` only, as a longer span averages in the lower rates of the ramp (at 1 s pages it
-        read 12-15 req/s at the first 429 under a 20 req/s limit)."""
-        return self._measured_rate(self._accepts, now, 0.0 if self._ceiling is None else MEASURE_REQUESTS)
+        """Requests per second the upstream admitted, over about ``MEASURE_REQUESTS`` requests (in slow start,
+        where the rate has been doubling, over the last ``MEASURE_MIN_S``): the sends less their throttles.
+        A throttle answers at once while a useful answer comes a latency after its send, so counting answers
+        lagged the sends by a latency: at 1.5 s pages under a 20 req/s limit it read 11-15 req/s while the
+        rate ramped up, and the rate was cut to that."""
+        requests = 0.0 if self._ceiling is None else MEASURE_REQUESTS
+        sent = self._measured_rate(self._sends, now, requests)
+        return max(0.0, sent - self._measured_rate(self._recent_throttles, now, requests))
 
     def _measured_rate(self, events: _Recent, now: float, requests: float) -> float:
         """Events per second over about ``requests`` requests at the current rate."""
@@ -426,13 +439,16 @@ class AdaptiveRateController:
     def _on_success(self, permit: Permit) -> None:
         now = self._clock()
         self._answers.add(now)
-        self._accepts.add(now)
         self._successes += 1
         sample = now - permit._sent_at
         previous = sample if self._latency is None else self._latency
         self._latency = previous + LATENCY_GAIN * (sample - previous)
-        if self._in_flight * 2 >= self._window and self._window < self.max_window:
-            self._window = min(float(self.max_window), self._window + 1.0)
+        window = self._window
+        if self._in_flight * 2 >= window and window < self.max_window:
+            window = min(float(self.max_window), window + 1.0)
+        window = max(window, float(self.target_in_flight()))  # never fewer slots than rate × latency needs
+        if window > self._window:
+            self._window = window
             self._wake_window()
 
     def _on_throttled(self, permit: Permit, retry_after: float | str | None) -> None:
@@ -448,7 +464,6 @@ class AdaptiveRateController:
     def _on_overloaded(self, permit: Permit) -> None:
         now = self._clock()
         self._answers.add(now)
-        self._accepts.add(now)  # admitted by the upstream limit, whatever the answer
         self._errors += 1
         self._decrease(permit, now, measured=False)
         self._shrink_window(permit)
@@ -456,7 +471,6 @@ class AdaptiveRateController:
     def _on_failed(self, permit: Permit) -> None:
         now = self._clock()
         self._answers.add(now)
-        self._accepts.add(now)
         self._errors += 1
 
     def _on_lost(self, permit: Permit) -> None:

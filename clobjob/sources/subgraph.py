@@ -20,11 +20,22 @@ too expensive``) is split in halves that both continue from the batch's ``id_gt`
 keeps timing out is retried like any transient error.
 
 Cursor (opaque to everyone else): "" = from the start; otherwise the JSON list of the pending segments
-``[[lo, hi, after], …]`` — token index range ``unit.token_ids[lo:hi]`` (``[0, 0]`` for a time-window
-unit) still to page after fill id ``after`` (the id exactly as the server returned it, since ``id_gt``
-compares bytes; a fresh segment starts at the unit's ``id_from``, or ""). The first segment is the one
-in progress; ``[]`` = the unit is done. A cursor thus carries pending split halves, and a resumed unit
-continues exactly where its last page ended.
+``[[lo, hi, after], …]`` or ``[[lo, hi, after, upto], …]`` — token index range ``unit.token_ids[lo:hi]``
+(``[0, 0]`` for a time-window unit) still to page after fill id ``after`` (the id exactly as the server
+returned it, since ``id_gt`` compares bytes; a fresh segment starts at the unit's ``id_from``, or "") and
+before ``upto`` (``id_lt``; absent: the unit's ``id_to``). ``[]`` = the unit is done. A cursor thus carries
+pending split halves and cut ranges, and a resumed unit continues every one of them where its last stored
+page ended; cursors of three-element segments (written before ranges were cut) resume unchanged.
+
+Concurrency from the work. Given ``lanes`` (``sources.base.Lanes``, granted by the worker against the rate
+controller's in-flight target) a unit pages several segments at once, one request each: a lane takes a
+pending segment, or cuts its own at the midpoint of what remains of its id range (``split_segment``: ids
+begin with a keccak hash, so both halves hold equal shares) when that is at least half of the unit's
+largest and worth ``MIN_SPLIT_PAGES``. Pages of all lanes are yielded one by one, each with the cursor of
+the whole unit; a segment's ``after`` moves when its page is yielded, and a lane waits for that before its
+next request, so a checkpoint never claims a page that was not handed over with or before it, and a range
+is only cut between two of its requests (the halves never overlap: no fill is fetched twice). A cut costs
+at most one partial page.
 
 Rows (``FILL_COLUMNS`` order) are parsed without a model per fill, but strictly: a missing or renamed
 field, a wrong type or a non-numeric BigInt raises ``SourceError`` naming the entity, index and field.
