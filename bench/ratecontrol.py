@@ -379,12 +379,13 @@ def shared_limit(sim: Sim, markets: int, seed: int, limit: float, seconds: float
     results = clients(sim.url, work, n, seconds)
     timelines = [r["timeline"] for r in results]
     t0, t1 = max(t[0][0] for t in timelines), min(t[-1][0] for t in timelines)
-    t0 += min(10.0, (t1 - t0) / 3)  # past the slow starts
+    skip = min(10.0, (t1 - t0) / 3)  # past the slow starts
+    t0 += skip
     rates = [rate_over(t, 2, t0, t1) for t in timelines]
     fair = limit / n
     throttled = sum(r["throttled"] for r in results) / max(1, sum(r["requests"] for r in results))
     return [f"{n} adaptive clients ({n} OS processes, one shard each) sharing {limit:g} req/s at {latency:g} s pages,"
-            f" over {t1 - t0:.0f} s after the first {min(10.0, (t1 - t0) / 2):.0f}: together {sum(rates) / limit:.2f} "
+            f" over {t1 - t0:.0f} s after the first {skip:.0f}: together {sum(rates) / limit:.2f} "
             "of the limit; per client " + ", ".join(f"{r:.1f}" for r in rates)
             + f" req/s (fair share {fair:.3g}: lowest {min(rates) / fair:.2f} of it); 429 share {throttled:.1%}"]
 
