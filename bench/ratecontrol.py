@@ -15,7 +15,8 @@ the clients under test run in this process, except the four independent clients 
 4. Limit 100 req/s (Goldsky's documented per-IP limit) on ``--big-markets`` markets: ideal and adaptive,
    with the client's CPU time, to show the client is not the bottleneck.
 
-    python bench/ratecontrol.py [--quick] [--markets 5000] [--big-markets 20000] [--grid-markets N] [--seed 7] [--cap 40]
+    python bench/ratecontrol.py [--quick] [--markets 5000] [--big-markets 20000] [--grid-markets N] [--seed 7]
+                                [--cap 40]
 
 Prints the figures; asserts nothing.
 """
@@ -416,7 +417,9 @@ def minimum_requests(units: list[WorkUnit]) -> int:
     return sum(max(1, -(-u.expected_fills // PAGE_SIZE)) for u in units)
 
 
-GRID_HEADER = (f"{'limit':>6} {'page s':>6} {'wall s':>7} {'ideal s':>7} {'÷ideal':>7} {'util':>6} {'429':>6} "
+SUSTAINED_S = 5.0  # the window of the sustained utilisation
+GRID_HEADER = (f"{'limit':>6} {'page s':>6} {'wall s':>7} {'ideal s':>7} {'÷ideal':>7} {'util':>6} {'util5s':>6} "
+               f"{'429':>6} "
                f"{'req÷min':>8} {'peak in-flight':>15} {'RSS MB':>7}")
 
 
@@ -436,8 +439,11 @@ def grid_cell(markets: int, seed: int, top_fills: int, limit: float, latency: fl
     requests = after["requests"] - before["requests"]
     useful = after["fill_requests"] - before["fill_requests"]
     throttled = after["throttled_429"] - before["throttled_429"]
-    wall = result["wall"]
+    wall, timeline = result["wall"], result["timeline"]
+    best = max((rate_over(timeline, 2, t[0], t[0] + SUSTAINED_S) for t in timeline
+                if t[0] + SUSTAINED_S <= timeline[-1][0]), default=0.0)
     return (f"{limit:>6g} {latency:>6g} {wall:>7.1f} {ideal:>7.1f} {wall / ideal:>7.2f} {useful / wall / limit:>6.2f}"
+            f" {best / limit:>6.2f}"
             f" {throttled / max(requests, 1):>6.1%} {useful / minimum:>8.3f} {result['peak_in_flight']:>7}"
             f" (sim {after['in_service_peak']:>3.0f}) {result['rss_mb']:>7.0f}")
 
@@ -447,7 +453,8 @@ def latency_grid(markets: int, seed: int, top_fills: int, limits: tuple[float, .
     lines = [f"one shard, {markets:,} markets (seed {seed}) with one {top_fills:,}-fill market, at page latencies "
              f"{', '.join(f'{x:g}' for x in latencies)} s (a full page; smaller pages faster) and {limits} req/s:",
              "ideal = clairvoyant minimum requests ÷ limit + one page latency (minimum = Σ over the plan's units of "
-             "ceil(fills/1000), small markets batched as the planner batches them); util = useful pages/s ÷ limit;",
+             "ceil(fills/1000), small markets batched as the planner batches them); util = useful pages/s ÷ limit "
+             "(util5s: its best 5 s, past the slow start);",
              "req÷min = useful pages ÷ minimum; peak in-flight = the client's requests in flight at most (sim: answers "
              "in service at most); RSS = the client process's peak",
              GRID_HEADER]

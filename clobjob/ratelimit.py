@@ -34,11 +34,12 @@ arrive a latency after their sends: at 1.5 s pages those reflected the ramp's lo
 20 req/s limit) and the rate was cut to that. In slow start it is measured over the last 0.5 s only.
 
 In-flight window (Netflix AIMD, the cap on requests actually sent, and never below the target after an
-answer: +1 per success alone took many round trips to open at 1.5 s pages): +1 per success while in-flight ≥ half the window, ×0.9 on an overload
-or a lost request (timeout, connection error, cancellation), once per round trip as above; it is a
-float admitting ``floor(window)`` requests, so small windows shrink smoothly. A useless answer
-(error page, garbled body, statement timeout: ``failed``) moves neither window nor rate: under random
-faults those answers are not load, and reacting to them collapsed the window to one request.
+answer: +1 per success alone took many round trips to open at 1.5 s pages): +1 per success while
+in-flight ≥ half the window, ×0.9 on an overload or a lost request (timeout, connection error,
+cancellation), once per round trip as above; it is a float admitting ``floor(window)`` requests, so small
+windows shrink smoothly. A useless answer (error page, garbled body, statement timeout: ``failed``) moves
+neither window nor rate: under random faults those answers are not load, and reacting to them collapsed
+the window to one request.
 Retry-After (seconds or an HTTP-date) pauses all sending until it passes. ``backoff()`` is capped
 exponential backoff with full jitter. ``allow_retry()`` keeps retries within a fraction of the traffic
 of the last 10 s, plus a small floor so that a cold start can retry.
