@@ -76,7 +76,7 @@ class Settings(BaseSettings):
 
     max_rps: float | None = Field(None, gt=0, description="hard ceiling on requests/s (adaptive below it)")
     initial_rps: float = Field(5.0, gt=0)
-    max_in_flight: int = Field(64, ge=1)
+    max_in_flight: int = Field(256, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
 
     batch_rows: int = Field(20_000, ge=1, description="fills per insert (at most; a timer flushes smaller batches)")

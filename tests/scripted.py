@@ -38,7 +38,7 @@ class ScriptedSource:
         self.hang_at: dict[tuple[int, int], int] = {}
         self.on_page = None
 
-    async def pages(self, unit, cursor, conditions):
+    async def pages(self, unit, cursor, conditions, lanes=None):
         rows = self.fills[unit.unit_id]
         start = int(cursor or 0)
         while True:
