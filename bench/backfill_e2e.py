@@ -44,6 +44,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from clobjob.sim import export
+
 
 def children(pid: int) -> list[int]:
     """Direct child processes of ``pid``."""
@@ -191,6 +193,15 @@ def prepare(root: Path, sim: Sim, database_url: str | None = None) -> dict[str, 
     return env
 
 
+def prepare_from_export(root: Path, sim: Sim) -> dict[str, str]:
+    """A fresh database with only the dataset's Gamma export loaded: no sync, the backfill counts its work."""
+    env = {**os.environ, "CLOBJOB_CLICKHOUSE_URL": f"chdb://{root / 'db'}", "CLOBJOB_SUBGRAPH_URL": sim.url,
+           "CLOBJOB_HOME": str(root / "home"), "CLOBJOB_LOG_FORMAT": "json"}
+    markets, _ = export(root / "export", markets=ARGS.markets, seed=ARGS.seed, top_fills=ARGS.top_fills)
+    clobjob(env, "markets", "load", str(markets))
+    return env
+
+
 def latest_run(env: dict[str, str]) -> tuple[int, float]:
     """The latest run's clairvoyant minimum of requests — Σ over its units of ceil(expected fills / 1000), at
     least 1 (small markets batched into one unit as the planner batches them, a giant market's id ranges
@@ -299,6 +310,13 @@ def main() -> None:
         requests = after["requests"] - before["requests"]
         throttled = after["throttled_429"] - before["throttled_429"]
 
+        minimum_a, _ = latest_run(env)
+        env_e = prepare_from_export(root / "e", sim)
+        before_e = sim.stats()
+        wall_e, _ = backfill(env_e, ARGS.shards)
+        minimum_e, _ = latest_run(env_e)
+        requests_e = sim.stats()["requests"] - before_e["requests"]
+
         env_b = prepare(root / "b", sim)
         before_b = sim.stats()
         killed_at, _ = backfill(env_b, ARGS.shards, kill_after_s=wall * 0.4)
@@ -338,6 +356,10 @@ def main() -> None:
     if heap is not None:
         print(f"{'Python heap peak (tracemalloc)':<34}{heap:>10.0f} MB   (modules alone: {module_heap:.0f} MB; "
               f"data in flight: {heap - module_heap:.0f} MB; traced run {wall_c:.0f} s)")
+    print(f"E. from a Gamma export alone (no sync: the backfill counts the expected fills itself), wall "
+          f"{wall_e:.1f} s = {wall_e / (minimum_e / ARGS.limit):.2f} × an ideal client paced at the limit "
+          f"({minimum_e:,} requests ÷ {ARGS.limit:g} req/s; {requests_e:,} requests sent, counts included); the "
+          f"synced run A: {wall / (minimum_a / ARGS.limit):.2f} ×")
     print(f"D. workers as processes: the database served by `clobjob db serve` (as pods against a server), "
           f"wall {wall_d:.1f} s")
     print(f"{'peak RSS of a worker process':<34}{max(workers.values()):>10.0f} MB   (largest of {len(workers)}; "
