@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -12,10 +13,10 @@ from loguru import logger
 
 from clobjob.config import Settings
 from clobjob.errors import EXIT_BAD_INPUT, BadInput, ClobjobError
-from clobjob.logs import setup_logging
+from clobjob.logs import printable, setup_logging
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings().with_overrides(
+    return Settings.load(
         clickhouse_url=args.clickhouse_url,
         clickhouse_database=args.database,
         log_format=args.log_format,
@@ -121,6 +122,16 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if state == "done" else 1
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number")
+    return value
+
+
 def _ratio(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -133,8 +144,9 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
     from clobjob import monitor
+    from clobjob.store import open_store
 
-    with monitor.open_readable(settings) as store:
+    with open_store(settings) as store:
         result = monitor.verify(store, min_coverage=args.min_coverage,
                                 heartbeat_interval_s=settings.heartbeat_interval_s)
         if args.report:
@@ -148,10 +160,14 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 # --- diagnose and plan ---------------------------------------------------------------------------
 
 
-def _market_list(path: str | None) -> list[str] | None:
-    from clobjob.plan import read_condition_ids
+def _market_list(path: str | None, store: Any = None) -> list[str] | None:
+    """The ids of a ``--markets`` file; with ``store``, every one must be in the universe (plan, backfill)."""
+    from clobjob.plan import check_listed, read_condition_ids
 
-    return read_condition_ids(path) if path else None
+    if not path:
+        return None
+    ids = read_condition_ids(path)
+    return ids if store is None else check_listed(store, ids)
 
 
 def _rate(args: argparse.Namespace, settings: Settings, live: Any) -> tuple[float, str]:
@@ -166,7 +182,7 @@ def _rate(args: argparse.Namespace, settings: Settings, live: Any) -> tuple[floa
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[f"{v:,}" if isinstance(v, int) else str(v) for v in row] for row in [header, *rows]]
+    cells = [[f"{v:,}" if isinstance(v, int) else printable(str(v)) for v in row] for row in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in cells)
@@ -261,7 +277,7 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
         if args.since is not None:
             units = plan.plan_window(_utc("--since", args.since), _utc("--until", args.until), args.shards, run_id)
         else:
-            report = plan.missing_work(store, _market_list(args.markets))
+            report = plan.missing_work(store, _market_list(args.markets, store))
             units = plan.plan_units(report, args.shards, run_id)
             params.update(as_of=report.as_of, markets=len(report.work), not_found=len(report.not_found))
         plan.write_plan(store, run_id, args.shards, units, params, force=args.force)
@@ -358,7 +374,7 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
             print(f"resuming run {run_id}: {store.unfinished_units(run_id):,} unit(s) left")
         else:
             run_id = plan.default_run_id()
-            units = plan.plan_backfill(store, shards, run_id, _market_list(markets_file))
+            units = plan.plan_backfill(store, shards, run_id, _market_list(markets_file, store))
             if not units:
                 print("everything is complete: nothing to fetch")
                 return 0
@@ -512,10 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--json", action="store_true", help="print stable JSON instead of tables")
     diagnose.add_argument("--markets", metavar="FILE", help="only these condition ids (JSON array or one per line)")
     diagnose.add_argument("--out", metavar="FILE", help="write the missing and incomplete condition ids (JSON array)")
-    diagnose.add_argument("--rate", type=float, metavar="RPS", help="plan with this request rate (else the probe's)")
+    diagnose.add_argument("--rate", type=_positive, metavar="RPS",
+                          help="plan with this request rate (else the probe's)")
     diagnose.add_argument("--offline", action="store_true", help="skip the live sample fetches and rate probe")
     diagnose.add_argument("--sample", type=int, default=5, help="missing markets to fetch for real (default 5)")
-    diagnose.add_argument("--probe-seconds", type=float, default=10.0, help="length of the rate probe (default 10)")
+    diagnose.add_argument("--probe-seconds", type=_positive, default=10.0, help="length of the rate probe (default 10)")
     diagnose.set_defaults(func=cmd_diagnose)
 
     plan = groups.add_parser("plan", help="write a run's work units balanced over N shards")
@@ -589,12 +606,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_format or "auto")
     try:
         settings = _settings(args)
-        setup_logging(settings.log_format)
+        setup_logging(settings.log_format, redact=settings.redact)
         return args.func(args, settings)
     except ClobjobError as exc:
         logger.error("{}", exc)
         return exc.exit_code
-    except ValueError as exc:  # pydantic validation of settings or inputs
+    except ValueError as exc:  # a model's validation of an input
         logger.error("bad configuration or input: {}", exc)
         return EXIT_BAD_INPUT
 

@@ -41,23 +41,21 @@ ClickHouse, or that file (``live`` true, ``live_age_s`` set) while another proce
 
 from __future__ import annotations
 
-import fcntl
 import html
 import json
 import math
 import os
-import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from clobjob.config import Settings
 from clobjob.errors import BadInput, ClobjobError
+from clobjob.logs import printable
 from clobjob.models import Heartbeat, MarketFills, ShardStatus, as_utc, coverage_summary
-from clobjob.store import Store, open_store
+from clobjob.store import DatabaseBusy, Store, open_store
 
 SCHEMA_VERSION = 2
 ENDED_BEAT_STATES = frozenset({"stopped", "done", "failed"})
@@ -283,19 +281,12 @@ def render_status(status: Mapping[str, Any]) -> str:
             units = f"{s['units_done']}/{s['units_failed']}/{s['units_total']}"
             lines.append(f"{s['shard']:>5} {s['state']:<8} {units:>19} {s['fills']:>11,} {s['expected_fills']:>11,} "
                          f"{s['rps']:>6.1f} {_pct(s['share_429']):>7} {render_duration(s['eta_s']):>8} "
-                         f"{render_duration(s['heartbeat_age_s']):>7}  {s['pod'][:16]:<16} {s['last_error'][:60]}")
+                         f"{render_duration(s['heartbeat_age_s']):>7}  {printable(s['pod'])[:16]:<16} "
+                         f"{printable(s['last_error'])[:60]}")
     return "\n".join(line.rstrip() for line in lines)
 
 
 # --- live status for the embedded database --------------------------------------------------------
-
-
-class DatabaseBusy(ClobjobError):
-    """The embedded database is held by another process (chDB allows one per path)."""
-
-    def __init__(self, pid: int | None) -> None:
-        super().__init__(f"the embedded database is in use by another process (pid {pid or '?'})")
-        self.pid = pid
 
 
 def live_path(settings: Settings) -> Path:
@@ -328,49 +319,6 @@ def read_live(path: Path, max_age_s: float, *, now: datetime | None = None) -> d
     return {**status, "live": True, "live_age_s": round(max(age, 0.0), 1)}
 
 
-def database_holder(settings: Settings) -> int | None:
-    """The pid of another process holding the embedded database (0 if unreadable), None when it is free
-    (or held by this process, which may reopen it).
-
-    chDB keeps an exclusive ``flock`` on ``<path>/status`` (which names the pid) while it is open.
-    """
-    if not settings.embedded:
-        return None
-    status_file = Path(settings.dsn().removeprefix("chdb://")) / "status"
-    try:
-        fd = os.open(status_file, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        found = re.search(r"PID:\s*(\d+)", os.read(fd, 4096).decode(errors="replace"))
-        pid = int(found.group(1)) if found else 0
-        return None if pid == os.getpid() else pid
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def open_readable(settings: Settings) -> Iterator[Store]:
-    """``open_store``, raising ``DatabaseBusy`` when another process holds the embedded database."""
-    with ExitStack() as stack:
-        holder = database_holder(settings)
-        if holder is not None:
-            raise DatabaseBusy(holder)
-        try:
-            store = stack.enter_context(open_store(settings))
-        except ClobjobError:
-            holder = database_holder(settings)
-            if holder is None:
-                raise
-            raise DatabaseBusy(holder) from None
-        yield store
-
-
 LIVE_MAX_AGE_S = 60.0
 """A live status older than this is ignored (the backfill that published it is gone or stuck)."""
 
@@ -378,7 +326,7 @@ LIVE_MAX_AGE_S = 60.0
 def current_status(settings: Settings, run_id: str | None = None, *, now: datetime | None = None) -> dict[str, Any]:
     """``run_status`` from ClickHouse; while another process holds the embedded database, its live status."""
     try:
-        with open_readable(settings) as store:
+        with open_store(settings) as store:  # DatabaseBusy while another process holds the embedded database
             return run_status(store, run_id, now=now, heartbeat_interval_s=settings.heartbeat_interval_s)
     except DatabaseBusy as busy:
         path = live_path(settings)
@@ -486,7 +434,7 @@ def render_verify(result: Mapping[str, Any]) -> str:
     for c in result["criteria"]:
         lines.append(f"  [{c['status'].upper():>4}] {c['name']}: {c['detail']}")
         if c["status"] == "fail":
-            lines.extend(f"           {example}" for example in c["examples"])
+            lines.extend(f"           {printable(example)}" for example in c["examples"])
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ from clobjob.cli import main
 from clobjob.store import open_store
 
 GOOD = {
-    "id": "12", "conditionId": "0xABCDEF", "question": "Will it rain?", "slug": "rain",
+    "id": "12", "conditionId": "0x" + "0" * 56 + "ABCDEF",  # 62 digits: leading zeros lost "question": "Will it rain?", "slug": "rain",
     "clobTokenIds": json.dumps(["123456789012345678901234567890", "42"]), "endDate": "2024-03-01T12:00:00Z",
     "closed": True, "volumeNum": 1234.5, "negRisk": False,
 }
@@ -27,9 +27,9 @@ def test_load_normalises_ids_reports_bad_rows_and_is_idempotent(settings, tmp_pa
     rows = [
         GOOD,
         {**GOOD, "conditionId": "0xnothex"},
-        {**GOOD, "conditionId": "0x02", "clobTokenIds": "[1, 2"},
-        {**GOOD, "conditionId": "0x03", "endDate": "yesterday"},
-        {**GOOD, "conditionId": "0x04", "clobTokenIds": ["7", "8"], "volumeNum": None, "volume": "99.5"},
+        {**GOOD, "conditionId": "0x00000000000000000000000000000000000000000000000000000000000002", "clobTokenIds": "[1, 2"},
+        {**GOOD, "conditionId": "0x00000000000000000000000000000000000000000000000000000000000003", "endDate": "yesterday"},
+        {**GOOD, "conditionId": "0x00000000000000000000000000000000000000000000000000000000000004", "clobTokenIds": ["7", "8"], "volumeNum": None, "volume": "99.5"},
     ]
     path = tmp_path / "markets.jsonl"
     write_jsonl(path, rows)

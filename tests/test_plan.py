@@ -134,9 +134,11 @@ def test_custom_list_validation_names_bad_ids_and_lines(tmp_path):
     assert "line 5:" in message and "longer than 32 bytes" in message and "line 6" not in message
     array = tmp_path / "ids.json"
     array.write_text(f'[\n  "{cid(1)}",\n  "0x1",\n  12,\n  "{cid(2)}"\n]')
-    with pytest.raises(BadInput, match=r"line 4: condition id 12 is not hex"):
+    with pytest.raises(BadInput) as caught:
         plan.read_condition_ids(array)
-    array.write_text(json.dumps([cid(2), "0x1", cid(1)]))
+    assert "line 3: condition id '0x1' has 1 hex digits" in str(caught.value)  # not padded to 64 digits
+    assert "line 4: condition id 12 is not hex" in str(caught.value)
+    array.write_text(json.dumps([cid(2), "0x" + cid(1)[4:], cid(1)]))  # 62 digits: leading zeros lost
     assert plan.read_condition_ids(array) == [cid(2), cid(1)]
 
 
