@@ -331,7 +331,7 @@ _COMMENT = object()
 
 
 def _listing(items: Sequence[str]) -> str:
-    more = f"; … and {len(items) - SHOWN_IDS:,} more" if len(items) > SHOWN_IDS else ""
+    more = f"; and {len(items) - SHOWN_IDS:,} more" if len(items) > SHOWN_IDS else ""
     return "; ".join(items[:SHOWN_IDS]) + more
 
 

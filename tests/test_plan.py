@@ -373,3 +373,32 @@ async def test_live_check_samples_markets_and_finds_the_rate_limit(settings):
     assert bad.condition_id == cid(2) and "boom" in bad.error
     assert live.requests > 2 and live.throttled > 0 and live.limited and live.rate_rps > 0
     assert await live_check(plan.MissingReport(NOW, ()), probing) is None
+
+
+def test_unknown_listed_ids_fail_plan_and_backfill_naming_them(settings, tmp_path, capsys):
+    with open_store(settings) as store:
+        seed(store)
+    listed = tmp_path / "ids.txt"
+    unknown = [cid(900 + n) for n in range(14)]
+    listed.write_text("\n".join([cid(1), *unknown]) + "\n")
+    for command in (["plan", "--shards", "2", "--run-id", "r-unknown"], ["backfill", "--shards", "1"]):
+        assert cli(settings, *command, "--markets", str(listed)) == 2
+        err = capsys.readouterr().err
+        assert "14 listed condition id(s) are not in the market universe" in err
+        assert unknown[0] in err and unknown[9] in err and unknown[10] not in err and "; and 4 more" in err
+    with open_store(settings) as store:
+        assert store.runs() == []  # no empty run that status would show as DONE
+    assert cli(settings, "diagnose", "--offline", "--markets", str(listed)) == 0  # diagnose reports them
+    assert "not in the universe: 14" in capsys.readouterr().out
+
+
+def test_a_large_id_array_reads_back_fast_and_bad_ones_are_capped(tmp_path):
+    ids = [cid(n) for n in range(30_000)]
+    array = tmp_path / "ids.json"
+    array.write_text(json.dumps(ids, indent=1))  # as diagnose --out writes it
+    assert plan.read_condition_ids(array) == ids
+    array.write_text(json.dumps(["0x1234"] * 30_000))
+    with pytest.raises(BadInput) as caught:
+        plan.read_condition_ids(array)
+    message = str(caught.value)
+    assert "1,000 bad condition id(s) (stopped reading at 1,000)" in message and "; and 990 more" in message
