@@ -203,8 +203,8 @@ def test_an_api_key_echoed_by_the_subgraph_is_redacted_in_logs_and_the_error(mon
         def build_app(self) -> web.Application:
             async def answer(request: web.Request) -> web.Response:
                 logger.warning("gateway saw {}", request.headers["Authorization"])  # a log line quoting it too
-                return web.json_response({"errors": [{"message": f"invalid API key {request.headers['Authorization']}"}]},
-                                         status=401)
+                echoed = f"invalid API key {request.headers['Authorization']}"
+                return web.json_response({"errors": [{"message": echoed}]}, status=401)
 
             app = web.Application()
             app.router.add_post("/gn", answer)
