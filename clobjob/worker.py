@@ -272,7 +272,7 @@ class ShardWorker:
     async def _retry_or_fail(self, progress: UnitProgress, exc: BaseException, log: Any) -> bool:
         """Count a failed attempt; returns True when the unit has failed for good."""
         progress.attempts += 1
-        progress.last_error = describe(exc)
+        progress.last_error = self.settings.redact(describe(exc))  # stored, then shown by status
         if progress.attempts >= self.settings.unit_attempts or getattr(exc, "unit_fatal", False):
             progress.state = UnitState.FAILED
             self.counters.units_failed += 1
