@@ -1,19 +1,27 @@
-"""The ``clobjob`` command line. Thin: parses flags, builds Settings, calls the rooms below, renders."""
+"""The ``clobjob`` command line: parses flags, calls one function of ``clobjob.launch`` (or the monitor), renders."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+import time
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
+from clobjob import launch, monitor, plan, sim
 from clobjob.config import Settings
 from clobjob.errors import EXIT_BAD_INPUT, BadInput, ClobjobError
+from clobjob.executors.base import shard_from_env
 from clobjob.logs import printable, setup_logging
+from clobjob.models import RunState
+from clobjob.store import open_store
+from clobjob.store.serve import serve as serve_database
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings.load(
@@ -23,12 +31,14 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
+def _with_source_flags(args: argparse.Namespace, settings: Settings) -> Settings:
+    return settings.with_overrides(subgraph_url=args.subgraph_url, max_rps=args.max_rps)
+
+
 # --- db ------------------------------------------------------------------------------------------
 
 
 def cmd_db_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from clobjob.store import open_store
-
     with open_store(settings, migrate=False) as store:
         applied = store.migrate()
     print(f"schema up to date ({settings.redacted_dsn()} / {settings.clickhouse_database}); "
@@ -37,13 +47,11 @@ def cmd_db_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_db_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from clobjob.store.serve import serve
-
     if not settings.embedded:
         raise BadInput(f"db serve shares the embedded database; {settings.redacted_dsn()} is already a server")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("db serve has no authentication: on {} the database is open to that network", args.host)
-    serve(settings.dsn().removeprefix("chdb://"), args.host, args.port)
+    serve_database(settings.dsn().removeprefix("chdb://"), args.host, args.port)
     return 0
 
 
@@ -51,43 +59,15 @@ def cmd_db_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_markets_load(args: argparse.Namespace, settings: Settings) -> int:
-    from clobjob.sources.markets import read_gamma_file
-    from clobjob.store import open_store
-
-    markets, bad = read_gamma_file(args.file)
+    loaded, bad = launch.load_markets(settings, args.file, strict=args.strict)
     for problem in bad:
         print(f"skipped {problem}", file=sys.stderr)
-    if bad and args.strict:
-        raise BadInput(f"{len(bad)} bad row(s) in {args.file}; nothing loaded (--strict)")
-    with open_store(settings) as store:
-        store.upsert_markets(markets)
-    print(f"loaded {len(markets)} markets from {args.file}; skipped {len(bad)} bad row(s)")
+    print(f"loaded {loaded} markets from {args.file}; skipped {len(bad)} bad row(s)")
     return 0
 
 
-def sync_markets(settings: Settings) -> str:
-    """Add the subgraph's markets and expected fills per token to the store; returns a summary line."""
-    import asyncio
-
-    from clobjob.sources.subgraph import SubgraphSource, Universe, merge_universe
-    from clobjob.store import open_store
-    from clobjob.worker import make_controller
-
-    async def fetch() -> Universe:
-        async with SubgraphSource(settings, make_controller(settings)) as source:
-            return await source.universe()
-
-    universe = asyncio.run(fetch())
-    with open_store(settings) as store:
-        added, orderbooks = merge_universe(store.markets(), universe)
-        store.upsert_markets(added)
-        store.upsert_orderbooks(orderbooks)
-    return (f"subgraph knows {len(universe.tokens_by_condition)} markets: added {len(added)} new; "
-            f"orderbooks for {len(orderbooks)} tokens ({sum(n for _, n in orderbooks.values())} expected fills)")
-
-
 def cmd_markets_sync(args: argparse.Namespace, settings: Settings) -> int:
-    print(sync_markets(settings.with_overrides(subgraph_url=args.subgraph_url, max_rps=args.max_rps)))
+    print(launch.sync_markets(_with_source_flags(args, settings)))
     return 0
 
 
@@ -95,13 +75,8 @@ def cmd_markets_sync(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    import json
-    import time
-
-    from clobjob import monitor
-
     def show() -> str | None:
-        status = monitor.current_status(settings, args.run_id)
+        status = launch.status(settings, args.run_id, on=args.on)
         if args.json:
             print(json.dumps(status, indent=None if args.watch else 2), flush=True)
         else:
@@ -115,11 +90,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         show()
         return 0
     try:
-        while (state := show()) not in ("done", "failed"):
+        while (state := show()) not in (RunState.DONE, RunState.FAILED):
             time.sleep(args.watch)
     except KeyboardInterrupt:
         return 130
-    return 0 if state == "done" else 1
+    return 0 if state == RunState.DONE else 1
 
 
 def _positive(text: str) -> float:
@@ -140,12 +115,6 @@ def _ratio(text: str) -> float:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    import json
-    from pathlib import Path
-
-    from clobjob import monitor
-    from clobjob.store import open_store
-
     with open_store(settings) as store:
         result = monitor.verify(store, min_coverage=args.min_coverage,
                                 heartbeat_interval_s=settings.heartbeat_interval_s)
@@ -160,27 +129,6 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 # --- diagnose and plan ---------------------------------------------------------------------------
 
 
-def _market_list(path: str | None, store: Any = None) -> list[str] | None:
-    """The ids of a ``--markets`` file; with ``store``, every one must be in the universe (plan, backfill)."""
-    from clobjob.plan import check_listed, read_condition_ids
-
-    if not path:
-        return None
-    ids = read_condition_ids(path)
-    return ids if store is None else check_listed(store, ids)
-
-
-def _rate(args: argparse.Namespace, settings: Settings, live: Any) -> tuple[float, str]:
-    """The request rate to plan with and where it comes from."""
-    if args.rate is not None:
-        return args.rate, "--rate"
-    if live is not None and live.rate_rps > 0:
-        return live.rate_rps, "probe (limit found)" if live.limited else "probe (lower bound: not throttled)"
-    if settings.max_rps is not None:
-        return settings.max_rps, "assumed: CLOBJOB_MAX_RPS"
-    return settings.initial_rps, "assumed: CLOBJOB_INITIAL_RPS"
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[f"{v:,}" if isinstance(v, int) else printable(str(v)) for v in row] for row in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
@@ -189,8 +137,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _render_diagnosis(shown: dict[str, Any]) -> str:
-    from clobjob.monitor import render_duration
-
     statuses = list(shown["by_status"])
     fetch, rec = shown["to_fetch"], shown["recommendation"]
     coverage = "-" if shown["coverage"] is None else f"{shown['coverage']:.1%}"
@@ -207,7 +153,7 @@ def _render_diagnosis(shown: dict[str, Any]) -> str:
     lines += ["", f"to fetch: {fetch['markets']:,} markets ({fetch['missing']:,} missing, {fetch['incomplete']:,} "
               f"incomplete, {fetch['unknown_expected']:,} with unknown expected fills); "
               f"{fetch['expected_fills']:,} expected fills in ≈ {fetch['requests']:,} requests",
-              f"at {rec['rate_rps']:g} req/s ({rec['rate_origin']}): ≈ {render_duration(rec['duration_s'])}; "
+              f"at {rec['rate_rps']:g} req/s ({rec['rate_origin']}): ≈ {monitor.render_duration(rec['duration_s'])}; "
               f"recommended: --shards {rec['shards']}, in-flight {rec['in_flight']} per shard"]
     live = shown["live"]
     if live is None:
@@ -223,172 +169,33 @@ def _render_diagnosis(shown: dict[str, Any]) -> str:
 
 
 def cmd_diagnose(args: argparse.Namespace, settings: Settings) -> int:
-    import asyncio
-    import dataclasses
-    import json
-
-    from clobjob import plan
-    from clobjob.store import open_store
-
-    ids = _market_list(args.markets)
-    with open_store(settings) as store:
-        report = plan.missing_work(store, ids)
-    live = None
-    if not args.offline:
-        from clobjob.probe import live_check
-
-        probe_s = 0.0 if args.rate is not None else args.probe_seconds  # --rate given: no need to probe
-        live = asyncio.run(live_check(report, settings, sample=args.sample, probe_s=probe_s))
-    rate, origin = _rate(args, settings, live)
-    shown = report.to_dict()
-    latency = live.latency_s if live is not None and live.latency_s else 0.5
-    shown["recommendation"] = {**dataclasses.asdict(plan.recommend(shown["to_fetch"]["requests"], rate,
-                                                                    latency_s=latency)), "rate_origin": origin}
-    shown["live"] = dataclasses.asdict(live) if live is not None else None
-    if args.out:
-        with open(args.out, "w") as out:
-            json.dump([m.condition_id for m in report.work], out, indent=1)
+    shown = launch.diagnose(settings, markets_file=args.markets, offline=args.offline, sample=args.sample,
+                            probe_s=args.probe_seconds, rate=args.rate, out=args.out)
     print(json.dumps(shown, indent=2, sort_keys=True) if args.json else _render_diagnosis(shown))
     return 0
 
 
-def _utc(flag: str, value: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadInput(f"{flag} {value!r} is not an ISO 8601 date or time") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-
-
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
-    from clobjob import plan
-    from clobjob.store import open_store
-
-    if (args.since is None) != (args.until is None):
-        raise BadInput("--since and --until go together")
-    if args.since is not None and args.markets:
-        raise BadInput("--since/--until plan every market in the window: drop --markets")
-    run_id = args.run_id or plan.default_run_id()
-    params: dict[str, Any] = {"shards": args.shards, "markets_file": args.markets, "since": args.since,
-                              "until": args.until, "page_size": plan.PAGE_SIZE,
-                              "batch_requests": plan.BATCH_REQUESTS, "max_batch_tokens": plan.MAX_BATCH_TOKENS,
-                              "giant_factor": plan.GIANT_FACTOR}
-    with open_store(settings) as store:
-        if args.since is not None:
-            units = plan.plan_window(_utc("--since", args.since), _utc("--until", args.until), args.shards, run_id)
-        else:
-            report = plan.missing_work(store, _market_list(args.markets, store))
-            units = plan.plan_units(report, args.shards, run_id)
-            params.update(as_of=report.as_of, markets=len(report.work), not_found=len(report.not_found))
-        plan.write_plan(store, run_id, args.shards, units, params, force=args.force)
-    loads = plan.shard_loads(units, args.shards)
-    print(f"run {run_id}: {len(units):,} units over {args.shards} shard(s); largest shard / mean requests "
+    run, units = launch.plan_run(settings, shards=args.shards, run_id=args.run_id, markets_file=args.markets,
+                                 since=args.since, until=args.until, force=args.force)
+    loads = plan.shard_loads(units, run.shards)
+    print(f"run {run.run_id}: {len(units):,} units over {run.shards} shard(s); largest shard / mean requests "
           f"{plan.imbalance([s.expected_requests for s in loads]):.2f}")
     print(_table(["shard", "units", "markets", "expected fills", "requests"],
                  [[s.shard, s.units, s.markets, s.expected_fills, s.expected_requests] for s in loads]))
     return 0
 
 
-# --- worker and backfill -------------------------------------------------------------------------
+# --- worker, backfill, rerun ---------------------------------------------------------------------
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    import asyncio
-
-    from clobjob.worker import run_worker, shard_from_env
-
-    return asyncio.run(run_worker(settings, args.run_id, shard_from_env(args.shard)))
-
-
-def _progress_line(status: dict[str, Any], width: int = 24) -> str:
-    """One line: bar, units, fills, rate, 429 share, ETA."""
-    from clobjob.monitor import render_duration
-
-    agg = status["aggregate"]
-    total = max(agg["units_total"], 1)
-    finished = agg["units_done"] + agg["units_failed"]
-    filled = int(width * finished / total)
-    failed = f" ({agg['units_failed']} failed)" if agg["units_failed"] else ""
-    return (f"[{'#' * filled}{'.' * (width - filled)}] units {finished:,}/{agg['units_total']:,}{failed} · "
-            f"{agg['fills']:,} fills stored · {agg['rps']:.1f} req/s · 429s {agg['share_429']:.1%} · "
-            f"ETA {render_duration(agg['eta_s'])}")
-
-
-async def _publish_progress(settings: Settings, store: Any, run_id: str, interval_s: float) -> None:
-    """Every few seconds: the live status file (for `clobjob status` in another terminal) and a progress line."""
-    import asyncio
-
-    from clobjob import monitor
-
-    tty = sys.stderr.isatty()
-    path = monitor.live_path(settings)
-    while True:
-        await asyncio.sleep(interval_s)
-        status = await asyncio.to_thread(monitor.run_status, store, run_id, coverage=False,
-                                         heartbeat_interval_s=settings.heartbeat_interval_s)
-        if settings.embedded:
-            await asyncio.to_thread(monitor.publish_live, status, path)
-        if tty:
-            sys.stderr.write("\r\x1b[K" + _progress_line(status))
-            sys.stderr.flush()
-        else:
-            logger.bind(run_id=run_id).info("progress: {}", _progress_line(status))
-
-
-async def _run_backfill(settings: Settings, store: Any, run_id: str, parallelism: int) -> int:
-    import asyncio
-
-    from clobjob.executors.local import run_local
-    from clobjob.worker import install_stop_handlers
-
-    run = store.run(run_id)
-    stop = asyncio.Event()
-    install_stop_handlers(stop)
-    progress = asyncio.create_task(_publish_progress(settings, store, run_id, settings.heartbeat_interval_s))
-    try:
-        outcome = await run_local(settings, store, run_id, range(run["shards"]), parallelism=parallelism,
-                                  stop=stop, source_name=run["source"])
-    finally:
-        progress.cancel()
-        if sys.stderr.isatty():
-            sys.stderr.write("\n")
-    if outcome.failed:
-        print(f"failed shards: {','.join(map(str, outcome.failed))} — see `clobjob status --run-id {run_id}`; "
-              f"rerun them with `clobjob backfill` (resumes) or `clobjob rerun --run-id {run_id} --failed`")
-    return outcome.exit_code
-
-
-def backfill(settings: Settings, *, shards: int, parallelism: int | None, markets_file: str | None = None) -> int:
-    """Resume the latest unfinished backfill run, or plan one of what is missing, and run it locally."""
-    import asyncio
-
-    from clobjob import monitor, plan
-    from clobjob.store import open_store
-
-    with open_store(settings) as store:
-        if not store.count_markets():
-            raise BadInput("the market universe is empty: run `clobjob markets load FILE` or `clobjob markets sync`")
-        run = plan.resumable_run(store)
-        if run is not None:
-            run_id = run["run_id"]
-            print(f"resuming run {run_id}: {store.unfinished_units(run_id):,} unit(s) left")
-        else:
-            run_id = plan.default_run_id()
-            units = plan.plan_backfill(store, shards, run_id, _market_list(markets_file, store))
-            if not units:
-                print("everything is complete: nothing to fetch")
-                return 0
-            print(f"planned run {run_id}: {len(units):,} units, {sum(u.expected_fills for u in units):,} expected "
-                  f"fills in ≈ {sum(u.expected_requests for u in units):,} requests over {shards} shard(s)")
-        code = asyncio.run(_run_backfill(settings, store, run_id, parallelism or store.run(run_id)["shards"]))
-        status = monitor.run_status(store, run_id, heartbeat_interval_s=settings.heartbeat_interval_s)
-    print(monitor.render_status(status))
-    return code
+    return launch.work_shard(settings, args.run_id, shard_from_env(args.shard))
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
-    settings = settings.with_overrides(subgraph_url=args.subgraph_url, max_rps=args.max_rps)
-    return backfill(settings, shards=args.shards, parallelism=args.parallelism, markets_file=args.markets)
+    return launch.backfill(_with_source_flags(args, settings), shards=args.shards, parallelism=args.parallelism,
+                           markets_file=args.markets)
 
 
 def _shard_list(text: str) -> list[int]:
@@ -399,86 +206,51 @@ def _shard_list(text: str) -> list[int]:
 
 
 def cmd_rerun(args: argparse.Namespace, settings: Settings) -> int:
-    import asyncio
-
-    from clobjob import monitor, rerun
-    from clobjob.store import open_store
-
-    settings = settings.with_overrides(subgraph_url=args.subgraph_url, max_rps=args.max_rps)
-    with open_store(settings) as store:
-        if monitor.run_status(store, args.run_id, coverage=False,
-                              heartbeat_interval_s=settings.heartbeat_interval_s)["state"] == "running":
-            raise BadInput(f"run {args.run_id} is still running: wait for it (or stop it) before rerunning it")
-        run_id = rerun.rerun_id(store, args.run_id)
-        units = rerun.plan_rerun(store, args.run_id, run_id, failed_only=args.failed, shards=args.shards,
-                                 new_shards=args.new_shards)
-        if not units:
-            where = f" in shard(s) {','.join(map(str, args.shards))}" if args.shards else ""
-            print(f"run {args.run_id}: nothing to rerun (no {'failed' if args.failed else 'unfinished'} unit{where})")
-            return 0
-        shards = store.run(run_id)["shards"]
-        print(f"rerun {run_id} of {args.run_id}: {len(units):,} unit(s) over {shards} shard(s), each resuming from "
-              "its stored cursor")
-        code = asyncio.run(_run_backfill(settings, store, run_id, args.parallelism or shards))
-        status = monitor.run_status(store, run_id, heartbeat_interval_s=settings.heartbeat_interval_s)
-    print(monitor.render_status(status))
-    return code
+    return launch.rerun_run(_with_source_flags(args, settings), run_id=args.run_id, failed_only=args.failed,
+                            shards=args.shards, new_shards=args.new_shards, parallelism=args.parallelism, on=args.on)
 
 
 # --- simulator and demo --------------------------------------------------------------------------
 
 
 def cmd_sim_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from clobjob.sim import serve
-
-    serve(args.host, args.port, args.markets, args.seed, top_fills=args.top_fills, profile=args.profile,
-          rate_limit_rps=args.rate_limit, burst=args.burst, retry_after=args.retry_after or None,
-          **{name: getattr(args, name) for name in FAULT_FLAGS})
+    sim.serve(args.host, args.port, args.profile, **_dataset_options(args), rate_limit_rps=args.rate_limit,
+              burst=args.burst, retry_after=args.retry_after or None, gamma_rate_limit_rps=args.gamma_rate_limit,
+              gamma_burst=args.gamma_burst, **{name: getattr(args, name) for name in FAULT_FLAGS + LATENCY_FLAGS})
     return 0
 
 
 def cmd_sim_export(args: argparse.Namespace, settings: Settings) -> int:
-    from clobjob.sim import export
-
-    markets, truth = export(args.out, markets=args.markets, seed=args.seed)
+    markets, truth = sim.export(args.out, **_dataset_options(args))
     print(f"wrote {markets} and {truth}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from clobjob import monitor
-    from clobjob.sim import Dataset, SimConfig, SimServer
-    from clobjob.sources.markets import market_from_gamma
-    from clobjob.store import open_store
-
     if args.database is None:
         settings = settings.with_overrides(clickhouse_database="clobjob_demo")
-    dataset = Dataset.generate(markets=args.markets, seed=args.seed)
-    print(f"demo: simulated subgraph with {len(dataset.markets):,} markets and {dataset.n_fills:,} fills "
-          f"(profile {args.profile}, seed {args.seed}); database {settings.redacted_dsn()} / "
-          f"{settings.clickhouse_database}")
-    with SimServer(dataset, SimConfig.for_profile(args.profile, seed=args.seed)).run_in_thread() as sim:
-        settings = settings.with_overrides(subgraph_url=sim.url)
-        with open_store(settings) as store:
-            if args.fresh:
-                store.drop_database()
-                store.migrate()
-            store.upsert_markets([market_from_gamma(m, i) for i, m in enumerate(dataset.markets, start=1)])
-        print(f"loaded {len(dataset.markets):,} markets (Gamma shape); " + sync_markets(settings))
-        code = backfill(settings, shards=args.shards, parallelism=None)
-        fill_requests = sim.stats()["fill_requests"]
-    with open_store(settings) as store:
-        stored = store.count_fills()
-        print(monitor.render_verify(monitor.verify(store, heartbeat_interval_s=settings.heartbeat_interval_s)))
-    print(f"ground truth {dataset.n_fills:,} fills; stored {stored:,} distinct fills "
-          f"({'exact' if stored == dataset.n_fills else 'DIFFERENT'}); {fill_requests:,} fill requests this time")
-    print(f"look around: python3 -m clobjob --database {settings.clickhouse_database} status | diagnose --offline "
-          "| verify --report report.html")
-    return code
+    return launch.demo(settings, markets=args.markets, seed=args.seed, profile=args.profile, shards=args.shards,
+                       fresh=args.fresh)
 
 
+EXECUTORS = ("auto", "local", "kubernetes")
+DESCRIPTION = ("Backfill Polymarket CLOB order fills into ClickHouse: completely, at the highest rate the source "
+               "allows, resumable after any stop, on one machine or sharded across a Kubernetes Indexed Job.")
 FAULT_FLAGS = ("p_5xx", "p_graphql_timeout", "p_overloaded", "p_store_timeout_in", "p_empty_body", "p_truncated",
                "p_slow", "p_hang")
+LATENCY_FLAGS = ("latency_base_s", "latency_per_row_ms", "latency_jitter")
+
+
+def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``DatasetOptions`` (one definition for ``sim serve`` and ``sim export``)."""
+    for name, info in sim.DatasetOptions.model_fields.items():
+        shown = "none" if info.default is None else info.default
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=info.default, metavar="N",
+                            help=f"{info.description} (default {shown})")
+
+
+def _dataset_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in sim.DatasetOptions.model_fields}
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -486,7 +258,7 @@ FAULT_FLAGS = ("p_5xx", "p_graphql_timeout", "p_overloaded", "p_store_timeout_in
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (every command has ``--help``)."""
-    parser = argparse.ArgumentParser(prog="clobjob", description=__doc__)
+    parser = argparse.ArgumentParser(prog="clobjob", description=DESCRIPTION)
     parser.add_argument("--clickhouse-url", help="override CLOBJOB_CLICKHOUSE_URL (http(s)://… or chdb:///path)")
     parser.add_argument("--database", help="override CLOBJOB_CLICKHOUSE_DATABASE")
     parser.add_argument("--log-format", choices=["auto", "json", "human"], help="override CLOBJOB_LOG_FORMAT")
@@ -517,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="the stable JSON schema (clobjob/monitor.py)")
     status.add_argument("--watch", type=float, metavar="SECONDS",
                         help="redraw every SECONDS; exit 0 when the run is done, 1 when it failed, 130 on Ctrl+C")
+    status.add_argument("--on", choices=EXECUTORS, default="auto",
+                        help="show the run's Kubernetes Job beside ClickHouse: auto (default: when in a pod or a kube "
+                             "config exists), kubernetes, or local (never)")
     status.set_defaults(func=cmd_status)
     verify = groups.add_parser("verify", help="readiness for P&L; exit 0 only when ready")
     verify.add_argument("--json", action="store_true", help="every criterion as JSON")
@@ -566,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     rerun.add_argument("--parallelism", type=int, help="shards running at once (default: all)")
     rerun.add_argument("--subgraph-url", help="override CLOBJOB_SUBGRAPH_URL")
     rerun.add_argument("--max-rps", type=float, help="hard ceiling on requests/s (adaptive below it)")
+    rerun.add_argument("--on", choices=EXECUTORS, default="auto",
+                       help="where to run it: local, or kubernetes (a new Indexed Job copied from the run's Job); "
+                            "auto (default) = kubernetes inside a pod, else local")
     rerun.set_defaults(func=cmd_rerun)
 
     demo = groups.add_parser("demo", help="backfill a simulated subgraph into the embedded database, end to end")
@@ -576,25 +354,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fresh", action="store_true", help="drop the demo database first")
     demo.set_defaults(func=cmd_demo)
 
-    sim = groups.add_parser("sim", help="the local simulator of the Goldsky orderbook subgraph").add_subparsers(
-        dest="sim_command", required=True)
-    serve = sim.add_parser("serve", help="serve a simulated subgraph until Ctrl+C (prints its URL)")
+    sim = groups.add_parser("sim", help="the local simulator of the Goldsky orderbook subgraph and of Gamma")
+    sim = sim.add_subparsers(dest="sim_command", required=True)
+    serve = sim.add_parser("serve", help="serve a simulated subgraph and Gamma /markets until Ctrl+C "
+                                            "(prints the subgraph URL; Gamma is at its root)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8787)
-    serve.add_argument("--markets", type=int, default=2000)
-    serve.add_argument("--seed", type=int, default=7)
-    serve.add_argument("--top-fills", type=int, metavar="N", help="make the largest market exactly N fills")
-    serve.add_argument("--profile", choices=["clean", "throttled", "hostile"], default="clean")
+    _add_dataset_flags(serve)
+    serve.add_argument("--profile", choices=["clean", "throttled", "hostile", "realistic"], default="clean",
+                       help="limits, faults and service time (default clean); flags below override it")
     serve.add_argument("--rate-limit", type=float, metavar="RPS", help="token bucket rate per client IP")
     serve.add_argument("--burst", type=int, help="token bucket size")
     serve.add_argument("--retry-after", action="store_true", help="send Retry-After with 429s")
     for name in FAULT_FLAGS:
         serve.add_argument("--" + name.replace("_", "-"), type=float, metavar="P", help=f"probability of {name[2:]}")
+    serve.add_argument("--latency-base-s", type=float, metavar="S",
+                       help="service time of every answer, seconds (default 0; realistic 0.25)")
+    serve.add_argument("--latency-per-row-ms", type=float, metavar="MS",
+                       help="added service time per row answered, ms (default 0; realistic 0.6)")
+    serve.add_argument("--latency-jitter", type=float, metavar="SHARE",
+                       help="service time varies uniformly by ± this share, seeded (default 0; realistic 0.2)")
+    serve.add_argument("--gamma-rate-limit", type=float, metavar="RPS",
+                       help="Gamma /markets token bucket rate per client IP (default none; realistic 10)")
+    serve.add_argument("--gamma-burst", type=int, help="Gamma token bucket size (default 10)")
     serve.set_defaults(func=cmd_sim_serve)
-    export = sim.add_parser("export", help="write markets.jsonl (Gamma shape) and truth.jsonl for a seed")
+    export = sim.add_parser("export", help="write markets.jsonl (Gamma shape) and truth.jsonl of the dataset "
+                                           "`sim serve` serves with the same flags")
     export.add_argument("--out", required=True, metavar="DIR")
-    export.add_argument("--markets", type=int, default=2000)
-    export.add_argument("--seed", type=int, default=7)
+    _add_dataset_flags(export)
     export.set_defaults(func=cmd_sim_export)
 
     return parser

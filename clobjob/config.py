@@ -95,6 +95,7 @@ class Settings(BaseSettings):
     subgraph_url: str = GOLDSKY_ORDERBOOK_URL
     subgraph_api_key: SecretStr | None = None
     rpc_url: SecretStr | None = None
+    gamma_url: str = Field("https://gamma-api.polymarket.com", description="Polymarket Gamma API base URL")
 
     max_rps: float | None = Field(None, gt=0, description="hard ceiling on requests/s (adaptive below it)")
     initial_rps: float = Field(5.0, gt=0)
@@ -138,9 +139,9 @@ class Settings(BaseSettings):
                 raise ValueError("the URL's path is a database name (a plain identifier) or nothing")
         return value
 
-    @field_validator("subgraph_url")
+    @field_validator("subgraph_url", "gamma_url")
     @classmethod
-    def _subgraph_url(cls, value: str) -> str:
+    def _http_url(cls, value: str) -> str:
         _check_http_url(value)
         return value
 

@@ -1,4 +1,4 @@
-"""Exceptions every room may raise, each with the process exit code it maps to (see design.md)."""
+"""Exceptions every room may raise, each with the process exit code it maps to and what a retry can do."""
 
 from __future__ import annotations
 
@@ -28,5 +28,12 @@ class SourceError(ClobjobError):
 
 class TransientSourceError(ClobjobError):
     """A data source failed in a way a retry may fix (throttled, 5xx, timeout, garbled body)."""
+
+    exit_code = EXIT_FAILED
+
+
+class UnitFailed(ClobjobError):
+    """A unit fails at once, without retrying it: no retry can help it (the source cannot serve it), but the
+    shard's other units go on."""
 
     exit_code = EXIT_FAILED

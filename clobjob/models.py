@@ -332,10 +332,74 @@ class Fill(BaseModel):
 
 
 class UnitState(str, Enum):
+    """Where one work unit is (stored in ``backfill_progress``)."""
+
     PENDING = "pending"
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+
+
+class RunState(str, Enum):
+    """The state of a shard or of a whole run: what a worker writes in its heartbeat (starting, running, and on
+    exit stopped, failed or done) and what ``clobjob status`` derives (pending, stalled as well)."""
+
+    PENDING = "pending"  # nothing started yet
+    STARTING = "starting"  # the worker is loading its units
+    RUNNING = "running"  # a live heartbeat
+    STALLED = "stalled"  # started, but its heartbeat is not live
+    STOPPED = "stopped"  # stopped by SIGTERM / Ctrl+C after checkpointing: run the same command to resume
+    FAILED = "failed"  # every unit done or failed, some failed
+    DONE = "done"  # every unit done
+
+    @property
+    def ended(self) -> bool:
+        """A state a worker writes when its process ends (such a heartbeat is never live)."""
+        return self in (RunState.STOPPED, RunState.FAILED, RunState.DONE)
+
+
+class RunKind(str, Enum):
+    """What made a run: ``backfill`` (resumed by the next backfill), ``plan`` (``clobjob plan``; a time window
+    with ``since``/``until``) or ``rerun`` (a run's failed or unfinished units, ``parent_run_id`` set)."""
+
+    BACKFILL = "backfill"
+    PLAN = "plan"
+    RERUN = "rerun"
+
+
+class RunParams(BaseModel):
+    """How a run was planned: one shape for every kind (a field that does not apply to the kind is None)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    kind: RunKind = RunKind.PLAN
+    as_of: int | None = None  # unix time of the market classification the plan used
+    markets: int | None = None  # markets planned
+    markets_file: str | None = None  # the --markets list it was restricted to
+    not_found: int | None = None  # listed ids absent from the universe
+    since: str | None = None  # time-window plan
+    until: str | None = None
+    failed_only: bool | None = None  # rerun: only failed units
+    from_shards: tuple[int, ...] | None = None  # rerun: only units of these shards of the parent
+    units: int | None = None
+
+
+class Run(BaseModel):
+    """One planned run (a row of ``backfill_runs``): its shards, the source that fetches it and how it was made."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    shards: int
+    source: str
+    params: RunParams = RunParams()
+    parent_run_id: str = ""
+    created_at: UtcDatetime | None = None
+
+    @property
+    def kind(self) -> RunKind:
+        """What made the run."""
+        return self.params.kind
 
 
 class WorkUnit(BaseModel):
@@ -381,7 +445,7 @@ class Heartbeat(BaseModel):
     shard: int
     pod: str
     at: UtcDatetime
-    state: str
+    state: RunState
     fills: int = 0
     requests: int = 0
     throttled: int = 0
@@ -396,7 +460,7 @@ class ShardStatus(BaseModel):
     """Aggregated status of one shard as ``clobjob status`` shows it."""
 
     shard: int
-    state: str
+    state: RunState
     units_done: int
     units_failed: int
     units_total: int

@@ -2,15 +2,11 @@
 ``models.MarketStatus``), how much work that is, and how to cut it into work units balanced over shards.
 
 A market is fetched whole (its fills deduplicate by id, so refetching an incomplete market is safe).
-Small markets are batched into one unit (one GraphQL ``or`` query over all their tokens, pages of
-``page_size``); large markets get a unit each; giant ones are cut into ranges of fill id that tile the whole
-id space, so that no shard becomes the straggler. Units go to shards longest-first (LPT).
-
-Why id ranges: a fill id is tx hash + "_" + order hash, and tx hashes are keccak hashes, so ids are uniform
-in byte order and equal id ranges hold equal shares of a market's fills whatever their spread in time.
-Cutting by time assumed fills spread evenly over a market's life; they are not (bench/backfill_e2e.py:
-slowest shard ÷ mean 2.0 cut by time, 1.01 cut by id). Boundaries are ``0x`` + ``ID_DIGITS`` hex digits:
-shorter than any id, so no id equals one and a range's first page can start with ``id_gt: id_from``.
+Small markets are batched into one unit (the source asks for all their tokens at once, up to its token
+limit, in pages of its page size); large markets get a unit each; giant ones are cut into ranges of fill id
+(``sources.subgraph.id_bounds``: ids begin with a keccak hash, so equal ranges hold equal shares of a
+market's fills whatever their spread in time), so that no shard becomes the straggler. Units go to shards
+longest-first (LPT).
 """
 
 from __future__ import annotations
@@ -26,16 +22,27 @@ from pathlib import Path
 from typing import Any
 
 from clobjob.errors import BadInput
-from clobjob.models import (BadValue, JsonError, MarketFills, MarketStatus, WorkUnit, coverage_summary, json_rows,
-                            normalize_condition_id)
+from clobjob.models import (
+    BadValue,
+    JsonError,
+    MarketFills,
+    MarketStatus,
+    Run,
+    RunKind,
+    RunParams,
+    WorkUnit,
+    coverage_summary,
+    json_rows,
+    normalize_condition_id,
+)
+from clobjob.sources.subgraph import MAX_TOKENS_PER_QUERY as MAX_BATCH_TOKENS
+from clobjob.sources.subgraph import PAGE_SIZE, id_bounds
 from clobjob.store import Store
 
-PAGE_SIZE = 1000
-BATCH_REQUESTS = 10
-MAX_BATCH_TOKENS = 200
-GIANT_FACTOR = 0.05
+BATCH_REQUESTS = 10  # small markets are batched into units of about this many requests
+SOURCE = "subgraph"  # the source whose fills the markets' expected counts describe
+GIANT_FACTOR = 0.05  # a market above this share of a shard's mean work is cut into fill-id ranges
 DAY_S = 86_400
-ID_DIGITS = 8  # hex digits of an id-range boundary (at most 16**ID_DIGITS ranges)
 AGE_BUCKETS = ("<30d", "30d-1y", "1y-2y", ">2y", "unknown")
 VOLUME_BUCKETS = ("top100", "top1000", "rest")
 
@@ -175,14 +182,6 @@ def _chunks(work: Sequence[MarketFills], page_size: int, batch_requests: int, ma
     return chunks
 
 
-def id_bounds(pieces: int) -> list[str | None]:
-    """Boundaries of ``pieces`` equal ranges tiling the fill-id space: None, then strictly increasing
-    ``0x`` hex prefixes shorter than any id, then None (at most ``16**ID_DIGITS`` ranges)."""
-    pieces = min(pieces, 16**ID_DIGITS)
-    inner = ("0x" + format(i * 16**ID_DIGITS // pieces, f"0{ID_DIGITS}x") for i in range(1, pieces))
-    return [None, *inner, None]
-
-
 def _split(chunk: _Chunk, pieces: int, page_size: int) -> list[_Chunk]:
     """A one-market chunk cut into ``pieces`` ranges of fill id (``id_bounds``), fills shared out evenly."""
     bounds = id_bounds(pieces)
@@ -305,14 +304,13 @@ def recommend(requests: int, rate_rps: float, *, latency_s: float = 0.5, shard_r
     return Recommendation(rate_rps, duration, shards, math.ceil(rate_rps / shards * latency_s) + 1)
 
 
-def write_plan(store: Store, run_id: str, shards: int, units: Sequence[WorkUnit], params: dict[str, Any], *,
-               force: bool = False) -> None:
+def write_plan(store: Store, run: Run, units: Sequence[WorkUnit], *, force: bool = False) -> None:
     """Record the run and its units; a run that already has progress is replaced only with ``force``."""
-    progress = store.checkpoints(run_id)
+    progress = store.checkpoints(run.run_id)
     if progress and not force:
-        raise BadInput(f"run {run_id!r} already has progress for {len(progress)} unit(s); refusing to "
+        raise BadInput(f"run {run.run_id!r} already has progress for {len(progress)} unit(s); refusing to "
                        "overwrite it (pass --force to replace its plan and progress, or choose another --run-id)")
-    store.create_run(run_id, shards, units, params=params)
+    store.create_run(run, units)
 
 
 def default_run_id(now: datetime | None = None) -> str:
@@ -377,16 +375,16 @@ def check_listed(store: Store, condition_ids: list[str]) -> list[str]:
 # --- backfill: resume or plan --------------------------------------------------------------------
 
 
-def resumable_run(store: Store) -> dict[str, Any] | None:
+def resumable_run(store: Store) -> Run | None:
     """The latest backfill run if it still has unfinished (or failed) units: resume it, do not re-plan.
 
     Not once a rerun (``clobjob rerun``) took its units over: then what is still missing is planned afresh.
     """
     runs = store.runs()
-    latest = next((r for r in runs if r["params"].get("kind") == "backfill"), None)
-    if latest is None or any(r["parent_run_id"] == latest["run_id"] for r in runs):
+    latest = next((r for r in runs if r.kind is RunKind.BACKFILL), None)
+    if latest is None or any(r.parent_run_id == latest.run_id for r in runs):
         return None
-    return latest if store.unfinished_units(latest["run_id"]) else None
+    return latest if store.unfinished_units(latest.run_id) else None
 
 
 def still_to_fetch(store: Store, report: MissingReport) -> MissingReport:
@@ -407,6 +405,6 @@ def plan_backfill(store: Store, shards: int, run_id: str, condition_ids: list[st
     report = still_to_fetch(store, missing_work(store, condition_ids))
     units = plan_units(report, shards, run_id)
     if units:
-        write_plan(store, run_id, shards, units, {"kind": "backfill", "shards": shards, "as_of": report.as_of,
-                                                  "markets": len(report.work), "markets_file": bool(condition_ids)})
+        params = RunParams(kind=RunKind.BACKFILL, as_of=report.as_of, markets=len(report.work), units=len(units))
+        write_plan(store, Run(run_id=run_id, shards=shards, source=SOURCE, params=params), units)
     return units

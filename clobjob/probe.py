@@ -8,12 +8,11 @@ import contextlib
 import time
 from dataclasses import dataclass
 
-from clobjob.config import Settings
 from clobjob.errors import ClobjobError
 from clobjob.models import MarketFills, WorkUnit
 from clobjob.plan import MissingReport
-from clobjob.sources.subgraph import SubgraphSource
-from clobjob.worker import make_controller
+from clobjob.ratelimit import AdaptiveRateController
+from clobjob.sources.base import FillSource
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ def pick_sample(report: MissingReport, size: int) -> list[MarketFills]:
     return list(dict.fromkeys(p for p in picks if p is not None))[:size]
 
 
-async def _first_page(source: SubgraphSource, market: MarketFills, timeout_s: float) -> SampleFetch:
+async def _first_page(source: FillSource, market: MarketFills, timeout_s: float) -> SampleFetch:
     unit = WorkUnit(run_id="diagnose", unit_id=0, shard=0, condition_ids=(market.condition_id,),
                     token_ids=market.token_ids)
     started = time.monotonic()
@@ -70,25 +69,23 @@ async def _first_page(source: SubgraphSource, market: MarketFills, timeout_s: fl
                        time.monotonic() - started)
 
 
-async def live_check(report: MissingReport, settings: Settings, *, sample: int = 5,
-                     probe_s: float = 10.0) -> LiveCheck | None:
-    """Sample fetches of the report's work (each given ``3 × request_timeout_s``), then ``probe_s``
-    seconds of first-page requests at the highest rate the controller finds; None when nothing is missing."""
+async def live_check(report: MissingReport, source: FillSource, controller: AdaptiveRateController, *,
+                     sample: int = 5, probe_s: float = 10.0, timeout_s: float = 90.0,
+                     concurrency: int = 64) -> LiveCheck | None:
+    """Sample fetches of the report's work (each given ``timeout_s``), then ``probe_s`` seconds of first-page
+    requests by ``concurrency`` callers at the highest rate ``controller`` finds; None when nothing is missing."""
     markets = pick_sample(report, max(sample, 1))
     if not markets:
         return None
-    controller = make_controller(settings)
-    timeout_s = 3 * settings.request_timeout_s
-    async with SubgraphSource(settings, controller) as source:
-        samples = tuple(await asyncio.gather(*(_first_page(source, m, timeout_s) for m in markets[:sample])))
+    samples = tuple(await asyncio.gather(*(_first_page(source, m, timeout_s) for m in markets[:sample])))
 
-        async def hammer(offset: int) -> None:
-            while True:
-                await _first_page(source, markets[offset % len(markets)], timeout_s)
-                offset += 1
+    async def hammer(offset: int) -> None:
+        while True:
+            await _first_page(source, markets[offset % len(markets)], timeout_s)
+            offset += 1
 
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(hammer(i) for i in range(settings.max_in_flight))), probe_s)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(hammer(i) for i in range(concurrency))), probe_s)
     state = controller.snapshot()
     limited = state.ceiling_rps is not None
     return LiveCheck(samples, state.ceiling_rps if limited else state.accepted_rps, limited, state.latency_s,

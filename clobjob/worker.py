@@ -12,26 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any
 
 from loguru import logger
 
 from clobjob.config import Settings
-from clobjob.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, ClobjobError
-from clobjob.metrics import MetricsServer
-from clobjob.models import Checkpoint, Heartbeat, UnitState, WorkUnit
+from clobjob.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, ClobjobError, UnitFailed
+from clobjob.models import Checkpoint, Heartbeat, RunState, UnitState, WorkUnit
 from clobjob.ratelimit import AdaptiveRateController
 from clobjob.sources.base import FillSource, Page
-from clobjob.store import FillBuffer, Store
-
-T = TypeVar("T")
+from clobjob.store import Store
+from clobjob.store.writer import StoreWriter
 
 
 def pod_name(shard: int) -> str:
@@ -71,57 +66,6 @@ class ShardCounters:
     last_progress: float = field(default_factory=time.monotonic)
 
 
-class StoreWriter:
-    """A process's one path to the store: store calls run in order on one thread, off the event loop,
-    and fills of every shard of the process share one buffer, flushed in large batches (one insert
-    stream per process, as ClickHouse prefers). A flush stores the rows, then the checkpoints they cover."""
-
-    def __init__(self, store: Store, batch_rows: int) -> None:
-        self.store, self._batch_rows = store, batch_rows
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        self._buffer = FillBuffer()
-        self._pending: dict[tuple[int, int], tuple[Checkpoint, str]] = {}
-        self._lock = asyncio.Lock()
-
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on the store thread. Once submitted it runs to the end even if the caller is
-        cancelled (a stop must never drop a queued insert or checkpoint)."""
-        return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._thread, fn, *args))
-
-    async def add(self, progress: UnitProgress, pod: str, page: Page | None = None) -> None:
-        """Queue a page's rows and the unit's new checkpoint; flush when the batch is full."""
-        if page is not None:
-            self._buffer.extend(page.rows)
-        self._pending[(progress.unit.shard, progress.unit.unit_id)] = (progress.checkpoint(), pod)
-        if len(self._buffer) >= self._batch_rows:
-            await self.flush()
-
-    async def flush(self) -> None:
-        """Store buffered rows, then the checkpoints queued with them (never the other way round)."""
-        async with self._lock:
-            columns, checkpoints = self._buffer.take(), list(self._pending.values())
-            self._pending = {}
-            if columns[0] or checkpoints:
-                await self.call(self._write, columns, checkpoints)
-
-    def _write(self, columns: list[list[Any]], checkpoints: list[tuple[Checkpoint, str]]) -> None:
-        """One job on the store thread, so the checkpoints cannot be written without their rows."""
-        if columns[0]:
-            self.store.insert_fills(columns)
-        for pod in sorted({pod for _, pod in checkpoints}):
-            self.store.save_checkpoints([cp for cp, owner in checkpoints if owner == pod], pod)
-
-    async def flush_every(self, interval_s: float) -> None:
-        """Flush on a timer (the time bound of a batch)."""
-        while True:
-            await asyncio.sleep(interval_s)
-            await self.flush()
-
-    def close(self) -> None:
-        """Stop the thread (after pending calls finish)."""
-        self._thread.shutdown(wait=True)
-
-
 def describe(exc: BaseException) -> str:
     """A one-line reason for a unit's last error."""
     if isinstance(exc, asyncio.TimeoutError):
@@ -141,7 +85,7 @@ class ShardWorker:
         self.stop = stop or asyncio.Event()
         self.pod = pod or pod_name(shard)
         self.counters = ShardCounters()
-        self.state = "starting"
+        self.state = RunState.STARTING
         self._owns_writer = writer is None
         self._writer = writer or StoreWriter(store, settings.batch_rows)
         self._log = logger.bind(run_id=run_id, shard=shard)
@@ -161,8 +105,8 @@ class ShardWorker:
         run = store.run(self.run_id)
         if run is None:
             raise BadInput(f"run {self.run_id!r} does not exist (plan it first)")
-        if not 0 <= self.shard < run["shards"]:
-            raise BadInput(f"shard {self.shard} is outside run {self.run_id!r} (shards 0..{run['shards'] - 1})")
+        if not 0 <= self.shard < run.shards:
+            raise BadInput(f"shard {self.shard} is outside run {self.run_id!r} (shards 0..{run.shards - 1})")
         units = store.units(self.run_id, self.shard)
         saved = store.checkpoints(self.run_id, self.shard)
         progress = []
@@ -181,7 +125,7 @@ class ShardWorker:
         return progress, conditions
 
     async def _work(self, todo: list[UnitProgress], conditions: Mapping[str, str]) -> int:
-        self.state = "running"
+        self.state = RunState.RUNNING
         self._log.info("shard starts: {} units to do, {} done already", len(todo), self.counters.units_done)
         gate = asyncio.Semaphore(self.settings.max_in_flight)
 
@@ -215,13 +159,14 @@ class ShardWorker:
             await asyncio.gather(*background, return_exceptions=True)
             await self._writer.flush()
         if error is not None:
-            self.state = "failed"
+            self.state = RunState.FAILED
             await self._beat()
             raise error
-        stopped = self.stop.is_set() and self.counters.units_done + self.counters.units_failed < self.counters.units_total
-        self.state = "stopped" if stopped else ("failed" if self.counters.units_failed else "done")
+        finished = self.counters.units_done + self.counters.units_failed
+        stopped = self.stop.is_set() and finished < self.counters.units_total
+        self.state = RunState.STOPPED if stopped else RunState.FAILED if self.counters.units_failed else RunState.DONE
         await self._beat()
-        self._log.info("shard {}: {} units done, {} failed, {} fills fetched", self.state,
+        self._log.info("shard {}: {} units done, {} failed, {} fills fetched", self.state.value,
                        self.counters.units_done, self.counters.units_failed, self.counters.fills)
         if stopped:
             return EXIT_SIGTERM
@@ -237,7 +182,7 @@ class ShardWorker:
                 while True:
                     page = await asyncio.wait_for(anext(pages), self.settings.stall_timeout_s)
                     self._advance(progress, page)
-                    await self._writer.add(progress, self.pod, page)
+                    await self._writer.add(progress.checkpoint(), self.pod, page.rows)
                     done, page = page.done, None  # the buffer has the rows; hold none while the next is fetched
                     if done:
                         self.counters.units_done += 1
@@ -273,11 +218,11 @@ class ShardWorker:
         """Count a failed attempt; returns True when the unit has failed for good."""
         progress.attempts += 1
         progress.last_error = self.settings.redact(describe(exc))  # stored, then shown by status
-        if progress.attempts >= self.settings.unit_attempts or getattr(exc, "unit_fatal", False):
+        if progress.attempts >= self.settings.unit_attempts or isinstance(exc, UnitFailed):
             progress.state = UnitState.FAILED
             self.counters.units_failed += 1
             log.error("unit failed after {} attempts: {}", progress.attempts, progress.last_error)
-            await self._writer.add(progress, self.pod)
+            await self._writer.add(progress.checkpoint(), self.pod)
             return True
         log.warning("unit attempt {} failed, resuming from its cursor: {}", progress.attempts, progress.last_error)
         await asyncio.sleep(self.controller.backoff(progress.attempts))
@@ -310,68 +255,3 @@ class ShardWorker:
             rps=rps, rate_limit=rate.rate_rps, in_flight=rate.in_flight,
             units_done=self.counters.units_done, units_total=self.counters.units_total,
         )
-
-
-def make_controller(settings: Settings) -> AdaptiveRateController:
-    """The process's one rate controller, from the settings."""
-    return AdaptiveRateController(initial_rps=settings.initial_rps, max_rps=settings.max_rps,
-                                  max_window=settings.max_in_flight)
-
-
-def install_stop_handlers(stop: asyncio.Event) -> None:
-    """SIGTERM or a first Ctrl+C sets ``stop`` (flush, checkpoint, exit 143); a second Ctrl+C exits at once."""
-    loop = asyncio.get_running_loop()
-
-    def on_sigint() -> None:
-        if stop.is_set():
-            os._exit(130)
-        logger.warning("stopping: flushing and checkpointing (Ctrl+C again to exit at once)")
-        stop.set()
-
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, on_sigint)
-
-
-def shard_from_env(shard: int | None) -> int:
-    """The shard to work: ``--shard`` if given, else ``JOB_COMPLETION_INDEX`` (set by the Indexed Job)."""
-    if shard is not None:
-        return shard
-    raw = os.environ.get("JOB_COMPLETION_INDEX")
-    if raw is None:
-        raise BadInput("no shard: pass --shard or set JOB_COMPLETION_INDEX")
-    try:
-        return int(raw)
-    except ValueError:
-        raise BadInput(f"JOB_COMPLETION_INDEX={raw!r} is not an integer") from None
-
-
-async def run_worker(settings: Settings, run_id: str, shard: int) -> int:
-    """A whole worker process (one pod of the Indexed Job): open everything, work the shard, exit code."""
-    from clobjob.sources import open_source
-    from clobjob.store import open_store
-
-    stop = asyncio.Event()
-    install_stop_handlers(stop)
-    with open_store(settings) as store:
-        run = store.run(run_id)
-        controller = make_controller(settings)
-        source = open_source(run["source"] if run else "subgraph", settings, controller)
-        worker = ShardWorker(settings, store, source, controller, run_id, shard, stop=stop)
-        try:
-            async with metrics_server(settings) as metrics:
-                if metrics:
-                    metrics.add(worker.metrics, {"run_id": run_id, "shard": shard})
-                return await worker.run()
-        finally:
-            await source.close()
-
-
-@asynccontextmanager
-async def metrics_server(settings: Settings) -> AsyncIterator[MetricsServer | None]:
-    """The optional Prometheus endpoint (``CLOBJOB_METRICS_PORT``), or None when it is off."""
-    if settings.metrics_port is None:
-        yield None
-        return
-    async with MetricsServer(settings.metrics_port) as server:
-        logger.info("Prometheus metrics on :{}/metrics", server.port)
-        yield server

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import random
 
-from clobjob.models import FILL_COLUMNS, Market, WorkUnit
+from clobjob.models import FILL_COLUMNS, Market, Run, WorkUnit
 from clobjob.sources.base import Page
-from clobjob.worker import ShardWorker, make_controller
+from clobjob.parts import make_controller
+from clobjob.worker import ShardWorker
 
 PAGE = 10
 
@@ -72,7 +73,7 @@ def plan_scripted_run(store) -> dict[int, list[tuple]]:
         fills[unit_id] = [fill_row(unit_id, i, token, condition) for i in range(n)]
         units.append(WorkUnit(run_id="r", unit_id=unit_id, shard=unit_id % 2, condition_ids=(condition,),
                               token_ids=(token,), expected_fills=n, expected_requests=n // PAGE + 1))
-    store.create_run("r", 2, units, params={})
+    store.create_run(Run(run_id="r", shards=2, source="scripted"), units)
     return fills
 
 

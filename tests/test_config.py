@@ -78,6 +78,7 @@ BAD_SETTINGS = [
     ("CLOBJOB_CLICKHOUSE_URL", "chdb:relative/path", "chdb:///absolute/path"),
     ("CLOBJOB_SUBGRAPH_URL", "ftp://goldsky.example/gn", "scheme must be http or https"),
     ("CLOBJOB_SUBGRAPH_URL", "http://goldsky.example:0/gn", "port 0"),
+    ("CLOBJOB_GAMMA_URL", "gamma-api.polymarket.com", "scheme must be http or https"),
     ("CLOBJOB_RPC_URL", "file:///etc/passwd", "scheme must be http or https"),
     ("CLOBJOB_CLICKHOUSE_DATABASE", "db`; drop", "plain identifier"),
     ("CLOBJOB_CLICKHOUSE_CLUSTER", "c1` ON CLUSTER `x", "identifier"),

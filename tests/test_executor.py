@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from clobjob.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SIGTERM
-from clobjob.executors.local import LocalExecutor, in_process_index
-from clobjob.worker import StoreWriter, make_controller
+from clobjob.executors.local import IndexedJob, in_process_index
+from clobjob.parts import Parts, make_controller
+from clobjob.store.writer import StoreWriter
 
 from tests.scripted import ScriptedSource, fast, stored_ids
 
@@ -30,7 +31,7 @@ async def test_failed_index_is_retried_per_index_and_does_not_stop_others():
     log: list[tuple[int, int]] = []
     killed = 128 + 9  # a pod killed by SIGKILL or the OOM killer fails like exit 1
     codes = {0: [EXIT_FAILED, EXIT_OK], 1: [EXIT_FAILED, killed, EXIT_FAILED], 2: [killed, EXIT_OK], 3: [EXIT_OK]}
-    outcome = await LocalExecutor(parallelism=2, backoff_limit_per_index=2, retry_delay_s=0.01).run(
+    outcome = await IndexedJob(parallelism=2, backoff_limit_per_index=2, retry_delay_s=0.01).run(
         [0, 1, 2, 3], scripted(codes, log, running=[]), asyncio.Event())
     assert outcome.completed == [0, 2, 3] and outcome.failed == [1]
     assert outcome.indexes[1].runs == 3 and outcome.indexes[0].runs == 2 and outcome.indexes[2].runs == 2
@@ -40,7 +41,7 @@ async def test_failed_index_is_retried_per_index_and_does_not_stop_others():
 async def test_bad_input_fails_the_whole_job():
     log: list[tuple[int, int]] = []
     codes = {0: [EXIT_BAD_INPUT], 1: [EXIT_FAILED, EXIT_FAILED, EXIT_OK]}
-    outcome = await LocalExecutor(parallelism=2, retry_delay_s=0.2).run([0, 1], scripted(codes, log),
+    outcome = await IndexedJob(parallelism=2, retry_delay_s=0.2).run([0, 1], scripted(codes, log),
                                                                        asyncio.Event())
     assert outcome.exit_code == EXIT_BAD_INPUT
     assert outcome.indexes[1].runs == 1  # no retry after the job failed
@@ -58,12 +59,12 @@ async def test_stop_ends_every_index_with_143(store, settings, plan):
     source.on_page = slow
     s = fast(settings)
     writer = StoreWriter(store, s.batch_rows)  # shared by both shards: one buffer, one insert stream
-    outcome = await LocalExecutor(parallelism=2).run(
-        [0, 1], in_process_index(s, writer, source, make_controller(s), "r", stop), stop)
+    parts = Parts(s, make_controller(s), source, writer, None)
+    outcome = await IndexedJob(parallelism=2).run([0, 1], in_process_index(parts, "r", stop), stop)
     assert outcome.exit_code == EXIT_SIGTERM
     source.on_page = None
-    outcome = await LocalExecutor(parallelism=2).run(
-        [0, 1], in_process_index(s, writer, source, make_controller(s), "r", asyncio.Event()), asyncio.Event())
+    outcome = await IndexedJob(parallelism=2).run([0, 1], in_process_index(parts, "r", asyncio.Event()),
+                                                  asyncio.Event())
     writer.close()
     assert outcome.exit_code == EXIT_OK and outcome.completed == [0, 1]
     assert stored_ids(store) == {row[0] for rows in plan.values() for row in rows}

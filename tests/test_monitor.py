@@ -18,7 +18,8 @@ import pytest
 
 from clobjob import cli, monitor
 from clobjob.errors import BadInput
-from clobjob.models import FILL_COLUMNS, Checkpoint, Heartbeat, Market, UnitState, WorkUnit, coverage_summary
+from clobjob.models import (FILL_COLUMNS, Checkpoint, Heartbeat, Market, Run, UnitState, WorkUnit,
+                            coverage_summary)
 from tests.test_store import make_fill
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
@@ -94,7 +95,7 @@ def test_market_categories_and_coverage(store):
 def test_recent_fills_by_fill_timestamp(store):
     seed_coverage(store)
     # (now - 24h, now]: now - 1h and now; 7 days adds now - 3d and now - 24h; now + 1h and now - 30d never
-    assert monitor.recent_fills(store, NOW) == {"fills_24h": 2, "fills_7d": 4}
+    assert store.recent_fills(NOW) == {"fills_24h": 2, "fills_7d": 4}
 
 
 def test_coverage_by_month_and_worst_gaps(store):
@@ -128,7 +129,7 @@ def seed_run(store) -> None:
             (3, 7, 30, 3), (4, 8, 1, 1)]
     units = [WorkUnit(run_id="r1", shard=s, unit_id=u, token_ids=(str(u),), expected_fills=f, expected_requests=r)
              for s, u, f, r in plan]
-    store.create_run("r1", 6, units, params={}, parent_run_id="r0")
+    store.create_run(Run(run_id="r1", shards=6, source="subgraph", parent_run_id="r0"), units)
     store.save_checkpoints([
         checkpoint("r1", 0, 0, UnitState.DONE, 10, 1), checkpoint("r1", 0, 1, UnitState.DONE, 20, 1),
         checkpoint("r1", 1, 2, UnitState.DONE, 5, 1), checkpoint("r1", 1, 3, UnitState.RUNNING, 2, 1, "HTTP 502"),
@@ -188,8 +189,8 @@ def test_status_json_schema_is_stable(store):
 
 
 def test_default_run_is_the_latest_and_unknown_run_is_bad_input(store):
-    store.create_run("old", 1, [], params={})
-    store.create_run("new", 1, [], params={})
+    store.create_run(Run(run_id="old", shards=1, source="subgraph"), [])
+    store.create_run(Run(run_id="new", shards=1, source="subgraph"), [])
     assert monitor.run_status(store, now=NOW)["run_id"] == "new"
     assert monitor.run_status(store, "old", now=NOW)["state"] == "done"
     with pytest.raises(BadInput, match="no run 'nope'"):
@@ -254,13 +255,14 @@ def test_publish_and_read_live(store, tmp_path):
 HOLDER = """
 import time
 from clobjob.config import Settings
-from clobjob.models import WorkUnit
+from clobjob.models import Run, WorkUnit
 from clobjob.monitor import live_path, publish_live, run_status
 from clobjob.store import open_store
 
 settings = Settings()
 with open_store(settings) as store:
-    store.create_run("live-run", 1, [WorkUnit(run_id="live-run", unit_id=0, shard=0, expected_fills=5)], params={})
+    store.create_run(Run(run_id="live-run", shards=1, source="subgraph"),
+                     [WorkUnit(run_id="live-run", unit_id=0, shard=0, expected_fills=5)])
     publish_live(run_status(store), live_path(settings))
     print("ready", flush=True)
     time.sleep(90)
@@ -307,8 +309,8 @@ def run_cli(settings, *args: str) -> int:
 
 def one_unit_run(store, run_id: str, state: UnitState, *, beat_state: str = "running", beat_age_s: float = 1.0,
                  now: datetime = NOW, source: str = "subgraph") -> None:
-    store.create_run(run_id, 1, [WorkUnit(run_id=run_id, unit_id=0, shard=0, expected_fills=1)], params={},
-                     source=source)
+    store.create_run(Run(run_id=run_id, shards=1, source=source),
+                     [WorkUnit(run_id=run_id, unit_id=0, shard=0, expected_fills=1)])
     store.save_checkpoints([checkpoint(run_id, 0, 0, state)])
     store.save_heartbeat(beat(run_id, 0, beat_age_s, beat_state, now=now))
 

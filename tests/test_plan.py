@@ -14,7 +14,7 @@ from hypothesis import given, settings as hyp_settings, strategies as st
 from clobjob import monitor, plan
 from clobjob.cli import main
 from clobjob.errors import BadInput
-from clobjob.models import FILL_COLUMNS, Checkpoint, Market, MarketFills, MarketStatus as Status, UnitState
+from clobjob.models import FILL_COLUMNS, Checkpoint, Market, MarketFills, MarketStatus as Status, Run, UnitState
 from clobjob.store import open_store
 from tests.test_store import make_fill
 
@@ -176,7 +176,7 @@ def test_cli_plan_refuses_to_overwrite_progress_without_force(settings, capsys):
         first = store.units("r1")
         assert {c for u in first for c in u.condition_ids} == {m.condition_id for m in
                                                                plan.missing_work(store).work}
-        assert store.run("r1")["params"]["shards"] == 2
+        assert store.run("r1").shards == 2
         store.save_checkpoints([Checkpoint(run_id="r1", shard=first[0].shard, unit_id=first[0].unit_id,
                                            state=UnitState.RUNNING, cursor="x")])
     assert cli(settings, "plan", "--shards", "3", "--run-id", "r1") == 2
@@ -185,7 +185,7 @@ def test_cli_plan_refuses_to_overwrite_progress_without_force(settings, capsys):
         assert store.units("r1") == first and store.checkpoints("r1")
     assert cli(settings, "plan", "--shards", "3", "--run-id", "r1", "--force") == 0
     with open_store(settings) as store:
-        assert store.checkpoints("r1") == {} and store.run("r1")["shards"] == 3
+        assert store.checkpoints("r1") == {} and store.run("r1").shards == 3
         assert {u.shard for u in store.units("r1")} <= {0, 1, 2}
 
 
@@ -193,16 +193,16 @@ def test_write_plan_force_replaces_cleanly(store):
     seed(store)
     report = plan.missing_work(store, now=NOW)
     units = plan.plan_units(report, 2, "r")
-    plan.write_plan(store, "r", 2, units, {"shards": 2})
-    plan.write_plan(store, "r", 2, units, {"shards": 2})  # no progress yet: re-planning is fine
+    plan.write_plan(store, Run(run_id="r", shards=2, source="subgraph"), units)
+    plan.write_plan(store, Run(run_id="r", shards=2, source="subgraph"), units)  # no progress yet: re-planning is fine
     store.save_checkpoints([Checkpoint(run_id="r", shard=units[0].shard, unit_id=units[0].unit_id)])
     with pytest.raises(BadInput, match="already has progress") as caught:
-        plan.write_plan(store, "r", 1, units[:1], {"shards": 1})
+        plan.write_plan(store, Run(run_id="r", shards=1, source="subgraph"), units[:1])
     assert caught.value.exit_code == 2
-    plan.write_plan(store, "r", 1, [u.model_copy(update={"shard": 0}) for u in units[:1]], {"shards": 1},
+    plan.write_plan(store, Run(run_id="r", shards=1, source="subgraph"), [u.model_copy(update={"shard": 0}) for u in units[:1]],
                     force=True)
     assert store.units("r") == [units[0].model_copy(update={"shard": 0})] and store.checkpoints("r") == {}
-    assert store.run("r")["params"] == {"shards": 1}
+    assert store.run("r").shards == 1
 
 
 def test_cli_plan_time_window(settings, capsys):
@@ -344,6 +344,7 @@ async def test_live_check_samples_markets_and_finds_the_rate_limit(settings):
     from aiohttp import web
     from aiohttp.test_utils import TestServer
 
+    from clobjob.parts import process_parts
     from clobjob.probe import live_check
 
     answered = []
@@ -365,14 +366,16 @@ async def test_live_check_samples_markets_and_finds_the_rate_limit(settings):
         probing = settings.with_overrides(subgraph_url=str(server.make_url("/gn")), initial_rps=20.0,
                                           max_in_flight=4, request_timeout_s=2.0)
         markets = (work(1, 5), MarketFills(cid(2), ("666",), None, None, 0.0, None, 0, 2))
-        live = await live_check(plan.MissingReport(NOW, markets), probing, sample=2, probe_s=1.5)
+        async with process_parts(probing, "subgraph") as parts:
+            live = await live_check(plan.MissingReport(NOW, markets), parts.source, parts.controller, sample=2,
+                                    probe_s=1.5, timeout_s=6.0, concurrency=4)
+            assert await live_check(plan.MissingReport(NOW, ()), parts.source, parts.controller) is None
     finally:
         await server.close()
     good, bad = sorted(live.samples, key=lambda s: s.condition_id)
     assert (good.fills, good.more, good.error, good.expected_fills) == (0, False, "", 5)
     assert bad.condition_id == cid(2) and "boom" in bad.error
     assert live.requests > 2 and live.throttled > 0 and live.limited and live.rate_rps > 0
-    assert await live_check(plan.MissingReport(NOW, ()), probing) is None
 
 
 def test_unknown_listed_ids_fail_plan_and_backfill_naming_them(settings, tmp_path, capsys):

@@ -11,13 +11,14 @@ import pytest
 
 from clobjob.cli import main
 from clobjob.errors import BadInput
-from clobjob.models import Checkpoint, Heartbeat, UnitState, WorkUnit
+from clobjob.models import Checkpoint, Heartbeat, Run, RunKind, RunParams, UnitState, WorkUnit
 from clobjob.plan import resumable_run
 from clobjob.rerun import plan_rerun, rerun_id
 from clobjob.sim import Dataset, SimConfig, SimServer
 from clobjob.sources.subgraph import SubgraphIndexingError
 from clobjob.store import open_store
-from clobjob.worker import ShardWorker, make_controller
+from clobjob.parts import make_controller
+from clobjob.worker import ShardWorker
 from tests.scripted import PAGE, ScriptedSource, fast, stored_ids
 
 # (shard, unit id, state of the latest checkpoint (None = never started), cursor, pages)
@@ -35,7 +36,8 @@ def seed_run(store, run_id: str = "r") -> dict[int, WorkUnit]:
                          id_from=f"0x{u:08x}" if u % 3 else None, id_to=f"0x{u + 1:08x}" if u % 3 == 1 else None,
                          expected_fills=1000 * u, expected_requests=u + 10)
              for s, u, *_ in SEED}
-    store.create_run(run_id, 3, list(units.values()), params={"kind": "backfill"}, source="subgraph")
+    store.create_run(Run(run_id=run_id, shards=3, source="subgraph", params=RunParams(kind=RunKind.BACKFILL)),
+                     list(units.values()))
     store.save_checkpoints([Checkpoint(run_id=run_id, shard=s, unit_id=u, state=state, cursor=cursor, pages=pages,
                                        fills=10 * pages, attempts=3, last_error="boom")
                             for s, u, state, cursor, pages in SEED if state is not None])
@@ -55,8 +57,8 @@ def test_rerun_failed_creates_a_run_of_exactly_the_failed_units(store):
     assert store.units("r-r1") == sorted(units, key=lambda u: (u.shard, u.unit_id))
     assert sorted(u.unit_id for u in units) == [0, 1, 2] and {u.shard for u in units} == {0, 1, 2}  # 3 shards held them
     run = store.run("r-r1")
-    assert (run["parent_run_id"], run["source"], run["shards"]) == ("r", "subgraph", 3)
-    assert run["params"] == {"kind": "rerun", "shards": 3, "failed_only": True, "from_shards": None, "units": 3}
+    assert (run.parent_run_id, run.source, run.shards) == ("r", "subgraph", 3)
+    assert run.params == RunParams(kind=RunKind.RERUN, failed_only=True, from_shards=None, units=3)
     # each unit resumes from its stored cursor: a fresh pending checkpoint (unit 3 never stored one: from scratch)
     new = {u.unit_id: u for u in units}
     assert {work(new[cp.unit_id]): (cp.shard, cp.state, cp.cursor, cp.pages, cp.fills, cp.attempts, cp.last_error)
@@ -75,12 +77,12 @@ def test_rerun_shards_takes_every_unfinished_unit_of_those_shards(store):
     parent = seed_run(store)
     units = plan_rerun(store, "r", "r-r1", shards=[1, 2])
     assert Counter(map(work, units)) == Counter(work(parent[u]) for u in (3, 4, 6, 7))
-    assert store.run("r-r1")["shards"] == 2 and store.run("r-r1")["params"]["from_shards"] == [1, 2]
+    assert store.run("r-r1").shards == 2 and store.run("r-r1").params.from_shards == (1, 2)
     spread = plan_rerun(store, "r", "r-r2", shards=[0, 1, 2], new_shards=5)
     assert Counter(map(work, spread)) == Counter(work(parent[u]) for u in (1, 2, 3, 4, 6, 7))
     assert {u.shard for u in spread} == set(range(5))  # LPT over 5 shards: one unit each, the two smallest doubled
     failed_of_one = plan_rerun(store, "r", "r-r3", failed_only=True, shards=[2])
-    assert [work(u) for u in failed_of_one] == [work(parent[7])] and store.run("r-r3")["shards"] == 1
+    assert [work(u) for u in failed_of_one] == [work(parent[7])] and store.run("r-r3").shards == 1
     with pytest.raises(BadInput, match="no shard 3, 7"):
         plan_rerun(store, "r", "r-r4", shards=[1, 3, 7])
     with pytest.raises(BadInput, match="no run 'nope'"):
@@ -96,7 +98,7 @@ def test_nothing_to_rerun(store, settings, capsys):
     assert store.run("r-r1") is None
     assert cli(settings, "rerun", "--run-id", "r", "--failed") == 0
     assert "run r: nothing to rerun (no failed unit)" in capsys.readouterr().out
-    assert [r["run_id"] for r in store.runs()] == ["r"]
+    assert [r.run_id for r in store.runs()] == ["r"]
     assert cli(settings, "rerun", "--run-id", "nope") == 2
     assert cli(settings, "rerun", "--run-id", "r", "--shards", "9") == 2
     assert "no shard 9" in capsys.readouterr().err
@@ -111,7 +113,7 @@ def test_a_running_run_is_not_rerun(store, settings, capsys):
 
 def test_backfill_does_not_resume_a_run_a_rerun_took_over(store):
     seed_run(store)
-    assert resumable_run(store)["run_id"] == "r"
+    assert resumable_run(store).run_id == "r"
     plan_rerun(store, "r", "r-r1", failed_only=True)
     assert resumable_run(store) is None  # backfill plans what is still missing instead
 
@@ -159,25 +161,25 @@ def test_failed_run_fixed_by_rerun_then_verify_passes(settings, tmp_path, monkey
         assert cli(settings, "backfill", "--shards", "3") == 1
         with open_store(settings) as store:
             (failed_run,) = store.runs()
-            failed = {u.unit_id for u in store.units(failed_run["run_id"])}
-            assert {cp.state for cp in store.checkpoints(failed_run["run_id"]).values()} == {UnitState.FAILED}
+            failed = {u.unit_id for u in store.units(failed_run.run_id)}
+            assert {cp.state for cp in store.checkpoints(failed_run.run_id).values()} == {UnitState.FAILED}
         assert cli(settings, "verify") == 1
         capsys.readouterr()
 
         sim.configure(indexing_error=False)
-        assert cli(settings, "rerun", "--run-id", failed_run["run_id"], "--failed", "--new-shards", "2") == 0
-        assert f"rerun {failed_run['run_id']}-r1 of {failed_run['run_id']}: {len(failed)} unit(s) over 2 shard(s)" \
+        assert cli(settings, "rerun", "--run-id", failed_run.run_id, "--failed", "--new-shards", "2") == 0
+        assert f"rerun {failed_run.run_id}-r1 of {failed_run.run_id}: {len(failed)} unit(s) over 2 shard(s)" \
             in capsys.readouterr().out
         with open_store(settings) as store:
-            rerun = store.run(f"{failed_run['run_id']}-r1")
-            assert rerun["parent_run_id"] == failed_run["run_id"] and rerun["params"]["kind"] == "rerun"
+            rerun = store.run(f"{failed_run.run_id}-r1")
+            assert rerun.parent_run_id == failed_run.run_id and rerun.kind is RunKind.RERUN
             assert store.count_fills() == sum(1 for _ in dataset.iter_truth())
         assert cli(settings, "verify", "--json") == 0
         result = json.loads(capsys.readouterr().out)
         assert result["ready"] and result["markets"]["coverage"] == 1.0
         assert {c["name"]: c["status"] for c in result["criteria"]}["no_run_in_progress"] == "pass"
         assert cli(settings, "status", "--json") == 0
-        assert json.loads(capsys.readouterr().out)["parent_run_id"] == failed_run["run_id"]
+        assert json.loads(capsys.readouterr().out)["parent_run_id"] == failed_run.run_id
         requests = sim.stats()["fill_requests"]
         assert cli(settings, "backfill") == 0 and "nothing to fetch" in capsys.readouterr().out
         assert sim.stats()["fill_requests"] == requests

@@ -24,7 +24,7 @@ from clobjob.models import EXCHANGES
 from clobjob.sim import Dataset, Profile, SimConfig, SimServer, export
 from clobjob.sim.data import HEAD_BLOCK, block_of
 from clobjob.sim.engine import Engine
-from clobjob.sim.faults import THROTTLE_BODY
+from clobjob.sim.faults import THROTTLE_BODY, ServiceTime
 
 FIELDS = ("id transactionHash timestamp orderHash maker taker makerAssetId takerAssetId "
           "makerAmountFilled takerAmountFilled fee")
@@ -493,3 +493,184 @@ async def test_shutdown_is_prompt_with_a_hung_request(ds: Dataset) -> None:
             while not sim.stats()["hang"]:
                 await asyncio.sleep(0.01)
         request.cancel()
+
+
+# --- service time ---------------------------------------------------------------------------------
+
+
+async def test_answers_in_service_overlap(ds: Dataset) -> None:
+    n, latency = 8, 1.0
+    with running(ds, SimConfig(latency_base_s=latency)) as sim:
+        started = asyncio.get_running_loop().time()
+        async with aiohttp.ClientSession() as session:
+            answers = await asyncio.gather(*(gql(session, sim.url, SMALL_QUERY) for _ in range(n)))
+        wall = asyncio.get_running_loop().time() - started
+        stats = sim.stats()
+    assert all(a["data"]["_meta"]["block"]["number"] == HEAD_BLOCK for a in answers)
+    assert stats["in_service_peak"] == n and stats["in_service"] == 0  # all n waited their service time at once
+    assert stats["timed_answers"] == n and stats["service_s"] == pytest.approx(n * latency)
+    assert wall < n * latency / 2  # a server answering one request after another needs n × latency
+
+
+async def test_service_time_grows_with_rows_and_follows_config(ds: Dataset) -> None:
+    whale = sorted(ds.token_to_condition, key=ds.trades_quantity)[-1]
+    with running(ds, SimConfig(latency_base_s=0.01, latency_per_row_ms=0.1)) as sim:
+        base = sim.url.split("/subgraphs/")[0]
+        async with aiohttp.ClientSession() as session:
+            await gql(session, sim.url, SMALL_QUERY)
+            small = sim.stats()["service_s"]
+            page = await gql(session, sim.url, PAGER, tokens=[whale], after="")
+            rows = len(page["data"]["orderFilledEvents"])
+            big = sim.stats()["service_s"] - small
+            async with session.post(base + "/__config", json={"latency_base_s": 0.2, "latency_per_row_ms": 0}) as r:
+                assert (await r.json())["latency_base_s"] == 0.2
+            await gql(session, sim.url, PAGER, tokens=[whale], after="")
+            configured = sim.stats()["service_s"] - small - big
+    assert rows == 1000
+    assert small == pytest.approx(0.01) and big == pytest.approx(0.01 + rows * 0.1e-3)
+    assert configured == pytest.approx(0.2)
+
+
+async def test_429s_answer_while_admitted_requests_are_in_service(ds: Dataset) -> None:
+    cfg = SimConfig(rate_limit_rps=0.1, burst=1, latency_base_s=30)
+    with running(ds, cfg) as sim:
+        async with aiohttp.ClientSession() as session:
+            admitted = asyncio.ensure_future(session.post(sim.url, json={"query": SMALL_QUERY}))
+            while not sim.stats()["in_service"]:
+                await asyncio.sleep(0.01)
+            for _ in range(3):
+                async with session.post(sim.url, json={"query": SMALL_QUERY}) as response:
+                    assert response.status == 429
+            assert sim.stats()["in_service"] == 1  # the 429s did not wait for the answer in service
+            admitted.cancel()
+
+
+def test_service_time_jitter_is_seeded() -> None:
+    def served(seed: int) -> list[float]:
+        cfg = SimConfig(seed=seed, latency_base_s=0.2, latency_per_row_ms=0.5, latency_jitter=0.5)
+        service = ServiceTime(seed)
+        return [service.seconds(cfg, rows) for rows in (0, 1000, 0, 1000, 0)]
+
+    first, again, other = served(1), served(1), served(2)
+    assert first == again and first != other
+    assert all(0.1 <= s <= 0.3 for s in first[::2]) and all(0.35 <= s <= 1.05 for s in first[1::2])
+
+
+def test_realistic_profile_serves_a_full_page_in_about_085_s() -> None:
+    cfg = SimConfig.for_profile(Profile.REALISTIC)
+    assert cfg.latency_base_s + cfg.latency_per_row_ms * 1000 / 1000 == pytest.approx(0.85)
+    assert cfg.rate_limit_rps == SimConfig.for_profile(Profile.THROTTLED).rate_limit_rps
+    assert all(SimConfig.for_profile(p).latency_base_s == 0 for p in ("clean", "throttled", "hostile"))
+
+
+# --- Gamma /markets -------------------------------------------------------------------------------
+
+
+async def _gamma(session: aiohttp.ClientSession, sim: SimServer, path: str, **params: Any) -> tuple[int, Any]:
+    async with session.get(sim.gamma_url + path, params=params) as response:
+        return response.status, await response.json(content_type=None) if response.status != 429 else None
+
+
+async def test_gamma_pages_the_datasets_markets(ds: Dataset, clean: SimServer) -> None:
+    async with aiohttp.ClientSession() as session:
+        by_offset, offset = [], 0
+        while True:
+            status, page = await _gamma(session, clean, "/markets", limit=500, offset=offset)  # capped at 100
+            assert status == 200 and len(page) <= 100
+            if not page:
+                break
+            by_offset, offset = by_offset + page, offset + len(page)
+        by_keyset, cursor, pages = [], None, 0
+        while True:
+            status, doc = await _gamma(session, clean, "/markets/keyset", limit=100,
+                                       **({"after_cursor": cursor} if cursor else {}))
+            by_keyset, pages = by_keyset + doc["markets"], pages + 1
+            if "next_cursor" not in doc:
+                break
+            cursor = doc["next_cursor"]
+    assert by_offset == by_keyset == ds.markets and pages == 3
+    assert isinstance(by_keyset[0]["clobTokenIds"], str) and isinstance(by_keyset[0]["volume"], str)
+
+
+async def test_gamma_filters_order_and_refusals(ds: Dataset, clean: SimServer) -> None:
+    market, other = ds.markets[5], ds.markets[9]
+    token = json.loads(market["clobTokenIds"])[1]
+    async with aiohttp.ClientSession() as session:
+        assert (await _gamma(session, clean, "/markets", condition_ids=market["conditionId"]))[1] == [market]
+        assert (await _gamma(session, clean, "/markets", clob_token_ids=token))[1] == [market]
+        status, both = await _gamma(session, clean, "/markets", id=f"{market['id']},{other['id']}")
+        assert both == [market, other]
+        _, closed = await _gamma(session, clean, "/markets", closed="true", limit=100)
+        assert closed and all(m["closed"] for m in closed)
+        _, top = await _gamma(session, clean, "/markets", order="volumeNum", ascending="false", limit=10)
+        assert [m["volumeNum"] for m in top] == sorted((m["volumeNum"] for m in ds.markets), reverse=True)[:10]
+        status, error = await _gamma(session, clean, "/markets", offset=10_001)
+        assert status == 422 and "10000" in error["error"] and "/markets/keyset" in error["error"]
+        status, error = await _gamma(session, clean, "/markets", order="nonsense")
+        assert status == 422 and error["error"] == "order fields are not valid"
+        status, _ = await _gamma(session, clean, "/markets/keyset", offset=100)
+        assert status == 422
+        status, _ = await _gamma(session, clean, "/markets/keyset", after_cursor="not-a-cursor")
+        assert status == 422
+
+
+async def test_gamma_limit_bad_rows_and_missing_keyset(ds: Dataset) -> None:
+    cfg = SimConfig(gamma_rate_limit_rps=1, gamma_burst=2, gamma_bad_rows=[3])
+    with running(ds, cfg) as sim:
+        async with aiohttp.ClientSession() as session:
+            answers = [await _gamma(session, sim, "/markets", limit=5) for _ in range(4)]
+            assert [status for status, _ in answers[:2]] == [200, 200] and answers[-1][0] == 429
+            assert "clobTokenIds" not in answers[0][1][3] and answers[0][1][2] == ds.markets[2]
+            sim.configure(gamma_rate_limit_rps=None, gamma_keyset=False)
+            async with session.get(sim.gamma_url + "/markets/keyset") as response:
+                assert response.status == 404
+        assert sim.stats()["gamma_throttled_429"] == 2 and sim.stats()["requests"] == 0
+
+
+# --- sim serve and sim export agree -----------------------------------------------------------------
+
+
+@contextmanager
+def cli_server(*flags: str) -> Iterator[str]:
+    """`clobjob sim serve` in its own process; yields the base URL."""
+    argv = [sys.executable, "-m", "clobjob", "sim", "serve", "--port", "0", *flags]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            yield proc.stdout.readline().strip().split("/subgraphs/")[0]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+@pytest.mark.parametrize("flags", [(), ("--markets", "150", "--seed", "3"), ("--markets", "120", "--top-fills", "4000"),
+                                   ("--seed", "5", "--top-fills", "30000")])
+def test_serve_and_export_agree(flags: tuple[str, ...], tmp_path: Any) -> None:
+    from clobjob.cli import main
+
+    assert main(["sim", "export", "--out", str(tmp_path), *flags]) == 0
+    exported = [json.loads(line) for line in (tmp_path / "markets.jsonl").read_text().splitlines()]
+    served, cursor = [], ""
+    with cli_server(*flags) as base:
+        while cursor is not None:
+            doc = _get(f"{base}/markets/keyset?limit=100" + (f"&after_cursor={cursor}" if cursor else ""))
+            served, cursor = served + doc["markets"], doc.get("next_cursor")
+        tokens, after = {}, ""
+        while after is not None:
+            request = urllib.request.Request(base + "/", headers={"Content-Type": "application/json"}, data=json.dumps(
+                {"query": 'query($a: ID!){ marketDatas(first: 1000, where: {id_gt: $a}) { id condition } }',
+                 "variables": {"a": after}}).encode())
+            with urllib.request.urlopen(request, timeout=10) as response:
+                page = json.load(response)["data"]["marketDatas"]
+            tokens.update((d["id"], d["condition"]) for d in page)
+            after = page[-1]["id"] if len(page) == 1000 else None
+    assert served == exported
+    exported_tokens = {t: m["conditionId"] for m in exported for t in json.loads(m["clobTokenIds"])}
+    assert tokens and all(exported_tokens[t] == c for t, c in tokens.items())
+    truth_conditions = {r["conditionId"] for r in map(json.loads, (tmp_path / "truth.jsonl").open())}
+    assert truth_conditions <= {m["conditionId"] for m in exported}

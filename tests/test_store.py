@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from clobjob.models import FILL_COLUMNS, Checkpoint, UnitState, WorkUnit
+from clobjob.models import FILL_COLUMNS, Checkpoint, Run, UnitState, WorkUnit
 from clobjob.store import Database, open_store, schema
 
 
@@ -77,15 +77,15 @@ def test_values_are_bound_not_formatted(store):
 
 def test_checkpoints_latest_version_wins(store):
     unit = WorkUnit(run_id="r1", unit_id=3, shard=1, token_ids=("1", "2"), expected_fills=10)
-    store.create_run("r1", 2, [unit], params={"shards": 2})
+    store.create_run(Run(run_id="r1", shards=2, source="subgraph"), [unit])
     store.save_checkpoints([Checkpoint(run_id="r1", shard=1, unit_id=3, state=UnitState.RUNNING, cursor="a")])
     store.save_checkpoints([Checkpoint(run_id="r1", shard=1, unit_id=3, state=UnitState.DONE, cursor="z",
                                        fills=10, pages=1)])
     (saved,) = store.checkpoints("r1", shard=1).values()
     assert saved.state is UnitState.DONE and saved.cursor == "z" and saved.fills == 10
     assert store.units("r1") == [unit]
-    assert store.run("r1")["params"] == {"shards": 2}
-    store.create_run("r1", 1, [], params={})  # re-plan replaces plan and progress
+    assert store.run("r1").shards == 2
+    store.create_run(Run(run_id="r1", shards=1, source="subgraph"), [])  # re-plan replaces plan and progress
     assert store.units("r1") == [] and store.checkpoints("r1") == {}
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from clobjob.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, SourceError, TransientSourceError
 from clobjob.models import UnitState
-from clobjob.worker import ShardWorker, make_controller
+from clobjob.parts import make_controller
+from clobjob.worker import ShardWorker
 
 from tests.scripted import ScriptedSource, fast, stored_ids, worker
 
@@ -92,7 +93,7 @@ async def test_unknown_run_or_shard_is_bad_input(store, settings, plan):
 async def test_worker_serves_prometheus_metrics(store, settings, plan):
     import aiohttp
 
-    from clobjob.worker import metrics_server
+    from clobjob.parts import metrics_server
 
     s = fast(settings, metrics_port=0)
     source = ScriptedSource(plan)

@@ -19,6 +19,7 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from clobjob.models import EXCHANGES, USDC_ASSET_ID
 from clobjob.sim.columns import I64_MAX, BytesColumn, CodeColumn, IdColumn, IntColumn
@@ -305,6 +306,21 @@ def _gamma_markets(rng: np.random.Generator, u: _Universe, tokens: list[str], vo
             market["closedTime"] = iso[i].replace("T", " ") + "+00"
         markets.append(market)
     return markets
+
+
+class DatasetOptions(BaseModel):
+    """Everything that shapes a generated dataset: ``sim serve``, ``sim export`` and ``Dataset.generate`` take
+    the same options, so the same options always give the same markets and fills."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    markets: int = Field(2000, ge=1, description="simulated markets")
+    seed: int = Field(7, description="seed of every generated value")
+    top_fills: int | None = Field(None, ge=0, description="make the largest market exactly this many fills")
+
+    def generate(self) -> Dataset:
+        """The dataset these options describe."""
+        return Dataset.generate(**self.model_dump())
 
 
 @dataclass(eq=False)

@@ -84,6 +84,7 @@ class Answer:
 
     body: str = "{}"
     status: int = 200
+    rows: int = 0  # entity rows returned, of every field
     fills: int = 0  # OrderFilledEvent rows returned
     fill_query: bool = False  # the request queried orderFilledEvents
     in_rows: int = 0  # fills matched by its heaviest `_in` list
@@ -338,6 +339,7 @@ class Engine:
         selection = [(key, sub.name.value) for key, sub in self._collect(node.selection_set, entity, ctx).items()]
         if not plural:
             page = collection(table, {"id": args["id"]}, first=1, pins=pins)
+            ctx.answer.rows += len(page.rows)
             return Json(table.render_json(page.rows, selection)[0]) if len(page.rows) else None
         first = 100 if args.get("first") is None else args["first"]
         skip = args.get("skip") or 0
@@ -348,6 +350,7 @@ class Engine:
         page = collection(table, args.get("where"), order_by=args.get("orderBy") or "id",
                           desc=args.get("orderDirection") == "desc", first=first, skip=skip, pins=pins)
         ctx.answer.in_rows = max(ctx.answer.in_rows, page.in_rows)
+        ctx.answer.rows += len(page.rows)
         if entity == "OrderFilledEvent":
             ctx.answer.fill_query = True
             ctx.answer.fills += len(page.rows)

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from clobjob.sim.data import Dataset
+from clobjob.sim.data import DatasetOptions
 
 
 def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
@@ -19,11 +19,12 @@ def _write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
     os.replace(partial, path)
 
 
-def export(out_dir: str | Path, markets: int = 2000, seed: int = 7) -> tuple[Path, Path]:
-    """Write ``markets.jsonl`` (Gamma shape) and ``truth.jsonl`` (every fill); byte-identical per seed."""
+def export(out_dir: str | Path, **options: Any) -> tuple[Path, Path]:
+    """Write ``markets.jsonl`` (Gamma shape) and ``truth.jsonl`` (every fill) of the dataset ``options``
+    (``DatasetOptions`` fields) describe; byte-identical per options."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ds = Dataset.generate(markets=markets, seed=seed)
+    ds = DatasetOptions(**options).generate()
     paths = out / "markets.jsonl", out / "truth.jsonl"
     _write_jsonl(paths[0], ds.markets)
     _write_jsonl(paths[1], ds.iter_truth())

@@ -1,8 +1,9 @@
-"""The simulator's knobs (rate limit, fault rates), Goldsky's throttling as a per-client token bucket, and the
-seeded choice of a fault per request.
+"""The simulator's knobs (rate limits, fault rates, service time), throttling as a per-client token bucket,
+the seeded choice of a fault per request and the seeded service time of each answer.
 
 Faults are drawn from one ``random.Random(seed)`` per server, a fixed number of draws per admitted request,
-so the same sequence of requests meets the same sequence of faults.
+so the same sequence of requests meets the same sequence of faults. Service times come from a second
+generator of the same seed, so turning latency on does not change which faults are met.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Profile(str, Enum):
     CLEAN = "clean"
     THROTTLED = "throttled"
     HOSTILE = "hostile"
+    REALISTIC = "realistic"
 
 
 class Fault(str, Enum):
@@ -59,6 +61,13 @@ class SimConfig(BaseModel):
     hang_s: float = Field(3600.0, ge=0, description="a hung response completes (504) after this long")
     max_skip: int | None = Field(5000, ge=0, description="graph-node GRAPH_GRAPHQL_MAX_SKIP; None = unlimited")
     indexing_error: bool = False
+    latency_base_s: float = Field(0.0, ge=0, description="service time of every admitted answer (429s excepted)")
+    latency_per_row_ms: float = Field(0.0, ge=0, description="added service time per row answered")
+    latency_jitter: float = Field(0.0, ge=0, le=1, description="service time varies uniformly by ± this share")
+    gamma_rate_limit_rps: float | None = Field(None, gt=0, description="Gamma API token-bucket rate per client IP")
+    gamma_burst: int = Field(10, ge=1)
+    gamma_bad_rows: list[int] = Field([], description="Gamma markets (positions in the dataset) served malformed")
+    gamma_keyset: bool = Field(True, description="serve Gamma's /markets/keyset (False: 404, offset paging only)")
 
     @model_validator(mode="after")
     def _probabilities_sum(self) -> SimConfig:
@@ -80,7 +89,9 @@ class SimConfig(BaseModel):
 
     @classmethod
     def for_profile(cls, profile: Profile | str, seed: int = 7, **knobs: Any) -> SimConfig:
-        """clean: no limit, no faults; throttled: 20 req/s burst 10; hostile: a limit and every fault."""
+        """clean: no limit, no faults, instant answers; throttled: 20 req/s burst 10; hostile: a limit and every
+        fault; realistic: throttled with graph-node's service time (0.25 s + 0.6 ms per row, ±20 %, so a full
+        1,000-row page takes about 0.85 s) and a Gamma limit of 10 req/s."""
         presets: dict[Profile, dict[str, Any]] = {
             Profile.CLEAN: {},
             Profile.THROTTLED: {"rate_limit_rps": 20.0, "burst": 10},
@@ -88,6 +99,10 @@ class SimConfig(BaseModel):
                 "rate_limit_rps": 30.0, "burst": 15, "p_5xx": 0.03, "p_graphql_timeout": 0.02,
                 "p_overloaded": 0.02, "p_store_timeout_in": 0.3, "p_empty_body": 0.02, "p_truncated": 0.02,
                 "p_slow": 0.03, "p_hang": 0.01,
+            },
+            Profile.REALISTIC: {
+                "rate_limit_rps": 20.0, "burst": 10, "latency_base_s": 0.25, "latency_per_row_ms": 0.6,
+                "latency_jitter": 0.2, "gamma_rate_limit_rps": 10.0, "gamma_burst": 10,
             },
         }
         return cls(seed=seed, **{**presets[Profile(profile)], **knobs})
@@ -118,6 +133,19 @@ class FaultPlan:
                 fault = candidate
                 break
         return Draw(fault, (502, 503, 504)[int(v * 3)], 0.1 + 0.8 * w, x < cfg.p_store_timeout_in)
+
+
+class ServiceTime:
+    """Seeded service time per answer: (base + per row × rows) × U(1 − jitter, 1 + jitter)."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(f"service-time/{seed}")
+
+    def seconds(self, cfg: SimConfig, rows: int) -> float:
+        mean = cfg.latency_base_s + cfg.latency_per_row_ms / 1000 * rows
+        if not mean:
+            return 0.0
+        return mean * (1 + cfg.latency_jitter * (2 * self._rng.random() - 1))
 
 
 class TokenBucket:

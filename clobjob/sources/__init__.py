@@ -5,9 +5,11 @@ Every fill source implements ``clobjob.sources.base.FillSource``; ``open_source`
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from clobjob.errors import BadInput
+from clobjob.sources import subgraph
 
 if TYPE_CHECKING:
     from clobjob.config import Settings
@@ -15,12 +17,12 @@ if TYPE_CHECKING:
     from clobjob.sources.base import FillSource
 
 SOURCES = ("subgraph",)
+DATA_UNTIL: dict[str, datetime] = {"subgraph": subgraph.DATA_UNTIL}
+"""The newest fill each source can hold (a source absent here holds fills up to now)."""
 
 
 def open_source(name: str, settings: Settings, controller: AdaptiveRateController) -> FillSource:
     """The fill source called ``name`` (a run records which one planned it)."""
     if name == "subgraph":
-        from clobjob.sources.subgraph import SubgraphSource
-
-        return SubgraphSource(settings, controller)
+        return subgraph.SubgraphSource(settings, controller)
     raise BadInput(f"unknown source {name!r} (known: {', '.join(SOURCES)})")

@@ -51,6 +51,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
@@ -58,13 +59,15 @@ import aiohttp
 from loguru import logger
 
 from clobjob.config import Settings
-from clobjob.errors import EXIT_FAILED, ClobjobError, SourceError, TransientSourceError
+from clobjob.errors import ClobjobError, SourceError, TransientSourceError, UnitFailed
 from clobjob.models import EXCHANGES, BadValue, Market, WorkUnit, normalize_condition_id, normalize_token_id
 from clobjob.ratelimit import AdaptiveRateController, Permit
 from clobjob.sources.base import Page
 
 PAGE_SIZE = 1000
+DATA_UNTIL = datetime(2026, 4, 28, 11, tzinfo=timezone.utc)  # the last v1 fill: the subgraph indexes only v1
 MAX_TOKENS_PER_QUERY = 200
+ID_DIGITS = 8  # hex digits of an id-range boundary (at most 16**ID_DIGITS ranges)
 MAX_ATTEMPTS = 8
 MIN_ATTEMPT_TIMEOUT_S = 5.0  # a first attempt may take at least this long …
 LATENCY_TIMEOUTS = 10.0  # … or this many smoothed latencies
@@ -81,11 +84,8 @@ FILL_FIELDS = ("id", "transactionHash", "timestamp", "orderHash", "maker", "take
                "takerAssetId", "makerAmountFilled", "takerAmountFilled", "fee")
 
 
-class SubgraphIndexingError(ClobjobError):
+class SubgraphIndexingError(UnitFailed):
     """The subgraph answers ``indexing_error`` (it failed to index): the unit fails with this reason."""
-
-    exit_code = EXIT_FAILED
-    unit_fatal = True  # retrying the unit cannot help: the worker fails it at once
 
 
 # --- answers -------------------------------------------------------------------------------------
@@ -226,6 +226,15 @@ def fill_rows(events: list[Any], conditions: Mapping[str, str]) -> list[tuple[An
 
 
 # --- queries and cursors -------------------------------------------------------------------------
+
+
+def id_bounds(pieces: int) -> list[str | None]:
+    """Boundaries of ``pieces`` equal ranges tiling the fill-id space: None, then strictly increasing
+    ``0x`` hex prefixes shorter than any id, then None (at most ``16**ID_DIGITS`` ranges)."""
+    pieces = min(pieces, 16**ID_DIGITS)
+    inner = ("0x" + format(i * 16**ID_DIGITS // pieces, f"0{ID_DIGITS}x") for i in range(1, pieces))
+    return [None, *inner, None]
+
 
 
 @lru_cache(maxsize=None)

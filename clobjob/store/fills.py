@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from clobjob.errors import SourceError
@@ -54,6 +55,17 @@ class FillTable:
         buffer = FillBuffer()
         buffer.extend(rows)
         return self.insert_fills(buffer.take())
+
+    def recent_fills(self, now: datetime) -> dict[str, int]:
+        """Distinct stored fills by fill timestamp in the last 24 h and 7 days before ``now``."""
+        day, week = now - timedelta(days=1), now - timedelta(days=7)
+        found = self.db.rows(
+            "SELECT uniqExactIf(id, timestamp > toDateTime({day:Int64}, 'UTC')), uniqExact(id) "
+            "FROM {db}.clob_fills WHERE timestamp > toDateTime({week:Int64}, 'UTC') "
+            "AND timestamp <= toDateTime({now:Int64}, 'UTC')",
+            {"day": int(day.timestamp()), "week": int(week.timestamp()), "now": int(now.timestamp())},
+        )
+        return {"fills_24h": found[0][0], "fills_7d": found[0][1]}
 
     def count_fills(self) -> int:
         """Distinct stored fills (exact, whatever merges have happened)."""

@@ -7,9 +7,8 @@ import json
 import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
-from typing import Any
 
-from clobjob.models import Checkpoint, Heartbeat, UnitState, WorkUnit, as_utc
+from clobjob.models import Checkpoint, Heartbeat, Run, RunParams, UnitState, WorkUnit, as_utc
 from clobjob.store.database import Database
 
 UNIT_COLUMNS = ("run_id", "shard", "unit_id", "condition_ids", "token_ids", "ts_from", "ts_to", "id_from",
@@ -17,6 +16,19 @@ UNIT_COLUMNS = ("run_id", "shard", "unit_id", "condition_ids", "token_ids", "ts_
 PROGRESS_COLUMNS = ("run_id", "shard", "unit_id", "state", "cursor", "fills", "pages", "attempts",
                     "last_error")
 HEARTBEAT_COLUMNS = tuple(Heartbeat.model_fields)
+RUN_COLUMNS = ("run_id", "parent_run_id", "source", "shards", "params", "created_at")
+
+SHARD_PROGRESS_SQL = """
+SELECT shard, count(), countIf(p.state = 'done'), countIf(p.state = 'failed'), countIf(p.state != 'pending'),
+       sum(p.fills), sum(u.expected_fills),
+       sumIf(greatest(toInt64(u.expected_requests) - toInt64(p.pages), 1), p.state NOT IN ('done', 'failed')),
+       argMaxIf(p.last_error, (p.state = 'failed', p.updated_at), p.last_error != '' AND p.state != 'done')
+FROM (SELECT shard, unit_id, expected_fills, expected_requests FROM {db}.backfill_units FINAL
+      WHERE run_id = {run:String}) AS u
+LEFT JOIN (SELECT shard, unit_id, state, fills, pages, last_error, updated_at FROM {db}.backfill_progress FINAL
+           WHERE run_id = {run:String}) AS p USING (shard, unit_id)
+GROUP BY shard ORDER BY shard
+"""
 
 
 def _now() -> datetime:
@@ -35,36 +47,31 @@ class RunTables:
 
     # --- runs and plans --------------------------------------------------------------------------
 
-    def create_run(self, run_id: str, shards: int, units: Sequence[WorkUnit], *, params: dict[str, Any],
-                   source: str = "subgraph", parent_run_id: str = "") -> None:
+    def create_run(self, run: Run, units: Sequence[WorkUnit]) -> None:
         """Write a run and its units (replacing any earlier plan of the same run id)."""
-        self.delete_run(run_id)
+        self.delete_run(run.run_id)
         self.db.insert("backfill_units", UNIT_COLUMNS,
                        [[getattr(u, c) for u in units] for c in UNIT_COLUMNS])
-        self.db.insert(
-            "backfill_runs",
-            ("run_id", "parent_run_id", "source", "shards", "params", "created_at", "version"),
-            [[run_id], [parent_run_id], [source], [shards], [json.dumps(params, sort_keys=True)], [_now()],
-             [_version()]],
-        )
+        params = json.dumps(run.params.model_dump(mode="json", exclude_none=True), sort_keys=True)
+        self.db.insert("backfill_runs", RUN_COLUMNS + ("version",),
+                       [[run.run_id], [run.parent_run_id], [run.source], [run.shards], [params],
+                        [run.created_at or _now()], [_version()]])
 
     def delete_run(self, run_id: str) -> None:
         """Remove a run, its plan and its progress (used to re-plan with --force)."""
         for table in ("backfill_runs", "backfill_units", "backfill_progress", "backfill_heartbeats"):
             self.db.command(f"DELETE FROM {{db}}.{table} WHERE run_id = {{run:String}}", {"run": run_id})
 
-    def runs(self) -> list[dict[str, Any]]:
-        """Every run, newest first: run_id, parent_run_id, source, shards, params (dict), created_at."""
-        found = self.db.rows(
-            "SELECT run_id, parent_run_id, source, shards, params, created_at FROM {db}.backfill_runs FINAL "
-            "ORDER BY created_at DESC, run_id DESC"
-        )
-        keys = ("run_id", "parent_run_id", "source", "shards", "params", "created_at")
-        return [{**dict(zip(keys, row)), "params": json.loads(row[4])} for row in found]
+    def runs(self) -> list[Run]:
+        """Every run, newest first."""
+        found = self.db.rows(f"SELECT {', '.join(RUN_COLUMNS)} FROM {{db}}.backfill_runs FINAL "
+                             "ORDER BY created_at DESC, run_id DESC")
+        return [Run(**{**dict(zip(RUN_COLUMNS, row)), "params": RunParams.model_validate_json(row[4])})
+                for row in found]
 
-    def run(self, run_id: str) -> dict[str, Any] | None:
-        """One run (see ``runs``), or None."""
-        return next((r for r in self.runs() if r["run_id"] == run_id), None)
+    def run(self, run_id: str) -> Run | None:
+        """One run, or None."""
+        return next((r for r in self.runs() if r.run_id == run_id), None)
 
     def units(self, run_id: str, shard: int | None = None) -> list[WorkUnit]:
         """The planned units of a run (one shard, or all), ordered by shard and unit id."""
@@ -131,12 +138,26 @@ class RunTables:
             {"run": run_id},
         ) or 0
 
+    def shard_progress(self, run_id: str) -> dict[int, tuple]:
+        """Per shard of a run: (units, done, failed, started, stored fills, expected fills, remaining requests,
+        last error). Remaining requests count max(expected − pages, 1) over units not done or failed; the
+        last error is that of the latest failed unit, else of the latest unfinished unit with one."""
+        found = self.db.rows(SHARD_PROGRESS_SQL, {"run": run_id})
+        return {row[0]: row[1:] for row in found}
+
     # --- heartbeats ------------------------------------------------------------------------------
 
     def save_heartbeat(self, beat: Heartbeat) -> None:
         """Record a shard's latest heartbeat."""
         self.db.insert("backfill_heartbeats", HEARTBEAT_COLUMNS,
                        [[getattr(beat, name)] for name in HEARTBEAT_COLUMNS])
+
+    def runs_beating_since(self, since: datetime) -> list[str]:
+        """Runs with a heartbeat at or after ``since``, by run id."""
+        found = self.db.rows("SELECT run_id FROM {db}.backfill_heartbeats FINAL GROUP BY run_id "
+                             "HAVING max(at) >= fromUnixTimestamp64Milli({since:Int64}, 'UTC') ORDER BY run_id",
+                             {"since": int(since.timestamp() * 1000)})
+        return [run_id for (run_id,) in found]
 
     def heartbeats(self, run_id: str) -> dict[int, Heartbeat]:
         """The latest heartbeat of each shard of a run."""

@@ -1,0 +1,328 @@
+"""What each command does, as a short list of steps: load the universe → find the missing work → resume or plan
+a run → launch its shards → report. ``clobjob backfill``, ``rerun``, ``demo``, ``diagnose``, ``plan`` and
+``worker`` are calls into this module; the command line only parses flags and renders what comes back.
+
+Every step that fetches builds its parts with ``parts.process_parts``; every step that runs shards goes
+through an executor (``executors.local`` here; ``executors.kubernetes`` on a cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from loguru import logger
+
+from clobjob import monitor, plan, rerun
+from clobjob.config import Settings
+from clobjob.errors import BadInput, ClobjobError
+from clobjob.executors import kubernetes
+from clobjob.executors.base import JobOutcome
+from clobjob.executors.local import LocalExecutor
+from clobjob.models import Run, RunKind, RunParams, RunState, WorkUnit
+from clobjob.parts import install_stop_handlers, make_controller, process_parts
+from clobjob.probe import LiveCheck, live_check
+from clobjob.sources.markets import BadRow, market_from_gamma, read_gamma_file
+from clobjob.sources.subgraph import SubgraphSource, Universe, merge_universe
+from clobjob.store import Store, open_store
+from clobjob.worker import ShardWorker
+
+Say = Callable[[str], None]
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+# --- the universe --------------------------------------------------------------------------------
+
+
+def load_markets(settings: Settings, path: str, *, strict: bool) -> tuple[int, list[BadRow]]:
+    """Load a Gamma export into the universe; returns the markets loaded and the bad rows skipped.
+    With ``strict`` a bad row loads nothing (``BadInput``)."""
+    markets, bad = read_gamma_file(path)
+    if bad and strict:
+        shown = "; ".join(str(problem) for problem in bad[:10]) + ("; …" if len(bad) > 10 else "")
+        raise BadInput(f"{len(bad)} bad row(s) in {path}; nothing loaded (--strict): {shown}")
+    with open_store(settings) as store:
+        store.upsert_markets(markets)
+    return len(markets), bad
+
+
+def sync_markets(settings: Settings) -> str:
+    """Add the subgraph's markets and expected fills per token to the store; returns a summary line."""
+
+    async def fetch() -> Universe:
+        async with SubgraphSource(settings, make_controller(settings)) as source:
+            return await source.universe()
+
+    universe = asyncio.run(fetch())
+    with open_store(settings) as store:
+        added, orderbooks = merge_universe(store.markets(), universe)
+        store.upsert_markets(added)
+        store.upsert_orderbooks(orderbooks)
+    return (f"subgraph knows {len(universe.tokens_by_condition)} markets: added {len(added)} new; "
+            f"orderbooks for {len(orderbooks)} tokens ({sum(n for _, n in orderbooks.values())} expected fills)")
+
+
+def _require_universe(store: Store) -> None:
+    if not store.count_markets():
+        raise BadInput("the market universe is empty: run `clobjob markets load FILE` or `clobjob markets sync`")
+
+
+def _market_list(path: str | None, store: Store | None = None) -> list[str] | None:
+    """The ids of a ``--markets`` file; with ``store``, every one must be in the universe (plan, backfill)."""
+    if not path:
+        return None
+    ids = plan.read_condition_ids(path)
+    return ids if store is None else plan.check_listed(store, ids)
+
+
+# --- diagnose and plan ---------------------------------------------------------------------------
+
+
+def diagnose(settings: Settings, *, markets_file: str | None, offline: bool, sample: int, probe_s: float,
+             rate: float | None, out: str | None) -> dict[str, Any]:
+    """What is missing, how old, how much work, and how to run it: the report as a JSON-ready dict.
+
+    Unless ``offline``, a few missing markets are fetched for real and the sustainable rate is probed (not
+    when ``rate`` is given). ``out`` receives the condition ids to fetch (a JSON array)."""
+    with open_store(settings) as store:
+        report = plan.missing_work(store, _market_list(markets_file))
+    live = None if offline else asyncio.run(_probe(settings, report, sample, 0.0 if rate is not None else probe_s))
+    rate_rps, origin = _planning_rate(settings, rate, live)
+    shown = report.to_dict()
+    latency = live.latency_s if live is not None and live.latency_s else 0.5
+    recommendation = plan.recommend(shown["to_fetch"]["requests"], rate_rps, latency_s=latency)
+    shown["recommendation"] = {**dataclasses.asdict(recommendation), "rate_origin": origin}
+    shown["live"] = dataclasses.asdict(live) if live is not None else None
+    if out:
+        with open(out, "w") as written:
+            json.dump([m.condition_id for m in report.work], written, indent=1)
+    return shown
+
+
+async def _probe(settings: Settings, report: plan.MissingReport, sample: int, probe_s: float) -> LiveCheck | None:
+    async with process_parts(settings, plan.SOURCE) as parts:
+        return await live_check(report, parts.source, parts.controller, sample=sample, probe_s=probe_s,
+                                timeout_s=3 * settings.request_timeout_s, concurrency=settings.max_in_flight)
+
+
+def _planning_rate(settings: Settings, rate: float | None, live: LiveCheck | None) -> tuple[float, str]:
+    """The request rate to plan with and where it comes from."""
+    if rate is not None:
+        return rate, "--rate"
+    if live is not None and live.rate_rps > 0:
+        return live.rate_rps, "probe (limit found)" if live.limited else "probe (lower bound: not throttled)"
+    if settings.max_rps is not None:
+        return settings.max_rps, "assumed: CLOBJOB_MAX_RPS"
+    return settings.initial_rps, "assumed: CLOBJOB_INITIAL_RPS"
+
+
+def _utc(flag: str, value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadInput(f"{flag} {value!r} is not an ISO 8601 date or time") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def plan_run(settings: Settings, *, shards: int, run_id: str | None, markets_file: str | None = None,
+             since: str | None = None, until: str | None = None, force: bool = False) -> tuple[Run, list[WorkUnit]]:
+    """Plan a run of the missing markets (or of a time window over every market) and record it."""
+    if (since is None) != (until is None):
+        raise BadInput("--since and --until go together")
+    if since is not None and markets_file:
+        raise BadInput("--since/--until plan every market in the window: drop --markets")
+    run_id = run_id or plan.default_run_id()
+    with open_store(settings) as store:
+        if since is not None and until is not None:
+            units = plan.plan_window(_utc("--since", since), _utc("--until", until), shards, run_id)
+            params = RunParams(kind=RunKind.PLAN, since=since, until=until, units=len(units))
+        else:
+            report = plan.missing_work(store, _market_list(markets_file, store))
+            units = plan.plan_units(report, shards, run_id)
+            params = RunParams(kind=RunKind.PLAN, as_of=report.as_of, markets=len(report.work),
+                               markets_file=markets_file, not_found=len(report.not_found), units=len(units))
+        run = Run(run_id=run_id, shards=shards, source=plan.SOURCE, params=params)
+        plan.write_plan(store, run, units, force=force)
+    return run, units
+
+
+# --- running a run -------------------------------------------------------------------------------
+
+
+def backfill(settings: Settings, *, shards: int, parallelism: int | None, markets_file: str | None = None,
+             say: Say = _say) -> int:
+    """Resume the latest unfinished backfill run, or plan one of what is still missing, and run it locally."""
+    with open_store(settings) as store:
+        _require_universe(store)
+        run = plan.resumable_run(store)
+        if run is not None:
+            say(f"resuming run {run.run_id}: {store.unfinished_units(run.run_id):,} unit(s) left")
+        else:
+            units = plan.plan_backfill(store, shards, plan.default_run_id(), _market_list(markets_file, store))
+            if not units:
+                say("everything is complete: nothing to fetch")
+                return 0
+            run = store.run(units[0].run_id)
+            assert run is not None
+            say(f"planned run {run.run_id}: {len(units):,} units, {sum(u.expected_fills for u in units):,} "
+                f"expected fills in ≈ {sum(u.expected_requests for u in units):,} requests over {shards} shard(s)")
+        return _run_and_report(settings, store, run, parallelism, say)
+
+
+def rerun_run(settings: Settings, *, run_id: str, failed_only: bool, shards: list[int] | None,
+              new_shards: int | None, parallelism: int | None, on: str = "auto", say: Say = _say) -> int:
+    """Make a new run of ``run_id``'s failed (or unfinished) units and run it: locally, or on Kubernetes
+    (``on``; ``auto`` = Kubernetes inside a pod) as a new Indexed Job copied from the run's own Job."""
+    with open_store(settings) as store:
+        state = monitor.run_status(store, run_id, coverage=False,
+                                   heartbeat_interval_s=settings.heartbeat_interval_s)["state"]
+        if state == RunState.RUNNING:
+            raise BadInput(f"run {run_id} is still running: wait for it (or stop it) before rerunning it")
+        new_id = rerun.rerun_id(store, run_id)
+        units = rerun.plan_rerun(store, run_id, new_id, failed_only=failed_only, shards=shards,
+                                 new_shards=new_shards)
+        if not units:
+            where = f" in shard(s) {','.join(map(str, shards))}" if shards else ""
+            say(f"run {run_id}: nothing to rerun (no {'failed' if failed_only else 'unfinished'} unit{where})")
+            return 0
+        run = store.run(new_id)
+        assert run is not None
+        say(f"rerun {new_id} of {run_id}: {len(units):,} unit(s) over {run.shards} shard(s), each resuming from "
+            "its stored cursor")
+        if _on_kubernetes(on):
+            return _launch_on_kubernetes(run, rerun.lineage(store, run), parallelism or run.shards, say)
+        return _run_and_report(settings, store, run, parallelism, say)
+
+
+def _on_kubernetes(on: str) -> bool:
+    return on == "kubernetes" or (on == "auto" and kubernetes.in_a_cluster())
+
+
+def _launch_on_kubernetes(run: Run, lineage: list[str], parallelism: int, say: Say) -> int:
+    """Start ``run`` as an Indexed Job copied from its lineage's Job; the Job runs on after this returns."""
+    executor = kubernetes.KubernetesExecutor()
+    asyncio.run(executor.launch(run, parallelism=parallelism, stop=asyncio.Event(), lineage=lineage))
+    view = executor.job_status(run.run_id)
+    name = view.name if view else "?"
+    say(f"launched Job {executor.namespace}/{name}: {run.shards} shard(s), parallelism {parallelism}\n"
+        f"watch it: clobjob status --run-id {run.run_id} --watch 10\n"
+        f"logs of shard N: {kubernetes.kubectl_logs(executor.namespace, name, 0).replace('=0', '=N')}\n"
+        f"all shards: {kubernetes.kubectl_logs(executor.namespace, name, shards=run.shards)}")
+    return 0
+
+
+def status(settings: Settings, run_id: str | None, *, on: str = "auto") -> dict[str, Any]:
+    """``monitor.current_status`` of a run, with its Kubernetes Job beside it (``job``: null when the run has
+    no Job or no cluster is configured; ``{"error": …}`` when the cluster cannot be read)."""
+    found = monitor.current_status(settings, run_id)
+    found["job"] = None
+    wanted = on == "kubernetes" or (on == "auto" and (kubernetes.in_a_cluster() or kubernetes.kube_config_present()))
+    if found["run_id"] is not None and wanted:
+        try:
+            view = kubernetes.KubernetesExecutor().job_status(found["run_id"])
+        except ClobjobError as exc:
+            found["job"] = {"error": str(exc)}
+        else:
+            found["job"] = kubernetes.job_summary(view) if view is not None else None
+    return found
+
+
+def _run_and_report(settings: Settings, store: Store, run: Run, parallelism: int | None, say: Say) -> int:
+    """Launch every shard of ``run`` here, with a progress line, then print its status."""
+    outcome = asyncio.run(_launch(settings, store, run, parallelism or run.shards))
+    if outcome.failed:
+        say(f"failed shards: {','.join(map(str, outcome.failed))} — see `clobjob status --run-id {run.run_id}`; "
+            f"rerun them with `clobjob backfill` (resumes) or `clobjob rerun --run-id {run.run_id} --failed`")
+    say(monitor.render_status(monitor.run_status(store, run.run_id,
+                                                 heartbeat_interval_s=settings.heartbeat_interval_s)))
+    return outcome.exit_code
+
+
+async def _launch(settings: Settings, store: Store, run: Run, parallelism: int) -> JobOutcome:
+    stop = asyncio.Event()
+    install_stop_handlers(stop)
+    progress = asyncio.create_task(_publish_progress(settings, store, run.run_id, settings.heartbeat_interval_s))
+    try:
+        return await LocalExecutor(settings, store).launch(run, parallelism=parallelism, stop=stop)
+    finally:
+        progress.cancel()
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+
+
+async def _publish_progress(settings: Settings, store: Store, run_id: str, interval_s: float) -> None:
+    """Every few seconds: the live status file (for `clobjob status` in another terminal) and a progress line."""
+    tty = sys.stderr.isatty()
+    path = monitor.live_path(settings)
+    while True:
+        await asyncio.sleep(interval_s)
+        status = await asyncio.to_thread(monitor.run_status, store, run_id, coverage=False,
+                                         heartbeat_interval_s=settings.heartbeat_interval_s)
+        if settings.embedded:
+            await asyncio.to_thread(monitor.publish_live, status, path)
+        if tty:
+            sys.stderr.write("\r\x1b[K" + monitor.render_progress(status))
+            sys.stderr.flush()
+        else:
+            logger.bind(run_id=run_id).info("progress: {}", monitor.render_progress(status))
+
+
+def work_shard(settings: Settings, run_id: str, shard: int) -> int:
+    """A whole worker process (one pod of the Indexed Job): work one shard of a planned run; its exit code."""
+    return asyncio.run(_work_shard(settings, run_id, shard))
+
+
+async def _work_shard(settings: Settings, run_id: str, shard: int) -> int:
+    stop = asyncio.Event()
+    install_stop_handlers(stop)
+    with open_store(settings) as store:
+        run = store.run(run_id)
+        if run is None:
+            raise BadInput(f"run {run_id!r} does not exist (plan it first)")
+        async with process_parts(settings, run.source, store) as parts:
+            assert parts.writer is not None
+            worker = ShardWorker(settings, store, parts.source, parts.controller, run_id, shard, stop=stop,
+                                 writer=parts.writer)
+            if parts.metrics:
+                parts.metrics.add(worker.metrics, {"run_id": run_id, "shard": shard})
+            return await worker.run()
+
+
+# --- demo ----------------------------------------------------------------------------------------
+
+
+def demo(settings: Settings, *, markets: int, seed: int, profile: str, shards: int, fresh: bool,
+         say: Say = _say) -> int:
+    """The simulator in-process → its markets loaded → expected fills synced → backfill → verify → truth."""
+    from clobjob.sim import Dataset, SimConfig, SimServer
+
+    dataset = Dataset.generate(markets=markets, seed=seed)
+    say(f"demo: simulated subgraph with {len(dataset.markets):,} markets and {dataset.n_fills:,} fills "
+        f"(profile {profile}, seed {seed}); database {settings.redacted_dsn()} / {settings.clickhouse_database}")
+    with SimServer(dataset, SimConfig.for_profile(profile, seed=seed)).run_in_thread() as sim:
+        settings = settings.with_overrides(subgraph_url=sim.url)
+        with open_store(settings) as store:
+            if fresh:
+                store.drop_database()
+                store.migrate()
+            store.upsert_markets([market_from_gamma(m, i) for i, m in enumerate(dataset.markets, start=1)])
+        say(f"loaded {len(dataset.markets):,} markets (Gamma shape); " + sync_markets(settings))
+        code = backfill(settings, shards=shards, parallelism=None, say=say)
+        fill_requests = sim.stats()["fill_requests"]
+    with open_store(settings) as store:
+        stored = store.count_fills()
+        say(monitor.render_verify(monitor.verify(store, heartbeat_interval_s=settings.heartbeat_interval_s)))
+    say(f"ground truth {dataset.n_fills:,} fills; stored {stored:,} distinct fills "
+        f"({'exact' if stored == dataset.n_fills else 'DIFFERENT'}); {fill_requests:,} fill requests this time")
+    database = f"--database {settings.clickhouse_database}"
+    say(f"look around: python3 -m clobjob {database} status · python3 -m clobjob {database} diagnose --offline · "
+        f"python3 -m clobjob {database} verify --report report.html")
+    return code

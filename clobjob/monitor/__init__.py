@@ -1,0 +1,31 @@
+"""Watching and finishing a run: its status over every shard (``status``), the live status a run on the
+embedded database publishes (``live``), readiness for P&L (``verify``) and its HTML report (``report``).
+
+Market coverage (status and verify) is ``models.coverage_summary`` of ``Store.market_fill_counts``: every
+market of the universe classified by ``models.MarketStatus``, the one definition diagnose and plan share.
+"""
+
+from clobjob.monitor.live import (
+                                  LIVE_MAX_AGE_S,
+                                  current_status,
+                                  live_path,
+                                  publish_live,
+                                  read_live,
+)
+from clobjob.monitor.report import render_report_html
+from clobjob.monitor.status import (
+                                  SCHEMA_VERSION,
+                                  render_duration,
+                                  render_progress,
+                                  render_status,
+                                  run_state,
+                                  run_status,
+                                  shard_state,
+                                  shard_statuses,
+)
+from clobjob.monitor.verify import coverage_by_month, render_verify, report_sections, verify, worst_gaps
+
+__all__ = ["LIVE_MAX_AGE_S", "SCHEMA_VERSION", "coverage_by_month", "current_status",
+           "live_path", "publish_live", "read_live", "render_duration",
+           "render_progress", "render_report_html", "render_status", "render_verify", "report_sections",
+           "run_state", "run_status", "shard_state", "shard_statuses", "verify", "worst_gaps"]

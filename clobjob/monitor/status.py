@@ -1,0 +1,249 @@
+"""The status of a run over all its shards, and its rendering (a table, one progress line).
+
+Status JSON (``run_status``), ``schema_version`` 2; every key is always present:
+
+- ``schema_version`` int; ``generated_at`` ISO time; ``live`` bool (true when read from the live file);
+  ``live_age_s`` float|null (age of the live file); ``stalled_after_s`` float (heartbeat age that stalls).
+- ``run_id``, ``parent_run_id``, ``created_at``, ``source``, ``state``: the run (default: the latest); all
+  null when there is no run. ``state`` is the run state (below).
+- ``markets``: ``universe, covered, not_covered, coverage`` and the count of each ``MarketStatus``:
+  ``complete, zero_fill, incomplete, missing, unknown`` (null when computed with ``coverage=False``).
+  Version 2 (from 1): ``missing`` counts status missing (nothing stored); v1's ``missing`` is ``not_covered``.
+- ``recent``: ``fills_24h, fills_7d``: distinct stored fills whose fill timestamp lies in (now − 24 h, now]
+  and (now − 7 d, now] (null with ``coverage=False``).
+- ``aggregate``: ``units_done, units_failed, units_total, fills, expected_fills, rps, share_429,
+  remaining_requests, eta_s``.
+- ``job`` (``clobjob status`` only): the run's Kubernetes Job beside ClickHouse — name, namespace,
+  completions, parallelism, completed/failed indexes, pod counts, conditions, pods, ``failure_reason``,
+  ``finished``, ``logs`` (the ``kubectl logs`` command per failed shard) and ``logs_all``; null when the run has
+  no Job or no cluster is configured, ``{"error": …}`` when the cluster cannot be read.
+- ``shards``: one object per shard (``models.ShardStatus``): ``shard, state, units_done, units_failed,
+  units_total, fills, expected_fills, rps, share_429, remaining_requests, heartbeat_age_s, eta_s,
+  last_error, pod``.
+
+Shard figures: ``fills`` = checkpointed (stored) fills of its units; ``remaining_requests`` = over units not
+done or failed, max(expected_requests − pages, 1); ``rps`` = the last heartbeat's request rate when the
+shard is running, else 0; ``share_429`` = throttled ÷ requests of the last heartbeat; ``eta_s`` =
+remaining_requests ÷ rps (0 when nothing remains, null when nothing runs); ``last_error`` = the latest error of
+a failed unit, else of an unfinished unit. Aggregate: sums, rps of running shards, share_429 over all
+heartbeats, ``eta_s`` = total remaining ÷ total rps.
+
+Shard state, first rule that matches: ``done`` every unit done (or no units); ``failed`` every unit done or
+failed; ``running`` a *live* heartbeat: age ≤ stalled_after × heartbeat interval and its state is not one a
+worker writes on exit (stopped/done/failed); ``stalled`` a heartbeat that is not live, or none but some unit
+has left pending; ``pending`` otherwise. Run state: ``done`` all shards done; ``failed`` all shards done or
+failed; else ``running`` if any shard runs, ``stalled`` if any is stalled, else ``pending``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from clobjob.errors import BadInput
+from clobjob.logs import printable
+from clobjob.models import Heartbeat, Run, RunState, ShardStatus, as_utc, coverage_summary
+from clobjob.store import Store
+
+SCHEMA_VERSION = 2
+
+
+def utcnow(now: datetime | None = None) -> datetime:
+    """``now`` in UTC (default: the current time)."""
+    return as_utc(now) or datetime.now(timezone.utc)
+
+
+# --- run status ----------------------------------------------------------------------------------
+
+
+def shard_state(*, units_total: int, units_done: int, units_failed: int, started: bool,
+                beat: Heartbeat | None, beat_age_s: float | None, stalled_after_s: float) -> RunState:
+    """A shard's state by the precedence in the module docstring."""
+    if units_done == units_total:
+        return RunState.DONE
+    if units_done + units_failed == units_total:
+        return RunState.FAILED
+    if beat is not None and beat_age_s is not None and beat_age_s <= stalled_after_s and not beat.state.ended:
+        return RunState.RUNNING
+    if beat is not None or started:
+        return RunState.STALLED
+    return RunState.PENDING
+
+
+def run_state(states: Sequence[RunState]) -> RunState:
+    """A run's state from its shards' states (module docstring)."""
+    if all(s == RunState.DONE for s in states):
+        return RunState.DONE
+    if all(s in (RunState.DONE, RunState.FAILED) for s in states):
+        return RunState.FAILED
+    return next((s for s in (RunState.RUNNING, RunState.STALLED) if s in states), RunState.PENDING)
+
+
+def _eta(remaining: int, rps: float) -> float | None:
+    if remaining == 0:
+        return 0.0
+    return round(remaining / rps, 1) if rps > 0 else None
+
+
+def shard_statuses(store: Store, run: Run, beats: Mapping[int, Heartbeat], now: datetime,
+                   stalled_after_s: float) -> list[ShardStatus]:
+    """The status of every shard of a run (shards without units included)."""
+    rows = store.shard_progress(run.run_id)
+    result = []
+    for shard in sorted(set(range(run.shards)) | set(rows) | set(beats)):
+        total, done, failed, started, fills, expected, remaining, error = rows.get(shard, (0,) * 7 + ("",))
+        beat = beats.get(shard)
+        age = round((now - beat.at).total_seconds(), 3) if beat else None
+        state = shard_state(units_total=total, units_done=done, units_failed=failed, started=started > 0,
+                            beat=beat, beat_age_s=age, stalled_after_s=stalled_after_s)
+        rps = beat.rps if beat and state == RunState.RUNNING else 0.0
+        result.append(ShardStatus(
+            shard=shard, state=state, units_done=done, units_failed=failed, units_total=total, fills=fills,
+            expected_fills=expected, rps=rps, share_429=_share(beat.throttled, beat.requests) if beat else 0.0,
+            remaining_requests=remaining, heartbeat_age_s=age, eta_s=_eta(remaining, rps), last_error=error,
+            pod=beat.pod if beat else "",
+        ))
+    return result
+
+
+def _share(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+def _aggregate(shards: Sequence[ShardStatus], beats: Mapping[int, Heartbeat]) -> dict[str, Any]:
+    remaining = sum(s.remaining_requests for s in shards)
+    rps = sum(s.rps for s in shards)
+    return {
+        **{key: sum(getattr(s, key) for s in shards)
+           for key in ("units_done", "units_failed", "units_total", "fills", "expected_fills")},
+        "rps": rps,
+        "share_429": _share(sum(b.throttled for b in beats.values()), sum(b.requests for b in beats.values())),
+        "remaining_requests": remaining, "eta_s": _eta(remaining, rps),
+    }
+
+
+def _pick_run(store: Store, run_id: str | None) -> Run | None:
+    if run_id is None:
+        return next(iter(store.runs()), None)
+    run = store.run(run_id)
+    if run is None:
+        raise BadInput(f"no run {run_id!r} in the database")
+    return run
+
+
+def run_status(store: Store, run_id: str | None = None, *, now: datetime | None = None,
+               heartbeat_interval_s: float = 5, stalled_after: float = 3, coverage: bool = True) -> dict[str, Any]:
+    """The status of a run (default: the latest) as the JSON-able schema of the module docstring.
+
+    ``coverage=False`` skips the whole-table sections (``markets``, ``recent``: null), e.g. for frequent
+    live publishing during a run.
+    """
+    now = utcnow(now)
+    stalled_after_s = heartbeat_interval_s * stalled_after
+    run = _pick_run(store, run_id)
+    beats = store.heartbeats(run.run_id) if run else {}
+    shards = shard_statuses(store, run, beats, now, stalled_after_s) if run else []
+    markets = store.market_fill_counts() if coverage else None
+    return {
+        "schema_version": SCHEMA_VERSION, "generated_at": now.isoformat(), "live": False, "live_age_s": None,
+        "stalled_after_s": stalled_after_s,
+        "run_id": run.run_id if run else None,
+        "parent_run_id": (run.parent_run_id or None) if run else None,
+        "created_at": run.created_at.isoformat() if run and run.created_at else None,
+        "source": run.source if run else None,
+        "state": run_state([s.state for s in shards]).value if run else None,
+        "markets": coverage_summary(markets) if markets is not None else None,
+        "recent": store.recent_fills(now) if coverage else None,
+        "aggregate": _aggregate(shards, beats),
+        "shards": [s.model_dump(mode="json") for s in shards],
+    }
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+def render_duration(seconds: float | None) -> str:
+    """Seconds as "42s", "3m 05s" or "2h 07m" ("-" when unknown)."""
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
+
+
+def pct(ratio: float | None) -> str:
+    """A ratio as a percentage with two decimals ("-" when unknown)."""
+    return "-" if ratio is None else f"{100 * ratio:.2f}%"
+
+
+def render_status(status: Mapping[str, Any]) -> str:
+    """A compact human view of ``run_status`` (or a live status)."""
+    lines = []
+    if status["run_id"] is None:
+        lines.append("no run yet")
+    else:
+        parent = f" · rerun of {status['parent_run_id']}" if status["parent_run_id"] else ""
+        created = status["created_at"][:19].replace("T", " ")
+        lines.append(f"run {status['run_id']}{parent} · created {created} UTC · source "
+                     f"{status['source']} · {status['state'].upper()}")
+    if status["live"]:
+        lines[0] += f"  [live, {status['live_age_s']:.1f}s old]"
+    if status["markets"] is not None:
+        m = status["markets"]
+        lines.append(f"markets  {m['universe']:,} · coverage {pct(m['coverage'])} ({m['covered']:,} covered: "
+                     f"complete {m['complete']:,}, zero-fill {m['zero_fill']:,}) · not covered {m['not_covered']:,} "
+                     f"(missing {m['missing']:,}, incomplete {m['incomplete']:,}, unknown {m['unknown']:,})")
+    if status["recent"] is not None:
+        lines.append(f"recent   fills by fill time: last 24 h {status['recent']['fills_24h']:,} · "
+                     f"last 7 d {status['recent']['fills_7d']:,}")
+    if status["run_id"] is not None:
+        a = status["aggregate"]
+        lines.append(f"total    units {a['units_done']:,}/{a['units_total']:,} done, {a['units_failed']:,} failed · "
+                     f"fills {a['fills']:,} of {a['expected_fills']:,} expected · {a['rps']:.1f} req/s · "
+                     f"429s {pct(a['share_429'])} · ETA {render_duration(a['eta_s'])}")
+        lines.append("")
+        lines.append(f"{'shard':>5} {'state':<8} {'units done/fail/all':>19} {'fills':>11} {'expected':>11} "
+                     f"{'req/s':>6} {'429s':>7} {'ETA':>8} {'beat':>7}  {'pod':<16} last error")
+        for s in status["shards"]:
+            units = f"{s['units_done']}/{s['units_failed']}/{s['units_total']}"
+            lines.append(f"{s['shard']:>5} {s['state']:<8} {units:>19} {s['fills']:>11,} {s['expected_fills']:>11,} "
+                         f"{s['rps']:>6.1f} {pct(s['share_429']):>7} {render_duration(s['eta_s']):>8} "
+                         f"{render_duration(s['heartbeat_age_s']):>7}  {printable(s['pod'])[:16]:<16} "
+                         f"{printable(s['last_error'])[:60]}")
+    lines += render_job(status.get("job"))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+
+
+def render_job(job: Mapping[str, Any] | None) -> list[str]:
+    """The lines of a run's Kubernetes Job (``job`` of ``clobjob status``), none when it has no Job."""
+    if not job:
+        return []
+    if "error" in job:
+        return ["", f"kubernetes: cannot read the Job: {job['error']}"]
+    done = ",".join(map(str, job["completed_indexes"])) or "-"
+    failed = ",".join(map(str, job["failed_indexes"])) or "-"
+    state = "finished" if job["finished"] else "active"
+    reason = f" ({job['failure_reason']})" if job["failure_reason"] else ""
+    lines = ["", f"job      {job['namespace']}/{job['name']} · {state}{reason} · completions {job['completions']} · "
+             f"parallelism {job['parallelism']} · completed {done} · failed {failed} · pods active {job['active']}, "
+             f"failed {job['failed']}"]
+    lines += [f"  logs of shard {index}: {command}" for index, command in job["logs"].items()]
+    lines.append(f"  logs of all shards: {job['logs_all']}")
+    return lines
+
+
+def render_progress(status: Mapping[str, Any], width: int = 24) -> str:
+    """One line: bar, units, fills, rate, 429 share, ETA."""
+    agg = status["aggregate"]
+    total = max(agg["units_total"], 1)
+    finished = agg["units_done"] + agg["units_failed"]
+    filled = int(width * finished / total)
+    failed = f" ({agg['units_failed']} failed)" if agg["units_failed"] else ""
+    return (f"[{'#' * filled}{'.' * (width - filled)}] units {finished:,}/{agg['units_total']:,}{failed} · "
+            f"{agg['fills']:,} fills stored · {agg['rps']:.1f} req/s · 429s {agg['share_429']:.1%} · "
+            f"ETA {render_duration(agg['eta_s'])}")

@@ -1,0 +1,138 @@
+"""``clobjob verify``: is the data ready for P&L? Every criterion as pass / fail / n/a with examples, and the
+figures the HTML report shows (coverage by month, the worst gaps)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from clobjob.logs import printable
+from clobjob.models import MarketFills, RunState, coverage_summary
+from clobjob.monitor.status import SCHEMA_VERSION, pct, shard_statuses, utcnow
+from clobjob.sources import DATA_UNTIL
+from clobjob.store import Store
+
+
+def _date(ts: int | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
+
+
+def coverage_by_month(markets: Sequence[MarketFills]) -> list[dict[str, Any]]:
+    """Covered vs not covered markets per market end month (``YYYY-MM``; undated markets last)."""
+    buckets: dict[str, list[int]] = {}
+    for m in markets:
+        month = _date(m.end_ts).strftime("%Y-%m") if m.end_ts is not None else "no end date"
+        buckets.setdefault(month, [0, 0])[0 if m.status.covered else 1] += 1
+    order = sorted(buckets, key=lambda month: (month == "no end date", month))
+    return [{"month": k, "covered": buckets[k][0], "not_covered": buckets[k][1]} for k in order]
+
+
+def worst_gaps(markets: Sequence[MarketFills], n: int = 20) -> list[dict[str, Any]]:
+    """The ``n`` markets with the most expected fills not stored."""
+    gaps = sorted((m for m in markets if m.gap), key=lambda m: (-m.gap, m.condition_id))[:n]
+    return [{"condition_id": m.condition_id, "question": m.question,
+             "end_date": _date(m.end_ts).isoformat() if m.end_ts is not None else None,
+             "expected": m.expected_fills, "stored": m.stored_fills, "missing": m.gap} for m in gaps]
+
+
+def report_sections(store: Store, *, gaps: int = 20) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Coverage by month and the worst gaps, as ``render_report_html`` takes them."""
+    markets = store.market_fill_counts()
+    return coverage_by_month(markets), worst_gaps(markets, gaps)
+
+
+def _criterion(name: str, status: str, detail: str, examples: Sequence[MarketFills] = ()) -> dict[str, Any]:
+    return {"name": name, "status": status, "detail": detail,
+            "examples": [f"{m.condition_id} {m.question}".strip() for m in examples[:10]]}
+
+
+def _coverage_criterion(summary: Mapping[str, Any], min_coverage: float) -> dict[str, Any]:
+    if summary["coverage"] is None:
+        return _criterion("coverage", "fail", "no markets in the universe (load them: clobjob markets load)")
+    ok = summary["coverage"] >= min_coverage
+    return _criterion("coverage", "pass" if ok else "fail",
+                      f"{pct(summary['coverage'])} of {summary['universe']:,} markets covered "
+                      f"({'≥' if ok else '<'} {pct(min_coverage)}); {summary['missing']:,} missing, "
+                      f"{summary['incomplete']:,} incomplete, {summary['unknown']:,} unknown")
+
+
+def _recent_criterion(markets: Sequence[MarketFills], now: datetime, days: int) -> dict[str, Any]:
+    since, until = int((now - timedelta(days=days)).timestamp()), int(now.timestamp())
+    bad = [m for m in markets if not m.status.covered and m.end_ts is not None and since <= m.end_ts <= until]
+    return _criterion("recent_markets_complete", "fail" if bad else "pass",
+                      f"{len(bad):,} market(s) that ended in the last {days} days are not covered", bad)
+
+
+def _top_criterion(markets: Sequence[MarketFills], top_n: int) -> dict[str, Any]:
+    top = sorted((m for m in markets if m.volume_rank <= top_n), key=lambda m: m.volume_rank)
+    bad = [m for m in top if not m.status.covered]
+    return _criterion("top_markets_complete", "fail" if bad else "pass",
+                      f"{len(bad):,} of the top {len(top):,} markets by volume are not covered", bad)
+
+
+def _fills_24h_criterion(store: Store, markets: Sequence[MarketFills], now: datetime) -> dict[str, Any]:
+    """Applicable when the latest run's source (with no run: the subgraph, which the expected counts come
+    from) holds fills of the last 24 h (``sources.DATA_UNTIL``) and some market with expected fills was open then
+    (started by now, ended within 24 h or, undated, not closed)."""
+    name, day_ago = "fills_last_24h", now - timedelta(days=1)
+    latest = next(iter(store.runs()), None)
+    source = latest.source if latest else "subgraph"
+    until = DATA_UNTIL.get(source)
+    if until is not None and until < day_ago:
+        return _criterion(name, "n/a", f"the {source} source has no fills after {until.isoformat()}")
+    now_ts, day_ago_ts = int(now.timestamp()), int(day_ago.timestamp())
+    open_markets = [m for m in markets if m.expected_fills
+                    and (m.start_ts is None or m.start_ts <= now_ts)
+                    and (m.end_ts >= day_ago_ts if m.end_ts is not None else not m.closed)]
+    if not open_markets:
+        return _criterion(name, "n/a", "no market with expected fills was open in the last 24 h")
+    count = store.recent_fills(now)["fills_24h"]
+    return _criterion(name, "pass" if count else "fail",
+                      f"{count:,} fill(s) in the last 24 h; {len(open_markets):,} market(s) open then")
+
+
+def _runs_criterion(store: Store, now: datetime, stalled_after_s: float) -> dict[str, Any]:
+    """A run is in progress when one of its shards is running (unfinished units and a live heartbeat)."""
+    running = []
+    for run_id in store.runs_beating_since(now - timedelta(seconds=stalled_after_s)):
+        run = store.run(run_id)
+        if run and any(s.state == RunState.RUNNING for s in
+                       shard_statuses(store, run, store.heartbeats(run_id), now, stalled_after_s)):
+            running.append(run_id)
+    return _criterion("no_run_in_progress", "fail" if running else "pass",
+                      f"run(s) in progress: {', '.join(running)}" if running else "no run in progress")
+
+
+def verify(store: Store, *, min_coverage: float = 0.95, now: datetime | None = None, top_n: int = 100,
+           recent_days: int = 30, heartbeat_interval_s: float = 5, stalled_after: float = 3) -> dict[str, Any]:
+    """Readiness for P&L: every criterion as pass / fail / n/a with details; ``ready`` when none fails.
+
+    Criteria: ``coverage`` ≥ min_coverage; ``recent_markets_complete`` (no market that ended in the last
+    ``recent_days`` days is not covered); ``top_markets_complete`` (the ``top_n`` markets by volume rank);
+    ``fills_last_24h`` (n/a when the source or the universe cannot have such fills); ``no_run_in_progress``.
+    """
+    now = utcnow(now)
+    markets = store.market_fill_counts()
+    summary = coverage_summary(markets)
+    criteria = [
+        _coverage_criterion(summary, min_coverage),
+        _recent_criterion(markets, now, recent_days),
+        _top_criterion(markets, top_n),
+        _fills_24h_criterion(store, markets, now),
+        _runs_criterion(store, now, heartbeat_interval_s * stalled_after),
+    ]
+    return {"schema_version": SCHEMA_VERSION, "generated_at": now.isoformat(),
+            "ready": all(c["status"] != "fail" for c in criteria), "min_coverage": min_coverage,
+            "markets": summary, "criteria": criteria}
+
+
+def render_verify(result: Mapping[str, Any]) -> str:
+    """Every criterion with its status and detail, failed ones with example markets."""
+    lines = ["READY for P&L" if result["ready"] else "NOT READY for P&L"]
+    for c in result["criteria"]:
+        lines.append(f"  [{c['status'].upper():>4}] {c['name']}: {c['detail']}")
+        if c["status"] == "fail":
+            lines.extend(f"           {printable(example)}" for example in c["examples"])
+    return "\n".join(lines)
+

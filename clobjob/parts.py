@@ -1,0 +1,88 @@
+"""The parts one clobjob process fetches with, built in one place: its rate controller (one per process:
+every request of the process goes through it), its source with the source's HTTP session, its store writer
+(one insert stream and one bounded buffer, flushed on a timer), its optional Prometheus endpoint, and its
+stop signal. A worker pod, the local executor's in-process shards and diagnose's live probe all get their
+parts here, so they behave the same."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from loguru import logger
+
+from clobjob.config import Settings
+from clobjob.metrics import MetricsServer
+from clobjob.ratelimit import AdaptiveRateController
+from clobjob.sources import open_source
+from clobjob.sources.base import FillSource
+from clobjob.store import Store
+from clobjob.store.writer import StoreWriter
+
+
+def make_controller(settings: Settings) -> AdaptiveRateController:
+    """The process's one rate controller, from the settings."""
+    return AdaptiveRateController(initial_rps=settings.initial_rps, max_rps=settings.max_rps,
+                                  max_window=settings.max_in_flight)
+
+
+@dataclass
+class Parts:
+    """What a fetching process works with (``writer`` is None when it stores nothing, as diagnose's probe)."""
+
+    settings: Settings
+    controller: AdaptiveRateController
+    source: FillSource
+    writer: StoreWriter | None
+    metrics: MetricsServer | None
+
+
+@asynccontextmanager
+async def process_parts(settings: Settings, source_name: str, store: Store | None = None) -> AsyncIterator[Parts]:
+    """Build the process's parts; on exit flush what is buffered, then close the writer and the source."""
+    controller = make_controller(settings)
+    source = open_source(source_name, settings, controller)
+    writer = StoreWriter(store, settings.batch_rows) if store is not None else None
+    flushing = asyncio.create_task(writer.flush_every(settings.flush_interval_s)) if writer else None
+    try:
+        async with metrics_server(settings) as metrics:
+            yield Parts(settings, controller, source, writer, metrics)
+    finally:
+        if flushing is not None:
+            flushing.cancel()
+            await asyncio.gather(flushing, return_exceptions=True)
+        if writer is not None:
+            try:
+                await writer.flush()
+            finally:
+                writer.close()
+        await source.close()
+
+
+@asynccontextmanager
+async def metrics_server(settings: Settings) -> AsyncIterator[MetricsServer | None]:
+    """The optional Prometheus endpoint (``CLOBJOB_METRICS_PORT``), or None when it is off."""
+    if settings.metrics_port is None:
+        yield None
+        return
+    async with MetricsServer(settings.metrics_port) as server:
+        logger.info("Prometheus metrics on :{}/metrics", server.port)
+        yield server
+
+
+def install_stop_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM or a first Ctrl+C sets ``stop`` (flush, checkpoint, exit 143); a second Ctrl+C exits at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_sigint() -> None:
+        if stop.is_set():
+            os._exit(130)
+        logger.warning("stopping: flushing and checkpointing (Ctrl+C again to exit at once)")
+        stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
