@@ -115,14 +115,14 @@ class Settings(BaseSettings):
     @classmethod
     def _identifier(cls, value: str) -> str:
         if not _IDENTIFIER.match(value):
-            raise ValueError("a database name is a plain identifier (letters, digits, _; not starting with a digit)")
+            raise ValueError("not a plain identifier (letters, digits and _, not starting with a digit)")
         return value
 
     @field_validator("clickhouse_cluster")
     @classmethod
     def _cluster(cls, value: str | None) -> str | None:
         if value and not _CLUSTER.match(value):
-            raise ValueError("a cluster name is an identifier (letters, digits, _ and -; not starting with a digit)")
+            raise ValueError("not an identifier (letters, digits, _ and -, not starting with a digit)")
         return value or None
 
     @field_validator("clickhouse_url")
