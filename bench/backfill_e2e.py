@@ -181,7 +181,7 @@ def prepare(root: Path, sim: Sim, database_url: str | None = None) -> dict[str, 
     env = {**os.environ, "CLOBJOB_CLICKHOUSE_URL": database_url or f"chdb://{root / 'db'}",
            "CLOBJOB_SUBGRAPH_URL": sim.url,
            "CLOBJOB_HOME": str(root / "home"), "CLOBJOB_LOG_FORMAT": "json"}
-    clobjob(env, "markets", "sync")  # the universe from the subgraph itself (marketDatas + orderbooks)
+    clobjob(env, "markets", "sync", "--add-subgraph-markets")  # the universe from the subgraph itself
     return env
 
 

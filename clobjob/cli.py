@@ -67,7 +67,11 @@ def cmd_markets_load(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_markets_sync(args: argparse.Namespace, settings: Settings) -> int:
-    print(launch.sync_markets(_with_source_flags(args, settings)))
+    settings = _with_source_flags(args, settings).with_overrides(gamma_url=args.gamma_url)
+    lines, bad = launch.sync_markets(settings, gamma=args.gamma, subgraph_markets=args.add_subgraph_markets)
+    for problem in bad:
+        print(f"skipped {problem}", file=sys.stderr)
+    print("\n".join(lines))
     return 0
 
 
@@ -147,6 +151,17 @@ def _render_diagnosis(shown: dict[str, Any]) -> str:
     top = sum(shown["by_volume"]["top100"][s] for s in ("missing", "incomplete"))
     if recent or top:
         lines.append(f"attention: {recent:,} recent (< 30 days) and {top:,} top-100 markets are missing or incomplete")
+    if shown["expected_counts"]:
+        lines.append(shown["expected_counts"])
+    conflicts, mismatches = shown["conflicts"], shown["count_mismatches"]
+    if conflicts["tokens_in_two_markets"]:
+        shown_conflicts = "; ".join(f"{c['token_id']} in {', '.join(c['condition_ids'])}"
+                                    for c in conflicts["examples"][:2])
+        lines.append(f"conflicts: {conflicts['tokens_in_two_markets']:,} token(s) claimed by two markets "
+                     f"(counted once, for the lower condition id), e.g. {shown_conflicts}")
+    if mismatches["fewer"] or mismatches["more"]:
+        lines.append(f"counts: {mismatches['fewer']:,} market(s) fetched to the end hold fewer fills than the source's "
+                     f"count, {mismatches['more']:,} more; e.g. " + "; ".join(mismatches["examples"][:2]))
     lines += ["", _table(["status", "markets"], list(shown["by_status"].items()))]
     for title, matrix in (("by end date", shown["by_age"]), ("by volume rank", shown["by_volume"])):
         lines += ["", _table([title, *statuses], [[b, *counts.values()] for b, counts in matrix.items()])]
@@ -279,7 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("file")
     load.add_argument("--strict", action="store_true", help="any bad row fails the load (exit 2), nothing loaded")
     load.set_defaults(func=cmd_markets_load)
-    sync = markets.add_parser("sync", help="add the subgraph's markets (marketDatas) and expected fills (orderbooks)")
+    sync = markets.add_parser("sync", help="update the universe and count every market's expected fills "
+                              "(backfill, plan and diagnose count them too)")
+    sync.add_argument("--gamma", action="store_true",
+                      help="first upsert every market of Polymarket's Gamma API (the source of truth of the universe)")
+    sync.add_argument("--gamma-url", help="override CLOBJOB_GAMMA_URL (default https://gamma-api.polymarket.com)")
+    sync.add_argument("--add-subgraph-markets", action="store_true",
+                      help="also add the markets the subgraph knows that the universe lacks")
     sync.add_argument("--subgraph-url", help="override CLOBJOB_SUBGRAPH_URL")
     sync.add_argument("--max-rps", type=float, help="hard ceiling on requests/s (adaptive below it)")
     sync.set_defaults(func=cmd_markets_sync)

@@ -27,6 +27,7 @@ from clobjob.executors.local import LocalExecutor
 from clobjob.models import Run, RunKind, RunParams, RunState, WorkUnit
 from clobjob.parts import install_stop_handlers, make_controller, process_parts
 from clobjob.probe import LiveCheck, live_check
+from clobjob.sources.gamma import fetch_universe
 from clobjob.sources.markets import BadRow, market_from_gamma, read_gamma_file
 from clobjob.sources.subgraph import SubgraphSource, Universe, merge_universe
 from clobjob.store import Store, open_store
@@ -54,25 +55,65 @@ def load_markets(settings: Settings, path: str, *, strict: bool) -> tuple[int, l
     return len(markets), bad
 
 
-def sync_markets(settings: Settings) -> str:
-    """Add the subgraph's markets and expected fills per token to the store; returns a summary line."""
-
-    async def fetch() -> Universe:
-        async with SubgraphSource(settings, make_controller(settings)) as source:
-            return await source.universe()
-
-    universe = asyncio.run(fetch())
+def sync_markets(settings: Settings, *, gamma: bool = False, subgraph_markets: bool = False
+                 ) -> tuple[list[str], list[BadRow]]:
+    """Bring the universe up to date: with ``gamma`` upsert every market of the Gamma API; with
+    ``subgraph_markets`` add the markets the subgraph knows and the universe lacks; then count the expected
+    fills of the universe's tokens. Returns summary lines and Gamma's bad rows (skipped)."""
+    lines, bad = [], []
     with open_store(settings) as store:
-        added, orderbooks = merge_universe(store.markets(), universe)
-        store.upsert_markets(added)
-        store.upsert_orderbooks(orderbooks)
-    return (f"subgraph knows {len(universe.tokens_by_condition)} markets: added {len(added)} new; "
-            f"orderbooks for {len(orderbooks)} tokens ({sum(n for _, n in orderbooks.values())} expected fills)")
+        if gamma:
+            markets, bad = asyncio.run(fetch_universe(settings, make_controller(settings)))
+            store.upsert_markets(markets)
+            lines.append(f"Gamma {settings.gamma_url}: upserted {len(markets):,} markets; skipped {len(bad)} bad "
+                         "row(s)")
+        if subgraph_markets:
+            universe = asyncio.run(_subgraph_universe(settings))
+            added, orderbooks = merge_universe(store.markets(), universe)
+            store.upsert_markets(added)
+            store.upsert_orderbooks(orderbooks)
+            lines.append(f"subgraph knows {len(universe.tokens_by_condition):,} markets: added {len(added):,} new")
+        _require_universe(store)
+        lines.append(count_expected(settings, store))
+    return lines, bad
+
+
+async def _subgraph_universe(settings: Settings) -> Universe:
+    async with process_parts(settings, plan.SOURCE) as parts:
+        source = parts.source
+        assert isinstance(source, SubgraphSource)
+        return await source.universe()
+
+
+def count_expected(settings: Settings, store: Store, condition_ids: list[str] | None = None) -> str:
+    """Fetch the expected fills (the subgraph's ``tradesQuantity``) of the universe's tokens that have no count
+    yet or whose market is not covered, and store the counts that changed; returns a summary line. This never
+    adds markets to the universe. A source that cannot be reached leaves the counts as they were (said)."""
+    wanted = plan.tokens_to_count(plan.missing_work(store, condition_ids), store.orderbook_counts())
+    if not wanted:
+        return "expected fills: every count is up to date"
+    try:
+        counts = asyncio.run(_fetch_counts(settings, list(wanted)))
+    except ClobjobError as exc:
+        return f"expected fills: could not be fetched ({exc}); planning with the counts stored before"
+    known = store.orderbook_counts()
+    changed = {token: (wanted[token], count) for token, count in counts.items() if known.get(token) != count}
+    store.upsert_orderbooks(changed)
+    return (f"expected fills: counted {len(counts):,} tokens of {len(set(wanted.values())):,} markets "
+            f"({sum(counts.values()):,} fills); {len(changed):,} counts new or changed")
+
+
+async def _fetch_counts(settings: Settings, tokens: list[str]) -> dict[str, int]:
+    async with process_parts(settings, plan.SOURCE) as parts:
+        source = parts.source
+        assert isinstance(source, SubgraphSource)
+        return await source.expected_fills(tokens)
 
 
 def _require_universe(store: Store) -> None:
     if not store.count_markets():
-        raise BadInput("the market universe is empty: run `clobjob markets load FILE` or `clobjob markets sync`")
+        raise BadInput("the market universe is empty: run `clobjob markets load FILE` or "
+                       "`clobjob markets sync --gamma`")
 
 
 def _market_list(path: str | None, store: Store | None = None) -> list[str] | None:
@@ -92,8 +133,11 @@ def diagnose(settings: Settings, *, markets_file: str | None, offline: bool, sam
 
     Unless ``offline``, a few missing markets are fetched for real and the sustainable rate is probed (not
     when ``rate`` is given). ``out`` receives the condition ids to fetch (a JSON array)."""
+    ids = _market_list(markets_file)
     with open_store(settings) as store:
-        report = plan.missing_work(store, _market_list(markets_file))
+        counted = None if offline else count_expected(settings, store, ids)
+        report = plan.missing_work(store, ids)
+        conflicts, examples = store.token_conflicts()
     live = None if offline else asyncio.run(_probe(settings, report, sample, 0.0 if rate is not None else probe_s))
     rate_rps, origin = _planning_rate(settings, rate, live)
     shown = report.to_dict()
@@ -101,6 +145,9 @@ def diagnose(settings: Settings, *, markets_file: str | None, offline: bool, sam
     recommendation = plan.recommend(shown["to_fetch"]["requests"], rate_rps, latency_s=latency)
     shown["recommendation"] = {**dataclasses.asdict(recommendation), "rate_origin": origin}
     shown["live"] = dataclasses.asdict(live) if live is not None else None
+    shown["expected_counts"] = counted
+    shown["conflicts"] = {"tokens_in_two_markets": conflicts,
+                          "examples": [{"token_id": token, "condition_ids": markets} for token, markets in examples]}
     if out:
         with open(out, "w") as written:
             json.dump([m.condition_id for m in report.work], written, indent=1)
@@ -133,7 +180,8 @@ def _utc(flag: str, value: str) -> datetime:
 
 
 def plan_run(settings: Settings, *, shards: int, run_id: str | None, markets_file: str | None = None,
-             since: str | None = None, until: str | None = None, force: bool = False) -> tuple[Run, list[WorkUnit]]:
+             since: str | None = None, until: str | None = None, force: bool = False,
+             say: Say = _say) -> tuple[Run, list[WorkUnit]]:
     """Plan a run of the missing markets (or of a time window over every market) and record it."""
     if (since is None) != (until is None):
         raise BadInput("--since and --until go together")
@@ -145,7 +193,9 @@ def plan_run(settings: Settings, *, shards: int, run_id: str | None, markets_fil
             units = plan.plan_window(_utc("--since", since), _utc("--until", until), shards, run_id)
             params = RunParams(kind=RunKind.PLAN, since=since, until=until, units=len(units))
         else:
-            report = plan.missing_work(store, _market_list(markets_file, store))
+            ids = _market_list(markets_file, store)
+            say(count_expected(settings, store, ids))
+            report = plan.missing_work(store, ids)
             units = plan.plan_units(report, shards, run_id)
             params = RunParams(kind=RunKind.PLAN, as_of=report.as_of, markets=len(report.work),
                                markets_file=markets_file, not_found=len(report.not_found), units=len(units))
@@ -166,7 +216,9 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
         if run is not None:
             say(f"resuming run {run.run_id}: {store.unfinished_units(run.run_id):,} unit(s) left")
         else:
-            units = plan.plan_backfill(store, shards, plan.default_run_id(), _market_list(markets_file, store))
+            ids = _market_list(markets_file, store)
+            say(count_expected(settings, store, ids))
+            units = plan.plan_backfill(store, shards, plan.default_run_id(), ids)
             if not units:
                 say("everything is complete: nothing to fetch")
                 return 0
@@ -301,7 +353,8 @@ async def _work_shard(settings: Settings, run_id: str, shard: int) -> int:
 
 def demo(settings: Settings, *, markets: int, seed: int, profile: str, shards: int, fresh: bool,
          say: Say = _say) -> int:
-    """The simulator in-process → its markets loaded → expected fills synced → backfill → verify → truth."""
+    """The simulator in-process → its markets loaded → backfill (which counts the expected fills itself) →
+    verify → comparison with the simulator's ground truth."""
     from clobjob.sim import Dataset, SimConfig, SimServer
 
     dataset = Dataset.generate(markets=markets, seed=seed)
@@ -314,7 +367,7 @@ def demo(settings: Settings, *, markets: int, seed: int, profile: str, shards: i
                 store.drop_database()
                 store.migrate()
             store.upsert_markets([market_from_gamma(m, i) for i, m in enumerate(dataset.markets, start=1)])
-        say(f"loaded {len(dataset.markets):,} markets (Gamma shape); " + sync_markets(settings))
+        say(f"loaded {len(dataset.markets):,} markets (Gamma shape)")
         code = backfill(settings, shards=shards, parallelism=None, say=say)
         fill_requests = sim.stats()["fill_requests"]
     with open_store(settings) as store:

@@ -228,30 +228,41 @@ class MarketStatus(str, Enum):
 
     - ``stored``: distinct stored fills of its tokens;
     - ``expected``: the sum of the subgraph's ``tradesQuantity`` (table ``orderbooks``) over its tokens, a token
-      without an orderbooks row counting 0 (the subgraph has no Orderbook for a never-traded token, and a sync
-      stores every Orderbook), provided some token has a row or the market row is not newer than the latest
-      orderbooks sync; otherwise (no sync yet, or a market loaded after it that none of it knows) unknown.
+      without an orderbooks row counting 0 (the subgraph has no Orderbook for a never-traded token), provided
+      some token has a row or the market row is not newer than the latest count; otherwise unknown. A token
+      two markets claim counts for one of them;
+    - ``proven``: a run fetched every fill of its tokens to the end of the source after their counts were last
+      changed (the market is complete as of then, whatever its count says).
 
-    The status is ``MarketStatus.of(expected, stored)``, first rule that matches: unknown expected and nothing
-    stored → ``missing``; unknown expected → ``unknown``; nothing stored → ``zero_fill`` when expected is 0, else
-    ``missing``; stored ≥ expected → ``complete``; else ``incomplete``. To fetch: missing and incomplete.
+    The status is ``MarketStatus.of(expected, stored, proven)``, first rule that matches: unknown expected →
+    ``complete``/``zero_fill`` when proven (by what is stored), else ``missing`` (nothing stored) or ``unknown``;
+    nothing stored and nothing expected → ``zero_fill``; stored ≥ expected → ``complete``; proven →
+    ``source_short`` (the source holds fewer fills than its own count: reported, not refetched until the count
+    changes); nothing stored → ``missing``; else ``incomplete``. To fetch: missing and incomplete.
     Covered (counts towards coverage): complete and zero_fill.
     """
 
-    COMPLETE = "complete"  # stored ≥ expected (known), something stored
+    COMPLETE = "complete"  # stored ≥ expected (known), something stored; or fetched to the end
     INCOMPLETE = "incomplete"  # 0 < stored < expected
     MISSING = "missing"  # nothing stored; expected > 0 or unknown
-    ZERO_FILL = "zero_fill"  # nothing stored and nothing expected
-    UNKNOWN = "unknown"  # something stored, expected unknown: cannot tell
+    ZERO_FILL = "zero_fill"  # nothing stored and nothing expected (or nothing found by a complete fetch)
+    UNKNOWN = "unknown"  # something stored, expected unknown, never fetched to the end: cannot tell
+    SOURCE_SHORT = "source_short"  # fetched to the end, but the source holds fewer fills than its count
 
     @classmethod
-    def of(cls, expected: int | None, stored: int) -> MarketStatus:
-        """The status of a market with ``expected`` (None = unknown) and ``stored`` fills."""
+    def of(cls, expected: int | None, stored: int, proven: bool = False) -> MarketStatus:
+        """The status of a market with ``expected`` (None = unknown) and ``stored`` fills (see the class doc)."""
         if expected is None:
+            if proven:
+                return cls.COMPLETE if stored else cls.ZERO_FILL
             return cls.MISSING if stored == 0 else cls.UNKNOWN
-        if stored == 0:
-            return cls.ZERO_FILL if expected == 0 else cls.MISSING
-        return cls.COMPLETE if stored >= expected else cls.INCOMPLETE
+        if stored == 0 and expected == 0:
+            return cls.ZERO_FILL
+        if stored >= expected:
+            return cls.COMPLETE
+        if proven:
+            return cls.SOURCE_SHORT
+        return cls.MISSING if stored == 0 else cls.INCOMPLETE
 
     @property
     def to_fetch(self) -> bool:
@@ -282,11 +293,13 @@ class MarketFills:
     volume_rank: int
     question: str = ""
     closed: bool = False
+    proven: bool = False  # fetched to the end of the source after its counts last changed
+    new_since_ts: int | None = None  # fetched to the end before its counts last changed: fills from then on
 
     @property
     def status(self) -> MarketStatus:
-        """``MarketStatus.of(expected_fills, stored_fills)``."""
-        return MarketStatus.of(self.expected_fills, self.stored_fills)
+        """``MarketStatus.of(expected_fills, stored_fills, proven)``."""
+        return MarketStatus.of(self.expected_fills, self.stored_fills, self.proven)
 
     @property
     def gap(self) -> int:

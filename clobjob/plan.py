@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -121,7 +121,20 @@ class MissingReport:
                 "expected_fills": sum(m.expected_fills or 0 for m in self.work),
                 "requests": estimate_requests(self),
             },
+            "count_mismatches": self.count_mismatches(),
         }
+
+    def count_mismatches(self, examples: int = 5) -> dict[str, Any]:
+        """Markets fetched to the end of the source whose stored fills differ from the source's own count:
+        how many hold fewer and more fills than counted, with examples ("the source holds N fewer/more")."""
+        off = [m for m in self.markets if m.proven and m.expected_fills is not None
+               and m.stored_fills != m.expected_fills]
+        fewer = [m for m in off if m.stored_fills < m.expected_fills]
+        shown = sorted(off, key=lambda m: (-abs(m.stored_fills - m.expected_fills), m.condition_id))[:examples]
+        return {"fewer": len(fewer), "more": len(off) - len(fewer),
+                "examples": [f"{m.condition_id}: the source holds {abs(m.expected_fills - m.stored_fills):,} "
+                             f"{'fewer' if m.stored_fills < m.expected_fills else 'more'} fills than its count "
+                             f"({m.stored_fills:,} vs {m.expected_fills:,})" for m in shown]}
 
 
 def missing_work(store: Store, condition_ids: list[str] | None = None, *, now: int | None = None) -> MissingReport:
@@ -149,10 +162,12 @@ class _Chunk:
     requests: int
     id_from: str | None = None
     id_to: str | None = None
+    ts_from: int | None = None
 
 
 def _chunks(work: Sequence[MarketFills], page_size: int, batch_requests: int, max_batch_tokens: int) -> list[_Chunk]:
-    """Small markets batched up to ``batch_requests`` and ``max_batch_tokens``; large ones alone.
+    """Small markets batched up to ``batch_requests`` and ``max_batch_tokens``; large ones alone; a market
+    fetched whole before its count grew alone, from its newest stored fill's time (only newer fills are missing).
 
     An unknown expected count is planned as one page of work. Order: by condition id (canonical).
     """
@@ -168,6 +183,9 @@ def _chunks(work: Sequence[MarketFills], page_size: int, batch_requests: int, ma
         batch, batch_work, batch_tokens = [], 0, 0
 
     for market in sorted(work, key=lambda m: m.condition_id):
+        if market.new_since_ts is not None:
+            chunks.append(_Chunk((market,), market.gap, _requests(market.gap, page_size), ts_from=market.new_since_ts))
+            continue
         fills = market.expected_fills if market.expected_fills is not None else page_size
         if _requests(fills, page_size) >= batch_requests or len(market.token_ids) > max_batch_tokens:
             chunks.append(_Chunk((market,), market.expected_fills or 0, _requests(fills, page_size)))
@@ -189,7 +207,8 @@ def _split(chunk: _Chunk, pieces: int, page_size: int) -> list[_Chunk]:
     result = []
     for i in range(count):
         fills = chunk.fills * (i + 1) // count - chunk.fills * i // count
-        result.append(_Chunk(chunk.markets, fills, _requests(fills, page_size), bounds[i], bounds[i + 1]))
+        result.append(_Chunk(chunk.markets, fills, _requests(fills, page_size), bounds[i], bounds[i + 1],
+                             chunk.ts_from))
     return result
 
 
@@ -230,7 +249,7 @@ def plan_units(report: MissingReport, shards: int, run_id: str, *, page_size: in
         WorkUnit(run_id=run_id, unit_id=unit_id, shard=shard,
                  condition_ids=tuple(m.condition_id for m in cut[i].markets),
                  token_ids=tuple(t for m in cut[i].markets for t in m.token_ids),
-                 id_from=cut[i].id_from, id_to=cut[i].id_to,
+                 id_from=cut[i].id_from, id_to=cut[i].id_to, ts_from=cut[i].ts_from,
                  expected_fills=cut[i].fills, expected_requests=cut[i].requests)
         for unit_id, (i, shard) in enumerate(assign([c.requests for c in cut], shards))
     ]
@@ -387,22 +406,20 @@ def resumable_run(store: Store) -> Run | None:
     return latest if store.unfinished_units(latest.run_id) else None
 
 
-def still_to_fetch(store: Store, report: MissingReport) -> MissingReport:
-    """The report without markets already fetched whole since their expected counts were last synced.
-
-    A market whose source holds fewer fills than ``tradesQuantity`` (or that has no orderbook) stays
-    missing/incomplete by count after a full fetch; it is fetched again only after a newer sync.
-    """
-    fetched, synced = store.fetched_markets(), store.orderbooks_synced_at()
-    epoch = datetime.fromtimestamp(0, timezone.utc)
-    keep = tuple(m for m in report.markets
-                 if not m.status.to_fetch or fetched.get(m.condition_id, epoch) <= synced.get(m.condition_id, epoch))
-    return MissingReport(report.as_of, keep, report.not_found)
+def tokens_to_count(report: MissingReport, counted: Collection[str]) -> dict[str, str]:
+    """Token → condition id of the tokens whose expected fills to (re)fetch before planning: every token of a
+    market with a token never counted, or not covered, or still open (its count may have grown)."""
+    wanted = {}
+    for market in report.markets:
+        if (not market.status.covered or not market.closed
+                or any(token not in counted for token in market.token_ids)):
+            wanted.update(dict.fromkeys(market.token_ids, market.condition_id))
+    return wanted
 
 
 def plan_backfill(store: Store, shards: int, run_id: str, condition_ids: list[str] | None = None) -> list[WorkUnit]:
     """Plan and record a backfill run of what is still to fetch; an empty list means nothing to do."""
-    report = still_to_fetch(store, missing_work(store, condition_ids))
+    report = missing_work(store, condition_ids)
     units = plan_units(report, shards, run_id)
     if units:
         params = RunParams(kind=RunKind.BACKFILL, as_of=report.as_of, markets=len(report.work), units=len(units))

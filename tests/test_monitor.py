@@ -87,7 +87,7 @@ def test_market_categories_and_coverage(store):
     }
     assert coverage_summary(list(markets.values())) == {
         "universe": 5, "covered": 3, "not_covered": 2, "coverage": 0.6, "complete": 1, "zero_fill": 2,
-        "incomplete": 1, "missing": 1, "unknown": 0,
+        "incomplete": 1, "missing": 1, "unknown": 0, "source_short": 0,
     }
     assert coverage_summary([])["coverage"] is None
 
@@ -116,7 +116,7 @@ def test_coverage_by_month_and_worst_gaps(store):
 STATUS_KEYS = {"schema_version", "generated_at", "live", "live_age_s", "stalled_after_s", "run_id",
                "parent_run_id", "created_at", "source", "state", "markets", "recent", "aggregate", "shards"}
 MARKETS_KEYS = {"universe", "covered", "not_covered", "coverage", "complete", "zero_fill", "incomplete", "missing",
-                "unknown"}
+                "unknown", "source_short"}
 AGGREGATE_KEYS = {"units_done", "units_failed", "units_total", "fills", "expected_fills", "rps", "share_429",
                   "remaining_requests", "eta_s"}
 SHARD_KEYS = {"shard", "state", "units_done", "units_failed", "units_total", "fills", "expected_fills", "rps",
@@ -341,7 +341,7 @@ def test_watch_redraws_until_interrupted(store, settings, capsys, monkeypatch):
 def test_status_json_cli(store, settings, capsys):
     seed_run(store)
     assert run_cli(settings, "status", "--json", "--run-id", "r1") == 0
-    assert set(json.loads(capsys.readouterr().out)) == STATUS_KEYS
+    assert set(json.loads(capsys.readouterr().out)) == STATUS_KEYS | {"job"}  # the Kubernetes Job beside it
     assert run_cli(settings, "status", "--run-id", "missing") == 2
 
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from clobjob.models import EXCHANGES
 from clobjob.sim import Dataset, Profile, SimConfig, SimServer, export
 from clobjob.sim.data import HEAD_BLOCK, block_of
-from clobjob.sim.engine import Engine
+from clobjob.sim.engine import GraphEngine
 from clobjob.sim.faults import THROTTLE_BODY, ServiceTime
 
 FIELDS = ("id transactionHash timestamp orderHash maker taker makerAssetId takerAssetId "
@@ -278,7 +278,7 @@ async def test_goldsky_paths_unknown_args_and_variables_are_lenient(clean: SimSe
 
 def test_block_pinning_filters_and_recomputes() -> None:
     ds = Dataset.generate(markets=120, seed=3)
-    engine = Engine(ds)
+    engine = GraphEngine(ds)
     truth = list(ds.iter_truth())
     pin = int(np.median(block_of(np.array([int(r["timestamp"]) for r in truth]))))
 
@@ -321,14 +321,14 @@ def test_serve_prints_its_url_and_answers() -> None:
 
 @dataclass
 class Small:
-    engine: Engine
+    engine: GraphEngine
     truth: list[dict[str, Any]] = field(repr=False)
 
 
 @pytest.fixture(scope="module")
 def small() -> Small:
     ds = Dataset.generate(markets=60, seed=21)
-    return Small(Engine(ds), list(ds.iter_truth()))
+    return Small(GraphEngine(ds), list(ds.iter_truth()))
 
 
 def _value(record: dict[str, Any], name: str) -> Any:

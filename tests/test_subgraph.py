@@ -396,7 +396,8 @@ def test_markets_sync_adds_subgraph_markets_and_expected_fills(settings, store, 
     db = ["--clickhouse-url", settings.clickhouse_url.get_secret_value(), "--database", settings.clickhouse_database]
     assert main([*db, "markets", "load", str(path)]) == 0
     with SimServer(dataset, SimConfig.for_profile("throttled")).run_in_thread() as server:
-        assert main([*db, "markets", "sync", "--subgraph-url", server.url, "--max-rps", "50"]) == 0
+        assert main([*db, "markets", "sync", "--add-subgraph-markets", "--subgraph-url", server.url,
+                     "--max-rps", "50"]) == 0
     known = set(dataset.token_to_condition.values())
     assert f"added {len(known - {m['conditionId'] for m in gamma})} new" in capsys.readouterr().out
     markets = {m.condition_id: m for m in store.markets()}
@@ -407,4 +408,5 @@ def test_markets_sync_adds_subgraph_markets_and_expected_fills(settings, store, 
     assert all(dataset.token_to_condition[t] == m.condition_id for m in added for t in m.token_ids)
     expected = {t: dataset.trades_quantity(t) for t in dataset.token_to_condition}
     synced = dict(store.db.rows("SELECT token_id, trades_quantity FROM {db}.orderbooks FINAL"))
-    assert synced == expected and 0 in expected.values()
+    assert {t: n for t, n in synced.items() if t in expected} == expected and 0 in expected.values()
+    assert all(n == 0 for t, n in synced.items() if t not in expected)  # tokens the subgraph does not know

@@ -7,7 +7,8 @@ Status JSON (``run_status``), ``schema_version`` 2; every key is always present:
 - ``run_id``, ``parent_run_id``, ``created_at``, ``source``, ``state``: the run (default: the latest); all
   null when there is no run. ``state`` is the run state (below).
 - ``markets``: ``universe, covered, not_covered, coverage`` and the count of each ``MarketStatus``:
-  ``complete, zero_fill, incomplete, missing, unknown`` (null when computed with ``coverage=False``).
+  ``complete, zero_fill, incomplete, missing, unknown, source_short`` (null when computed with
+  ``coverage=False``).
   Version 2 (from 1): ``missing`` counts status missing (nothing stored); v1's ``missing`` is ``not_covered``.
 - ``recent``: ``fills_24h, fills_7d``: distinct stored fills whose fill timestamp lies in (now − 24 h, now]
   and (now − 7 d, now] (null with ``coverage=False``).
@@ -195,7 +196,8 @@ def render_status(status: Mapping[str, Any]) -> str:
         m = status["markets"]
         lines.append(f"markets  {m['universe']:,} · coverage {pct(m['coverage'])} ({m['covered']:,} covered: "
                      f"complete {m['complete']:,}, zero-fill {m['zero_fill']:,}) · not covered {m['not_covered']:,} "
-                     f"(missing {m['missing']:,}, incomplete {m['incomplete']:,}, unknown {m['unknown']:,})")
+                     f"(missing {m['missing']:,}, incomplete {m['incomplete']:,}, unknown {m['unknown']:,}, "
+                     f"short at the source {m['source_short']:,})")
     if status["recent"] is not None:
         lines.append(f"recent   fills by fill time: last 24 h {status['recent']['fills_24h']:,} · "
                      f"last 7 d {status['recent']['fills_7d']:,}")

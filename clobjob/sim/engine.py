@@ -56,7 +56,7 @@ from graphql.validation import (
 )
 
 from clobjob.sim.data import HEAD_BLOCK, Dataset, block_hash, block_timestamp
-from clobjob.sim.entities import Store
+from clobjob.sim.entities import EntityStore
 from clobjob.sim.schema import ENTITIES, build, plural_field, singular_field
 from clobjob.sim.table import QueryError, collection
 
@@ -170,16 +170,17 @@ def _graph_node_error(error: GraphQLError) -> QueryError:
     return QueryError(error.message, locations)
 
 
-class Engine:
+class GraphEngine:
     """Answers GraphQL request bodies against one dataset."""
 
     def __init__(self, ds: Dataset) -> None:
         self.schema = build()
-        self.store = Store(ds)
+        self.store = EntityStore(ds)
         self.deployment = deployment_id(ds.seed)
         self._key = ds.key
         self._roots = {plural_field(e): (e, True) for e in ENTITIES} | {singular_field(e): (e, False) for e in ENTITIES}
         self._documents: OrderedDict[str, DocumentNode | QueryError] = OrderedDict()
+        self.head_block = HEAD_BLOCK  # indexed up to this block: later fills do not exist yet
 
     def execute(self, body: Any, *, max_skip: int | None = 5000, indexing_error: bool = False) -> Answer:
         """The response to a request body ``{"query", "variables", "operationName"}``."""
@@ -284,24 +285,26 @@ class Engine:
         return out
 
     def _block(self, arg: dict[str, Any] | None) -> int | None:
-        """The block a field is pinned at (None = the head), or graph-node's error."""
+        """The block a field is pinned at (None = the dataset's head), or graph-node's error."""
+        head = None if self.head_block >= HEAD_BLOCK else self.head_block
         if not arg:
-            return None
+            return head
         if arg.get("hash") is not None:
-            if "0x" + arg["hash"].hex() != block_hash(self._key, HEAD_BLOCK):
+            if "0x" + arg["hash"].hex() != block_hash(self._key, self.head_block):
                 raise QueryError("Failed to decode `block.hash` value: `no block with that hash found`")
-            return None
+            return head
         for wanted in (arg.get("number"), arg.get("number_gte")):
-            if wanted is not None and wanted > HEAD_BLOCK:
+            if wanted is not None and wanted > self.head_block:
                 raise QueryError(
                     f"Failed to decode `block.number` value: `subgraph {self.deployment} has only indexed up to "
-                    f"block number {HEAD_BLOCK} and data for block number {wanted} is therefore not yet available`"
+                    f"block number {self.head_block} and data for block number {wanted} is therefore not yet "
+                    "available`"
                 )
         number = arg.get("number")
-        return number if number is not None and number < HEAD_BLOCK else None
+        return number if number is not None and number < self.head_block else head
 
     def _meta(self, block: int | None, indexing_error: bool) -> dict[str, Any]:
-        number = HEAD_BLOCK if block is None else block
+        number = self.head_block if block is None else block
         return {
             "block": {
                 "number": number,

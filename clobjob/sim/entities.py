@@ -35,7 +35,7 @@ def _ints(table: Table, name: str) -> IntColumn:
     return column
 
 
-class Store:
+class EntityStore:
     """The entity tables of one dataset; ``at`` serves them at the head or at a pinned block."""
 
     def __init__(self, ds: Dataset) -> None:

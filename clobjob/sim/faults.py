@@ -61,6 +61,8 @@ class SimConfig(BaseModel):
     hang_s: float = Field(3600.0, ge=0, description="a hung response completes (504) after this long")
     max_skip: int | None = Field(5000, ge=0, description="graph-node GRAPH_GRAPHQL_MAX_SKIP; None = unlimited")
     indexing_error: bool = False
+    head_block: int | None = Field(None, ge=0, description="indexed up to this block: later fills do not exist yet "
+                                   "(None = the dataset's head); raise it to make open markets grow")
     latency_base_s: float = Field(0.0, ge=0, description="service time of every admitted answer (429s excepted)")
     latency_per_row_ms: float = Field(0.0, ge=0, description="added service time per row answered")
     latency_jitter: float = Field(0.0, ge=0, le=1, description="service time varies uniformly by ± this share")

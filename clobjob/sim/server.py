@@ -21,8 +21,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from clobjob.serving import LocalServer
-from clobjob.sim.data import Dataset, DatasetOptions
-from clobjob.sim.engine import Engine
+from clobjob.sim.data import HEAD_BLOCK, Dataset, DatasetOptions
+from clobjob.sim.engine import GraphEngine
 from clobjob.sim.faults import (
     THROTTLE_BODY,
     Fault,
@@ -73,7 +73,8 @@ class SimServer(LocalServer):
         super().__init__(host, port)
         self.cfg = cfg or SimConfig()
         self.path = path
-        self._engine = Engine(ds)
+        self._engine = GraphEngine(ds)
+        self._engine.head_block = self.cfg.head_block or HEAD_BLOCK
         self._gamma = GammaApi(ds.markets)
         self._limiter = TokenBucket(self.cfg.rate_limit_rps, self.cfg.burst)
         self._gamma_limiter = TokenBucket(self.cfg.gamma_rate_limit_rps, self.cfg.gamma_burst)
@@ -106,6 +107,7 @@ class SimServer(LocalServer):
             self._service = ServiceTime(cfg.seed)
         self._limiter.reset(cfg.rate_limit_rps, cfg.burst)
         self._gamma_limiter.reset(cfg.gamma_rate_limit_rps, cfg.gamma_burst)
+        self._engine.head_block = cfg.head_block or HEAD_BLOCK
         self.cfg = cfg
         return cfg
 

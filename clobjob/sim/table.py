@@ -100,7 +100,7 @@ Candidates = Span | np.ndarray
 
 
 @dataclass
-class Page:
+class Selection:
     """The rows of one answered collection query and what answering it cost."""
 
     rows: np.ndarray
@@ -114,19 +114,19 @@ class _Run:
 
 
 def collection(table: Table, where: dict[str, Any] | None, *, order_by: str = "id", desc: bool = False,
-               first: int = 100, skip: int = 0, pins: list[Pred] | None = None) -> Page:
+               first: int = 100, skip: int = 0, pins: list[Pred] | None = None) -> Selection:
     """The page graph-node returns: filter, order by ``(order_by, id)`` in ``desc``/asc, then skip/first."""
     run = _Run(table)
     where, pins = where or {}, pins or []
     if order_by == "id":
         rows = _select(run, where, Span(0, table.n), (skip + first, desc), pins)
         rows = rows[::-1] if desc else rows
-        return Page(rows[skip:skip + first], run.in_rows)
+        return Selection(rows[skip:skip + first], run.in_rows)
     rows = _select(run, where, Span(0, table.n), None, pins)
     keys = table.column(order_by).sort_keys(rows)
     order = np.lexsort((rows, *reversed(keys)))
     order = order[::-1] if desc else order
-    return Page(rows[order[skip:skip + first]], run.in_rows)
+    return Selection(rows[order[skip:skip + first]], run.in_rows)
 
 
 def _predicates(table: Table, where: dict[str, Any]) -> list[Pred]:

@@ -261,6 +261,10 @@ def fills_query(by_tokens: bool, since: bool, until: bool, upto: bool = False) -
             f"orderDirection: asc, where: {where}) {{ {' '.join(FILL_FIELDS)} }} }}")
 
 
+EXPECTED_QUERY = (f"query Expected($ids: [ID!]!) {{ orderbooks(first: {PAGE_SIZE}, where: {{id_in: $ids}}) "
+                  "{ id tradesQuantity } }")
+
+
 def _collection_query(entity: str, fields: str) -> str:
     return (f"query Page($after: ID!) {{ {entity}(first: {PAGE_SIZE}, orderBy: id, orderDirection: asc, "
             f"where: {{id_gt: $after}}) {{ {fields} }} }}")
@@ -498,6 +502,22 @@ class SubgraphSource:
     async def trades_quantity(self) -> dict[str, int]:
         """Token id → ``tradesQuantity`` (the number of fills the subgraph holds) from every ``orderbooks``."""
         return dict(await self._collection("orderbooks", "id tradesQuantity", _orderbook))
+
+    async def expected_fills(self, tokens: Sequence[str]) -> dict[str, int]:
+        """``tradesQuantity`` of each token: batched ``id_in`` queries of ``PAGE_SIZE`` ids, sent together under
+        the rate controller. The subgraph creates a token's Orderbook at its first fill, so a token without
+        one has none: 0."""
+        batches = [list(tokens[i:i + PAGE_SIZE]) for i in range(0, len(tokens), PAGE_SIZE)]
+        answers = await asyncio.gather(*(self.query(EXPECTED_QUERY, {"ids": batch}) for batch in batches))
+        found = dict.fromkeys(tokens, 0)
+        for answer in answers:
+            for index, item in enumerate(_entities(answer, "orderbooks")):
+                try:
+                    token, count = _orderbook(item)
+                except (_Drift, KeyError, TypeError) as exc:
+                    raise _drift("orderbooks", index, exc) from None
+                found[token] = count
+        return found
 
     async def universe(self) -> Universe:
         """The subgraph's market universe and expected fills per token."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 
 from clobjob.models import Market, MarketFills, as_utc
@@ -12,15 +12,20 @@ FILL_COUNTS_SQL = """
 WITH (SELECT maxOrNull(synced_at) FROM {db}.orderbooks) AS last_sync
 SELECT condition_id, token_ids, toUnixTimestamp(start_date), toUnixTimestamp(end_date), volume,
        if(any_row = 1 OR updated_at <= last_sync, expected, NULL), stored,
-       row_number() OVER (ORDER BY volume DESC, condition_id), question, closed
+       row_number() OVER (ORDER BY volume DESC, condition_id), question, closed, latest
 FROM (
   SELECT t.condition_id AS condition_id, any(t.token_ids) AS token_ids, any(t.question) AS question,
          any(t.start_date) AS start_date, any(t.end_date) AS end_date, any(t.closed) AS closed,
          any(t.volume) AS volume, any(t.updated_at) AS updated_at,
-         sum(s.n) AS stored, sum(b.q) AS expected, max(b.has_row) AS any_row
+         sumIf(s.n, o.owner = t.condition_id) AS stored, sumIf(b.q, o.owner = t.condition_id) AS expected,
+         max(b.has_row) AS any_row, maxIf(s.latest, o.owner = t.condition_id) AS latest
   FROM (SELECT condition_id, token_ids, question, start_date, end_date, closed, volume, updated_at,
                arrayJoin(token_ids) AS token_id FROM {db}.markets FINAL WHERE notEmpty(token_ids)) AS t
-  LEFT JOIN (SELECT token_id, count() AS n FROM {db}.clob_fills FINAL GROUP BY token_id) AS s USING token_id
+  LEFT JOIN (SELECT token_id, min(condition_id) AS owner
+             FROM (SELECT arrayJoin(token_ids) AS token_id, condition_id FROM {db}.markets FINAL)
+             GROUP BY token_id) AS o USING token_id
+  LEFT JOIN (SELECT token_id, count() AS n, toUnixTimestamp(max(timestamp)) AS latest FROM {db}.clob_fills FINAL
+             GROUP BY token_id) AS s USING token_id
   LEFT JOIN (SELECT token_id, trades_quantity AS q, 1 AS has_row FROM {db}.orderbooks FINAL) AS b USING token_id
   GROUP BY t.condition_id
 )
@@ -28,7 +33,8 @@ ORDER BY condition_id
 SETTINGS join_use_nulls = 0
 """
 """Per market of the universe: expected fills by the rule of ``models.MarketStatus`` (NULL = unknown), stored
-fills, volume rank. Each table is read once (no CTE referenced twice: ClickHouse inlines CTEs)."""
+fills, volume rank. A token two markets claim counts for one of them only (the lower condition id; see
+``token_conflicts``). Each table is read once per role (no CTE referenced twice: ClickHouse inlines CTEs)."""
 
 MARKET_COLUMNS = ("condition_id", "token_ids", "question", "slug", "start_date", "end_date", "closed", "volume",
                   "neg_risk", "source")
@@ -38,6 +44,7 @@ class MarketTable:
     """Reads and writes of the market universe."""
 
     db: Database
+    fetched_markets: Callable[[], dict[str, datetime]]  # RunTables'
 
     def upsert_markets(self, markets: Sequence[Market]) -> int:
         """Insert or replace markets by condition id (idempotent); returns the count."""
@@ -74,14 +81,36 @@ class MarketTable:
     def market_fill_counts(self, condition_ids: Iterable[str] | None = None) -> list[MarketFills]:
         """Every market of the universe (or only those listed) with expected and stored fills, by condition id.
 
-        One query over markets ⨝ orderbooks ⨝ stored fills (``MarketFills.status`` classifies the rows). It
+        One query over markets ⨝ orderbooks ⨝ stored fills (``MarketFills.status`` classifies the rows), and
+        when each market was last fetched to the end of the source (``proven`` when that was after its counts last
+        changed; ``new_since_ts`` = its newest stored fill's time when it was, but before, so only newer fills
+        can be missing). It
         reads the whole universe (the volume ranks need it, and 200,000 markets with 10M fills take ≈ 2 s);
         a list is applied to the result, so a long one costs nothing (as a query parameter, 200,000 ids
         would add ≈ 1.5 s per reference).
         """
         wanted = None if condition_ids is None else set(condition_ids)
-        return [MarketFills(cid, tuple(tokens), *rest) for cid, tokens, *rest in self.db.rows(FILL_COUNTS_SQL)
-                if wanted is None or cid in wanted]
+        fetched, counted = self.fetched_markets(), self.orderbooks_synced_at()
+        found = []
+        for cid, tokens, *rest, latest in self.db.rows(FILL_COUNTS_SQL):
+            if wanted is None or cid in wanted:
+                fetched_at, counted_at = fetched.get(cid), counted.get(cid)
+                proven = fetched_at is not None and (counted_at is None or fetched_at > counted_at)
+                grown = fetched_at is not None and not proven and latest > 0
+                found.append(MarketFills(cid, tuple(tokens), *rest, proven=proven,
+                                         new_since_ts=latest if grown else None))
+        return found
+
+    def token_conflicts(self, limit: int = 5) -> tuple[int, list[tuple[str, list[str]]]]:
+        """Tokens that more than one market claims: their count and up to ``limit`` examples (token, markets)."""
+        found = self.db.rows(
+            "SELECT token_id, groupArray(condition_id) FROM (SELECT arrayJoin(token_ids) AS token_id, condition_id "
+            "FROM {db}.markets FINAL) GROUP BY token_id HAVING count() > 1 ORDER BY token_id")
+        return len(found), [(token, sorted(markets)) for token, markets in found[:limit]]
+
+    def orderbook_counts(self) -> dict[str, int]:
+        """Expected fills of every token that has a count (the subgraph's ``tradesQuantity``)."""
+        return dict(self.db.rows("SELECT token_id, trades_quantity FROM {db}.orderbooks FINAL"))
 
     def count_markets(self) -> int:
         """Markets in the universe."""
@@ -95,6 +124,6 @@ class MarketTable:
         return len(tokens)
 
     def orderbooks_synced_at(self) -> dict[str, datetime]:
-        """Per condition id, when the subgraph's expected fills of its tokens were last synced."""
+        """Per condition id, when the expected fills of its tokens last changed (rows are written only then)."""
         found = self.db.rows("SELECT condition_id, max(synced_at) FROM {db}.orderbooks FINAL GROUP BY condition_id")
         return {condition: as_utc(at) for condition, at in found}

@@ -98,7 +98,7 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-class Engine:
+class EmbeddedEngine:
     """One chDB connection on one thread: statements with their database, bound parameters and settings."""
 
     def __init__(self, path: str) -> None:
@@ -163,7 +163,7 @@ class Engine:
 
 
 class EngineServer(LocalServer):
-    """``Engine`` behind ClickHouse's HTTP interface on ``host:port``; ``url`` is the DSN to give clobjob.
+    """``EmbeddedEngine`` behind ClickHouse's HTTP interface on ``host:port``; ``url`` is the DSN to give clobjob.
 
     With ``password`` every query must carry it (HTTP basic auth, ``X-ClickHouse-Key`` or the ``password``
     parameter, as ClickHouse takes it), any user name.
@@ -171,7 +171,7 @@ class EngineServer(LocalServer):
 
     def __init__(self, path: str, host: str = "127.0.0.1", port: int = 0, *, password: str | None = None) -> None:
         super().__init__(host, port)
-        self.engine = Engine(path)
+        self.engine = EmbeddedEngine(path)
         self.password = password
 
     def build_app(self) -> web.Application:
