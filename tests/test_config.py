@@ -214,7 +214,8 @@ def test_an_api_key_echoed_by_the_subgraph_is_redacted_in_logs_and_the_error(mon
     monkeypatch.setenv("CLOBJOB_SUBGRAPH_API_KEY", key)
     monkeypatch.setenv("CLOBJOB_HOME", str(tmp_path))
     with Echo("127.0.0.1", 0).run_in_thread() as server:
-        code = main(["--log-format", "human", "markets", "sync", "--subgraph-url", server.url + "/gn"])
+        code = main(["--log-format", "human", "markets", "sync", "--add-subgraph-markets", "--subgraph-url",
+                     server.url + "/gn"])
     err = capsys.readouterr().err
     assert code == 2 and "invalid API key Bearer ***" in err and "gateway saw Bearer ***" in err
     assert key not in err and "Zq8" not in err
