@@ -27,11 +27,15 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from clobjob.errors import BadInput
+from clobjob.models import EXCHANGE_FIRST_BLOCKS, EXCHANGES
 
 GOLDSKY_ORDERBOOK_URL = (
     "https://api.goldsky.com/api/public/project_cl6mb8i9h0003e201j6li0diw"
     "/subgraphs/orderbook-subgraph/0.0.1/gn"
 )
+# The exchanges whose OrderFilled logs the RPC source reads by default, as address@first block: CTF and NegRisk v2.
+V2_EXCHANGE_CONTRACTS = ",".join(f"{address}@{EXCHANGE_FIRST_BLOCKS[address]}"
+                                 for address, version in EXCHANGES.items() if version == 2)
 DEFAULT_HOME = Path(".clobjob")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CLUSTER = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")  # cluster names of ClickHouse configs may hold hyphens
@@ -96,6 +100,12 @@ class Settings(BaseSettings):
     subgraph_api_key: SecretStr | None = None
     rpc_url: SecretStr | None = None
     gamma_url: str = Field("https://gamma-api.polymarket.com", description="Polymarket Gamma API base URL")
+    rpc_contracts: str = Field(V2_EXCHANGE_CONTRACTS, description="exchange contracts whose logs the RPC source "
+                               "reads: address@first_block, comma-separated (default: CTF and NegRisk Exchange v2)")
+    rpc_lag_blocks: int = Field(128, ge=0, description="stay this many blocks behind the head (reorg safety)")
+    rpc_initial_span: int = Field(2_000, ge=1, description="blocks per eth_getLogs call to start with (adaptive)")
+    rpc_max_span: int = Field(100_000, ge=1, description="never ask eth_getLogs for more blocks than this")
+    rpc_batch: int = Field(20, ge=1, description="JSON-RPC calls per HTTP request (at most; 1 = no batches)")
 
     max_rps: float | None = Field(None, gt=0, description="hard ceiling on requests/s (adaptive below it)")
     initial_rps: float = Field(5.0, gt=0)
@@ -152,6 +162,18 @@ class Settings(BaseSettings):
             _check_http_url(value.get_secret_value())
         return value
 
+    @field_validator("rpc_contracts")
+    @classmethod
+    def _contracts(cls, value: str) -> str:
+        """Normalised ``address@block`` entries (lower-case addresses), or an error naming the bad entry."""
+        entries = []
+        for entry in (e.strip() for e in value.split(",")):
+            address, _, block = entry.partition("@")
+            if not re.fullmatch(r"0x[0-9a-fA-F]{40}", address) or not block.isdigit():
+                raise ValueError(f"rpc contract {entry!r} is not address@first_block (0x + 40 hex digits @ a block)")
+            entries.append(f"{address.lower()}@{int(block)}")
+        return ",".join(entries)
+
     @model_validator(mode="before")
     @classmethod
     def _old_aliases(cls, data: Any) -> Any:
@@ -187,6 +209,10 @@ class Settings(BaseSettings):
         with _settings_errors():
             settings = cls()
         return settings.with_overrides(**overrides)
+
+    def rpc_contract_blocks(self) -> dict[str, int]:
+        """Exchange contract (lower-case address) → its first block."""
+        return {address: int(block) for address, _, block in (e.partition("@") for e in self.rpc_contracts.split(","))}
 
     def dsn(self) -> str:
         """The ClickHouse DSN to connect with, user and password percent-encoded (secret: never log it; use

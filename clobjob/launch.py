@@ -187,8 +187,8 @@ def plan_run(settings: Settings, *, shards: int, run_id: str | None, markets_fil
         raise BadInput("--since and --until go together")
     if since is not None and markets_file:
         raise BadInput("--since/--until plan every market in the window: drop --markets")
-    run_id = run_id or plan.default_run_id()
     with open_store(settings) as store:
+        run_id = run_id or plan.default_run_id(store)
         if since is not None and until is not None:
             units = plan.plan_window(_utc("--since", since), _utc("--until", until), shards, run_id)
             params = RunParams(kind=RunKind.PLAN, since=since, until=until, units=len(units))
@@ -218,7 +218,7 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
         else:
             ids = _market_list(markets_file, store)
             say(count_expected(settings, store, ids))
-            units = plan.plan_backfill(store, shards, plan.default_run_id(), ids)
+            units = plan.plan_backfill(store, shards, plan.default_run_id(store), ids)
             if not units:
                 say("everything is complete: nothing to fetch")
                 return 0

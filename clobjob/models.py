@@ -32,6 +32,8 @@ EXCHANGES = {
     "0xe111180000d2663c0091e4f400237545b87b996b": 2,  # CTF Exchange v2
     "0xe2222d279d744050d28e00520010520000310f59": 2,  # NegRisk Exchange v2
 }
+EXCHANGE_FIRST_BLOCKS = dict(zip(EXCHANGES, (33_605_403, 50_505_492, 84_902_353, 85_058_176), strict=True))
+"""Each exchange contract's deploy block on Polygon (no log of it is older)."""
 
 _HEX = re.compile(r"^(0x)?[0-9a-fA-F]+$")
 _DEC = re.compile(r"^[0-9]+$")
@@ -419,7 +421,9 @@ class WorkUnit(BaseModel):
     """A piece of planned work: all fills of ``token_ids``, optionally only those within [ts_from, ts_to) and
     with an id within [id_from, id_to) in byte order (None: unbounded on that side).
 
-    An empty ``token_ids`` with a time range is a time-window unit over every market.
+    An empty ``token_ids`` with a time range is a time-window unit over every market. An RPC unit is the
+    blocks [block_from, block_to) of the exchange contracts' logs (None: from the first contract's deploy
+    block / to the safe head when the unit starts).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -433,6 +437,8 @@ class WorkUnit(BaseModel):
     ts_to: int | None = None
     id_from: str | None = None
     id_to: str | None = None
+    block_from: int | None = Field(None, ge=0)
+    block_to: int | None = Field(None, ge=0)
     expected_fills: int = 0
     expected_requests: int = 1
 

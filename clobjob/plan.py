@@ -12,6 +12,7 @@ longest-first (LPT).
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections import Counter
 from collections.abc import Collection, Sequence
@@ -332,9 +333,11 @@ def write_plan(store: Store, run: Run, units: Sequence[WorkUnit], *, force: bool
     store.create_run(run, units)
 
 
-def default_run_id(now: datetime | None = None) -> str:
-    """``run-YYYYmmdd-HHMMSS`` (UTC)."""
-    return (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
+def default_run_id(store: Store, now: datetime | None = None) -> str:
+    """``run-YYYYmmdd-HHMMSS`` (UTC), with ``-2``, ``-3``… when a run of that second exists already."""
+    base = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
+    taken = {r.run_id for r in store.runs()}
+    return next(run_id for n in itertools.count(1) if (run_id := base if n == 1 else f"{base}-{n}") not in taken)
 
 
 # --- custom market lists -------------------------------------------------------------------------

@@ -40,6 +40,10 @@ level and waiters, and the growth rule needs to know whether a caller had to wai
 few lines, so it lives here, serialised by one lock so that waiters are served in order.
 
 A controller belongs to one event loop (it is not thread-safe).
+
+``controlled_request`` is the one retry loop every source sends through: a slot per attempt, one verdict
+per answer (a ``Retryable`` names its own), the jittered backoff and the retry budget between attempts
+(the budget delays a retry, never drops it), and ``TransientSourceError`` after the last attempt.
 """
 
 from __future__ import annotations
@@ -54,6 +58,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from itertools import takewhile
+from typing import TypeVar
+
+from loguru import logger
+
+from clobjob.errors import ClobjobError, TransientSourceError
+
+T = TypeVar("T")
 
 BETA = 0.9  # rate after a throttle, as a fraction of the ceiling
 MAX_CUT = 0.5  # one congestion event never cuts the rate below this fraction of it
@@ -169,6 +180,11 @@ class Permit:
         """No answer at all: a timeout, a connection error, a cancelled request (the window shrinks)."""
         self._settle("lost")
         self._controller._on_lost(self)
+
+    @property
+    def settled(self) -> bool:
+        """Whether a verdict was given."""
+        return self._verdict is not None
 
     def _settle(self, verdict: str) -> None:
         if self._verdict is not None:
@@ -444,3 +460,80 @@ class AdaptiveRateController:
     def _on_lost(self, permit: Permit) -> None:
         self._errors += 1
         self._shrink_window(permit)
+
+
+# --- the shared rate-controlled request loop -----------------------------------------------------
+
+MIN_ATTEMPT_TIMEOUT_S = 5.0  # a first attempt may take at least this long …
+LATENCY_TIMEOUTS = 10.0  # … or this many smoothed latencies
+
+
+class Retryable(Exception):
+    """A retryable answer; ``verdict`` is what the controller is told: ``throttled`` (Retry-After honoured),
+    ``overloaded``, ``failed`` (a useless answer) or ``answered`` (a success for the rate: the request was at
+    fault, not the load)."""
+
+    def __init__(self, reason: str, verdict: str, retry_after: str | None = None) -> None:
+        super().__init__(reason)
+        self.verdict, self.retry_after = verdict, retry_after
+
+    def settle(self, permit: Permit) -> None:
+        """Give ``permit`` this answer's verdict."""
+        if self.verdict == "throttled":
+            permit.throttled(self.retry_after)
+        elif self.verdict == "overloaded":
+            permit.overloaded()
+        elif self.verdict == "answered":
+            permit.success()
+        else:
+            permit.failed()
+
+
+def attempt_timeout(controller: AdaptiveRateController, attempt: int, limit_s: float) -> float:
+    """Seconds attempt ``attempt`` may take: a hung answer is cut after a few typical latencies, and each retry
+    doubles the allowance up to ``limit_s``, so a legitimately slow request still gets through."""
+    latency = controller.snapshot().latency_s or 1.0
+    first = max(MIN_ATTEMPT_TIMEOUT_S, LATENCY_TIMEOUTS * latency)
+    return min(limit_s, first * 2 ** (attempt - 1))
+
+
+async def controlled_request(
+    controller: AdaptiveRateController,
+    send: Callable[[Permit, float], Awaitable[T]],
+    *,
+    what: str,
+    max_attempts: int,
+    timeout_s: float,
+    on_retry: Callable[[Retryable], None] | None = None,
+) -> T:
+    """``send(permit, attempt_timeout_s)`` retried through ``controller`` (see the module doc).
+
+    ``send`` raises ``Retryable`` for a retryable answer (its verdict is given here); a ``ClobjobError`` is an
+    answer (a success for the rate) and propagates; a ``send`` that returns without a verdict is a success.
+    ``on_retry`` sees every retryable answer and may raise to stop retrying.
+    """
+    reason = ""
+    for attempt in range(1, max_attempts + 1):
+        if attempt > 1:
+            await asyncio.sleep(controller.backoff(attempt - 1))
+            while not controller.allow_retry():  # the budget delays retries, it never drops them
+                await asyncio.sleep(controller.backoff(attempt - 1))
+        try:
+            async with controller.slot() as permit:
+                try:
+                    result = await send(permit, attempt_timeout(controller, attempt, timeout_s))
+                except Retryable as retry:
+                    retry.settle(permit)
+                    raise
+                except ClobjobError:
+                    permit.success()  # answered: the request or the source is at fault, not the rate
+                    raise
+                if not permit.settled:
+                    permit.success()
+                return result
+        except Retryable as retry:
+            reason = str(retry)
+            if on_retry is not None:
+                on_retry(retry)
+            logger.debug("{} retry {}/{}: {}", what, attempt, max_attempts, reason)
+    raise TransientSourceError(f"{what}: gave up after {max_attempts} attempts: {reason}")

@@ -21,7 +21,14 @@ from typing import Any
 from loguru import logger
 
 from clobjob.config import Settings
-from clobjob.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, ClobjobError, UnitFailed
+from clobjob.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SIGTERM,
+    BadInput,
+    ClobjobError,
+    UnitFailed,
+)
 from clobjob.models import Checkpoint, Heartbeat, RunState, UnitState, WorkUnit
 from clobjob.ratelimit import AdaptiveRateController
 from clobjob.sources.base import FillSource, Page

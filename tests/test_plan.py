@@ -338,7 +338,14 @@ def test_recommendation_follows_rate_and_work():
     assert plan.recommend(100, 50.0).shards == 1
     with pytest.raises(BadInput):
         plan.recommend(1, 0)
-    assert plan.default_run_id(datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc)) == "run-20240506-070809"
+
+
+
+def test_default_run_ids_are_unique_within_a_second(store):
+    moment = datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc)
+    assert plan.default_run_id(store, moment) == "run-20240506-070809"
+    store.create_run(Run(run_id="run-20240506-070809", shards=1, source="subgraph"), [])
+    assert plan.default_run_id(store, moment) == "run-20240506-070809-2"
 
 
 async def test_live_check_samples_markets_and_finds_the_rate_limit(settings):

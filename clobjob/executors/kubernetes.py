@@ -36,7 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clobjob.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, ClobjobError
+from clobjob.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SIGTERM,
+    BadInput,
+    ClobjobError,
+)
 from clobjob.executors.base import IndexOutcome, JobOutcome
 from clobjob.models import Run
 

@@ -23,7 +23,13 @@ from clobjob.monitor.status import (
                                   shard_state,
                                   shard_statuses,
 )
-from clobjob.monitor.verify import coverage_by_month, render_verify, report_sections, verify, worst_gaps
+from clobjob.monitor.verify import (
+                                  coverage_by_month,
+                                  render_verify,
+                                  report_sections,
+                                  verify,
+                                  worst_gaps,
+)
 
 __all__ = ["LIVE_MAX_AGE_S", "SCHEMA_VERSION", "coverage_by_month", "current_status",
            "live_path", "publish_live", "read_live", "render_duration",

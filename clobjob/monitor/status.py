@@ -44,7 +44,14 @@ from typing import Any
 
 from clobjob.errors import BadInput
 from clobjob.logs import printable
-from clobjob.models import Heartbeat, Run, RunState, ShardStatus, as_utc, coverage_summary
+from clobjob.models import (
+    Heartbeat,
+    Run,
+    RunState,
+    ShardStatus,
+    as_utc,
+    coverage_summary,
+)
 from clobjob.store import Store
 
 SCHEMA_VERSION = 2

@@ -46,7 +46,12 @@ from graphql import (
     parse,
     validate,
 )
-from graphql.execution.values import VariableValues, coerce_argument, get_directive_values, get_variable_values
+from graphql.execution.values import (
+    VariableValues,
+    coerce_argument,
+    get_directive_values,
+    get_variable_values,
+)
 from graphql.validation import (
     FieldsOnCorrectTypeRule,
     KnownFragmentNamesRule,

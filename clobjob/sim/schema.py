@@ -11,7 +11,13 @@ from decimal import Decimal, InvalidOperation
 from functools import cache
 from typing import Any
 
-from graphql import GraphQLSchema, IntValueNode, StringValueNode, ValueNode, build_schema
+from graphql import (
+    GraphQLSchema,
+    IntValueNode,
+    StringValueNode,
+    ValueNode,
+    build_schema,
+)
 
 ENTITIES: dict[str, dict[str, str]] = {
     "MarketData": {"id": "ID!", "condition": "String!", "outcomeIndex": "BigInt"},

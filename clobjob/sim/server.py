@@ -1,7 +1,8 @@
 """The simulator's HTTP server: GraphQL POST at any path, Goldsky-like throttling and faults, Gamma's market
 listing, a service time per answer, stats.
 
-``POST /<any path>``: a GraphQL request. ``GET /markets`` and ``GET /markets/keyset``: Gamma's listing of the
+``POST /<any path>``: a GraphQL request; ``POST /rpc``: Polygon JSON-RPC when the server has an ``RpcNode``
+(``clobjob.sim.rpc``). ``GET /markets`` and ``GET /markets/keyset``: Gamma's listing of the
 dataset's markets (``clobjob.sim.gamma``), under its own token bucket. ``GET /__stats``: counts of requests
 and outcomes, and the service time served (JSON). ``POST /__config``: change knobs at run time (JSON object of
 SimConfig fields). Rate limits, faults and service time never apply to the two ``/__`` endpoints.
@@ -33,6 +34,7 @@ from clobjob.sim.faults import (
     retry_after_header,
 )
 from clobjob.sim.gamma import KEYSET_PATH, MARKETS_PATH, GammaApi
+from clobjob.sim.rpc import RPC_PATH, Chain, RpcConfig, RpcNode
 
 DEFAULT_PATH = "/subgraphs/orderbook-subgraph/gn"
 STAT_KEYS = ("requests", "ok", "query_errors", "throttled_429", "http_5xx", "graphql_timeout", "overloaded",
@@ -69,8 +71,9 @@ class SimServer(LocalServer):
     """
 
     def __init__(self, ds: Dataset, cfg: SimConfig | None = None, host: str = "127.0.0.1", port: int = 0,
-                 path: str = DEFAULT_PATH) -> None:
+                 path: str = DEFAULT_PATH, rpc: RpcNode | None = None) -> None:
         super().__init__(host, port)
+        self.rpc = rpc
         self.cfg = cfg or SimConfig()
         self.path = path
         self._engine = GraphEngine(ds)
@@ -92,6 +95,11 @@ class SimServer(LocalServer):
     def gamma_url(self) -> str:
         """The base URL of the simulated Gamma API (``/markets``, ``/markets/keyset``)."""
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def rpc_url(self) -> str:
+        """The JSON-RPC endpoint (with an ``RpcNode``)."""
+        return f"http://{self.host}:{self.port}{RPC_PATH}"
 
     def stats(self) -> dict[str, float]:
         """Counts of requests and of each outcome; ``service_s`` (total) and ``service_s_mean`` of the service
@@ -118,6 +126,8 @@ class SimServer(LocalServer):
         app.router.add_post("/__config", self._post_config)
         app.router.add_get(MARKETS_PATH, self._gamma_markets)
         app.router.add_get(KEYSET_PATH, self._gamma_markets)
+        if self.rpc is not None:
+            self.rpc.mount(app)
         app.router.add_post("/{tail:.*}", self._graphql)
         return app
 
@@ -236,15 +246,19 @@ class SimServer(LocalServer):
         return web.Response(status=answer.status, text=text, content_type="application/json"), answer.rows
 
 
-def serve(host: str = "127.0.0.1", port: int = 8787, profile: str = "clean", **knobs: Any) -> None:
+def serve(host: str = "127.0.0.1", port: int = 8787, profile: str = "clean", rpc_profile: str | None = None,
+          **knobs: Any) -> None:
     """Generate a dataset and serve it until SIGINT/SIGTERM, printing the URL on stdout.
 
     ``knobs`` are ``DatasetOptions`` fields (the dataset; its seed also seeds faults and service times) and
-    SimConfig fields overriding the profile; None values are ignored (unset CLI flags).
+    SimConfig fields overriding the profile; None values are ignored (unset CLI flags). ``rpc_profile`` also
+    serves the v2 chain's JSON-RPC at ``/rpc`` with that provider profile.
     """
     given = {k: v for k, v in knobs.items() if v is not None}
     options = DatasetOptions(**{k: given.pop(k) for k in DatasetOptions.model_fields if k in given})
     ds = options.generate()
     cfg = SimConfig.for_profile(profile, seed=options.seed, **given)
-    SimServer(ds, cfg, host=host, port=port).serve_until_signalled(
+    rpc = RpcNode(Chain(ds, seed=options.seed), RpcConfig.for_profile(rpc_profile, seed=options.seed)) \
+        if rpc_profile else None
+    SimServer(ds, cfg, host=host, port=port, rpc=rpc).serve_until_signalled(
         f"clobjob sim: {len(ds.markets)} markets, {ds.n_fills} fills, seed {cfg.seed}, profile {profile}")

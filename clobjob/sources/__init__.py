@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from clobjob.ratelimit import AdaptiveRateController
     from clobjob.sources.base import FillSource
 
-SOURCES = ("subgraph",)
+SOURCES = ("subgraph", "rpc")
 DATA_UNTIL: dict[str, datetime] = {"subgraph": subgraph.DATA_UNTIL}
 """The newest fill each source can hold (a source absent here holds fills up to now)."""
 
@@ -25,4 +25,8 @@ def open_source(name: str, settings: Settings, controller: AdaptiveRateControlle
     """The fill source called ``name`` (a run records which one planned it)."""
     if name == "subgraph":
         return subgraph.SubgraphSource(settings, controller)
+    if name == "rpc":
+        from clobjob.sources.rpc import RpcSource
+
+        return RpcSource(settings, controller)
     raise BadInput(f"unknown source {name!r} (known: {', '.join(SOURCES)})")

@@ -27,8 +27,8 @@ from loguru import logger
 from clobjob.config import Settings
 from clobjob.errors import SourceError
 from clobjob.models import Market
-from clobjob.ratelimit import AdaptiveRateController
-from clobjob.sources.http import RateControlledHttp, Retry
+from clobjob.ratelimit import AdaptiveRateController, Retryable
+from clobjob.sources.http import HttpSession
 from clobjob.sources.markets import BadRow, market_from_gamma
 
 MARKETS_PATH = "/markets"
@@ -36,6 +36,7 @@ KEYSET_PATH = "/markets/keyset"
 CURSOR_PARAM = "after_cursor"
 NEXT_CURSOR_FIELD = "next_cursor"
 PAGE_SIZE = 100  # Gamma's cap per page
+MAX_ATTEMPTS = 8
 LISTING = {"order": "id", "ascending": "true"}  # a stable order to page in
 
 
@@ -55,20 +56,20 @@ class _KeysetUnavailable(Exception):
 def _document(status: int, headers: Mapping[str, str], body: bytes, what: str) -> Any:
     """The JSON document of one answer, or the exception it calls for."""
     if status == 429:
-        raise Retry(f"throttled (HTTP 429) on {what}", "throttled", headers.get("Retry-After"))
+        raise Retryable(f"throttled (HTTP 429) on {what}", "throttled", headers.get("Retry-After"))
     if status >= 500 or status == 408:
-        raise Retry(f"HTTP {status} on {what}: {body[:80].decode(errors='replace').strip()!r}")
+        raise Retryable(f"HTTP {status} on {what}: {body[:80].decode(errors='replace').strip()!r}", "failed")
     text = body[:300].decode(errors="replace")
     if status == 404 and what == KEYSET_PATH:
         raise _KeysetUnavailable(f"HTTP 404: {text!r}")
     if status != 200:
         raise SourceError(f"Gamma answered HTTP {status} on {what}: {text!r}")
     if not body.strip():
-        raise Retry(f"empty body on {what}")
+        raise Retryable(f"empty body on {what}", "failed")
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise Retry(f"truncated or garbled body on {what} ({len(body)} bytes)") from None
+        raise Retryable(f"truncated or garbled body on {what} ({len(body)} bytes)", "failed") from None
 
 
 def _keyset_page(status: int, headers: Mapping[str, str], body: bytes) -> tuple[list[Any], str | None]:
@@ -119,8 +120,7 @@ class GammaSource:
 
     def __init__(self, settings: Settings, controller: AdaptiveRateController, url: str | None = None) -> None:
         self.url = (url or settings.gamma_url).rstrip("/")
-        self._http = RateControlledHttp("gamma", controller, settings.request_timeout_s,
-                                        {"Accept": "application/json"})
+        self._http = HttpSession(controller, settings.request_timeout_s, {"Accept": "application/json"})
 
     async def close(self) -> None:
         """Release connections."""
@@ -146,7 +146,8 @@ class GammaSource:
         found, cursor, seen = _Collected(), None, set()
         while True:
             params = {**LISTING, "limit": str(PAGE_SIZE)} | ({CURSOR_PARAM: cursor} if cursor else {})
-            items, cursor = await self._http.request("GET", self.url + KEYSET_PATH, _keyset_page, params=params)
+            items, cursor = await self._http.request("gamma", "GET", self.url + KEYSET_PATH, _keyset_page,
+                                                     max_attempts=MAX_ATTEMPTS, params=params)
             if cursor in seen:
                 raise _KeysetUnavailable(f"{NEXT_CURSOR_FIELD} {cursor[:40]!r} repeats: the cursor does not advance")
             found.add_page(items)
@@ -158,7 +159,8 @@ class GammaSource:
         found = _Collected()
         while True:
             params = {**LISTING, "limit": str(PAGE_SIZE), "offset": str(found.position)}
-            items = await self._http.request("GET", self.url + MARKETS_PATH, _offset_page, params=params)
+            items = await self._http.request("gamma", "GET", self.url + MARKETS_PATH, _offset_page,
+                                             max_attempts=MAX_ATTEMPTS, params=params)
             if not items:
                 return found
             found.add_page(items)

@@ -19,8 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from clobjob.errors import BadInput
-from clobjob.models import (STORABLE_TIMES, USDC_ASSET_ID, BadValue, JsonError, Market, json_rows,
-                            normalize_condition_id, normalize_token_id)
+from clobjob.models import (
+    STORABLE_TIMES,
+    USDC_ASSET_ID,
+    BadValue,
+    JsonError,
+    Market,
+    json_rows,
+    normalize_condition_id,
+    normalize_token_id,
+)
 
 MAX_BAD_BEFORE_FIRST_MARKET = 1000
 """A file whose first this-many rows are all bad is not a Gamma export: stop reading it."""

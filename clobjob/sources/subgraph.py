@@ -55,22 +55,27 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
-import aiohttp
 from loguru import logger
 
 from clobjob.config import Settings
-from clobjob.errors import ClobjobError, SourceError, TransientSourceError, UnitFailed
-from clobjob.models import EXCHANGES, BadValue, Market, WorkUnit, normalize_condition_id, normalize_token_id
-from clobjob.ratelimit import AdaptiveRateController, Permit
+from clobjob.errors import SourceError, UnitFailed
+from clobjob.models import (
+    EXCHANGES,
+    BadValue,
+    Market,
+    WorkUnit,
+    normalize_condition_id,
+    normalize_token_id,
+)
+from clobjob.ratelimit import AdaptiveRateController, Retryable, controlled_request
 from clobjob.sources.base import Page
+from clobjob.sources.http import JSON_HEADERS, HttpSession
 
 PAGE_SIZE = 1000
 DATA_UNTIL = datetime(2026, 4, 28, 11, tzinfo=timezone.utc)  # the last v1 fill: the subgraph indexes only v1
 MAX_TOKENS_PER_QUERY = 200
 ID_DIGITS = 8  # hex digits of an id-range boundary (at most 16**ID_DIGITS ranges)
 MAX_ATTEMPTS = 8
-MIN_ATTEMPT_TIMEOUT_S = 5.0  # a first attempt may take at least this long …
-LATENCY_TIMEOUTS = 10.0  # … or this many smoothed latencies
 
 ALLOWANCE_TEXT = "surpassed your query allowance"
 STORE_TIMEOUT_TEXT = "database query timed out"
@@ -91,12 +96,13 @@ class SubgraphIndexingError(UnitFailed):
 # --- answers -------------------------------------------------------------------------------------
 
 
-class _Retry(Exception):
-    """A retryable answer: ``verdict`` is the controller verdict, the message the reason."""
+class _Retry(Retryable):
+    """A retryable answer; ``heavy`` says the query is too heavy for the server ("now", or "repeated" when
+    only a second time in a row tells)."""
 
     def __init__(self, reason: str, verdict: str, retry_after: str | None = None, heavy: str = "") -> None:
-        super().__init__(reason)
-        self.verdict, self.retry_after, self.heavy = verdict, retry_after, heavy
+        super().__init__(reason, verdict, retry_after)
+        self.heavy = heavy
 
 
 class _TooHeavy(Exception):
@@ -341,29 +347,14 @@ class SubgraphSource:
         self.controller = controller
         self.max_tokens = max_tokens
         self.max_attempts = max_attempts
-        self._timeout = aiohttp.ClientTimeout(
-            total=settings.request_timeout_s,
-            connect=min(settings.request_timeout_s, 10.0),
-            sock_read=settings.request_timeout_s,
-        )
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers = dict(JSON_HEADERS)
         if settings.subgraph_api_key is not None:
-            self._headers["Authorization"] = f"Bearer {settings.subgraph_api_key.get_secret_value()}"
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self.controller.max_window, limit_per_host=0,
-                                             enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
-                                                  headers=self._headers)
-        return self._session
+            headers["Authorization"] = f"Bearer {settings.subgraph_api_key.get_secret_value()}"
+        self._http = HttpSession(controller, settings.request_timeout_s, headers)
 
     async def close(self) -> None:
         """Close the session and its connections."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
 
     async def __aenter__(self) -> SubgraphSource:
         return self
@@ -373,41 +364,9 @@ class SubgraphSource:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def _attempt_timeout(self, attempt: int) -> float:
-        """Seconds one attempt may take: a hung answer is cut after a few typical latencies, and each
-        retry doubles the allowance up to ``request_timeout_s``, so a legitimately slow query still gets through."""
-        latency = self.controller.snapshot().latency_s or 1.0
-        first = max(MIN_ATTEMPT_TIMEOUT_S, LATENCY_TIMEOUTS * latency)
-        return min(self._timeout.total or first, first * 2 ** (attempt - 1))
-
-    async def _send(self, permit: Permit, payload: bytes, timeout_s: float) -> dict[str, Any]:
-        """One POST; gives the permit its verdict and returns ``data`` or raises what the answer calls for."""
-        try:
-            async with self._client().post(self.url, data=payload,
-                                           timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-                body = await response.read()
-                status, headers = response.status, response.headers
-        except asyncio.TimeoutError:
-            raise _Retry(f"timed out after {timeout_s:.3g}s", "failed") from None
-        except aiohttp.ClientError as exc:
-            raise _Retry(f"{type(exc).__name__}: {exc}", "failed") from None
-        try:
-            data = _answer(status, headers, body)
-        except _Retry as retry:
-            if retry.verdict == "throttled":
-                permit.throttled(retry.retry_after)
-            elif retry.verdict == "overloaded":
-                permit.overloaded()
-            elif retry.verdict == "answered":
-                permit.success()
-            else:
-                permit.failed()
-            raise
-        except ClobjobError:
-            permit.success()  # answered: the query or the subgraph is at fault, not the rate
-            raise
-        permit.success()
-        return data
+    async def _send(self, payload: bytes, timeout_s: float) -> dict[str, Any]:
+        """One POST: ``data``, or what the answer calls for (``_Retry``, ``SourceError``)."""
+        return _answer(*await self._http.send("POST", self.url, timeout_s, data=payload))
 
     async def query(self, query: str, variables: dict[str, Any], *, splittable: bool = False) -> dict[str, Any]:
         """The ``data`` of one GraphQL query, retried through the controller.
@@ -415,22 +374,19 @@ class SubgraphSource:
         With ``splittable`` a query too heavy for the server raises ``_TooHeavy`` instead of retrying.
         """
         payload = json.dumps({"query": query, "variables": variables}).encode()
-        reason, heavy_before = "", False
-        for attempt in range(1, self.max_attempts + 1):
-            if attempt > 1:
-                await asyncio.sleep(self.controller.backoff(attempt - 1))
-                while not self.controller.allow_retry():  # the budget delays retries, it never drops them
-                    await asyncio.sleep(self.controller.backoff(attempt - 1))
-            try:
-                async with self.controller.slot() as permit:
-                    return await self._send(permit, payload, self._attempt_timeout(attempt))
-            except _Retry as retry:
-                reason = str(retry)
-                if splittable and (retry.heavy == "now" or (retry.heavy == "repeated" and heavy_before)):
-                    raise _TooHeavy(reason) from None
-                heavy_before = bool(retry.heavy)
-                logger.debug("subgraph retry {}/{}: {}", attempt, self.max_attempts, reason)
-        raise TransientSourceError(f"subgraph: gave up after {self.max_attempts} attempts: {reason}")
+        heavy_before = False
+
+        def on_retry(retry: Retryable) -> None:
+            nonlocal heavy_before
+            heavy = getattr(retry, "heavy", "")
+            if splittable and (heavy == "now" or (heavy == "repeated" and heavy_before)):
+                raise _TooHeavy(str(retry)) from None
+            heavy_before = bool(heavy)
+
+        return await controlled_request(
+            self.controller, lambda _permit, timeout_s: self._send(payload, timeout_s),
+            what="subgraph", max_attempts=self.max_attempts, timeout_s=self._http.request_timeout_s,
+            on_retry=on_retry)
 
     # --- fills -------------------------------------------------------------------------------
 

@@ -8,7 +8,15 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 
-from clobjob.models import Checkpoint, Heartbeat, Run, RunParams, UnitState, WorkUnit, as_utc
+from clobjob.models import (
+    Checkpoint,
+    Heartbeat,
+    Run,
+    RunParams,
+    UnitState,
+    WorkUnit,
+    as_utc,
+)
 from clobjob.store.database import Database
 
 UNIT_COLUMNS = ("run_id", "shard", "unit_id", "condition_ids", "token_ids", "ts_from", "ts_to", "id_from",
