@@ -121,7 +121,8 @@ def _ratio(text: str) -> float:
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     with open_store(settings) as store:
         result = monitor.verify(store, min_coverage=args.min_coverage,
-                                heartbeat_interval_s=settings.heartbeat_interval_s)
+                                heartbeat_interval_s=settings.heartbeat_interval_s,
+                                on_chain=settings.rpc_url is not None)
         if args.report:
             Path(args.report).write_text(monitor.render_report_html(result, *monitor.report_sections(store)))
     print(json.dumps(result, indent=2) if args.json else monitor.render_verify(result))
@@ -192,7 +193,7 @@ def cmd_diagnose(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     run, units = launch.plan_run(settings, shards=args.shards, run_id=args.run_id, markets_file=args.markets,
-                                 since=args.since, until=args.until, force=args.force)
+                                 since=args.since, until=args.until, force=args.force, source=args.source)
     loads = plan.shard_loads(units, run.shards)
     print(f"run {run.run_id}: {len(units):,} units over {run.shards} shard(s); largest shard / mean requests "
           f"{plan.imbalance([s.expected_requests for s in loads]):.2f}")
@@ -210,7 +211,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     return launch.backfill(_with_source_flags(args, settings), shards=args.shards, parallelism=args.parallelism,
-                           markets_file=args.markets)
+                           markets_file=args.markets, source=args.source)
 
 
 def _shard_list(text: str) -> list[int]:
@@ -229,9 +230,10 @@ def cmd_rerun(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_sim_serve(args: argparse.Namespace, settings: Settings) -> int:
-    sim.serve(args.host, args.port, args.profile, **_dataset_options(args), rate_limit_rps=args.rate_limit,
-              burst=args.burst, retry_after=args.retry_after or None, gamma_rate_limit_rps=args.gamma_rate_limit,
-              gamma_burst=args.gamma_burst, **{name: getattr(args, name) for name in FAULT_FLAGS + LATENCY_FLAGS})
+    sim.serve(args.host, args.port, args.profile, rpc_profile=args.rpc_profile, **_dataset_options(args),
+              rate_limit_rps=args.rate_limit, burst=args.burst, retry_after=args.retry_after or None,
+              gamma_rate_limit_rps=args.gamma_rate_limit, gamma_burst=args.gamma_burst,
+              **{name: getattr(args, name) for name in FAULT_FLAGS + LATENCY_FLAGS})
     return 0
 
 
@@ -338,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--since", metavar="ISO", help="plan a time window over every market from this time")
     plan.add_argument("--until", metavar="ISO", help="… up to this time (exclusive)")
     plan.add_argument("--force", action="store_true", help="replace a run that already has progress")
+    plan.add_argument("--source", choices=["subgraph", "rpc", "all"],
+                      help="as for backfill (default: CLOBJOB_SOURCE, else all when CLOBJOB_RPC_URL is set)")
     plan.set_defaults(func=cmd_plan)
 
     worker = groups.add_parser("worker", help="work one shard of a run (a pod of the Indexed Job)")
@@ -349,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--shards", type=int, default=4, help="shards of a new run (default 4)")
     backfill.add_argument("--parallelism", type=int, help="shards running at once (default: all)")
     backfill.add_argument("--markets", metavar="FILE", help="only these condition ids (JSON array or one per line)")
+    backfill.add_argument("--source", choices=["subgraph", "rpc", "all"],
+                          help="subgraph: v1 fills of the universe's markets; rpc: v2 fills from Polygon logs "
+                               "(CLOBJOB_RPC_URL); all: both (default: CLOBJOB_SOURCE, else all when "
+                               "CLOBJOB_RPC_URL is set, else subgraph)")
     backfill.add_argument("--subgraph-url", help="override CLOBJOB_SUBGRAPH_URL")
     backfill.add_argument("--max-rps", type=float, help="hard ceiling on requests/s (adaptive below it)")
     backfill.set_defaults(func=cmd_backfill)
@@ -384,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_flags(serve)
     serve.add_argument("--profile", choices=["clean", "throttled", "hostile", "realistic"], default="clean",
                        help="limits, faults and service time (default clean); flags below override it")
+    serve.add_argument("--rpc-profile", choices=["clean", "infura", "alchemy", "tiny"],
+                       help="also serve Polygon JSON-RPC at /rpc with v2 fills, as this provider limits eth_getLogs "
+                            "(default: no RPC)")
     serve.add_argument("--rate-limit", type=float, metavar="RPS", help="token bucket rate per client IP")
     serve.add_argument("--burst", type=int, help="token bucket size")
     serve.add_argument("--retry-after", action="store_true", help="send Retry-After with 429s")

@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     subgraph_url: str = GOLDSKY_ORDERBOOK_URL
     subgraph_api_key: SecretStr | None = None
     rpc_url: SecretStr | None = None
+    source: str | None = Field(None, pattern="^(subgraph|rpc|all)$",
+                               description="what a backfill or plan fetches: subgraph (v1 fills of the universe's "
+                                           "markets), rpc (v2 fills from Polygon logs) or all; default all when "
+                                           "an RPC URL is set, else subgraph")
     gamma_url: str = Field("https://gamma-api.polymarket.com", description="Polymarket Gamma API base URL")
     rpc_contracts: str = Field(V2_EXCHANGE_CONTRACTS, description="exchange contracts whose logs the RPC source "
                                "reads: address@first_block, comma-separated (default: CTF and NegRisk Exchange v2)")

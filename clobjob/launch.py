@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -20,7 +21,7 @@ from loguru import logger
 
 from clobjob import monitor, plan, rerun
 from clobjob.config import Settings
-from clobjob.errors import BadInput, ClobjobError
+from clobjob.errors import EXIT_FAILED, EXIT_OK, BadInput, ClobjobError
 from clobjob.executors import kubernetes
 from clobjob.executors.base import JobOutcome
 from clobjob.executors.local import LocalExecutor
@@ -29,6 +30,7 @@ from clobjob.parts import install_stop_handlers, make_controller, process_parts
 from clobjob.probe import LiveCheck, live_check
 from clobjob.sources.gamma import fetch_universe
 from clobjob.sources.markets import BadRow, market_from_gamma, read_gamma_file
+from clobjob.sources.rpc import RpcSource
 from clobjob.sources.subgraph import SubgraphSource, Universe, merge_universe
 from clobjob.store import Store, open_store
 from clobjob.worker import ShardWorker
@@ -180,9 +182,11 @@ def _utc(flag: str, value: str) -> datetime:
 
 
 def plan_run(settings: Settings, *, shards: int, run_id: str | None, markets_file: str | None = None,
-             since: str | None = None, until: str | None = None, force: bool = False,
+             since: str | None = None, until: str | None = None, force: bool = False, source: str | None = None,
              say: Say = _say) -> tuple[Run, list[WorkUnit]]:
-    """Plan a run of the missing markets (or of a time window over every market) and record it."""
+    """Plan a run of the missing markets and, from the chain, the v2 blocks not fetched yet (``source``, as for
+    ``backfill``), or of a time window over every market, and record it."""
+    source = _source(settings, source) if since is None else plan.SOURCE
     if (since is None) != (until is None):
         raise BadInput("--since and --until go together")
     if since is not None and markets_file:
@@ -193,13 +197,12 @@ def plan_run(settings: Settings, *, shards: int, run_id: str | None, markets_fil
             units = plan.plan_window(_utc("--since", since), _utc("--until", until), shards, run_id)
             params = RunParams(kind=RunKind.PLAN, since=since, until=until, units=len(units))
         else:
-            ids = _market_list(markets_file, store)
-            say(count_expected(settings, store, ids))
-            report = plan.missing_work(store, ids)
-            units = plan.plan_units(report, shards, run_id)
+            work = _find_work(settings, store, _market_list(markets_file, store), source, say)
+            report, source = work.report, work.source
+            units = plan.plan_units(report, shards, run_id, blocks=work.blocks)
             params = RunParams(kind=RunKind.PLAN, as_of=report.as_of, markets=len(report.work),
                                markets_file=markets_file, not_found=len(report.not_found), units=len(units))
-        run = Run(run_id=run_id, shards=shards, source=plan.SOURCE, params=params)
+        run = Run(run_id=run_id, shards=shards, source=source, params=params)
         plan.write_plan(store, run, units, force=force)
     return run, units
 
@@ -208,25 +211,86 @@ def plan_run(settings: Settings, *, shards: int, run_id: str | None, markets_fil
 
 
 def backfill(settings: Settings, *, shards: int, parallelism: int | None, markets_file: str | None = None,
-             say: Say = _say) -> int:
-    """Resume the latest unfinished backfill run, or plan one of what is still missing, and run it locally."""
+             source: str | None = None, say: Say = _say) -> int:
+    """Resume the latest unfinished backfill run, or plan one of what is still missing, and run it locally.
+
+    ``source``: ``subgraph`` (v1 fills of the universe's markets), ``rpc`` (v2 fills: the blocks from the v2
+    exchanges' deploy to the safe head not fetched yet) or ``all``; default ``all`` when an RPC URL is set."""
+    chain_unread = False
     with open_store(settings) as store:
         _require_universe(store)
         run = plan.resumable_run(store)
         if run is not None:
             say(f"resuming run {run.run_id}: {store.unfinished_units(run.run_id):,} unit(s) left")
         else:
-            ids = _market_list(markets_file, store)
-            say(count_expected(settings, store, ids))
-            units = plan.plan_backfill(store, shards, plan.default_run_id(store), ids)
+            work = _find_work(settings, store, _market_list(markets_file, store), _source(settings, source), say)
+            chain_unread = work.chain_unread
+            units = plan.plan_backfill(store, shards, plan.default_run_id(store), work.report, source=work.source,
+                                       blocks=work.blocks)
             if not units:
                 say("everything is complete: nothing to fetch")
-                return 0
+                return EXIT_FAILED if chain_unread else EXIT_OK
             run = store.run(units[0].run_id)
             assert run is not None
             say(f"planned run {run.run_id}: {len(units):,} units, {sum(u.expected_fills for u in units):,} "
                 f"expected fills in ≈ {sum(u.expected_requests for u in units):,} requests over {shards} shard(s)")
-        return _run_and_report(settings, store, run, parallelism, say)
+        code = _run_and_report(settings, store, run, parallelism, say)
+        return EXIT_FAILED if chain_unread and code == EXIT_OK else code
+
+
+@dataclass(frozen=True)
+class _Work:
+    """What a plan covers: the markets' report, the v2 blocks (None: none), the run's source, and whether the
+    chain could not be read although the source wanted it."""
+
+    report: plan.MissingReport
+    blocks: tuple[int, int] | None
+    source: str
+    chain_unread: bool
+
+
+def _find_work(settings: Settings, store: Store, ids: list[str] | None, source: str, say: Say) -> _Work:
+    """Count the expected fills and classify the markets (unless ``source`` is rpc), and find the v2 blocks to
+    fetch (unless it is subgraph)."""
+    if source != "rpc":
+        say(count_expected(settings, store, ids))
+    report = plan.missing_work(store, ids)
+    if source == "rpc":
+        report = plan.MissingReport(report.as_of, ())
+    blocks = _blocks_to_fetch(settings, store, source, say) if source != "subgraph" else None
+    unread = blocks is None and source == "all"
+    return _Work(report, blocks, plan.SOURCE if unread else source, unread)
+
+
+def _source(settings: Settings, given: str | None) -> str:
+    """What to fetch: the flag, else ``CLOBJOB_SOURCE``, else all when an RPC URL is set, else the subgraph."""
+    return given or settings.source or ("all" if settings.rpc_url else plan.SOURCE)
+
+
+def _blocks_to_fetch(settings: Settings, store: Store, source: str, say: Say) -> tuple[int, int] | None:
+    """[first, end): the v2 blocks no finished unit covers yet, up to the RPC's safe head. With ``source`` all
+    and a chain that cannot be read, None (said): the v1 fills are fetched all the same."""
+    if settings.rpc_url is None:
+        raise BadInput("v2 fills come from a Polygon JSON-RPC endpoint: set CLOBJOB_RPC_URL (or use --source "
+                       "subgraph)")
+    done = store.blocks_done_through()
+    first = min(settings.rpc_contract_blocks().values()) if done is None else done
+    try:
+        end = asyncio.run(_safe_head(settings)) + 1
+    except ClobjobError as exc:
+        if source != "all":
+            raise
+        say(f"v2 fills: cannot read the chain's head ({exc}); fetching the v1 fills only, exit 1")
+        return None
+    say(f"v2 fills: blocks {first:,} to {end - 1:,} to fetch ({max(end - first, 0):,} blocks, up to the safe head)")
+    return first, end
+
+
+async def _safe_head(settings: Settings) -> int:
+    async with process_parts(settings, "rpc") as parts:
+        source = parts.source
+        assert isinstance(source, RpcSource)
+        return await source.safe_head()
 
 
 def rerun_run(settings: Settings, *, run_id: str, failed_only: bool, shards: list[int] | None,

@@ -421,9 +421,9 @@ class WorkUnit(BaseModel):
     """A piece of planned work: all fills of ``token_ids``, optionally only those within [ts_from, ts_to) and
     with an id within [id_from, id_to) in byte order (None: unbounded on that side).
 
-    An empty ``token_ids`` with a time range is a time-window unit over every market. An RPC unit is the
-    blocks [block_from, block_to) of the exchange contracts' logs (None: from the first contract's deploy
-    block / to the safe head when the unit starts).
+    An empty ``token_ids`` with a time range is a time-window unit over every market. An RPC unit (``source``
+    "rpc") is the blocks [block_from, block_to) of the exchange contracts' logs (None: from the first contract's
+    deploy block / to the safe head when the unit starts). ``source`` names the source that fetches the unit.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -431,6 +431,7 @@ class WorkUnit(BaseModel):
     run_id: str
     unit_id: int
     shard: int
+    source: str = "subgraph"
     condition_ids: tuple[str, ...] = ()
     token_ids: tuple[str, ...] = ()
     ts_from: int | None = None

@@ -44,6 +44,9 @@ BATCH_REQUESTS = 10  # small markets are batched into units of about this many r
 SOURCE = "subgraph"  # the source whose fills the markets' expected counts describe
 GIANT_FACTOR = 0.05  # a market above this share of a shard's mean work is cut into fill-id ranges
 DAY_S = 86_400
+BLOCKS_PER_REQUEST = 2_000  # blocks one eth_getLogs request covers, to weigh block units against market units
+BLOCK_SLICES = 4  # block ranges per shard
+MIN_BLOCKS = 10_000  # the shortest block range worth a unit
 AGE_BUCKETS = ("<30d", "30d-1y", "1y-2y", ">2y", "unknown")
 VOLUME_BUCKETS = ("top100", "top1000", "rest")
 
@@ -232,28 +235,41 @@ def estimate_requests(report: MissingReport, *, page_size: int = PAGE_SIZE, batc
     return sum(c.requests for c in _chunks(report.work, page_size, batch_requests, max_batch_tokens))
 
 
-def plan_units(report: MissingReport, shards: int, run_id: str, *, page_size: int = PAGE_SIZE,
-               batch_requests: int = BATCH_REQUESTS, max_batch_tokens: int = MAX_BATCH_TOKENS,
-               giant_factor: float = GIANT_FACTOR) -> list[WorkUnit]:
-    """Work units for the report's missing and incomplete markets, assigned to ``shards`` (deterministic).
+def plan_units(report: MissingReport, shards: int, run_id: str, *, blocks: tuple[int, int] | None = None,
+               page_size: int = PAGE_SIZE, batch_requests: int = BATCH_REQUESTS,
+               max_batch_tokens: int = MAX_BATCH_TOKENS, giant_factor: float = GIANT_FACTOR) -> list[WorkUnit]:
+    """Work units for the report's missing and incomplete markets (subgraph) and, with ``blocks`` = [first, end),
+    for the on-chain blocks of v2 fills (rpc), assigned together to ``shards`` (deterministic).
 
     A single-market unit above ``giant_factor`` × the mean requests per shard (and above
     ``batch_requests``) is cut into fill-id ranges of about that size (``id_bounds``), which hold equal shares
-    of its fills whatever their spread in time. Units are numbered largest first.
+    of its fills whatever their spread in time. The blocks are cut into ``BLOCK_SLICES`` ranges per shard (at
+    least ``MIN_BLOCKS`` blocks each). Units are numbered largest first.
     """
     chunks = _chunks(report.work, page_size, batch_requests, max_batch_tokens)
     limit = max(batch_requests, giant_factor * sum(c.requests for c in chunks) / max(shards, 1))
     cut = [piece for c in chunks
            for piece in (_split(c, math.ceil(c.requests / limit), page_size)
                          if len(c.markets) == 1 and c.requests > limit else [c])]
-    return [
-        WorkUnit(run_id=run_id, unit_id=unit_id, shard=shard,
-                 condition_ids=tuple(m.condition_id for m in cut[i].markets),
-                 token_ids=tuple(t for m in cut[i].markets for t in m.token_ids),
-                 id_from=cut[i].id_from, id_to=cut[i].id_to, ts_from=cut[i].ts_from,
-                 expected_fills=cut[i].fills, expected_requests=cut[i].requests)
-        for unit_id, (i, shard) in enumerate(assign([c.requests for c in cut], shards))
-    ]
+    pieces: list[tuple[dict[str, Any], int]] = [
+        ({"condition_ids": tuple(m.condition_id for m in c.markets),
+          "token_ids": tuple(t for m in c.markets for t in m.token_ids), "id_from": c.id_from, "id_to": c.id_to,
+          "ts_from": c.ts_from, "expected_fills": c.fills}, c.requests) for c in cut]
+    if blocks is not None:
+        pieces += [({"source": "rpc", "block_from": low, "block_to": high},
+                    math.ceil((high - low) / BLOCKS_PER_REQUEST)) for low, high in block_ranges(*blocks, shards)]
+    return [WorkUnit(run_id=run_id, unit_id=unit_id, shard=shard, expected_requests=pieces[i][1], **pieces[i][0])
+            for unit_id, (i, shard) in enumerate(assign([requests for _, requests in pieces], shards))]
+
+
+def block_ranges(first: int, end: int, shards: int) -> list[tuple[int, int]]:
+    """[first, end) cut into ``BLOCK_SLICES`` ranges per shard, each at least ``MIN_BLOCKS`` long (none when
+    empty)."""
+    if end <= first:
+        return []
+    count = max(1, min(shards * BLOCK_SLICES, (end - first) // MIN_BLOCKS))
+    bounds = [first + (end - first) * i // count for i in range(count + 1)]
+    return list(zip(bounds, bounds[1:]))
 
 
 def plan_window(since: datetime, until: datetime, shards: int, run_id: str, *, slices_per_shard: int = 4,
@@ -420,11 +436,12 @@ def tokens_to_count(report: MissingReport, counted: Collection[str]) -> dict[str
     return wanted
 
 
-def plan_backfill(store: Store, shards: int, run_id: str, condition_ids: list[str] | None = None) -> list[WorkUnit]:
-    """Plan and record a backfill run of what is still to fetch; an empty list means nothing to do."""
-    report = missing_work(store, condition_ids)
-    units = plan_units(report, shards, run_id)
+def plan_backfill(store: Store, shards: int, run_id: str, report: MissingReport, *, source: str = SOURCE,
+                  blocks: tuple[int, int] | None = None) -> list[WorkUnit]:
+    """Plan and record a backfill run of the report's markets to fetch and the v2 ``blocks`` (from ``source``);
+    an empty list means nothing to do."""
+    units = plan_units(report, shards, run_id, blocks=blocks)
     if units:
         params = RunParams(kind=RunKind.BACKFILL, as_of=report.as_of, markets=len(report.work), units=len(units))
-        write_plan(store, Run(run_id=run_id, shards=shards, source=SOURCE, params=params), units)
+        write_plan(store, Run(run_id=run_id, shards=shards, source=source, params=params), units)
     return units

@@ -114,7 +114,7 @@ def test_coverage_by_month_and_worst_gaps(store):
 # --- run status ----------------------------------------------------------------------------------
 
 STATUS_KEYS = {"schema_version", "generated_at", "live", "live_age_s", "stalled_after_s", "run_id",
-               "parent_run_id", "created_at", "source", "state", "markets", "recent", "aggregate", "shards"}
+               "parent_run_id", "created_at", "source", "state", "markets", "recent", "v2", "aggregate", "shards"}
 MARKETS_KEYS = {"universe", "covered", "not_covered", "coverage", "complete", "zero_fill", "incomplete", "missing",
                 "unknown", "source_short"}
 AGGREGATE_KEYS = {"units_done", "units_failed", "units_total", "fills", "expected_fills", "rps", "share_429",

@@ -14,6 +14,9 @@ Status JSON (``run_status``), ``schema_version`` 2; every key is always present:
   and (now − 7 d, now] (null with ``coverage=False``).
 - ``aggregate``: ``units_done, units_failed, units_total, fills, expected_fills, rps, share_429,
   remaining_requests, eta_s``.
+- ``v2``: for a run that reads the chain (source rpc or all): ``blocks_done_through`` (the end of the blocks
+  finished units cover without a gap from the v2 exchanges' deploy) and ``newest_fill_at`` (ISO, or null);
+  null for other runs.
 - ``job`` (``clobjob status`` only): the run's Kubernetes Job beside ClickHouse — name, namespace,
   completions, parallelism, completed/failed indexes, pod counts, conditions, pods, ``failure_reason``,
   ``finished``, ``logs`` (the ``kubectl logs`` command per failed shard) and ``logs_all``; null when the run has
@@ -140,6 +143,18 @@ def _pick_run(store: Store, run_id: str | None) -> Run | None:
     return run
 
 
+ON_CHAIN = ("rpc", "all")  # sources of a run that reads v2 fills from the chain
+
+
+def v2_progress(store: Store) -> dict[str, Any]:
+    """How far the v2 (on-chain) fills are fetched: the blocks finished block units cover without a gap from
+    where the first was planned, and the newest v2 fill stored below that block."""
+    through = store.blocks_done_through()
+    newest = store.newest_fill_before_block("rpc", through) if through is not None else None
+    return {"blocks_done_through": through,
+            "newest_fill_at": datetime.fromtimestamp(newest, timezone.utc).isoformat() if newest else None}
+
+
 def run_status(store: Store, run_id: str | None = None, *, now: datetime | None = None,
                heartbeat_interval_s: float = 5, stalled_after: float = 3, coverage: bool = True) -> dict[str, Any]:
     """The status of a run (default: the latest) as the JSON-able schema of the module docstring.
@@ -163,6 +178,7 @@ def run_status(store: Store, run_id: str | None = None, *, now: datetime | None 
         "state": run_state([s.state for s in shards]).value if run else None,
         "markets": coverage_summary(markets) if markets is not None else None,
         "recent": store.recent_fills(now) if coverage else None,
+        "v2": v2_progress(store) if run and run.source in ON_CHAIN else None,
         "aggregate": _aggregate(shards, beats),
         "shards": [s.model_dump(mode="json") for s in shards],
     }
@@ -208,6 +224,11 @@ def render_status(status: Mapping[str, Any]) -> str:
     if status["recent"] is not None:
         lines.append(f"recent   fills by fill time: last 24 h {status['recent']['fills_24h']:,} · "
                      f"last 7 d {status['recent']['fills_7d']:,}")
+    if status.get("v2") is not None:
+        v2 = status["v2"]
+        newest = (v2["newest_fill_at"] or "-")[:19].replace("T", " ")
+        lines.append(f"v2       on-chain fills done through block {v2['blocks_done_through'] or 0:,} · newest v2 "
+                     f"fill there {newest} UTC")
     if status["run_id"] is not None:
         a = status["aggregate"]
         lines.append(f"total    units {a['units_done']:,}/{a['units_total']:,} done, {a['units_failed']:,} failed · "

@@ -9,7 +9,7 @@ from typing import Any
 
 from clobjob.logs import printable
 from clobjob.models import MarketFills, RunState, coverage_summary
-from clobjob.monitor.status import SCHEMA_VERSION, pct, shard_statuses, utcnow
+from clobjob.monitor.status import ON_CHAIN, SCHEMA_VERSION, pct, shard_statuses, utcnow, v2_progress
 from clobjob.sources import DATA_UNTIL
 from clobjob.store import Store
 
@@ -71,13 +71,26 @@ def _top_criterion(markets: Sequence[MarketFills], top_n: int) -> dict[str, Any]
                       f"{len(bad):,} of the top {len(top):,} markets by volume are not covered", bad)
 
 
-def _fills_24h_criterion(store: Store, markets: Sequence[MarketFills], now: datetime) -> dict[str, Any]:
+def _fills_24h_criterion(store: Store, markets: Sequence[MarketFills], now: datetime,
+                         on_chain: bool) -> dict[str, Any]:
     """Applicable when the latest run's source (with no run: the subgraph, which the expected counts come
     from) holds fills of the last 24 h (``sources.DATA_UNTIL``) and some market with expected fills was open then
     (started by now, ended within 24 h or, undated, not closed)."""
     name, day_ago = "fills_last_24h", now - timedelta(days=1)
     latest = next(iter(store.runs()), None)
     source = latest.source if latest else "subgraph"
+    if on_chain or source in ON_CHAIN:  # v2 fills: the chain must have been read up to a day ago
+        count, v2 = store.recent_fills(now)["fills_24h"], v2_progress(store)
+        reached = v2["newest_fill_at"]
+        fresh = reached is not None and datetime.fromisoformat(reached) >= day_ago
+        detail = (f"{count:,} fill(s) in the last 24 h; on-chain fills done through block "
+                  f"{v2['blocks_done_through'] or 0:,} (newest there: {reached or 'none'})")
+        if not (count and fresh):
+            progress = store.shard_progress(latest.run_id).values() if latest is not None else ()
+            errors = sorted({row[-1] for row in progress if row[-1]})
+            detail += "; " + ("; ".join(errors[:3]) if errors else
+                              "the chain is not read up to the last day: run clobjob backfill --source rpc")
+        return _criterion(name, "pass" if count and fresh else "fail", detail)
     until = DATA_UNTIL.get(source)
     if until is not None and until < day_ago:
         return _criterion(name, "n/a", f"the {source} source has no fills after {until.isoformat()}")
@@ -105,12 +118,15 @@ def _runs_criterion(store: Store, now: datetime, stalled_after_s: float) -> dict
 
 
 def verify(store: Store, *, min_coverage: float = 0.95, now: datetime | None = None, top_n: int = 100,
-           recent_days: int = 30, heartbeat_interval_s: float = 5, stalled_after: float = 3) -> dict[str, Any]:
+           recent_days: int = 30, heartbeat_interval_s: float = 5, stalled_after: float = 3,
+           on_chain: bool = False) -> dict[str, Any]:
     """Readiness for P&L: every criterion as pass / fail / n/a with details; ``ready`` when none fails.
 
     Criteria: ``coverage`` ≥ min_coverage; ``recent_markets_complete`` (no market that ended in the last
     ``recent_days`` days is not covered); ``top_markets_complete`` (the ``top_n`` markets by volume rank);
-    ``fills_last_24h`` (n/a when the source or the universe cannot have such fills); ``no_run_in_progress``.
+    ``fills_last_24h`` (with ``on_chain`` — an RPC endpoint is configured — or a latest run that reads the
+    chain: fills of the last day stored and the chain read to within a day; otherwise n/a when the source or the
+    universe cannot have such fills); ``no_run_in_progress``.
     """
     now = utcnow(now)
     markets = store.market_fill_counts()
@@ -119,7 +135,7 @@ def verify(store: Store, *, min_coverage: float = 0.95, now: datetime | None = N
         _coverage_criterion(summary, min_coverage),
         _recent_criterion(markets, now, recent_days),
         _top_criterion(markets, top_n),
-        _fills_24h_criterion(store, markets, now),
+        _fills_24h_criterion(store, markets, now, on_chain),
         _runs_criterion(store, now, heartbeat_interval_s * stalled_after),
     ]
     return {"schema_version": SCHEMA_VERSION, "generated_at": now.isoformat(),

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from clobjob.ratelimit import AdaptiveRateController
     from clobjob.sources.base import FillSource
 
-SOURCES = ("subgraph", "rpc")
+SOURCES = ("subgraph", "rpc", "all")
 DATA_UNTIL: dict[str, datetime] = {"subgraph": subgraph.DATA_UNTIL}
 """The newest fill each source can hold (a source absent here holds fills up to now)."""
 
@@ -29,4 +29,8 @@ def open_source(name: str, settings: Settings, controller: AdaptiveRateControlle
         from clobjob.sources.rpc import RpcSource
 
         return RpcSource(settings, controller)
+    if name == "all":  # v1 fills from the subgraph and v2 fills from the chain, by unit
+        from clobjob.sources.base import SourcesByUnit
+
+        return SourcesByUnit({n: open_source(n, settings, controller) for n in ("subgraph", "rpc")})
     raise BadInput(f"unknown source {name!r} (known: {', '.join(SOURCES)})")

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from clobjob.errors import BadInput
 from clobjob.models import WorkUnit
 
 
@@ -39,3 +40,26 @@ class FillSource(Protocol):
     async def close(self) -> None:
         """Release connections."""
         ...
+
+
+class SourcesByUnit:
+    """One ``FillSource`` over several: each unit is paged by the source its ``WorkUnit.source`` names (a run of
+    both v1 market units and v2 block units)."""
+
+    name = "all"
+
+    def __init__(self, sources: Mapping[str, FillSource]) -> None:
+        self.sources = dict(sources)
+
+    def pages(self, unit: WorkUnit, cursor: str, conditions: Mapping[str, str]) -> AsyncIterator[Page]:
+        """The pages of ``unit`` from the source it names."""
+        source = self.sources.get(unit.source)
+        if source is None:
+            raise BadInput(f"unit {unit.unit_id} of run {unit.run_id} names source {unit.source!r}; this run reads "
+                           f"{', '.join(sorted(self.sources))}")
+        return source.pages(unit, cursor, conditions)
+
+    async def close(self) -> None:
+        """Release every source's connections."""
+        for source in self.sources.values():
+            await source.close()

@@ -67,6 +67,12 @@ class FillTable:
         )
         return {"fills_24h": found[0][0], "fills_7d": found[0][1]}
 
+    def newest_fill_before_block(self, source: str, block: int) -> int | None:
+        """The newest fill time (unix) of ``source``'s stored fills below ``block`` (None when there is none)."""
+        return self.db.scalar("SELECT toUnixTimestamp(maxOrNull(timestamp)) FROM {db}.clob_fills "
+                              "WHERE source = {source:String} AND block_number < {block:UInt64}",
+                              {"source": source, "block": block})
+
     def count_fills(self) -> int:
         """Distinct stored fills (exact, whatever merges have happened)."""
         return self.db.scalar("SELECT count() FROM {db}.clob_fills FINAL")

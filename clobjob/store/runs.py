@@ -19,7 +19,8 @@ from clobjob.models import (
 )
 from clobjob.store.database import Database
 
-UNIT_COLUMNS = ("run_id", "shard", "unit_id", "condition_ids", "token_ids", "ts_from", "ts_to", "id_from",
+UNIT_COLUMNS = ("run_id", "shard", "unit_id", "source", "condition_ids", "token_ids", "ts_from", "ts_to",
+                "block_from", "block_to", "id_from",
                 "id_to", "expected_fills", "expected_requests")
 PROGRESS_COLUMNS = ("run_id", "shard", "unit_id", "state", "cursor", "fills", "pages", "attempts",
                     "last_error")
@@ -134,6 +135,25 @@ class RunTables:
                ) WHERE done = units GROUP BY condition_id"""
         )
         return {condition: as_utc(finished) for condition, finished in found}
+
+    def blocks_done_through(self) -> int | None:
+        """The end (exclusive) of the blocks that finished block units of any run cover without a gap from the
+        first block any block unit was planned from (that block when none finished; None: no block unit yet)."""
+        found = self.db.rows(
+            """SELECT u.block_from, u.block_to
+               FROM (SELECT run_id, shard, unit_id, block_from, block_to FROM {db}.backfill_units FINAL
+                     WHERE block_from IS NOT NULL AND block_to IS NOT NULL) AS u
+               JOIN (SELECT run_id, shard, unit_id FROM {db}.backfill_progress FINAL WHERE state = 'done') AS p
+               ON u.run_id = p.run_id AND u.shard = p.shard AND u.unit_id = p.unit_id
+               ORDER BY u.block_from""")
+        reached = self.db.scalar("SELECT minOrNull(block_from) FROM {db}.backfill_units FINAL")
+        if reached is None:
+            return None
+        for low, high in found:
+            if low > reached:
+                break
+            reached = max(reached, high)
+        return reached
 
     def unfinished_units(self, run_id: str) -> int:
         """Units of a run that are not done (failed ones included)."""

@@ -124,6 +124,16 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             ORDER BY (run_id, shard)""",
         ],
     ),
+    (
+        2,
+        "units of a source of their own (a backfill of v1 and v2 fills), block ranges of on-chain units",
+        [
+            """ALTER TABLE {db}.backfill_units {on_cluster}
+                ADD COLUMN IF NOT EXISTS source LowCardinality(String) DEFAULT 'subgraph',
+                ADD COLUMN IF NOT EXISTS block_from Nullable(UInt64),
+                ADD COLUMN IF NOT EXISTS block_to Nullable(UInt64)""",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]
