@@ -279,7 +279,7 @@ class ShardWorker:
         if self._lost(progress):
             return True
         progress.attempts += 1
-        progress.last_error = describe(exc)
+        progress.last_error = self.settings.redact(describe(exc))  # stored, then shown by status
         if progress.attempts >= self.settings.unit_attempts or isinstance(exc, UnitFailed):
             await self._fail(progress, exc, log)
             return True
