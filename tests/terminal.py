@@ -15,6 +15,7 @@ import termios
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CTRL_C = b"\x03"
@@ -23,6 +24,14 @@ CTRL_C = b"\x03"
 def _controlling_terminal() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
+
+
+def readable(stream: Any, timeout_s: float) -> bool:
+    """Whether ``stream`` (a file or a descriptor) has data within ``timeout_s``; ``poll``, since ``select``
+    refuses descriptors above 1023 and a long test session opens many."""
+    poller = select.poll()
+    poller.register(stream, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
 
 class TerminalProcess:
     """``python -m clobjob ARGS`` on a fresh pty of ``columns`` × 40, in its own session."""
@@ -37,7 +46,7 @@ class TerminalProcess:
         os.close(slave)
 
     def _read(self, timeout_s: float) -> bool:
-        ready, _, _ = select.select([self.master], [], [], timeout_s)
+        ready = readable(self.master, timeout_s)
         if not ready:
             return False
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import select
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 from clobjob import cli, monitor
 from clobjob.errors import BadInput
 from clobjob.models import FILL_COLUMNS, Checkpoint, Heartbeat, Market, Run, UnitState, WorkUnit, coverage_summary
+from tests.terminal import readable
 from tests.test_store import make_fill
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
@@ -283,7 +283,7 @@ def test_status_reads_live_file_while_another_process_holds_the_database(tmp_pat
 
     holder = subprocess.Popen([sys.executable, "-c", HOLDER], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
-        assert select.select([holder.stdout], [], [], 60)[0], "holder did not start"
+        assert readable(holder.stdout, 60), "holder did not start"
         assert holder.stdout.readline().strip() == "ready"
         shown = clobjob("status", "--json")
         assert shown.returncode == 0, shown.stderr
@@ -543,7 +543,7 @@ def test_a_held_embedded_database_names_its_holder_for_every_command(tmp_path, c
     holder = subprocess.Popen([sys.executable, "-m", "clobjob", "db", "serve", "--port", "0"], env=env, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        assert select.select([holder.stdout], [], [], 60)[0], "db serve did not start"
+        assert readable(holder.stdout, 60), "db serve did not start"
         assert holder.stdout.readline().startswith("http://")
         named = f"in use by another process (pid {holder.pid})"
         for command in (["db", "migrate"], ["markets", "load", str(gamma)], ["plan", "--shards", "1"],

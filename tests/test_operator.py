@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 
 from clobjob.monitor import STOPPED_HINT
 from clobjob.sim import Dataset, SimConfig, SimServer
-from tests.terminal import CTRL_C, REPO, TerminalProcess
+from tests.terminal import CTRL_C, REPO, TerminalProcess, readable
 from tests.test_backfill import prepared
 from tests.truth import run_cli
 
@@ -117,7 +116,7 @@ def read_until(stream, pattern: str, timeout_s: float) -> str:
     """Lines of ``stream`` until one matches ``pattern``."""
     seen, deadline = "", time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if select.select([stream], [], [], 0.5)[0]:
+        if readable(stream, 0.5):
             line = stream.readline()
             if not line:
                 break
