@@ -32,6 +32,13 @@ class TransientSourceError(ClobjobError):
     exit_code = EXIT_FAILED
 
 
+class StoreUnreachable(ClobjobError):
+    """ClickHouse could not be reached for longer than the outage budget: the shard fails (its units keep their
+    checkpoints and resume when the index runs again)."""
+
+    exit_code = EXIT_FAILED
+
+
 class UnitFailed(ClobjobError):
     """A unit fails at once, without retrying it: no retry can help it (the source cannot serve it), but the
     shard's other units go on."""

@@ -4,22 +4,34 @@ shard the process runs, flushed in large batches (one insert stream per process,
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from clickhouse_connect.driver.exceptions import OperationalError
+from loguru import logger
+
+from clobjob.errors import StoreUnreachable
 from clobjob.models import Checkpoint
 from clobjob.store import FillBuffer, Store
+
+RETRY_BASE_S, RETRY_CAP_S = 0.25, 5.0  # backoff while the server is unreachable: full jitter, doubling to the cap
 
 T = TypeVar("T")
 
 
 class StoreWriter:
     """Store calls run in order on one thread, off the event loop. A flush stores the buffered rows, then
-    the checkpoints queued with them (never the other way round)."""
+    the checkpoints queued with them (never the other way round). While the server is unreachable (a connection
+    error, not a refused statement) a call is retried whole with backoff, for up to ``outage_s``; then it raises
+    ``StoreUnreachable`` naming ``dsn`` (give the redacted one) and the last error, and so does every later call."""
 
-    def __init__(self, store: Store, batch_rows: int) -> None:
+    def __init__(self, store: Store, batch_rows: int, *, outage_s: float = 180.0, dsn: str = "ClickHouse") -> None:
         self.store, self._batch_rows = store, batch_rows
+        self._outage_s, self._dsn = outage_s, dsn
+        self._unreachable: StoreUnreachable | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._buffer = FillBuffer()
         self._pending: dict[tuple[int, int], tuple[Checkpoint, str]] = {}
@@ -28,10 +40,37 @@ class StoreWriter:
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the store thread. Once submitted it runs to the end even if the caller is
         cancelled (a stop must never drop a queued insert or checkpoint)."""
-        return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._thread, fn, *args))
+        return await asyncio.shield(self._until_reachable(fn, *args))
+
+    async def _until_reachable(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the store thread, retried whole while the server cannot be reached (a rerun insert
+        is harmless: fills dedup by id, checkpoints by version)."""
+        loop, since, attempt = asyncio.get_running_loop(), time.monotonic(), 0
+        while True:
+            if self._unreachable is not None:
+                raise self._unreachable
+            try:
+                return await loop.run_in_executor(self._thread, fn, *args)
+            except OperationalError as exc:
+                attempt += 1
+                waited = time.monotonic() - since
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                if waited >= self._outage_s:
+                    self._unreachable = StoreUnreachable(
+                        f"ClickHouse at {self._dsn} unreachable for {waited:.0f} s "
+                        f"(CLOBJOB_STORE_OUTAGE_S={self._outage_s:g}): {reason}")
+                    raise self._unreachable from None
+                if attempt == 1:
+                    logger.warning("ClickHouse at {} unreachable, retrying for up to {:g} s: {}", self._dsn,
+                                   self._outage_s, reason)
+                delay = random.uniform(0.0, min(RETRY_CAP_S, RETRY_BASE_S * 2.0 ** min(attempt - 1, 30)))
+                await asyncio.sleep(min(delay, max(self._outage_s - waited, 0.0)))
 
     async def add(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]] = ()) -> None:
-        """Queue a page's rows and the unit's new checkpoint; flush when the batch is full."""
+        """Queue a page's rows and the unit's new checkpoint; flush when the batch is full. Raises
+        ``StoreUnreachable`` once the server has been away too long (nothing more can be stored)."""
+        if self._unreachable is not None:
+            raise self._unreachable
         self._buffer.extend(rows)
         self._pending[(checkpoint.shard, checkpoint.unit_id)] = (checkpoint, pod)
         if len(self._buffer) >= self._batch_rows:
