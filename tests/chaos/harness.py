@@ -52,9 +52,9 @@ class Trap:
 class TrappedEngineServer(EngineServer):
     """``clobjob db serve`` counting the inserts into each table, with traps that hold one in flight."""
 
-    def __init__(self, path: str, port: int = 0) -> None:
+    def __init__(self, path: str, port: int = 0, inserts: Counter[str] | None = None) -> None:
         super().__init__(path, port=port)
-        self.inserts: Counter[str] = Counter()
+        self.inserts: Counter[str] = Counter() if inserts is None else inserts
         self._traps: dict[str, Trap] = {}
         self._engine_run, self.engine.run = self.engine.run, self._run  # type: ignore[method-assign]
 
@@ -91,6 +91,7 @@ class Database:
 
     def __init__(self, path: Path) -> None:
         self.path, self.port = path, 0
+        self.inserts: Counter[str] = Counter()  # inserts by table, over every start
         self.server: TrappedEngineServer | None = None
         self._serving: AbstractContextManager | None = None
         self.start()
@@ -101,7 +102,7 @@ class Database:
 
     def start(self) -> None:
         """Serve the path (again), on the port it had."""
-        self.server = TrappedEngineServer(str(self.path), port=self.port)
+        self.server = TrappedEngineServer(str(self.path), port=self.port, inserts=self.inserts)
         self._serving = self.server.run_in_thread()
         self._serving.__enter__()
         self.port = self.server.port

@@ -58,6 +58,7 @@ class Chaos:
     shards: int
     rng: random.Random
     figures: Figures
+    inserts_before: Counter = field(default_factory=Counter)
 
     def job(self, *, copies: int = 1) -> Job:
         return Job(self.env, self.run_id, self.shards, self.workdir / f"logs-{uuid.uuid4().hex[:6]}", copies=copies)
@@ -81,9 +82,12 @@ class Chaos:
             assert time.monotonic() < deadline, f"timed out waiting for {why}"
             time.sleep(0.05)
 
+    def kills(self) -> int:
+        return sum(n for fault, n in self.figures.faults.items() if fault.startswith("kill -9"))
+
     def inserts(self, table: str) -> int:
-        assert self.db.server is not None
-        return self.db.server.inserts[table]
+        """Inserts into ``table`` the database received during this run."""
+        return self.db.inserts[table] - self.inserts_before[table]
 
 
 @contextmanager
@@ -99,7 +103,7 @@ def chaos(name: str, workdir: Path, db: Database, *, markets: int, seed: int, sh
         env = prepare(workdir, dataset, seed, db, sim.url, f"chaos_{uuid.uuid4().hex[:10]}", shards, run_id)
         served_before = sim.stats()
         started = time.monotonic()
-        yield Chaos(workdir, db, dataset, sim, env, run_id, shards, random.Random(seed), figures)
+        yield Chaos(workdir, db, dataset, sim, env, run_id, shards, random.Random(seed), figures, Counter(db.inserts))
         figures.wall_s = time.monotonic() - started
         stats = sim.stats()
         figures.fill_requests = int(stats["fill_requests"] - served_before["fill_requests"])
@@ -126,7 +130,7 @@ def kills(c: Chaos, count: int = 20) -> None:
              ("fills stored, checkpoint not", "clob_fills", True), ("random moment", "", False)]
     with c.job() as job:
         for n in range(count * 3):
-            if sum(c.figures.faults[k] for k, _, _ in kinds) >= count or job.done():
+            if c.kills() >= count or job.done():
                 break
             kind, table, after = kinds[n % len(kinds)]
             if table:
@@ -155,9 +159,9 @@ def two_pods(c: Chaos) -> None:
 def sigterm_throttled(c: Chaos, grace_s: float = 10.0) -> None:
     """SIGTERM to a worker while the limit answers most requests with 429: it checkpoints and exits 143 within
     the grace period; the Job then finishes the run."""
-    c.sim.configure(rate_limit_rps=RATE_RPS / 20, burst=2)
+    c.sim.configure(rate_limit_rps=1.0, burst=1)
     worker = c.worker(0)
-    c.wait_for(lambda: c.inserts("backfill_progress") >= 2 and c.sim.stats()["throttled_429"] >= 5, 60,
+    c.wait_for(lambda: c.inserts("backfill_progress") >= 2 and c.sim.stats()["throttled_429"] >= 3, 60,
                "checkpoints under heavy throttling")
     checkpoints = c.inserts("backfill_progress")
     worker.send_signal(signal.SIGTERM)
