@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -12,9 +13,9 @@ from typing import Any
 
 from loguru import logger
 
-from clobjob import launch, monitor, plan, sim
+from clobjob import __version__, launch, monitor, plan, sim
 from clobjob.config import Settings
-from clobjob.errors import EXIT_BAD_INPUT, BadInput, ClobjobError
+from clobjob.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, ClobjobError
 from clobjob.executors.base import shard_from_env
 from clobjob.logs import setup_logging
 from clobjob.models import RunState
@@ -31,7 +32,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _with_source_flags(args: argparse.Namespace, settings: Settings) -> Settings:
-    return settings.with_overrides(subgraph_url=args.subgraph_url, max_rps=args.max_rps)
+    return settings.with_overrides(**{name: getattr(args, name, None) for name in SOURCE_SETTINGS})
 
 
 # --- db ------------------------------------------------------------------------------------------
@@ -77,27 +78,45 @@ def cmd_markets_sync(args: argparse.Namespace, settings: Settings) -> int:
 # --- monitor -------------------------------------------------------------------------------------
 
 
-def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    def show() -> str | None:
-        status = launch.status(settings, args.run_id, on=args.on)
-        if args.json:
-            print(json.dumps(status, indent=None if args.watch else 2), flush=True)
-        else:
-            if args.watch and sys.stdout.isatty():
-                sys.stdout.write("\x1b[H\x1b[2J")  # clear and redraw in place, like watch -n
-            header = f"every {args.watch:g}s, Ctrl+C to stop · {time.strftime('%H:%M:%S')}\n" if args.watch else ""
-            print(header + monitor.render_status(status), flush=True)
-        return status["state"]
+WATCH_EXIT = {RunState.DONE: EXIT_OK, RunState.FAILED: EXIT_FAILED, RunState.STOPPED: EXIT_SIGTERM}
 
+
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _ended(status: dict[str, Any]) -> bool:
+    """The run has ended (done, failed for good, stopped), and its Kubernetes Job, if it has one, is finished
+    (until then a failed index may be retried)."""
+    job = status.get("job")
+    return status["ended"] and not (job and "error" not in job and not job["finished"])
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if not args.watch:
-        show()
+        status = launch.status(settings, args.run_id, on=args.on, wait_s=args.wait, say=_to_stderr)
+        print(json.dumps(status, indent=2) if args.json else monitor.render_status(status))
         return 0
     try:
-        while (state := show()) not in (RunState.DONE, RunState.FAILED):
+        while True:
+            try:
+                status = launch.status(settings, args.run_id, on=args.on)
+            except monitor.NoLiveStatus as waiting:
+                status, shown = None, f"waiting: {waiting}"
+            else:
+                shown = json.dumps(status) if args.json else monitor.render_status(status)
+            if args.json and status is None:
+                _to_stderr(shown)
+            else:
+                if sys.stdout.isatty():
+                    sys.stdout.write("\x1b[H\x1b[2J")  # clear and redraw in place, like watch -n
+                header = "" if args.json else f"every {args.watch:g}s, Ctrl+C to stop · {time.strftime('%H:%M:%S')}\n"
+                print(header + shown, flush=True)
+            if status is not None and _ended(status):
+                return WATCH_EXIT[RunState(status["state"])]
             time.sleep(args.watch)
     except KeyboardInterrupt:
         return 130
-    return 0 if state == RunState.DONE else 1
 
 
 def _ratio(text: str) -> float:
@@ -130,6 +149,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
                      for row in cells)
 
 
+def _short_id(condition_id: str) -> str:
+    """A condition id cut to its first and last digits, to fit a table."""
+    return condition_id if len(condition_id) <= 20 else f"{condition_id[:12]}…{condition_id[-6:]}"
+
+
 def _render_diagnosis(shown: dict[str, Any]) -> str:
     statuses = list(shown["by_status"])
     fetch, rec = shown["to_fetch"], shown["recommendation"]
@@ -156,17 +180,20 @@ def _render_diagnosis(shown: dict[str, Any]) -> str:
     for title, matrix in (("by end date", shown["by_age"]), ("by volume rank", shown["by_volume"])):
         lines += ["", _table([title, *statuses], [[b, *counts.values()] for b, counts in matrix.items()])]
     lines += ["", f"to fetch: {fetch['markets']:,} markets ({fetch['missing']:,} missing, {fetch['incomplete']:,} "
-              f"incomplete, {fetch['unknown_expected']:,} with unknown expected fills); "
-              f"{fetch['expected_fills']:,} expected fills in ≈ {fetch['requests']:,} requests",
-              f"at {rec['rate_rps']:g} req/s ({rec['rate_origin']}): ≈ {monitor.render_duration(rec['duration_s'])}; "
-              f"recommended: --shards {rec['shards']}, in-flight {rec['in_flight']} per shard"]
+              f"incomplete, {fetch['unknown_expected']:,} with unknown expected fills)",
+              f"          {fetch['expected_fills']:,} expected fills in ≈ {fetch['requests']:,} requests",
+              f"at {rec['rate_rps']:.1f} req/s ({rec['rate_origin']}): ≈ {monitor.render_duration(rec['duration_s'])}",
+              f"recommended: --shards {rec['shards']}, --max-in-flight {rec['in_flight']} per worker pod "
+              f"(one local backfill: --max-in-flight {rec['in_flight'] * rec['shards']})"]
     live = shown["live"]
     if live is None:
         lines.append("live check: skipped")
     else:
         lines += ["", _table(["sample", "expected", "first page", "latency s", "error"],
-                             [[s["condition_id"], "?" if s["expected_fills"] is None else s["expected_fills"],
-                               f"{s['fills']}{'+' if s['more'] else ''}", f"{s['latency_s']:.2f}", s["error"]]
+                             [[_short_id(s["condition_id"]),
+                               "?" if s["expected_fills"] is None else s["expected_fills"],
+                               f"{s['fills']}{'+' if s['more'] else ''}", f"{s['latency_s']:.2f}",
+                               monitor.short_error(s["error"], 44) if s["error"] else ""]
                               for s in live["samples"]]),
                   f"probe: {live['requests']:,} requests, {live['throttled']:,} throttled, {live['errors']:,} "
                   f"errors; sustainable ≈ {live['rate_rps']:.1f} req/s"]
@@ -211,7 +238,10 @@ def _shard_list(text: str) -> list[int]:
 
 
 def cmd_rerun(args: argparse.Namespace, settings: Settings) -> int:
-    return launch.rerun_run(_with_source_flags(args, settings), run_id=args.run_id, failed_only=args.failed,
+    run_id = args.run_id or launch.status(settings, None, on="local")["run_id"]
+    if run_id is None:
+        raise BadInput("no run to rerun: the database has no run yet")
+    return launch.rerun_run(_with_source_flags(args, settings), run_id=run_id, failed_only=args.failed,
                             shards=args.shards, new_shards=args.new_shards, parallelism=args.parallelism, on=args.on)
 
 
@@ -240,19 +270,66 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 EXECUTORS = ("auto", "local", "kubernetes")
+SOURCES = ("subgraph", "rpc", "all")
 DESCRIPTION = ("Backfill Polymarket CLOB order fills into ClickHouse: completely, at the highest rate the source "
                "allows, resumable after any stop, on one machine or sharded across a Kubernetes Indexed Job.")
+EPILOG = ("getting started: clobjob markets sync (or markets load FILE) → clobjob diagnose → clobjob backfill → "
+          "clobjob status --watch 10 (second terminal) → clobjob verify → clobjob rerun --failed. "
+          "Every flag that overrides a setting also reads from its CLOBJOB_* environment variable.")
 FAULT_FLAGS = ("p_5xx", "p_graphql_timeout", "p_overloaded", "p_store_timeout_in", "p_empty_body", "p_truncated",
                "p_slow", "p_hang")
+FAULTS = {"p_5xx": "an HTTP 5xx answer", "p_graphql_timeout": "a GraphQL statement timeout",
+          "p_overloaded": "an 'overloaded' GraphQL error", "p_store_timeout_in": "a store timeout in the answer",
+          "p_empty_body": "an empty body", "p_truncated": "a truncated body", "p_slow": "a slow answer",
+          "p_hang": "an answer that never comes"}
 LATENCY_FLAGS = ("latency_base_s", "latency_per_row_ms", "latency_jitter")
+SOURCE_SETTINGS = ("subgraph_url", "max_rps", "max_in_flight", "batch_rows")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except the uninformative ones (none, off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _default(setting: str) -> Any:
+    return Settings.model_fields[setting].default
+
+
+def _add_source_flags(parser: argparse.ArgumentParser, *, stores: bool = True) -> None:
+    """The flags of the settings a fetching command uses (each overrides its environment variable)."""
+    parser.add_argument("--subgraph-url", metavar="URL",
+                        help="the orderbook subgraph's GraphQL endpoint (env CLOBJOB_SUBGRAPH_URL)")
+    parser.add_argument("--max-rps", type=float, metavar="RPS",
+                        help="hard ceiling on requests per second; the adaptive rate stays below it "
+                             "(env CLOBJOB_MAX_RPS; default: no ceiling)")
+    parser.add_argument("--max-in-flight", type=_positive_int, metavar="N",
+                        help="most requests in flight at once, per process: diagnose recommends it "
+                             f"(env CLOBJOB_MAX_IN_FLIGHT; default {_default('max_in_flight')})")
+    if stores:
+        parser.add_argument("--batch-rows", type=_positive_int, metavar="N",
+                            help="most fills per insert into ClickHouse "
+                                 f"(env CLOBJOB_BATCH_ROWS; default {_default('batch_rows')})")
 
 
 def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of ``DatasetOptions`` (one definition for ``sim serve`` and ``sim export``)."""
     for name, info in sim.DatasetOptions.model_fields.items():
-        shown = "none" if info.default is None else info.default
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=info.default, metavar="N",
-                            help=f"{info.description} (default {shown})")
+                            help=f"{info.description} (the same in sim serve and sim export)")
 
 
 def _dataset_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -262,132 +339,166 @@ def _dataset_options(args: argparse.Namespace) -> dict[str, Any]:
 # --- parser --------------------------------------------------------------------------------------
 
 
+def _command(groups: Any, name: str, help_text: str, func: Any, *, long_running: bool = False,
+             ) -> argparse.ArgumentParser:
+    parser = groups.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
+                               formatter_class=HelpFormatter)
+    parser.set_defaults(func=func, long_running=long_running)
+    return parser
+
+
+def _group(groups: Any, name: str, help_text: str, dest: str) -> Any:
+    parser = groups.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
+                               formatter_class=HelpFormatter)
+    return parser.add_subparsers(dest=dest, required=True, metavar="COMMAND")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (every command has ``--help``)."""
-    parser = argparse.ArgumentParser(prog="clobjob", description=DESCRIPTION)
-    parser.add_argument("--clickhouse-url", help="override CLOBJOB_CLICKHOUSE_URL (http(s)://… or chdb:///path)")
-    parser.add_argument("--database", help="override CLOBJOB_CLICKHOUSE_DATABASE")
-    parser.add_argument("--log-format", choices=["auto", "json", "human"], help="override CLOBJOB_LOG_FORMAT")
+    parser = argparse.ArgumentParser(prog="clobjob", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"clobjob {__version__}")
+    parser.add_argument("--clickhouse-url", metavar="URL",
+                        help="the database: http(s)://user@host:8123 or chdb:///absolute/path for the embedded one "
+                             "(env CLOBJOB_CLICKHOUSE_URL; default: the embedded database in $CLOBJOB_HOME/db)")
+    parser.add_argument("--database", metavar="NAME",
+                        help="the ClickHouse database to use (env CLOBJOB_CLICKHOUSE_DATABASE; default clobjob)")
+    parser.add_argument("--log-format", choices=["auto", "json", "human"],
+                        help="log lines on stderr: auto = human on a terminal; off a terminal, JSON for long-running "
+                             "commands (worker, backfill, rerun, demo, db serve, sim serve) and human for the others "
+                             "(env CLOBJOB_LOG_FORMAT; default auto)")
     groups = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    db = groups.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
-    db.add_parser("migrate", help="create or upgrade the schema (idempotent)").set_defaults(func=cmd_db_migrate)
-    db_serve = db.add_parser("serve", help="serve the embedded database over ClickHouse's HTTP interface "
-                             "(prints its URL), so separate processes can share it")
-    db_serve.add_argument("--host", default="127.0.0.1")
-    db_serve.add_argument("--port", type=int, default=8123, help="0 = a free port")
-    db_serve.set_defaults(func=cmd_db_serve)
+    db = _group(groups, "db", "the database: its schema, and sharing the embedded one", "db_command")
+    _command(db, "migrate", "create or upgrade the schema (safe to repeat)", cmd_db_migrate)
+    db_serve = _command(db, "serve", "serve the embedded database over ClickHouse's HTTP interface until Ctrl+C "
+                        "(prints its URL), so that several processes can use it at once", cmd_db_serve,
+                        long_running=True)
+    db_serve.add_argument("--host", default="127.0.0.1",
+                          help="address to listen on; anything but loopback opens the database, which has no "
+                               "password, to that network")
+    db_serve.add_argument("--port", type=int, default=8123, help="port to listen on (0: a free port)")
 
-    markets = groups.add_parser("markets", help="the market universe").add_subparsers(
-        dest="markets_command", required=True
-    )
-    load = markets.add_parser("load", help="load markets from a Gamma export (JSON array or JSONL)")
-    load.add_argument("file")
+    markets = _group(groups, "markets", "the market universe: which markets exist and how many fills each has",
+                     "markets_command")
+    load = _command(markets, "load", "load markets from a Polymarket Gamma export", cmd_markets_load)
+    load.add_argument("file", metavar="FILE",
+                      help="a Gamma /markets export: a JSON array of market objects, or one object per line")
     load.add_argument("--strict", action="store_true", help="any bad row fails the load (exit 2), nothing loaded")
-    load.set_defaults(func=cmd_markets_load)
-    sync = markets.add_parser("sync", help="update the universe and count every market's expected fills "
-                              "(backfill, plan and diagnose count them too)")
+    sync = _command(markets, "sync", "update the universe and count every market's expected fills (backfill, "
+                    "plan and diagnose count them too)", cmd_markets_sync)
     sync.add_argument("--gamma", action="store_true",
                       help="first upsert every market of Polymarket's Gamma API (the source of truth of the universe)")
-    sync.add_argument("--gamma-url", help="override CLOBJOB_GAMMA_URL (default https://gamma-api.polymarket.com)")
+    sync.add_argument("--gamma-url", metavar="URL",
+                      help="Polymarket's Gamma API (env CLOBJOB_GAMMA_URL; default https://gamma-api.polymarket.com)")
     sync.add_argument("--add-subgraph-markets", action="store_true",
                       help="also add the markets the subgraph knows that the universe lacks")
-    sync.add_argument("--subgraph-url", help="override CLOBJOB_SUBGRAPH_URL")
-    sync.add_argument("--max-rps", type=float, help="hard ceiling on requests/s (adaptive below it)")
-    sync.set_defaults(func=cmd_markets_sync)
+    _add_source_flags(sync, stores=False)
 
-    status = groups.add_parser("status", help="status of a run: shards, coverage, rate, ETA (default: latest run)")
-    status.add_argument("--run-id", help="the run to show (default: the latest)")
-    status.add_argument("--json", action="store_true", help="the stable JSON schema (clobjob/monitor.py)")
+    status = _command(groups, "status", "a run's state, coverage, progress and shards (default: the latest run); "
+                      "works in a second terminal while a run holds the embedded database", cmd_status)
+    status.add_argument("--run-id", metavar="RUN", help="the run to show (default: the latest)")
+    status.add_argument("--json", action="store_true", help="print the JSON status (stable, versioned schema)")
     status.add_argument("--watch", type=float, metavar="SECONDS",
-                        help="redraw every SECONDS; exit 0 when the run is done, 1 when it failed, 130 on Ctrl+C")
+                        help="redraw every SECONDS until the run has ended; exit 0 done, 1 failed, 143 stopped, "
+                             "130 on Ctrl+C")
+    status.add_argument("--wait", type=float, default=monitor.LIVE_WAIT_S, metavar="SECONDS",
+                        help="while another process holds the embedded database, wait this long for the live status "
+                             "it publishes")
     status.add_argument("--on", choices=EXECUTORS, default="auto",
-                        help="show the run's Kubernetes Job beside ClickHouse: auto (default: when in a pod or a kube "
-                             "config exists), kubernetes, or local (never)")
-    status.set_defaults(func=cmd_status)
-    verify = groups.add_parser("verify", help="readiness for P&L; exit 0 only when ready")
-    verify.add_argument("--json", action="store_true", help="every criterion as JSON")
-    verify.add_argument("--min-coverage", type=_ratio, default=0.95, help="coverage threshold (default 0.95)")
-    verify.add_argument("--report", metavar="FILE", help="also write a self-contained HTML report")
-    verify.set_defaults(func=cmd_verify)
+                        help="show the run's Kubernetes Job too: auto (when in a pod or a kube config exists), "
+                             "kubernetes, or local (never)")
+    verify = _command(groups, "verify", "is the data ready for P&L? every criterion; exit 0 only when ready",
+                      cmd_verify)
+    verify.add_argument("--json", action="store_true", help="print every criterion as JSON")
+    verify.add_argument("--min-coverage", type=_ratio, default=0.95, metavar="RATIO",
+                        help="share of markets that must be covered (complete or zero-fill)")
+    verify.add_argument("--report", metavar="FILE", help="also write a self-contained HTML report to FILE")
 
-    diagnose = groups.add_parser("diagnose", help="what is missing, how old, how much work, how many shards")
-    diagnose.add_argument("--json", action="store_true", help="print stable JSON instead of tables")
+    diagnose = _command(groups, "diagnose", "what is missing, how old, how much work, and the shards and "
+                        "in-flight window to run it with", cmd_diagnose)
+    diagnose.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     diagnose.add_argument("--markets", metavar="FILE", help="only these condition ids (JSON array or one per line)")
-    diagnose.add_argument("--out", metavar="FILE", help="write the missing and incomplete condition ids (JSON array)")
-    diagnose.add_argument("--rate", type=float, metavar="RPS", help="plan with this request rate (else the probe's)")
-    diagnose.add_argument("--offline", action="store_true", help="skip the live sample fetches and rate probe")
-    diagnose.add_argument("--sample", type=int, default=5, help="missing markets to fetch for real (default 5)")
-    diagnose.add_argument("--probe-seconds", type=float, default=10.0, help="length of the rate probe (default 10)")
-    diagnose.set_defaults(func=cmd_diagnose)
+    diagnose.add_argument("--out", metavar="FILE", help="write the missing and incomplete condition ids to FILE "
+                          "(a JSON array, for --markets)")
+    diagnose.add_argument("--rate", type=float, metavar="RPS", help="plan with this request rate instead of probing")
+    diagnose.add_argument("--offline", action="store_true", help="skip the sample fetches and the rate probe")
+    diagnose.add_argument("--sample", type=int, default=5, metavar="N", help="missing markets to fetch for real")
+    diagnose.add_argument("--probe-seconds", type=float, default=10.0, metavar="S",
+                          help="how long to probe the sustainable request rate")
+    _add_source_flags(diagnose, stores=False)
 
-    plan = groups.add_parser("plan", help="write a run's work units balanced over N shards")
-    plan.add_argument("--shards", type=int, required=True, help="number of shards (Indexed Job completions)")
-    plan.add_argument("--run-id", help="run id (default run-YYYYmmdd-HHMMSS, UTC)")
+    plan = _command(groups, "plan", "write a run's work units, balanced over N shards (to run them as pods: "
+                    "clobjob worker)", cmd_plan)
+    plan.add_argument("--shards", type=_positive_int, required=True, metavar="N",
+                      help="number of shards: one worker pod each (the Job's completions)")
+    plan.add_argument("--run-id", metavar="RUN", help="run id (default: run-YYYYmmdd-HHMMSS, UTC)")
     plan.add_argument("--markets", metavar="FILE", help="only these condition ids (JSON array or one per line)")
-    plan.add_argument("--since", metavar="ISO", help="plan a time window over every market from this time")
-    plan.add_argument("--until", metavar="ISO", help="… up to this time (exclusive)")
+    plan.add_argument("--since", metavar="ISO", help="plan a time window over every market, from this time")
+    plan.add_argument("--until", metavar="ISO", help="… up to this time (exclusive); goes with --since")
     plan.add_argument("--force", action="store_true", help="replace a run that already has progress")
-    plan.add_argument("--source", choices=["subgraph", "rpc", "all"],
-                      help="as for backfill (default: CLOBJOB_SOURCE, else all when CLOBJOB_RPC_URL is set)")
-    plan.set_defaults(func=cmd_plan)
+    plan.add_argument("--source", choices=SOURCES,
+                      help="as for backfill (default: env CLOBJOB_SOURCE, else all when CLOBJOB_RPC_URL is set)")
 
-    worker = groups.add_parser("worker", help="work one shard of a run (a pod of the Indexed Job)")
-    worker.add_argument("--run-id", required=True, help="the planned run")
-    worker.add_argument("--shard", type=int, help="shard index (default: $JOB_COMPLETION_INDEX)")
-    worker.set_defaults(func=cmd_worker)
+    worker = _command(groups, "worker", "work one shard of a planned run (what each pod of the Job runs)",
+                      cmd_worker, long_running=True)
+    worker.add_argument("--run-id", required=True, metavar="RUN", help="the planned run")
+    worker.add_argument("--shard", type=int, metavar="I", help="shard index (default: $JOB_COMPLETION_INDEX)")
+    _add_source_flags(worker)
 
-    backfill = groups.add_parser("backfill", help="plan what is missing and fetch it locally (resumes a run)")
-    backfill.add_argument("--shards", type=int, default=4, help="shards of a new run (default 4)")
-    backfill.add_argument("--parallelism", type=int, help="shards running at once (default: all)")
+    backfill = _command(groups, "backfill", "fetch what is missing here, with a progress line: resumes the latest "
+                        "unfinished run, or plans one; Ctrl+C stops after checkpointing", cmd_backfill,
+                        long_running=True)
+    backfill.add_argument("--shards", type=_positive_int, default=4, metavar="N", help="shards of a new run")
+    backfill.add_argument("--parallelism", type=_positive_int, metavar="P",
+                          help="shards running at once (default: all)")
     backfill.add_argument("--markets", metavar="FILE", help="only these condition ids (JSON array or one per line)")
-    backfill.add_argument("--source", choices=["subgraph", "rpc", "all"],
+    backfill.add_argument("--source", choices=SOURCES,
                           help="subgraph: v1 fills of the universe's markets; rpc: v2 fills from Polygon logs "
-                               "(CLOBJOB_RPC_URL); all: both (default: CLOBJOB_SOURCE, else all when "
+                               "(CLOBJOB_RPC_URL); all: both (default: env CLOBJOB_SOURCE, else all when "
                                "CLOBJOB_RPC_URL is set, else subgraph)")
-    backfill.add_argument("--subgraph-url", help="override CLOBJOB_SUBGRAPH_URL")
-    backfill.add_argument("--max-rps", type=float, help="hard ceiling on requests/s (adaptive below it)")
-    backfill.set_defaults(func=cmd_backfill)
+    _add_source_flags(backfill)
 
-    rerun = groups.add_parser("rerun", help="a new run of a run's failed or unfinished units, launched locally")
-    rerun.add_argument("--run-id", required=True, help="the run whose units to rerun")
+    rerun = _command(groups, "rerun", "a new run of a run's failed or unfinished units, each resuming from its "
+                     "checkpoint", cmd_rerun, long_running=True)
+    rerun.add_argument("--run-id", metavar="RUN", help="the run whose units to rerun (default: the latest run)")
     rerun.add_argument("--failed", action="store_true", help="only units that failed (default: every unfinished unit)")
     rerun.add_argument("--shards", type=_shard_list, metavar="I,J", help="only units of these shards of the run")
-    rerun.add_argument("--new-shards", type=int, metavar="N",
+    rerun.add_argument("--new-shards", type=_positive_int, metavar="N",
                        help="shards of the new run (default: as many as held the selected units)")
-    rerun.add_argument("--parallelism", type=int, help="shards running at once (default: all)")
-    rerun.add_argument("--subgraph-url", help="override CLOBJOB_SUBGRAPH_URL")
-    rerun.add_argument("--max-rps", type=float, help="hard ceiling on requests/s (adaptive below it)")
+    rerun.add_argument("--parallelism", type=_positive_int, metavar="P", help="shards running at once (default: all)")
     rerun.add_argument("--on", choices=EXECUTORS, default="auto",
                        help="where to run it: local, or kubernetes (a new Indexed Job copied from the run's Job); "
-                            "auto (default) = kubernetes inside a pod, else local")
-    rerun.set_defaults(func=cmd_rerun)
+                            "auto = kubernetes inside a pod, else local")
+    _add_source_flags(rerun)
 
-    demo = groups.add_parser("demo", help="backfill a simulated subgraph into the embedded database, end to end")
-    demo.add_argument("--markets", type=int, default=2000, help="simulated markets (default 2000)")
-    demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--profile", choices=["clean", "throttled", "hostile"], default="throttled")
-    demo.add_argument("--shards", type=int, default=4)
+    demo = _command(groups, "demo", "backfill a simulated subgraph into the embedded database, end to end "
+                    "(database clobjob_demo unless --database)", cmd_demo, long_running=True)
+    demo.add_argument("--markets", type=_positive_int, default=2000, metavar="N", help="simulated markets")
+    demo.add_argument("--seed", type=int, default=7, help="seed of the simulated data and faults")
+    demo.add_argument("--profile", choices=["clean", "throttled", "hostile"], default="throttled",
+                      help="how the simulated subgraph behaves: clean, throttled (a rate limit), hostile (faults)")
+    demo.add_argument("--shards", type=_positive_int, default=4, metavar="N", help="shards of the backfill")
     demo.add_argument("--fresh", action="store_true", help="drop the demo database first")
-    demo.set_defaults(func=cmd_demo)
 
-    sim = groups.add_parser("sim", help="the local simulator of the Goldsky orderbook subgraph and of Gamma")
-    sim = sim.add_subparsers(dest="sim_command", required=True)
-    serve = sim.add_parser("serve", help="serve a simulated subgraph and Gamma /markets until Ctrl+C "
-                                            "(prints the subgraph URL; Gamma is at its root)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8787)
+    sim_group = _group(groups, "sim", "the local simulator of the orderbook subgraph and of Gamma", "sim_command")
+    serve = _command(sim_group, "serve", "serve a simulated subgraph and Gamma /markets until Ctrl+C (prints the "
+                     "subgraph URL; Gamma is at its root)", cmd_sim_serve, long_running=True)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8787, help="port to listen on (0: a free port)")
     _add_dataset_flags(serve)
     serve.add_argument("--profile", choices=["clean", "throttled", "hostile", "realistic"], default="clean",
-                       help="limits, faults and service time (default clean); flags below override it")
+                       help="limits, faults and service time; the flags below override it")
     serve.add_argument("--rpc-profile", choices=["clean", "infura", "alchemy", "tiny"],
                        help="also serve Polygon JSON-RPC at /rpc with v2 fills, as this provider limits eth_getLogs "
                             "(default: no RPC)")
-    serve.add_argument("--rate-limit", type=float, metavar="RPS", help="token bucket rate per client IP")
-    serve.add_argument("--burst", type=int, help="token bucket size")
+    serve.add_argument("--rate-limit", type=float, metavar="RPS",
+                       help="token bucket rate per client IP (default: the profile's)")
+    serve.add_argument("--burst", type=int, metavar="N", help="token bucket size (default: the profile's)")
     serve.add_argument("--retry-after", action="store_true", help="send Retry-After with 429s")
     for name in FAULT_FLAGS:
-        serve.add_argument("--" + name.replace("_", "-"), type=float, metavar="P", help=f"probability of {name[2:]}")
+        serve.add_argument("--" + name.replace("_", "-"), type=float, metavar="P",
+                           help=f"probability of {FAULTS[name]} (default: the profile's)")
     serve.add_argument("--latency-base-s", type=float, metavar="S",
                        help="service time of every answer, seconds (default 0; realistic 0.25)")
     serve.add_argument("--latency-per-row-ms", type=float, metavar="MS",
@@ -396,25 +507,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="service time varies uniformly by ± this share, seeded (default 0; realistic 0.2)")
     serve.add_argument("--gamma-rate-limit", type=float, metavar="RPS",
                        help="Gamma /markets token bucket rate per client IP (default none; realistic 10)")
-    serve.add_argument("--gamma-burst", type=int, help="Gamma token bucket size (default 10)")
-    serve.set_defaults(func=cmd_sim_serve)
-    export = sim.add_parser("export", help="write markets.jsonl (Gamma shape) and truth.jsonl of the dataset "
-                                           "`sim serve` serves with the same flags")
-    export.add_argument("--out", required=True, metavar="DIR")
+    serve.add_argument("--gamma-burst", type=int, metavar="N", help="Gamma token bucket size (default 10)")
+    export = _command(sim_group, "export", "write markets.jsonl (Gamma shape) and truth.jsonl of the dataset "
+                      "`sim serve` serves with the same dataset flags", cmd_sim_export)
+    export.add_argument("--out", required=True, metavar="DIR", help="directory to write the two files to")
     _add_dataset_flags(export)
-    export.set_defaults(func=cmd_sim_export)
 
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``clobjob`` console script."""
+    """Entry point of the ``clobjob`` console script. Errors go to stderr; a closed pipe (``| head``) ends it
+    quietly with exit 0."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_format or "auto")
+    setup_logging(args.log_format or "auto", long_running=args.long_running)
     try:
         settings = _settings(args)
-        setup_logging(settings.log_format)
-        return args.func(args, settings)
+        setup_logging(settings.log_format, long_running=args.long_running)
+        code = args.func(args, settings)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except ClobjobError as exc:
         logger.error("{}", exc)
         return exc.exit_code

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -20,10 +22,11 @@ from loguru import logger
 
 from clobjob import monitor, plan, rerun
 from clobjob.config import Settings
-from clobjob.errors import EXIT_FAILED, EXIT_OK, BadInput, ClobjobError
+from clobjob.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, ClobjobError
 from clobjob.executors import kubernetes
 from clobjob.executors.base import JobOutcome
 from clobjob.executors.local import LocalExecutor
+from clobjob.logs import TERMINAL
 from clobjob.models import Run, RunKind, RunParams, RunState, WorkUnit
 from clobjob.parts import install_stop_handlers, make_controller, process_parts
 from clobjob.probe import LiveCheck, live_check
@@ -162,9 +165,10 @@ def _planning_rate(settings: Settings, rate: float | None, live: LiveCheck | Non
     if rate is not None:
         return rate, "--rate"
     if live is not None and live.rate_rps > 0:
-        return live.rate_rps, "probe (limit found)" if live.limited else "probe (lower bound: not throttled)"
+        return live.rate_rps, "found by probing: the limit" if live.limited else \
+            "found by probing: a lower bound, never throttled"
     if settings.max_rps is not None:
-        return settings.max_rps, "assumed: CLOBJOB_MAX_RPS"
+        return settings.max_rps, "assumed: --max-rps / CLOBJOB_MAX_RPS"
     return settings.initial_rps, "assumed: CLOBJOB_INITIAL_RPS"
 
 
@@ -192,15 +196,9 @@ def plan_run(settings: Settings, *, shards: int, run_id: str | None, markets_fil
             units = plan.plan_window(_utc("--since", since), _utc("--until", until), shards, run_id)
             params = RunParams(kind=RunKind.PLAN, since=since, until=until, units=len(units))
         else:
-            ids = _market_list(markets_file)
-            if source != "rpc":
-                say(count_expected(settings, store, ids))
-            report = plan.missing_work(store, ids)
-            if source == "rpc":
-                report = plan.MissingReport(report.as_of, ())
-            blocks = _blocks_to_fetch(settings, store, source, say) if source != "subgraph" else None
-            source = source if blocks is not None or source == "rpc" else plan.SOURCE
-            units = plan.plan_units(report, shards, run_id, blocks=blocks)
+            work = _find_work(settings, store, _market_list(markets_file), source, say)
+            report, source = work.report, work.source
+            units = plan.plan_units(report, shards, run_id, blocks=work.blocks)
             params = RunParams(kind=RunKind.PLAN, as_of=report.as_of, markets=len(report.work),
                                markets_file=markets_file, not_found=len(report.not_found), units=len(units))
         run = Run(run_id=run_id, shards=shards, source=source, params=params)
@@ -217,7 +215,6 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
 
     ``source``: ``subgraph`` (v1 fills of the universe's markets), ``rpc`` (v2 fills: the blocks from the v2
     exchanges' deploy to the safe head not fetched yet) or ``all``; default ``all`` when an RPC URL is set."""
-    source = _source(settings, source)
     chain_unread = False
     with open_store(settings) as store:
         _require_universe(store)
@@ -225,13 +222,10 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
         if run is not None:
             say(f"resuming run {run.run_id}: {store.unfinished_units(run.run_id):,} unit(s) left")
         else:
-            ids = _market_list(markets_file)
-            if source != "rpc":
-                say(count_expected(settings, store, ids))
-            blocks = _blocks_to_fetch(settings, store, source, say) if source != "subgraph" else None
-            if blocks is None and source == "all":
-                source, chain_unread = plan.SOURCE, True
-            units = plan.plan_backfill(store, shards, plan.default_run_id(store), ids, source=source, blocks=blocks)
+            work = _find_work(settings, store, _market_list(markets_file), _source(settings, source), say)
+            chain_unread = work.chain_unread
+            units = plan.plan_backfill(store, shards, plan.default_run_id(store), work.report, source=work.source,
+                                       blocks=work.blocks)
             if not units:
                 say("everything is complete: nothing to fetch")
                 return EXIT_FAILED if chain_unread else EXIT_OK
@@ -241,6 +235,30 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
                 f"expected fills in ≈ {sum(u.expected_requests for u in units):,} requests over {shards} shard(s)")
         code = _run_and_report(settings, store, run, parallelism, say)
         return EXIT_FAILED if chain_unread and code == EXIT_OK else code
+
+
+@dataclass(frozen=True)
+class _Work:
+    """What a plan covers: the markets' report, the v2 blocks (None: none), the run's source, and whether the
+    chain could not be read although the source wanted it."""
+
+    report: plan.MissingReport
+    blocks: tuple[int, int] | None
+    source: str
+    chain_unread: bool
+
+
+def _find_work(settings: Settings, store: Store, ids: list[str] | None, source: str, say: Say) -> _Work:
+    """Count the expected fills and classify the markets (unless ``source`` is rpc), and find the v2 blocks to
+    fetch (unless it is subgraph)."""
+    if source != "rpc":
+        say(count_expected(settings, store, ids))
+    report = plan.missing_work(store, ids)
+    if source == "rpc":
+        report = plan.MissingReport(report.as_of, ())
+    blocks = _blocks_to_fetch(settings, store, source, say) if source != "subgraph" else None
+    unread = blocks is None and source == "all"
+    return _Work(report, blocks, plan.SOURCE if unread else source, unread)
 
 
 def _source(settings: Settings, given: str | None) -> str:
@@ -316,10 +334,12 @@ def _launch_on_kubernetes(run: Run, lineage: list[str], parallelism: int, say: S
     return 0
 
 
-def status(settings: Settings, run_id: str | None, *, on: str = "auto") -> dict[str, Any]:
-    """``monitor.current_status`` of a run, with its Kubernetes Job beside it (``job``: null when the run has
-    no Job or no cluster is configured; ``{"error": …}`` when the cluster cannot be read)."""
-    found = monitor.current_status(settings, run_id)
+def status(settings: Settings, run_id: str | None, *, on: str = "auto", wait_s: float = 0.0,
+           say: Say | None = None) -> dict[str, Any]:
+    """``monitor.current_status`` of a run (waiting up to ``wait_s`` for a live status), with its Kubernetes Job
+    beside it (``job``: null when the run has no Job or no cluster is configured; ``{"error": …}`` when the
+    cluster cannot be read)."""
+    found = monitor.current_status(settings, run_id, wait_s=wait_s, say=say)
     found["job"] = None
     wanted = on == "kubernetes" or (on == "auto" and (kubernetes.in_a_cluster() or kubernetes.kube_config_present()))
     if found["run_id"] is not None and wanted:
@@ -333,43 +353,70 @@ def status(settings: Settings, run_id: str | None, *, on: str = "auto") -> dict[
 
 
 def _run_and_report(settings: Settings, store: Store, run: Run, parallelism: int | None, say: Say) -> int:
-    """Launch every shard of ``run`` here, with a progress line, then print its status."""
+    """Launch every shard of ``run`` here, with a progress line, then print its status and what to do next."""
     outcome = asyncio.run(_launch(settings, store, run, parallelism or run.shards))
+    final = monitor.run_status(store, run.run_id, heartbeat_interval_s=settings.heartbeat_interval_s)
+    if settings.embedded:
+        monitor.publish_live(final, monitor.live_path(settings))
     if outcome.failed:
         say(f"failed shards: {','.join(map(str, outcome.failed))} — see `clobjob status --run-id {run.run_id}`; "
             f"rerun them with `clobjob backfill` (resumes) or `clobjob rerun --run-id {run.run_id} --failed`")
-    say(monitor.render_status(monitor.run_status(store, run.run_id,
-                                                 heartbeat_interval_s=settings.heartbeat_interval_s)))
+    shown = monitor.render_status(final)
+    say(shown)
+    if outcome.exit_code == EXIT_SIGTERM and not shown.endswith(monitor.STOPPED_HINT):
+        say(monitor.STOPPED_HINT)
     return outcome.exit_code
 
 
 async def _launch(settings: Settings, store: Store, run: Run, parallelism: int) -> JobOutcome:
     stop = asyncio.Event()
     install_stop_handlers(stop)
-    progress = asyncio.create_task(_publish_progress(settings, store, run.run_id, settings.heartbeat_interval_s))
+    executor = LocalExecutor(settings, store)
+    progress = asyncio.create_task(_publish_progress(settings, store, run.run_id, executor))
     try:
-        return await LocalExecutor(settings, store).launch(run, parallelism=parallelism, stop=stop)
+        return await executor.launch(run, parallelism=parallelism, stop=stop)
     finally:
         progress.cancel()
-        if sys.stderr.isatty():
-            sys.stderr.write("\n")
+        await asyncio.gather(progress, return_exceptions=True)
+        TERMINAL.close()
 
 
-async def _publish_progress(settings: Settings, store: Store, run_id: str, interval_s: float) -> None:
-    """Every few seconds: the live status file (for `clobjob status` in another terminal) and a progress line."""
-    tty = sys.stderr.isatty()
-    path = monitor.live_path(settings)
-    while True:
-        await asyncio.sleep(interval_s)
-        status = await asyncio.to_thread(monitor.run_status, store, run_id, coverage=False,
+COVERAGE_EVERY = 6
+"""The live status's coverage and recent-activity sections are measured every this many intervals (whole-table
+queries), the shard figures every interval."""
+
+
+async def _publish_progress(settings: Settings, store: Store, run_id: str, executor: LocalExecutor) -> None:
+    """From the start, every heartbeat interval: the run's progress (``monitor.ProgressMeter``) drawn on the
+    terminal, or logged as one line (JSON off a terminal), and — on the embedded database — the live status
+    that ``clobjob status`` shows in another terminal."""
+    meter, path, log = monitor.ProgressMeter(), monitor.live_path(settings), logger.bind(run_id=run_id)
+    measured: dict[str, Any] = {}
+    for tick in itertools.count():
+        coverage = tick % COVERAGE_EVERY == 0
+        status = await asyncio.to_thread(monitor.run_status, store, run_id, coverage=coverage,
                                          heartbeat_interval_s=settings.heartbeat_interval_s)
+        if coverage:
+            measured = {"markets": status["markets"], "recent": status["recent"]}
+        status.update(measured)
+        requests = executor.requests()
+        if requests is None:  # the shards are worker processes
+            requests = await asyncio.to_thread(_heartbeat_requests, store, run_id, executor)
+        status["progress"] = meter.update(status, requests, sorted(executor.job.retrying) if executor.job else [])
         if settings.embedded:
             await asyncio.to_thread(monitor.publish_live, status, path)
-        if tty:
-            sys.stderr.write("\r\x1b[K" + monitor.render_progress(status))
-            sys.stderr.flush()
+        if sys.stderr.isatty():
+            TERMINAL.show(monitor.render_progress(status["progress"], TERMINAL.width()))
         else:
-            logger.bind(run_id=run_id).info("progress: {}", monitor.render_progress(status))
+            log.bind(progress=status["progress"]).info("progress: {}", monitor.render_progress(status["progress"]))
+        await asyncio.sleep(settings.heartbeat_interval_s)
+
+
+def _heartbeat_requests(store: Store, run_id: str, executor: LocalExecutor) -> monitor.Requests:
+    """Request totals of a run's worker processes, from their heartbeats."""
+    beats = store.heartbeats(run_id).values()
+    return monitor.Requests(sum(b.requests for b in beats), sum(b.throttled for b in beats), None,
+                            executor.job.retries if executor.job else 0)
 
 
 def work_shard(settings: Settings, run_id: str, shard: int) -> int:
@@ -415,12 +462,14 @@ def demo(settings: Settings, *, markets: int, seed: int, profile: str, shards: i
         say(f"loaded {len(dataset.markets):,} markets (Gamma shape)")
         code = backfill(settings, shards=shards, parallelism=None, say=say)
         fill_requests = sim.stats()["fill_requests"]
+    if code == EXIT_SIGTERM:
+        return code
     with open_store(settings) as store:
         stored = store.count_fills()
         say(monitor.render_verify(monitor.verify(store, heartbeat_interval_s=settings.heartbeat_interval_s)))
     say(f"ground truth {dataset.n_fills:,} fills; stored {stored:,} distinct fills "
         f"({'exact' if stored == dataset.n_fills else 'DIFFERENT'}); {fill_requests:,} fill requests this time")
     database = f"--database {settings.clickhouse_database}"
-    say(f"look around: python3 -m clobjob {database} status · python3 -m clobjob {database} diagnose --offline · "
-        f"python3 -m clobjob {database} verify --report report.html")
+    say("look around:\n" + "\n".join(f"  clobjob {database} {command}"
+                                      for command in ("status", "diagnose --offline", "verify --report report.html")))
     return code

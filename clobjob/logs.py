@@ -1,4 +1,9 @@
-"""Logging setup: one JSON object per line off a TTY (Kubernetes), human lines on a TTY.
+"""Logging setup, and the one writer of the terminal (``TERMINAL``).
+
+Format rule for ``--log-format auto`` (the default): on a terminal, human lines; off a terminal, one JSON
+object per line for long-running commands (``worker``, ``backfill``, ``rerun``, ``demo``, ``db serve``,
+``sim serve``: what Kubernetes and log collectors read) and human lines for one-shot commands (``status``,
+``verify``, ``diagnose``, …), whose errors a person reads. ``json`` and ``human`` force a format.
 
 Every line carries ``run_id`` and ``shard`` (bound with ``logger.bind`` or ``logger.contextualize``).
 """
@@ -6,10 +11,55 @@ Every line carries ``run_id`` and ``shard`` (bound with ``logger.bind`` or ``log
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import threading
 from typing import Any
 
 from loguru import logger
+
+
+class Terminal:
+    """Owns stderr on a terminal: log lines are written above the progress line, which is then redrawn, so a
+    log line never breaks it. Off a terminal there is no progress line and lines pass through."""
+
+    def __init__(self) -> None:
+        self._line = ""
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def width() -> int:
+        """Columns available for the progress line."""
+        return max(shutil.get_terminal_size((100, 24)).columns - 1, 20)
+
+    def write(self, text: str) -> None:
+        """Write log text (whole lines) above the progress line."""
+        with self._lock:
+            if self._line:
+                sys.stderr.write("\r\x1b[K" + text + self._line)
+            else:
+                sys.stderr.write(text)
+            sys.stderr.flush()
+
+    def show(self, line: str) -> None:
+        """Draw (or redraw) the progress line in place; only on a terminal."""
+        if not sys.stderr.isatty():
+            return
+        with self._lock:
+            self._line = line[:self.width()]
+            sys.stderr.write("\r\x1b[K" + self._line)
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        """Take the progress line off the screen (what follows, a summary, replaces it)."""
+        with self._lock:
+            if self._line:
+                sys.stderr.write("\r\x1b[K")
+                sys.stderr.flush()
+            self._line = ""
+
+
+TERMINAL = Terminal()
 
 
 def _json_line(message: Any) -> None:
@@ -24,23 +74,27 @@ def _json_line(message: Any) -> None:
     line.update({k: v for k, v in record["extra"].items() if k not in line and k != "shard_tag"})
     if record["exception"] is not None:
         line["error"] = f"{record['exception'].type.__name__}: {record['exception'].value}"
-    sys.stderr.write(json.dumps(line, default=str) + "\n")
+    TERMINAL.write(json.dumps(line, default=str) + "\n")
 
 
 def _human_line(message: Any) -> None:
-    sys.stderr.write(str(message))
+    TERMINAL.write(str(message))
 
 
 HUMAN_FORMAT = ("<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> "
                 "<cyan>{extra[run_id]}{extra[shard_tag]}</cyan> {message}")
 
 
-def setup_logging(log_format: str = "auto", level: str = "INFO") -> None:
-    """Route loguru to stderr in the chosen format (``auto`` = human on a TTY, JSON otherwise)."""
-    use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+def use_json(log_format: str, *, long_running: bool) -> bool:
+    """Whether logs are JSON lines (module docstring)."""
+    return log_format == "json" or (log_format == "auto" and long_running and not sys.stderr.isatty())
+
+
+def setup_logging(log_format: str = "auto", level: str = "INFO", *, long_running: bool = True) -> None:
+    """Route loguru to stderr in the chosen format (module docstring)."""
     logger.remove()
     logger.configure(extra={"run_id": "", "shard": None}, patcher=_shard_tag)
-    if use_json:
+    if use_json(log_format, long_running=long_running):
         logger.add(_json_line, level=level, format="{message}")
     else:
         logger.add(_human_line, level=level, format=HUMAN_FORMAT, colorize=sys.stderr.isatty())

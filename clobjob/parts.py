@@ -76,14 +76,18 @@ async def metrics_server(settings: Settings) -> AsyncIterator[MetricsServer | No
 
 
 def install_stop_handlers(stop: asyncio.Event) -> None:
-    """SIGTERM or a first Ctrl+C sets ``stop`` (flush, checkpoint, exit 143); a second Ctrl+C exits at once."""
+    """SIGTERM or a first Ctrl+C sets ``stop`` (flush, checkpoint, state ``stopped``, exit 143); a second Ctrl+C
+    exits at once (130; the checkpoints already written stay valid)."""
     loop = asyncio.get_running_loop()
 
-    def on_sigint() -> None:
+    def on_signal(name: str) -> None:
         if stop.is_set():
-            os._exit(130)
-        logger.warning("stopping: flushing and checkpointing (Ctrl+C again to exit at once)")
+            if name == "SIGINT":
+                os._exit(130)
+            return
+        again = " (Ctrl+C again to exit at once)" if name == "SIGINT" else ""
+        logger.warning("{}: stopping — flushing and checkpointing{}", name, again)
         stop.set()
 
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    loop.add_signal_handler(signal.SIGTERM, on_signal, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_signal, "SIGINT")

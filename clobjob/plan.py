@@ -415,14 +415,11 @@ def tokens_to_count(report: MissingReport, counted: Collection[str]) -> dict[str
     return wanted
 
 
-def plan_backfill(store: Store, shards: int, run_id: str, condition_ids: list[str] | None = None, *,
-                  source: str = SOURCE, blocks: tuple[int, int] | None = None) -> list[WorkUnit]:
-    """Plan and record a backfill run of what is still to fetch from ``source`` (subgraph: the missing markets;
-    rpc: the ``blocks`` not fetched yet; all: both); an empty list means nothing to do."""
-    report = missing_work(store, condition_ids)
-    if source == "rpc":
-        report = MissingReport(report.as_of, ())
-    units = plan_units(report, shards, run_id, blocks=blocks if source != "subgraph" else None)
+def plan_backfill(store: Store, shards: int, run_id: str, report: MissingReport, *, source: str = SOURCE,
+                  blocks: tuple[int, int] | None = None) -> list[WorkUnit]:
+    """Plan and record a backfill run of the report's markets to fetch and the v2 ``blocks`` (from ``source``);
+    an empty list means nothing to do."""
+    units = plan_units(report, shards, run_id, blocks=blocks)
     if units:
         params = RunParams(kind=RunKind.BACKFILL, as_of=report.as_of, markets=len(report.work), units=len(units))
         write_plan(store, Run(run_id=run_id, shards=shards, source=source, params=params), units)

@@ -38,6 +38,36 @@ async def test_failed_index_is_retried_per_index_and_does_not_stop_others():
     assert outcome.exit_code == EXIT_FAILED
 
 
+async def test_a_retry_is_logged_with_the_run_and_told_but_a_stop_is_never_retried():
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(f"{message.record['extra'].get('run_id')} {message}"),
+                      format="{message}")
+    told: list[tuple[int, str]] = []
+    stop = asyncio.Event()
+
+    async def on_retry(shard: int, state) -> None:
+        told.append((shard, state.value))
+
+    async def run_index(shard: int) -> int:
+        if shard == 1:
+            await asyncio.sleep(0.1)  # index 0 has failed and waits for its retry
+            stop.set()
+            return EXIT_SIGTERM
+        return EXIT_FAILED
+
+    try:
+        job = IndexedJob(parallelism=2, retry_delay_s=0.5, run_id="run-x", on_retry=on_retry)
+        outcome = await job.run([0, 1], run_index, stop)
+    finally:
+        logger.remove(sink)
+    assert lines == ["run-x index 0 failed (attempt 1 of 3, exit 1); retrying in 0.5s\n"]
+    assert told == [(0, "starting"), (0, "stopped")]  # the stop came during the retry's delay
+    assert outcome.indexes[1].exit_code == EXIT_SIGTERM and outcome.indexes[1].runs == 1
+    assert job.retries == 0 and job.retrying == set()
+
+
 async def test_bad_input_fails_the_whole_job():
     log: list[tuple[int, int]] = []
     codes = {0: [EXIT_BAD_INPUT], 1: [EXIT_FAILED, EXIT_FAILED, EXIT_OK]}

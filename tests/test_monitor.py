@@ -18,8 +18,7 @@ import pytest
 
 from clobjob import cli, monitor
 from clobjob.errors import BadInput
-from clobjob.models import (FILL_COLUMNS, Checkpoint, Heartbeat, Market, Run, UnitState, WorkUnit,
-                            coverage_summary)
+from clobjob.models import FILL_COLUMNS, Checkpoint, Heartbeat, Market, Run, UnitState, WorkUnit, coverage_summary
 from tests.test_store import make_fill
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
@@ -114,7 +113,8 @@ def test_coverage_by_month_and_worst_gaps(store):
 # --- run status ----------------------------------------------------------------------------------
 
 STATUS_KEYS = {"schema_version", "generated_at", "live", "live_age_s", "stalled_after_s", "run_id",
-               "parent_run_id", "created_at", "source", "state", "markets", "recent", "v2", "aggregate", "shards"}
+               "parent_run_id", "created_at", "source", "state", "ended", "reruns", "finished_by", "markets", "recent",
+               "v2", "aggregate", "shards"}
 MARKETS_KEYS = {"universe", "covered", "not_covered", "coverage", "complete", "zero_fill", "incomplete", "missing",
                 "unknown", "source_short"}
 AGGREGATE_KEYS = {"units_done", "units_failed", "units_total", "fills", "expected_fills", "rps", "share_429",
@@ -180,7 +180,7 @@ def test_status_json_schema_is_stable(store):
     assert empty["run_id"] is None and empty["state"] is None and empty["shards"] == []
     seed_run(store)
     status = json.loads(json.dumps(monitor.run_status(store, now=NOW)))
-    assert set(status) == STATUS_KEYS and status["schema_version"] == 2 and status["live"] is False
+    assert set(status) == STATUS_KEYS and status["schema_version"] == 3 and status["live"] is False
     assert set(status["markets"]) == MARKETS_KEYS and set(status["recent"]) == {"fills_24h", "fills_7d"}
     assert set(status["aggregate"]) == AGGREGATE_KEYS
     assert all(set(s) == SHARD_KEYS for s in status["shards"])
@@ -204,7 +204,10 @@ def test_default_run_is_the_latest_and_unknown_run_is_bad_input(store):
     (3, 1, 1, True, "running", 15.0, "running"),
     (3, 1, 1, True, "running", 15.001, "stalled"),
     (3, 0, 0, False, "starting", 0.0, "running"),
-    (3, 1, 0, True, "stopped", 1.0, "stalled"),
+    (3, 1, 0, True, "stopped", 1.0, "stopped"),
+    (3, 1, 0, True, "stopped", 99.0, "stopped"),
+    (3, 2, 1, True, "starting", 1.0, "running"),  # an index about to be retried: not failed for good
+    (3, 2, 1, True, "starting", 16.0, "failed"),
     (3, 1, 0, True, None, None, "stalled"),
     (3, 0, 0, False, None, None, "pending"),
 ])
@@ -218,6 +221,7 @@ def test_shard_state_precedence(total, done, failed, started, beat_state, age, e
     ([], "done"), (["done", "done"], "done"), (["done", "failed"], "failed"),
     (["failed", "running", "stalled"], "running"), (["failed", "stalled", "pending"], "stalled"),
     (["failed", "pending"], "pending"), (["pending", "done"], "pending"),
+    (["stopped", "done"], "stopped"), (["stopped", "pending"], "stopped"), (["stopped", "running"], "running"),
 ])
 def test_run_state(states, expected):
     assert monitor.run_state(states) == expected
@@ -246,7 +250,7 @@ def test_publish_and_read_live(store, tmp_path):
     monitor.publish_live(status, path)
     assert os.listdir(path.parent) == ["status.json"]  # atomic replace leaves no temp file
     live = monitor.read_live(path, 60, now=NOW + timedelta(seconds=5))
-    assert live == {**status, "live": True, "live_age_s": 5.0}
+    assert live == {**status, "live": True, "live_age_s": 5.0, "pid": os.getpid()}
     assert monitor.read_live(path, 60, now=NOW + timedelta(seconds=61)) is None
     path.write_text("{not json")
     assert monitor.read_live(path, 60, now=NOW) is None
@@ -288,9 +292,15 @@ def test_status_reads_live_file_while_another_process_holds_the_database(tmp_pat
         assert "[live," in clobjob("status").stdout
         verify = clobjob("verify")
         assert verify.returncode == 1 and f"in use by another process (pid {holder.pid})" in verify.stderr
-        (tmp_path / "home" / "live" / "status.json").unlink()
-        gone = clobjob("status")
-        assert gone.returncode == 1 and "no fresh live status" in gone.stderr
+        live_file = tmp_path / "home" / "live" / "status.json"
+        earlier = {**json.loads(live_file.read_text()), "pid": holder.pid + 1}  # what an earlier process wrote
+        live_file.write_text(json.dumps(earlier))
+        stale = clobjob("status", "--wait", "1")
+        assert stale.returncode == 1 and "has published no live status" in stale.stderr
+        live_file.unlink()
+        gone = clobjob("status", "--wait", "1")
+        assert gone.returncode == 1 and "waiting up to 1s for its live status" in gone.stderr
+        assert "has published no live status" in gone.stderr and "Traceback" not in gone.stderr
     finally:
         holder.terminate()
         holder.wait(timeout=30)
@@ -308,16 +318,19 @@ def run_cli(settings, *args: str) -> int:
 
 
 def one_unit_run(store, run_id: str, state: UnitState, *, beat_state: str = "running", beat_age_s: float = 1.0,
-                 now: datetime = NOW, source: str = "subgraph") -> None:
+                 now: datetime = NOW, source: str = "subgraph", unit: dict | None = None) -> None:
     store.create_run(Run(run_id=run_id, shards=1, source=source),
-                     [WorkUnit(run_id=run_id, unit_id=0, shard=0, expected_fills=1)])
+                     [WorkUnit(run_id=run_id, unit_id=0, shard=0, expected_fills=1, **(unit or {}))])
     store.save_checkpoints([checkpoint(run_id, 0, 0, state)])
     store.save_heartbeat(beat(run_id, 0, beat_age_s, beat_state, now=now))
 
 
-@pytest.mark.parametrize(("state", "code", "shown"), [(UnitState.DONE, 0, "DONE"), (UnitState.FAILED, 1, "FAILED")])
-def test_watch_exits_with_the_run_outcome(store, settings, capsys, state, code, shown):
-    one_unit_run(store, "w", state)
+@pytest.mark.parametrize(("state", "beat_state", "code", "shown"), [
+    (UnitState.DONE, "running", 0, "DONE"), (UnitState.FAILED, "running", 1, "FAILED"),
+    (UnitState.RUNNING, "stopped", 143, "STOPPED"),
+])
+def test_watch_exits_with_the_run_outcome(store, settings, capsys, state, beat_state, code, shown):
+    one_unit_run(store, "w", state, beat_state=beat_state)
     assert run_cli(settings, "status", "--watch", "0.01") == code
     out = capsys.readouterr().out
     assert "Ctrl+C to stop" in out and shown in out
@@ -360,8 +373,14 @@ def seed_ready(store, *, source: str = "rpc", fill_age: timedelta = timedelta(ho
     rows = []
     for i, m in enumerate(markets, start=1):
         rows += fills(m.token_ids[0], NOW - fill_age if i == 2 else m.end_date - timedelta(days=1))
+    block, on_chain = 90_000_000, {}
+    if source in ("rpc", "all"):  # the recent fill comes from the chain, read through its block by the run
+        rows = [tuple({"source": "rpc", "block_number": block}.get(c, v) for c, v in zip(FILL_COLUMNS, row))
+                if row[FILL_COLUMNS.index("token_id")] == markets[1].token_ids[0] else row for row in rows]
+        on_chain = {"source": "rpc", "block_from": block - 10, "block_to": block + 10}
     store.insert_fill_rows(rows)
-    one_unit_run(store, "finished", UnitState.DONE, beat_state="done", beat_age_s=86_400, source=source)
+    one_unit_run(store, "finished", UnitState.DONE, beat_state="done", beat_age_s=86_400, source=source,
+                 unit=on_chain)
 
 
 def statuses(result) -> dict[str, str]:

@@ -120,7 +120,7 @@ def test_plan_and_monitor_agree_on_every_market(store):
     assert shown["coverage"] == report.coverage and monitor.verify(store)["markets"] == shown
     months = monitor.coverage_by_month(store.market_fill_counts())
     assert sum(m["not_covered"] for m in months) == len(report.work) + shown["unknown"] == shown["not_covered"]
-    planned = {c for u in plan.plan_backfill(store, 2, "agree") for c in u.condition_ids}
+    planned = {c for u in plan.plan_backfill(store, 2, "agree", plan.missing_work(store)) for c in u.condition_ids}
     assert planned == {m.condition_id for m in report.work}
     assert names["never_traded"] not in planned and names["unknown"] in planned
 

@@ -72,7 +72,8 @@ def test_one_backfill_stores_v1_and_v2_fills_exactly_and_verify_sees_the_last_da
 
 def test_verify_fails_the_last_day_when_the_chain_cannot_be_read(world, settings, store):
     dataset, chain = world
-    store.upsert_markets([market_from_gamma(m, i) for i, m in enumerate(dataset.markets[:10], start=1)])
+    open_market = {**dataset.markets[0], "closed": False, "endDate": "2027-06-30T00:00:00Z"}  # trading now
+    store.upsert_markets([market_from_gamma(m, i) for i, m in enumerate([open_market, *dataset.markets[1:10]], 1)])
     node = RpcNode(chain, RpcConfig.for_profile("clean", seed=4))
     with SimServer(dataset, SimConfig.for_profile("clean"), rpc=node).run_in_thread() as sim:
         contracts = ",".join(f"{address}@{chain.start_block}" for address in V2)

@@ -7,7 +7,9 @@ market of the universe classified by ``models.MarketStatus``, the one definition
 
 from clobjob.monitor.live import (
                                   LIVE_MAX_AGE_S,
+                                  LIVE_WAIT_S,
                                   DatabaseBusy,
+                                  NoLiveStatus,
                                   current_status,
                                   database_holder,
                                   live_path,
@@ -15,9 +17,12 @@ from clobjob.monitor.live import (
                                   publish_live,
                                   read_live,
 )
+from clobjob.monitor.progress import ProgressMeter, Requests
 from clobjob.monitor.report import render_report_html
 from clobjob.monitor.status import (
                                   SCHEMA_VERSION,
+                                  STOPPED_HINT,
+                                  WIDTH,
                                   render_duration,
                                   render_progress,
                                   render_status,
@@ -25,6 +30,7 @@ from clobjob.monitor.status import (
                                   run_status,
                                   shard_state,
                                   shard_statuses,
+                                  short_error,
 )
 from clobjob.monitor.verify import (
                                   coverage_by_month,
@@ -34,7 +40,8 @@ from clobjob.monitor.verify import (
                                   worst_gaps,
 )
 
-__all__ = ["LIVE_MAX_AGE_S", "SCHEMA_VERSION", "DatabaseBusy", "coverage_by_month", "current_status",
-           "database_holder", "live_path", "open_readable", "publish_live", "read_live", "render_duration",
-           "render_progress", "render_report_html", "render_status", "render_verify", "report_sections",
-           "run_state", "run_status", "shard_state", "shard_statuses", "verify", "worst_gaps"]
+__all__ = ["LIVE_MAX_AGE_S", "LIVE_WAIT_S", "SCHEMA_VERSION", "STOPPED_HINT", "WIDTH", "DatabaseBusy", "NoLiveStatus",
+           "ProgressMeter", "Requests", "coverage_by_month", "current_status", "database_holder", "live_path",
+           "open_readable", "publish_live", "read_live", "render_duration", "render_progress",
+           "render_report_html", "render_status", "render_verify", "report_sections", "run_state", "run_status",
+           "shard_state", "shard_statuses", "short_error", "verify", "worst_gaps"]

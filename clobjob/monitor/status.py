@@ -1,15 +1,17 @@
 """The status of a run over all its shards, and its rendering (a table, one progress line).
 
-Status JSON (``run_status``), ``schema_version`` 2; every key is always present:
+Status JSON (``run_status``), ``schema_version`` 3; every key is always present:
 
 - ``schema_version`` int; ``generated_at`` ISO time; ``live`` bool (true when read from the live file);
   ``live_age_s`` float|null (age of the live file); ``stalled_after_s`` float (heartbeat age that stalls).
 - ``run_id``, ``parent_run_id``, ``created_at``, ``source``, ``state``: the run (default: the latest); all
-  null when there is no run. ``state`` is the run state (below).
+  null when there is no run. ``state`` is the run state (below); ``ended`` bool: done, failed or stopped.
 - ``markets``: ``universe, covered, not_covered, coverage`` and the count of each ``MarketStatus``:
   ``complete, zero_fill, incomplete, missing, unknown, source_short`` (null when computed with
   ``coverage=False``).
   Version 2 (from 1): ``missing`` counts status missing (nothing stored); v1's ``missing`` is ``not_covered``.
+  Version 3 (from 2): state ``stopped``; ``ended``, ``reruns``, ``finished_by``; a live status adds ``pid`` (of
+  the process that published it) and ``progress`` (``monitor.progress``).
 - ``recent``: ``fills_24h, fills_7d``: distinct stored fills whose fill timestamp lies in (now − 24 h, now]
   and (now − 7 d, now] (null with ``coverage=False``).
 - ``aggregate``: ``units_done, units_failed, units_total, fills, expected_fills, rps, share_429,
@@ -32,15 +34,23 @@ remaining_requests ÷ rps (0 when nothing remains, null when nothing runs); ``la
 a failed unit, else of an unfinished unit. Aggregate: sums, rps of running shards, share_429 over all
 heartbeats, ``eta_s`` = total remaining ÷ total rps.
 
-Shard state, first rule that matches: ``done`` every unit done (or no units); ``failed`` every unit done or
-failed; ``running`` a *live* heartbeat: age ≤ stalled_after × heartbeat interval and its state is not one a
-worker writes on exit (stopped/done/failed); ``stalled`` a heartbeat that is not live, or none but some unit
-has left pending; ``pending`` otherwise. Run state: ``done`` all shards done; ``failed`` all shards done or
-failed; else ``running`` if any shard runs, ``stalled`` if any is stalled, else ``pending``.
+Shard state, first rule that matches: ``done`` every unit done (or no units); ``running`` a live heartbeat
+in state ``starting`` (a worker loading its units, or an index about to be retried); ``failed`` every unit
+done or failed; ``running`` a *live* heartbeat: age ≤ stalled_after × heartbeat interval and its state is not
+one a worker writes on exit (stopped/done/failed); ``stopped`` its last heartbeat says stopped (SIGTERM or
+Ctrl+C after checkpointing: run the same command to resume); ``stalled`` a heartbeat that is not live, or
+none but some unit has left pending; ``pending`` otherwise. Run state: ``done`` all shards done; ``failed``
+all shards done or failed (failed for good: no index is about to be retried); else ``running`` if any shard
+runs, ``stalled`` if any is stalled, ``stopped`` if any is stopped, else ``pending``. ``ended`` is true for
+done, failed and stopped: ``status --watch`` exits then.
+
+``reruns``: the runs made from this one by ``clobjob rerun`` (``run_id, state``, latest first); ``finished_by``:
+the first of them that is done, when this run is not (null otherwise).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -56,7 +66,7 @@ from clobjob.models import (
 )
 from clobjob.store import Store
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def utcnow(now: datetime | None = None) -> datetime:
@@ -72,10 +82,15 @@ def shard_state(*, units_total: int, units_done: int, units_failed: int, started
     """A shard's state by the precedence in the module docstring."""
     if units_done == units_total:
         return RunState.DONE
+    live = beat is not None and beat_age_s is not None and beat_age_s <= stalled_after_s and not beat.state.ended
+    if live and beat is not None and beat.state == RunState.STARTING:
+        return RunState.RUNNING
     if units_done + units_failed == units_total:
         return RunState.FAILED
-    if beat is not None and beat_age_s is not None and beat_age_s <= stalled_after_s and not beat.state.ended:
+    if live:
         return RunState.RUNNING
+    if beat is not None and beat.state == RunState.STOPPED:
+        return RunState.STOPPED
     if beat is not None or started:
         return RunState.STALLED
     return RunState.PENDING
@@ -87,7 +102,7 @@ def run_state(states: Sequence[RunState]) -> RunState:
         return RunState.DONE
     if all(s in (RunState.DONE, RunState.FAILED) for s in states):
         return RunState.FAILED
-    return next((s for s in (RunState.RUNNING, RunState.STALLED) if s in states), RunState.PENDING)
+    return next((s for s in (RunState.RUNNING, RunState.STALLED, RunState.STOPPED) if s in states), RunState.PENDING)
 
 
 def _eta(remaining: int, rps: float) -> float | None:
@@ -154,6 +169,17 @@ def v2_progress(store: Store) -> dict[str, Any]:
             "newest_fill_at": datetime.fromtimestamp(newest, timezone.utc).isoformat() if newest else None}
 
 
+def _reruns(store: Store, run: Run, now: datetime, stalled_after_s: float) -> list[dict[str, str]]:
+    """The runs made from ``run`` by ``clobjob rerun`` with their states, latest first."""
+    found = []
+    for child in store.runs():
+        if child.parent_run_id == run.run_id:
+            states = [s.state for s in shard_statuses(store, child, store.heartbeats(child.run_id), now,
+                                                      stalled_after_s)]
+            found.append({"run_id": child.run_id, "state": run_state(states).value})
+    return found
+
+
 def run_status(store: Store, run_id: str | None = None, *, now: datetime | None = None,
                heartbeat_interval_s: float = 5, stalled_after: float = 3, coverage: bool = True) -> dict[str, Any]:
     """The status of a run (default: the latest) as the JSON-able schema of the module docstring.
@@ -167,6 +193,8 @@ def run_status(store: Store, run_id: str | None = None, *, now: datetime | None 
     beats = store.heartbeats(run.run_id) if run else {}
     shards = shard_statuses(store, run, beats, now, stalled_after_s) if run else []
     markets = store.market_fill_counts() if coverage else None
+    state = run_state([s.state for s in shards]) if run else None
+    reruns = _reruns(store, run, now, stalled_after_s) if run else []
     return {
         "schema_version": SCHEMA_VERSION, "generated_at": now.isoformat(), "live": False, "live_age_s": None,
         "stalled_after_s": stalled_after_s,
@@ -174,7 +202,10 @@ def run_status(store: Store, run_id: str | None = None, *, now: datetime | None 
         "parent_run_id": (run.parent_run_id or None) if run else None,
         "created_at": run.created_at.isoformat() if run and run.created_at else None,
         "source": run.source if run else None,
-        "state": run_state([s.state for s in shards]).value if run else None,
+        "state": state.value if state else None, "ended": bool(state and state.ended),
+        "reruns": reruns,
+        "finished_by": next((r["run_id"] for r in reruns if r["state"] == RunState.DONE), None)
+        if state != RunState.DONE else None,
         "markets": coverage_summary(markets) if markets is not None else None,
         "recent": store.recent_fills(now) if coverage else None,
         "v2": v2_progress(store) if run and run.source in ON_CHAIN else None,
@@ -202,8 +233,38 @@ def pct(ratio: float | None) -> str:
     return "-" if ratio is None else f"{100 * ratio:.2f}%"
 
 
+WIDTH = 100
+"""Tables and lines fit this many columns."""
+
+_HTTP_CODE = re.compile(r"\b(HTTP \d{3})\b:?\s*")
+
+
+def short_error(text: str, width: int) -> str:
+    """An error as ``Type(HTTP 503): message``, cut to ``width`` with its type and code always kept."""
+    kind, sep, message = text.partition(": ")
+    if not (sep and kind.isidentifier()):
+        kind, message = "", text
+    code = _HTTP_CODE.search(message)
+    if code and kind:
+        message = (message[:code.start()] + message[code.end():]).strip()
+        kind = f"{kind}({code.group(1)})"
+    head = f"{kind}: " if kind else ""
+    room = max(width - len(head), 1)
+    return head + (message if len(message) <= room else message[:room - 1] + "…")
+
+
+def _pct1(ratio: float) -> str:
+    return f"{100 * ratio:.1f}%"
+
+
+_TABLE_HEADER = (f"{'shard':>5} {'state':<8} {'units d/f/all':>13} {'fills':>12} {'expected':>12} {'req/s':>6} "
+                 f"{'429s':>6} {'ETA':>8} {'beat':>7}  pod")
+STOPPED_HINT = "stopped and checkpointed — run the same command to resume"
+MORE_THAN_EXPECTED = "+ more fills stored than expected: the source's count is stale; `clobjob markets sync` renews it"
+
+
 def render_status(status: Mapping[str, Any]) -> str:
-    """A compact human view of ``run_status`` (or a live status)."""
+    """A compact human view of ``run_status`` (or a live status) that fits 100 columns."""
     lines = []
     if status["run_id"] is None:
         lines.append("no run yet")
@@ -214,12 +275,16 @@ def render_status(status: Mapping[str, Any]) -> str:
                      f"{status['source']} · {status['state'].upper()}")
     if status["live"]:
         lines[0] += f"  [live, {status['live_age_s']:.1f}s old]"
+    if status.get("finished_by"):
+        lines.append(f"finished by rerun {status['finished_by']} (done): its units were fetched there")
+    elif status.get("reruns"):
+        lines.append("reruns   " + ", ".join(f"{r['run_id']} {r['state']}" for r in status["reruns"]))
     if status["markets"] is not None:
         m = status["markets"]
-        lines.append(f"markets  {m['universe']:,} · coverage {pct(m['coverage'])} ({m['covered']:,} covered: "
-                     f"complete {m['complete']:,}, zero-fill {m['zero_fill']:,}) · not covered {m['not_covered']:,} "
-                     f"(missing {m['missing']:,}, incomplete {m['incomplete']:,}, unknown {m['unknown']:,}, "
-                     f"short at the source {m['source_short']:,})")
+        lines.append(f"markets  {m['universe']:,} · coverage {pct(m['coverage'])} · complete {m['complete']:,} · "
+                     f"zero-fill {m['zero_fill']:,} · missing {m['missing']:,}")
+        lines.append(f"         not covered {m['not_covered']:,} (missing {m['missing']:,}, incomplete "
+                     f"{m['incomplete']:,}, unknown {m['unknown']:,}, short at the source {m['source_short']:,})")
     if status["recent"] is not None:
         lines.append(f"recent   fills by fill time: last 24 h {status['recent']['fills_24h']:,} · "
                      f"last 7 d {status['recent']['fills_7d']:,}")
@@ -230,21 +295,33 @@ def render_status(status: Mapping[str, Any]) -> str:
                      f"fill there {newest} UTC")
     if status["run_id"] is not None:
         a = status["aggregate"]
-        lines.append(f"total    units {a['units_done']:,}/{a['units_total']:,} done, {a['units_failed']:,} failed · "
-                     f"fills {a['fills']:,} of {a['expected_fills']:,} expected · {a['rps']:.1f} req/s · "
-                     f"429s {pct(a['share_429'])} · ETA {render_duration(a['eta_s'])}")
+        lines.append(f"total    fills {a['fills']:,} of {a['expected_fills']:,} expected · units "
+                     f"{a['units_done']:,}/{a['units_total']:,} done, {a['units_failed']:,} failed")
+        if status.get("progress"):  # a live status: the ETA of the remaining fills at the measured rate
+            lines.append("progress " + render_progress(status["progress"], WIDTH - 9))
+        else:
+            lines.append(f"rate     {a['rps']:.1f} req/s · 429s {pct(a['share_429'])} · ETA "
+                         f"{render_duration(a['eta_s'])} (of the remaining requests)")
         lines.append("")
-        lines.append(f"{'shard':>5} {'state':<8} {'units done/fail/all':>19} {'fills':>11} {'expected':>11} "
-                     f"{'req/s':>6} {'429s':>7} {'ETA':>8} {'beat':>7}  {'pod':<16} last error")
+        lines.append(_TABLE_HEADER)
+        more = False
         for s in status["shards"]:
             units = f"{s['units_done']}/{s['units_failed']}/{s['units_total']}"
-            lines.append(f"{s['shard']:>5} {s['state']:<8} {units:>19} {s['fills']:>11,} {s['expected_fills']:>11,} "
-                         f"{s['rps']:>6.1f} {pct(s['share_429']):>7} {render_duration(s['eta_s']):>8} "
-                         f"{render_duration(s['heartbeat_age_s']):>7}  {s['pod'][:16]:<16} {s['last_error'][:60]}")
+            marker = "+" if s["fills"] > s["expected_fills"] else " "
+            more = more or marker == "+"
+            lines.append(f"{s['shard']:>5} {s['state']:<8} {units:>13} {s['fills']:>11,}{marker} "
+                         f"{s['expected_fills']:>12,} {s['rps']:>6.1f} {_pct1(s['share_429']):>6} "
+                         f"{render_duration(s['eta_s']):>8} {render_duration(s['heartbeat_age_s']):>7}  "
+                         f"{s['pod'][:WIDTH - 87]}")
+            if s["last_error"]:
+                lines.append("      last error: " + short_error(s["last_error"], WIDTH - 18))
+        if more:
+            lines += ["", MORE_THAN_EXPECTED]
+    if status.get("state") == RunState.STOPPED:
+        lines += render_job(status.get("job"))
+        return "\n".join(line.rstrip() for line in [*lines, "", STOPPED_HINT])
     lines += render_job(status.get("job"))
     return "\n".join(line.rstrip() for line in lines)
-
-
 
 
 def render_job(job: Mapping[str, Any] | None) -> list[str]:
@@ -265,13 +342,29 @@ def render_job(job: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
-def render_progress(status: Mapping[str, Any], width: int = 24) -> str:
-    """One line: bar, units, fills, rate, 429 share, ETA."""
-    agg = status["aggregate"]
-    total = max(agg["units_total"], 1)
-    finished = agg["units_done"] + agg["units_failed"]
-    filled = int(width * finished / total)
-    failed = f" ({agg['units_failed']} failed)" if agg["units_failed"] else ""
-    return (f"[{'#' * filled}{'.' * (width - filled)}] units {finished:,}/{agg['units_total']:,}{failed} · "
-            f"{agg['fills']:,} fills stored · {agg['rps']:.1f} req/s · 429s {agg['share_429']:.1%} · "
-            f"ETA {render_duration(agg['eta_s'])}")
+def render_progress(progress: Mapping[str, Any], width: int = WIDTH) -> str:
+    """One line of ``ProgressMeter`` figures: a bar of fills stored ÷ expected, the fills and the ETA, then as
+    many of retries, rates and shares as fit ``width`` columns (the least telling dropped first), then the last
+    error when a retry is on."""
+    filled = int(10 * progress["done_share"])
+    head = (f"[{'#' * filled}{'.' * (10 - filled)}] {_pct1(progress['done_share'])} "
+            f"{progress['fills']:,}/{progress['expected_fills']:,} fills · ETA {render_duration(progress['eta_s'])}")
+    retrying = bool(progress["retries"] or progress["retrying"])
+    parts = [(6, f"{progress['fills_per_s']:,.0f} fills/s"), (1, f"{progress['rps']:.1f} req/s"),
+             (4, f"429s {_pct1(progress['share_429'])}")]
+    if progress["share_errors"] is not None:
+        parts.append((3, f"errors {_pct1(progress['share_errors'])}"))
+    if progress["retrying"]:
+        parts.append((8, f"retrying shard {','.join(map(str, progress['retrying']))}"))
+    if retrying:
+        parts.append((7, f"retries {progress['retries']:,}"))
+
+    def joined() -> str:
+        return " · ".join([head, *(text for _, text in parts)])
+
+    while parts and len(joined()) > width:
+        parts.remove(min(parts))
+    line = joined()
+    if progress["last_error"] and retrying and width - len(line) > 30:
+        line += " · last: " + short_error(progress["last_error"], width - len(line) - 9)
+    return line if len(line) <= width else line[:width - 1] + "…"

@@ -73,35 +73,35 @@ def _top_criterion(markets: Sequence[MarketFills], top_n: int) -> dict[str, Any]
 def _fills_24h_criterion(store: Store, markets: Sequence[MarketFills], now: datetime,
                          on_chain: bool) -> dict[str, Any]:
     """Applicable when the latest run's source (with no run: the subgraph, which the expected counts come
-    from) holds fills of the last 24 h (``sources.DATA_UNTIL``) and some market with expected fills was open then
-    (started by now, ended within 24 h or, undated, not closed)."""
+    from) holds fills of the last 24 h (``sources.DATA_UNTIL``) — or the chain is read (``on_chain``) — and some
+    market (with expected fills, off the chain) was open then (started by now, ended within 24 h or, undated,
+    not closed). On the chain it also needs the blocks read up to a day ago."""
     name, day_ago = "fills_last_24h", now - timedelta(days=1)
     latest = next(iter(store.runs()), None)
     source = latest.source if latest else "subgraph"
-    if on_chain or source in ON_CHAIN:  # v2 fills: the chain must have been read up to a day ago
-        count, v2 = store.recent_fills(now)["fills_24h"], v2_progress(store)
-        reached = v2["newest_fill_at"]
-        fresh = reached is not None and datetime.fromisoformat(reached) >= day_ago
-        detail = (f"{count:,} fill(s) in the last 24 h; on-chain fills done through block "
-                  f"{v2['blocks_done_through'] or 0:,} (newest there: {reached or 'none'})")
-        if not (count and fresh):
-            progress = store.shard_progress(latest.run_id).values() if latest is not None else ()
-            errors = sorted({row[-1] for row in progress if row[-1]})
-            detail += "; " + ("; ".join(errors[:3]) if errors else
-                              "the chain is not read up to the last day: run clobjob backfill --source rpc")
-        return _criterion(name, "pass" if count and fresh else "fail", detail)
+    chain = on_chain or source in ON_CHAIN  # v2 fills: the chain must have been read up to a day ago
     until = DATA_UNTIL.get(source)
-    if until is not None and until < day_ago:
+    if not chain and until is not None and until < day_ago:
         return _criterion(name, "n/a", f"the {source} source has no fills after {until.isoformat()}")
     now_ts, day_ago_ts = int(now.timestamp()), int(day_ago.timestamp())
-    open_markets = [m for m in markets if m.expected_fills
+    open_markets = [m for m in markets if (m.expected_fills or chain)
                     and (m.start_ts is None or m.start_ts <= now_ts)
                     and (m.end_ts >= day_ago_ts if m.end_ts is not None else not m.closed)]
-    if not open_markets:
-        return _criterion(name, "n/a", "no market with expected fills was open in the last 24 h")
     count = store.recent_fills(now)["fills_24h"]
-    return _criterion(name, "pass" if count else "fail",
-                      f"{count:,} fill(s) in the last 24 h; {len(open_markets):,} market(s) open then")
+    detail = f"{count:,} fill(s) in the last 24 h; {len(open_markets):,} market(s) open then"
+    if not count and not open_markets:
+        return _criterion(name, "n/a", "no market with expected fills was open in the last 24 h")
+    if chain:
+        v2 = v2_progress(store)
+        reached = v2["newest_fill_at"]
+        detail += (f"; on-chain fills done through block {v2['blocks_done_through'] or 0:,} "
+                   f"(newest there: {reached or 'none'})")
+        if reached is None or datetime.fromisoformat(reached) < day_ago:
+            progress = store.shard_progress(latest.run_id).values() if latest is not None else ()
+            errors = sorted({row[-1] for row in progress if row[-1]})
+            return _criterion(name, "fail", detail + "; " + ("; ".join(errors[:3]) if errors else
+                              "the chain is not read up to the last day: run clobjob backfill --source rpc"))
+    return _criterion(name, "pass" if count else "fail", detail)
 
 
 def _runs_criterion(store: Store, now: datetime, stalled_after_s: float) -> dict[str, Any]:
