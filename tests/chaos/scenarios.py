@@ -39,6 +39,10 @@ class Figures:
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
+    def kills(self) -> int:
+        """The SIGKILLs injected."""
+        return sum(n for fault, n in self.faults.items() if fault.startswith("kill -9"))
+
     @property
     def refetched_fills(self) -> int:
         """Fills the simulator served more than once (pages fetched again after a crash, a stop, a second pod)."""
@@ -81,9 +85,6 @@ class Chaos:
         while not what():
             assert time.monotonic() < deadline, f"timed out waiting for {why}"
             time.sleep(0.05)
-
-    def kills(self) -> int:
-        return sum(n for fault, n in self.figures.faults.items() if fault.startswith("kill -9"))
 
     def inserts(self, table: str) -> int:
         """Inserts into ``table`` the database received during this run."""
@@ -130,7 +131,7 @@ def kills(c: Chaos, count: int = 20) -> None:
              ("fills stored, checkpoint not", "clob_fills", True), ("random moment", "", False)]
     with c.job() as job:
         for n in range(count * 3):
-            if c.kills() >= count or job.done():
+            if c.figures.kills() >= count or job.done():
                 break
             kind, table, after = kinds[n % len(kinds)]
             if table:
