@@ -15,17 +15,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextvars import ContextVar
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
 from clobjob.sim import Dataset, export
 from clobjob.store.serve import EngineServer
-
 from tests.truth import expected_rows, run_cli, stored_rows
 
 _INSERT_INTO = re.compile(r"^\s*INSERT\s+INTO\s+(?:`?\w+`?\.)?`?(\w+)`?", re.IGNORECASE)
@@ -164,7 +163,7 @@ class Job:
         self._stop = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, daemon=True)
 
-    def __enter__(self) -> Job:
+    def __enter__(self) -> Self:
         for slot in self.slots:
             self._spawn(slot)
         self._supervisor.start()

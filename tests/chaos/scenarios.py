@@ -19,7 +19,6 @@ from pathlib import Path
 import clickhouse_connect
 
 from clobjob.sim import Dataset, SimConfig, SimServer
-
 from tests.chaos.harness import Database, Job, Outcome, client_pid, outcome, prepare
 
 RATE_RPS = 40.0  # the simulator's limit in every scenario (all processes share it: one client address)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 from clobjob.sources.subgraph import PAGE_SIZE
-
 from tests.chaos import scenarios
 from tests.chaos.harness import Database
 
