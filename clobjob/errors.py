@@ -40,7 +40,20 @@ class StoreUnreachable(ClobjobError):
 
 
 class UnitFailed(ClobjobError):
-    """A unit fails at once, without retrying it: no retry can help it (the source cannot serve it), but the
-    shard's other units go on."""
+    """A unit fails at once, without retrying it: no retry can help it (the source cannot serve it, a bad
+    value, a cursor that does not advance, rows a failed flush lost), but the shard's other units go on."""
 
     exit_code = EXIT_FAILED
+
+
+class BadFill(UnitFailed):
+    """A fill row outside the storage contract (``models.check_fills``): the message names the field, the
+    value (escaped, truncated) and its place; the page is not stored and the unit's checkpoint stays before it."""
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason for a unit's last error."""
+    if isinstance(exc, TimeoutError):  # asyncio.wait_for's timeout (asyncio.TimeoutError is TimeoutError)
+        return "stalled: no page within the stall timeout"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:500]

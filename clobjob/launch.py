@@ -22,7 +22,7 @@ from loguru import logger
 
 from clobjob import monitor, plan, rerun
 from clobjob.config import Settings
-from clobjob.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, ClobjobError
+from clobjob.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, ClobjobError
 from clobjob.executors import kubernetes
 from clobjob.executors.base import JobOutcome
 from clobjob.executors.local import LocalExecutor
@@ -358,7 +358,10 @@ def _run_and_report(settings: Settings, store: Store, run: Run, parallelism: int
     final = monitor.run_status(store, run.run_id, heartbeat_interval_s=settings.heartbeat_interval_s)
     if settings.embedded:
         monitor.publish_live(final, monitor.live_path(settings))
-    if outcome.failed:
+    if outcome.exit_code == EXIT_BAD_INPUT:
+        say(f"failed shards: {','.join(map(str, outcome.failed))} on a permanent error (bad input or a drifted "
+            f"source) — do not retry until it is fixed; the reason is in `clobjob status --run-id {run.run_id}`")
+    elif outcome.failed:
         say(f"failed shards: {','.join(map(str, outcome.failed))} — see `clobjob status --run-id {run.run_id}`; "
             f"rerun them with `clobjob backfill` (resumes) or `clobjob rerun --run-id {run.run_id} --failed`")
     shown = monitor.render_status(final)

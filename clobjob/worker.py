@@ -6,6 +6,12 @@ batches, and writes a unit's checkpoint only after the rows it covers are stored
 the shard's liveness and rates; a per-page stall timeout cancels a stuck fetch and retries the unit.
 State lives only in ClickHouse, so a killed worker resumes where its last checkpoint points, and two
 pods running the same index are harmless (fills dedup by id, the latest checkpoint wins).
+
+A row is stored or its unit fails: every page is checked against the storage contract
+(``models.check_fills``) before it is buffered — a bad value fails the unit, naming it, with its checkpoint
+before the page — and rows of tokens outside the unit are dropped and reported; a flush that fails fails
+the units of its batch at their last stored cursor (``StoreWriter.lost``); a permanent error is recorded
+as the unit's last error before it is raised.
 """
 
 from __future__ import annotations
@@ -30,12 +36,15 @@ from clobjob.errors import (
     SourceError,
     StoreUnreachable,
     UnitFailed,
+    describe,
 )
-from clobjob.models import Checkpoint, Heartbeat, RunState, UnitState, WorkUnit
+from clobjob.models import FILL_COLUMNS, Checkpoint, Heartbeat, RunState, UnitState, WorkUnit, check_fills
 from clobjob.ratelimit import AdaptiveRateController
 from clobjob.sources.base import FillSource, Page
 from clobjob.store import Store
-from clobjob.store.writer import StoreWriter
+from clobjob.store.writer import StoreWriter, UnitKey
+
+_TOKEN_AT = FILL_COLUMNS.index("token_id")
 
 
 def pod_name(shard: int) -> str:
@@ -54,6 +63,11 @@ class UnitProgress:
     attempts: int = 0
     state: UnitState = UnitState.PENDING
     last_error: str = ""
+    foreign: int = 0  # fills of tokens outside the unit, not stored
+
+    @property
+    def key(self) -> UnitKey:
+        return self.unit.shard, self.unit.unit_id
 
     def checkpoint(self) -> Checkpoint:
         """The unit's checkpoint as of now."""
@@ -73,14 +87,6 @@ class ShardCounters:
     pages: int = 0
     started_at: float = field(default_factory=time.monotonic)
     last_progress: float = field(default_factory=time.monotonic)
-
-
-def describe(exc: BaseException) -> str:
-    """A one-line reason for a unit's last error."""
-    if isinstance(exc, asyncio.TimeoutError):
-        return "stalled: no page within the stall timeout"
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}"[:500]
 
 
 class ShardWorker:
@@ -189,8 +195,11 @@ class ShardWorker:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self._writer.flush()
+        for progress in todo:  # a unit done in memory whose rows a failed flush lost is failed
+            self._lost(progress)
         if error is not None:
-            self.state = RunState.FAILED
+            permanent = isinstance(error, ClobjobError) and error.exit_code != EXIT_FAILED
+            self.state = RunState.FAILED_PERMANENTLY if permanent else RunState.FAILED
             await self._beat()
             raise error
         finished = self.counters.units_done + self.counters.units_failed
@@ -207,14 +216,20 @@ class ShardWorker:
         """Fetch one unit from its cursor to the end, retrying failed attempts up to the limit."""
         log = self._log.bind(unit=progress.unit.unit_id)
         progress.state = UnitState.RUNNING
+        tokens = frozenset(progress.unit.token_ids)
         while True:
             pages = self.source.pages(progress.unit, progress.cursor, conditions)
             try:
                 while True:
                     page = await asyncio.wait_for(anext(pages), self.settings.stall_timeout_s)
+                    if self._lost(progress):
+                        return
+                    page = self._admit(progress, page, tokens, log)
                     self._advance(progress, page)
                     await self._writer.add(progress.checkpoint(), self.pod, page.rows)
                     done, page = page.done, None  # the buffer has the rows; hold none while the next is fetched
+                    if self._lost(progress):
+                        return
                     if done:
                         self.counters.units_done += 1
                         log.debug("unit done: {} fills, {} pages", progress.fills, progress.pages)
@@ -225,7 +240,9 @@ class ShardWorker:
             except (asyncio.CancelledError, BadInput, StoreUnreachable):
                 raise
             except ClobjobError as exc:
-                if exc.exit_code != EXIT_FAILED:  # permanent: a bad query or a drifted schema
+                if exc.exit_code != EXIT_FAILED:  # permanent (a bad query, a drifted schema): recorded, then raised
+                    progress.attempts += 1
+                    await self._fail(progress, exc, log)
                     raise
                 if await self._retry_or_fail(progress, exc, log):
                     return
@@ -234,6 +251,36 @@ class ShardWorker:
                     return
             finally:
                 await pages.aclose()
+
+    def _admit(self, progress: UnitProgress, page: Page, tokens: frozenset[str], log: Any) -> Page:
+        """The page as it may be buffered: every row within the storage contract (else ``BadFill`` fails the
+        unit, naming the page), rows of tokens outside the unit dropped, counted and reported."""
+        check_fills(page.rows, f"unit {progress.unit.unit_id} page {progress.pages + 1} "
+                               f"(after cursor {progress.cursor[:80]!r}): ")
+        if not tokens:  # a time-window unit: every token belongs to it
+            return page
+        kept = [row for row in page.rows if row[_TOKEN_AT] in tokens]
+        if len(kept) == len(page.rows):
+            return page
+        progress.foreign += len(page.rows) - len(kept)
+        progress.last_error = f"{progress.foreign} fill(s) of tokens outside the unit were not stored"
+        log.warning("unit {} page {}: {} fill(s) of tokens outside the unit not stored (e.g. token {})",
+                    progress.unit.unit_id, progress.pages + 1, len(page.rows) - len(kept),
+                    next(row[_TOKEN_AT] for row in page.rows if row[_TOKEN_AT] not in tokens)[:80])
+        return Page(kept, page.cursor, page.done)
+
+    def _lost(self, progress: UnitProgress) -> bool:
+        """True when a failed flush lost rows of this unit (``StoreWriter.lost``): the unit is failed."""
+        reason = self._writer.lost.get(progress.key)
+        if reason is None:
+            return False
+        if progress.state is not UnitState.FAILED:
+            if progress.state is UnitState.DONE:
+                self.counters.units_done -= 1
+            self.counters.units_failed += 1
+            progress.state, progress.last_error = UnitState.FAILED, reason
+            self._log.bind(unit=progress.unit.unit_id).error("unit failed: {}", reason)
+        return True
 
     def _advance(self, progress: UnitProgress, page: Page) -> None:
         progress.cursor = page.cursor
@@ -247,17 +294,26 @@ class ShardWorker:
 
     async def _retry_or_fail(self, progress: UnitProgress, exc: BaseException, log: Any) -> bool:
         """Count a failed attempt; returns True when the unit has failed for good."""
+        if self._lost(progress):
+            return True
         progress.attempts += 1
         progress.last_error = describe(exc)
         if progress.attempts >= self.settings.unit_attempts or isinstance(exc, UnitFailed):
-            progress.state = UnitState.FAILED
-            self.counters.units_failed += 1
-            log.error("unit failed after {} attempts: {}", progress.attempts, progress.last_error)
-            await self._writer.add(progress.checkpoint(), self.pod)
+            await self._fail(progress, exc, log)
             return True
         log.warning("unit attempt {} failed, resuming from its cursor: {}", progress.attempts, progress.last_error)
         await asyncio.sleep(self.controller.backoff(progress.attempts))
         return False
+
+    async def _fail(self, progress: UnitProgress, exc: BaseException, log: Any) -> None:
+        """Mark the unit failed with ``exc`` as its last error and queue that checkpoint (at its cursor, which
+        never points past the rows buffered so far)."""
+        if progress.state is UnitState.FAILED:
+            return
+        progress.state, progress.last_error = UnitState.FAILED, describe(exc)
+        self.counters.units_failed += 1
+        log.error("unit failed after {} attempt(s): {}", progress.attempts, progress.last_error)
+        await self._writer.add(progress.checkpoint(), self.pod)
 
     async def _beat_every(self, interval_s: float) -> None:
         while True:

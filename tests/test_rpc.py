@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from clobjob.config import Settings
 from clobjob.errors import SourceError
-from clobjob.models import FILL_COLUMNS, Fill, WorkUnit
+from clobjob.models import FILL_COLUMNS, Fill, WorkUnit, check_fills
 from clobjob.ratelimit import AdaptiveRateController
 from clobjob.sim import Dataset, SimServer
 from clobjob.sim.rpc import Chain, RpcConfig, RpcNode
@@ -69,6 +69,7 @@ def test_a_hand_built_sell_log_decodes_to_the_expected_row():
         "taker_amount_filled": 5_000_000, "fee": 7, "condition_id": "0x" + "ee" * 32, "token_id": str(TOKEN),
         "side": "SELL", "is_relay_leg": False, "exchange_version": 2, "source": "rpc"}
     Fill(**dict(zip(FILL_COLUMNS, row, strict=True)))  # a valid stored row
+    check_fills([row])  # within the storage contract the worker checks every page against
 
 
 def test_a_buy_relay_leg_of_the_negrisk_exchange_with_an_unknown_token():
@@ -191,6 +192,7 @@ async def test_each_profile_yields_exactly_the_v2_fills_and_resumes_midway(datas
         async with source(sim.rpc_url) as src:
             rows, last = await collect(src, unit(chain), conditions)
             assert rows == truth and last.done
+            check_fills(rows)  # the worker would fail a unit whose page is out of the storage contract
             assert sum(src.unknown_tokens.values()) == sum(1 for row in truth if row[14] == "")
             widest = rpc.stats()["widest_answered"]
             assert widest <= {"infura": 10_000, "alchemy": 50_000, "tiny": 10}[profile]

@@ -40,7 +40,7 @@ def fills_body(events: list[dict[str, Any]]) -> bytes:
     return json.dumps({"data": {"orderFilledEvents": events}}).encode()
 
 
-Reply = tuple[int, bytes] | str  # (status, body) or "hang"
+Reply = tuple[int, bytes] | tuple[int, bytes, str] | str  # (status, body[, content type]) or "hang"
 
 
 class Canned:
@@ -55,8 +55,8 @@ class Canned:
         reply = self.replies[min(len(self.requests), len(self.replies)) - 1]
         if reply == "hang":
             await self.release.wait()
-        status, body = reply
-        return web.Response(status=status, body=body, content_type="application/json")
+        status, body, *content_type = reply
+        return web.Response(status=status, body=body, content_type=(content_type or ["application/json"])[0])
 
 
 def controller(**changes: Any) -> AdaptiveRateController:

@@ -36,13 +36,14 @@ heartbeats, ``eta_s`` = total remaining ÷ total rps.
 
 Shard state, first rule that matches: ``done`` every unit done (or no units); ``running`` a live heartbeat
 in state ``starting`` (a worker loading its units, or an index about to be retried); ``failed`` every unit
-done or failed; ``running`` a *live* heartbeat: age ≤ stalled_after × heartbeat interval and its state is not
-one a worker writes on exit (stopped/done/failed); ``stopped`` its last heartbeat says stopped (SIGTERM or
-Ctrl+C after checkpointing: run the same command to resume); ``stalled`` a heartbeat that is not live, or
-none but some unit has left pending; ``pending`` otherwise. Run state: ``done`` all shards done; ``failed``
-all shards done or failed (failed for good: no index is about to be retried); else ``running`` if any shard
-runs, ``stalled`` if any is stalled, ``stopped`` if any is stopped, else ``pending``. ``ended`` is true for
-done, failed and stopped: ``status --watch`` exits then.
+done or failed, or its worker exited on a permanent error (heartbeat ``failed_permanently``: its
+``last_error`` then starts "do not retry until fixed: "); ``running`` a *live* heartbeat: age ≤ stalled_after
+× heartbeat interval and its state is not one a worker writes on exit (``RunState.ended``); ``stopped`` its
+last heartbeat says stopped (SIGTERM or Ctrl+C after checkpointing: run the same command to resume);
+``stalled`` a heartbeat that is not live, or none but some unit has left pending; ``pending`` otherwise. Run
+state: ``done`` all shards done; ``failed`` all shards done or failed (failed for good: no index is about to
+be retried); else ``running`` if any shard runs, ``stalled`` if any is stalled, ``stopped`` if any is stopped,
+else ``pending``. ``ended`` is true for done, failed and stopped: ``status --watch`` exits then.
 
 ``reruns``: the runs made from this one by ``clobjob rerun`` (``run_id, state``, latest first); ``finished_by``:
 the first of them that is done, when this run is not (null otherwise).
@@ -51,6 +52,7 @@ the first of them that is done, when this run is not (null otherwise).
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -85,7 +87,7 @@ def shard_state(*, units_total: int, units_done: int, units_failed: int, started
     live = beat is not None and beat_age_s is not None and beat_age_s <= stalled_after_s and not beat.state.ended
     if live and beat is not None and beat.state == RunState.STARTING:
         return RunState.RUNNING
-    if units_done + units_failed == units_total:
+    if units_done + units_failed == units_total or (beat is not None and beat.state == RunState.FAILED_PERMANENTLY):
         return RunState.FAILED
     if live:
         return RunState.RUNNING
@@ -123,6 +125,8 @@ def shard_statuses(store: Store, run: Run, beats: Mapping[int, Heartbeat], now: 
         state = shard_state(units_total=total, units_done=done, units_failed=failed, started=started > 0,
                             beat=beat, beat_age_s=age, stalled_after_s=stalled_after_s)
         rps = beat.rps if beat and state == RunState.RUNNING else 0.0
+        if beat is not None and beat.state == RunState.FAILED_PERMANENTLY:
+            error = f"do not retry until fixed: {error}"
         result.append(ShardStatus(
             shard=shard, state=state, units_done=done, units_failed=failed, units_total=total, fills=fills,
             expected_fills=expected, rps=rps, share_429=_share(beat.throttled, beat.requests) if beat else 0.0,
@@ -313,7 +317,10 @@ def render_status(status: Mapping[str, Any]) -> str:
                          f"{s['expected_fills']:>12,} {s['rps']:>6.1f} {_pct1(s['share_429']):>6} "
                          f"{render_duration(s['eta_s']):>8} {render_duration(s['heartbeat_age_s']):>7}  "
                          f"{s['pod'][:WIDTH - 87]}")
-            if s["last_error"]:
+            if s["last_error"] and s["state"] == RunState.FAILED:  # why it failed, whole, wrapped to the width
+                wrapped = textwrap.wrap(short_error(s["last_error"], len(s["last_error"]) + 40), WIDTH - 18) or [""]
+                lines += ["      last error: " + wrapped[0], *("                  " + more for more in wrapped[1:])]
+            elif s["last_error"]:
                 lines.append("      last error: " + short_error(s["last_error"], WIDTH - 18))
         if more:
             lines += ["", MORE_THAN_EXPECTED]

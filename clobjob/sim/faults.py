@@ -8,8 +8,10 @@ generator of the same seed, so turning latency on does not change which faults a
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -70,6 +72,8 @@ class SimConfig(BaseModel):
     gamma_burst: int = Field(10, ge=1)
     gamma_bad_rows: list[int] = Field([], description="Gamma markets (positions in the dataset) served malformed")
     gamma_keyset: bool = Field(True, description="serve Gamma's /markets/keyset (False: 404, offset paging only)")
+    bad_fill_values: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="fill id → {field: value}: that fill is served with these values")
 
     @model_validator(mode="after")
     def _probabilities_sum(self) -> SimConfig:
@@ -178,3 +182,11 @@ class TokenBucket:
 def retry_after_header(wait_s: float) -> str:
     """A Retry-After value (whole seconds, at least 1)."""
     return str(max(1, math.ceil(wait_s)))
+
+
+def with_bad_values(body: str, bad: Mapping[str, Mapping[str, Any]]) -> str:
+    """A fills answer with the fields of the fills named in ``bad`` replaced (a hostile source's values)."""
+    doc = json.loads(body)
+    for event in (doc.get("data") or {}).get("orderFilledEvents") or ():
+        event.update(bad.get(event.get("id"), {}))
+    return json.dumps(doc, separators=(",", ":"))

@@ -32,6 +32,7 @@ from clobjob.sim.faults import (
     SimConfig,
     TokenBucket,
     retry_after_header,
+    with_bad_values,
 )
 from clobjob.sim.gamma import KEYSET_PATH, MARKETS_PATH, GammaApi
 from clobjob.sim.rpc import RPC_PATH, Chain, RpcConfig, RpcNode
@@ -232,6 +233,8 @@ class SimServer(LocalServer):
             self._count("store_timeout")
             return _json({"errors": [{"message": _STORE_TIMEOUT}]}), 0
         text = answer.body
+        if self.cfg.bad_fill_values and answer.fill_query and not answer.error:
+            text = with_bad_values(text, self.cfg.bad_fill_values)
         if draw.fault is Fault.EMPTY_BODY:
             self._count("empty_body")
             return web.Response(body=b"", content_type="application/json"), answer.rows

@@ -28,7 +28,10 @@ continues exactly where its last page ended.
 
 Rows (``FILL_COLUMNS`` order) are parsed without a model per fill, but strictly: a missing or renamed
 field, a wrong type or a non-numeric BigInt raises ``SourceError`` naming the entity, index and field.
-``condition_id`` comes from the caller's token → condition map; a token missing from it gets "".
+``condition_id`` comes from the caller's token → condition map; a token missing from it gets "". The values
+themselves (hex shapes, ranges, side) are the storage contract, ``models.check_fills``, which the worker
+applies to every page of every source. A full page whose last id is not after the cursor it was asked
+for (a server that ignores ``id_gt``) fails the unit at once (``UnitFailed``) instead of being paged forever.
 
 Errors, and what the rate controller is told. 429 / "surpassed your query allowance" → ``throttled``
 (Retry-After honoured); ``service is overloaded`` → ``overloaded``; ``Query timed out`` / store
@@ -43,6 +46,9 @@ budget (which delays them, never drops them); after ``max_attempts`` tries ``Tra
 carries the last reason. ``indexing_error`` raises ``SubgraphIndexingError`` (the worker fails the
 unit at once); any other GraphQL error (validation, argument range, "Cannot mix column filters…"), an
 unexpected HTTP status or a drifted shape raises ``SourceError`` at once (exit 2) with the server's text.
+So does an answer that is not GraphQL JSON at all — an HTML page, a body not starting with ``{``, bytes
+that are not UTF-8 — naming the URL (redacted), the status, the content type and the first bytes; only a
+JSON body cut short (also inside a UTF-8 character) is retried as truncated.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from typing import Any
 
 from loguru import logger
 
-from clobjob.config import Settings
+from clobjob.config import Settings, redact_url
 from clobjob.errors import SourceError, UnitFailed
 from clobjob.models import (
     EXCHANGES,
@@ -128,17 +134,34 @@ def _graphql_errors(errors: Any) -> None:
     raise SourceError(f"subgraph rejected the query: {text}")
 
 
-def _answer(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
-    """The ``data`` object of one HTTP answer, or the exception it calls for."""
+def _not_the_protocol(url: str, status: int, headers: Mapping[str, str], body: bytes, why: str) -> SourceError:
+    """The error for an answer that is not GraphQL JSON at all (a wrong endpoint, a portal page): permanent."""
+    return SourceError(f"{redact_url(url)} is not answering as a GraphQL endpoint ({why}): HTTP {status}, "
+                       f"Content-Type {headers.get('Content-Type', '-')!r}, {len(body):,} bytes starting "
+                       f"{body.lstrip()[:60]!r}")
+
+
+def _answer(status: int, headers: Mapping[str, str], body: bytes, url: str = "") -> dict[str, Any]:
+    """The ``data`` object of one HTTP answer, or the exception it calls for.
+
+    A body that cannot be GraphQL JSON — an HTML content type, or not starting with ``{`` — or that is not
+    UTF-8 before its end is the wrong protocol (``SourceError`` at once, naming the URL and what came back);
+    a JSON body cut short (also in the middle of a UTF-8 character) is retried as truncated."""
     if status == 429 or ALLOWANCE_TEXT.encode() in body[:2000]:
         raise _Retry(f"throttled (HTTP {status})", "throttled", headers.get("Retry-After"))
     if status >= 500 or status == 408:
         raise _Retry(f"HTTP {status}: {body[:80].decode(errors='replace').strip()!r}", "failed")
     if not body.strip():
         raise _Retry(f"empty body (HTTP {status})", "failed")
+    if "html" in headers.get("Content-Type", "").lower() or not body.lstrip().startswith(b"{"):
+        raise _not_the_protocol(url, status, headers, body, "not a JSON object")
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except UnicodeDecodeError as exc:
+        if exc.reason == "unexpected end of data" and status == 200:
+            raise _Retry(f"truncated body ({len(body)} bytes)", "failed") from None
+        raise _not_the_protocol(url, status, headers, body, f"not UTF-8 at byte {exc.start:,}") from None
+    except json.JSONDecodeError:
         if status != 200:
             raise SourceError(f"subgraph answered HTTP {status}: {body[:200].decode(errors='replace')!r}") from None
         raise _Retry(f"truncated or garbled body ({len(body)} bytes)", "failed") from None
@@ -366,7 +389,7 @@ class SubgraphSource:
 
     async def _send(self, payload: bytes, timeout_s: float) -> dict[str, Any]:
         """One POST: ``data``, or what the answer calls for (``_Retry``, ``SourceError``)."""
-        return _answer(*await self._http.send("POST", self.url, timeout_s, data=payload))
+        return _answer(*await self._http.send("POST", self.url, timeout_s, data=payload), self.url)
 
     async def query(self, query: str, variables: dict[str, Any], *, splittable: bool = False) -> dict[str, Any]:
         """The ``data`` of one GraphQL query, retried through the controller.
@@ -427,7 +450,11 @@ class SubgraphSource:
             if len(events) < PAGE_SIZE:
                 segments.pop(0)
             else:
-                segment.after = _text(events[-1], "id")
+                last = _text(events[-1], "id")
+                if last <= segment.after:
+                    raise UnitFailed(f"unit {unit.unit_id}: the subgraph's cursor does not advance: a full page "
+                                     f"after id {segment.after[:140]!r} ends at id {last[:140]!r} (not after it)")
+                segment.after = last
             # Nothing of this page may stay referenced from this frame while the unit waits for its next
             # request slot: with hundreds of units parked per process, stale parsed pages were most of the heap.
             data = events = None

@@ -6,13 +6,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import clickhouse_connect
+from clickhouse_connect.driver.exceptions import Error as DriverError
 
 from clobjob.config import Settings
 from clobjob.errors import BadInput, ClobjobError
 from clobjob.store import schema
 
-# Pinned so behaviour does not depend on server defaults: synchronous, deduplicating inserts.
-INSERT_SETTINGS = {"async_insert": 0}
+# Pinned so behaviour does not depend on server defaults: synchronous inserts, no block deduplication (fills
+# dedup by id; a block dropped as a "duplicate" would make the written count disagree with the rows sent).
+INSERT_SETTINGS = {"async_insert": 0, "insert_deduplicate": 0}
 
 
 def id_set(name: str) -> str:
@@ -70,19 +72,27 @@ class Database:
         """Run a statement that returns nothing."""
         self.client.command(self.sql(text), parameters=dict(params or {}))
 
-    def insert(self, table: str, column_names: Sequence[str], columns: Sequence[Sequence[Any]]) -> None:
-        """Insert one columnar block (one list per column) into ``table``."""
-        if columns and len(columns[0]):
-            context = self.client.create_insert_context(table, column_names=list(column_names),
-                                                        database=self.database, column_oriented=True,
-                                                        settings=INSERT_SETTINGS, data=list(columns))
-            try:
-                self.client.insert(context=context)
-            finally:
-                # clickhouse-connect's InsertContext sits in a reference cycle and keeps the data (also outside
-                # its ``data`` property): unless it lets go, every inserted block (≈10 MB of Python objects per
-                # 20,000 fills) stays alive until the next full garbage collection.
-                vars(context).clear()
+    def insert(self, table: str, column_names: Sequence[str], columns: Sequence[Sequence[Any]]) -> int | None:
+        """Insert one columnar block (one list per column) into ``table``; returns the rows ClickHouse reports
+        written (its summary's ``written_rows``), None when the answer carries no summary."""
+        if not (columns and len(columns[0])):
+            return 0
+        context = self.client.create_insert_context(table, column_names=list(column_names),
+                                                    database=self.database, column_oriented=True,
+                                                    settings=INSERT_SETTINGS, data=list(columns))
+        try:
+            summary = self.client.insert(context=context).summary
+            return int(summary["written_rows"]) if "written_rows" in summary else None
+        except DriverError:
+            raise
+        except Exception as exc:  # a value the driver cannot serialize: name its column (the driver only logs it)
+            raise ClobjobError(f"cannot send column {getattr(context, 'column_name', '?')} of {table} to "
+                               f"ClickHouse: {type(exc).__name__}: {exc}") from exc
+        finally:
+            # clickhouse-connect's InsertContext sits in a reference cycle and keeps the data (also outside
+            # its ``data`` property): unless it lets go, every inserted block (≈10 MB of Python objects per
+            # 20,000 fills) stays alive until the next full garbage collection.
+            vars(context).clear()
 
     def migrate(self) -> list[int]:
         """Create the database and apply every migration not yet recorded; returns the versions applied."""
