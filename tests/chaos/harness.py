@@ -267,7 +267,9 @@ def outcome(env: dict[str, str], dataset: Dataset, run_id: str) -> Outcome:
     """The stored fills after FINAL against the ground truth, the raw row count, and ``clobjob status``."""
     truth, found = expected_rows(dataset), stored_rows(env)
     rows = found["rows"]
-    status = json.loads(run_cli(env, "status", "--run-id", run_id, "--json").stdout)
+    shown = run_cli(env, "status", "--run-id", run_id, "--json")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    status = json.loads(shown.stdout)
     agg = status["aggregate"]
     return Outcome(expected=len(truth), stored=len(rows), missing=len(truth.keys() - rows.keys()),
                    extra=len(rows.keys() - truth.keys()),

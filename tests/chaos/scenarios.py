@@ -5,6 +5,7 @@ seeded schedule of bench/chaos_report.py run the same functions with different s
 from __future__ import annotations
 
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -85,6 +86,15 @@ class Chaos:
             assert time.monotonic() < deadline, f"timed out waiting for {why}"
             time.sleep(0.05)
 
+    def query(self, sql: str, **params: object) -> list[tuple]:
+        """Rows of ``sql`` on the run's database over HTTP (``{db}``, ``{run:String}`` and ``params`` bound)."""
+        client = clickhouse_connect.get_client(dsn=self.db.url)
+        try:
+            text = sql.replace("{db}", f"`{self.env['CLOBJOB_CLICKHOUSE_DATABASE']}`")
+            return client.query(text, parameters={"run": self.run_id, **params}).result_rows
+        finally:
+            client.close()
+
     def inserts(self, table: str) -> int:
         """Inserts into ``table`` the database received during this run."""
         return self.db.inserts[table] - self.inserts_before[table]
@@ -157,13 +167,12 @@ def two_pods(c: Chaos) -> None:
 
 
 def sigterm_throttled(c: Chaos, grace_s: float = 10.0) -> None:
-    """SIGTERM to a worker while the limit answers most requests with 429: it checkpoints and exits 143 within
-    the grace period; the Job then finishes the run."""
+    """SIGTERM to a worker while the limit answers most requests with 429: it exits 143 within the grace period
+    with every fill it fetched stored and checkpointed; the Job then finishes the run."""
     c.sim.configure(rate_limit_rps=1.0, burst=1)
     worker = c.worker(0)
     c.wait_for(lambda: c.inserts("backfill_progress") >= 2 and c.sim.stats()["throttled_429"] >= 3, 60,
                "checkpoints under heavy throttling")
-    checkpoints = c.inserts("backfill_progress")
     worker.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     try:
@@ -173,8 +182,13 @@ def sigterm_throttled(c: Chaos, grace_s: float = 10.0) -> None:
         raise AssertionError(f"SIGTERM not honoured within {grace_s} s") from None
     c.figures.faults["SIGTERM under 429 storm"] += 1
     c.figures.notes.append(f"exit {code} {time.monotonic() - sent:.1f} s after SIGTERM")
-    assert code == 143, worker.stderr.read()[-2000:] if worker.stderr else code
-    assert c.inserts("backfill_progress") > checkpoints, "no checkpoint written on stop"
+    err = worker.stderr.read() if worker.stderr else ""
+    assert code == 143, err[-2000:]
+    fetched = re.search(r"shard stopped: .*?(\d+) fills fetched", err)
+    assert fetched, err[-2000:]
+    checkpointed = c.query("SELECT sum(fills) FROM {db}.backfill_progress FINAL WHERE run_id = {run:String} "
+                           "AND shard = 0")[0][0]
+    assert checkpointed == int(fetched.group(1)) > 0, (checkpointed, fetched.group(0))  # nothing fetched is lost
     c.sim.configure(rate_limit_rps=RATE_RPS, burst=10)
     with c.job() as job:
         c.finish(job)
@@ -239,18 +253,14 @@ def corrupt_checkpoint(c: Chaos) -> None:
     c.wait_for(lambda: c.inserts("backfill_progress") >= 4, 60, "checkpoints")
     worker.kill()
     worker.wait()
-    client = clickhouse_connect.get_client(dsn=c.db.url)
-    db = c.env["CLOBJOB_CLICKHOUSE_DATABASE"]
-    found = client.query(f"SELECT unit_id, pages FROM `{db}`.backfill_progress FINAL WHERE run_id = %(run)s "
-                         "AND shard = 0 AND state = 'running' AND pages > 0 ORDER BY unit_id LIMIT 1",
-                         parameters={"run": c.run_id}).result_rows
+    found = c.query("SELECT unit_id, pages FROM {db}.backfill_progress FINAL WHERE run_id = {run:String} "
+                    "AND shard = 0 AND state = 'running' AND pages > 0 ORDER BY unit_id LIMIT 1")
     assert found, "no unit in progress to corrupt"
     unit, pages = found[0]
-    client.command(f"INSERT INTO `{db}`.backfill_progress (run_id, shard, unit_id, state, cursor, fills, pages, "
-                   "attempts, last_error, pod, updated_at, version) VALUES (%(run)s, 0, %(unit)s, 'running', "
-                   "'{garbage', 7, 999, 0, '', 'vandal', now64(), %(version)s)",
-                   parameters={"run": c.run_id, "unit": unit, "version": time.time_ns()})
-    client.close()
+    c.query("INSERT INTO {db}.backfill_progress (run_id, shard, unit_id, state, cursor, fills, pages, attempts, "
+            "last_error, pod, updated_at, version) VALUES ({run:String}, 0, {unit:UInt32}, 'running', "
+            "{cursor:String}, 7, 999, 0, '', 'vandal', now64(), {version:UInt64})",
+            unit=unit, cursor="{garbage", version=time.time_ns())
     c.figures.faults["corrupted checkpoint"] += 1
     with c.job() as job:
         c.finish(job)
