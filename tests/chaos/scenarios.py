@@ -228,22 +228,21 @@ def outage_away(c: Chaos, budget_s: float = 4.0) -> None:
 
 
 def storms(c: Chaos, low_s: float = 6.0, paused_s: float = 5.0) -> None:
-    """The limit drops to a tenth for ``low_s`` and recovers (429 storms), hung answers, and one worker paused
-    with SIGSTOP for longer than the stall timeout, then resumed."""
-    c.sim.configure(p_hang=0.03, hang_s=4.0)
+    """Hung answers all along (cut by the request timeout), one worker paused with SIGSTOP for longer than the
+    stall timeout and resumed (the laptop that slept), then the limit dropping to a tenth for ``low_s`` (429
+    storms) and recovering."""
+    c.sim.configure(p_hang=0.1, hang_s=4.0)
     with c.job() as job:
         c.wait_for(lambda: c.inserts("clob_fills") >= 2, 60, "the first inserts")
-        c.sim.configure(rate_limit_rps=RATE_RPS / 10)
-        c.figures.faults[f"limit ÷10 for {low_s:g} s"] += 1
-        time.sleep(low_s)
-        c.sim.configure(rate_limit_rps=RATE_RPS)
-        live = job.live()
-        if live:
-            pid = c.rng.choice(live)
-            job.signal(pid, signal.SIGSTOP)
+        pid = c.rng.choice(job.live())
+        if job.signal(pid, signal.SIGSTOP):
             time.sleep(paused_s)
             job.signal(pid, signal.SIGCONT)
             c.figures.faults[f"SIGSTOP {paused_s:g} s (stall timeout 3 s)"] += 1
+        c.sim.configure(rate_limit_rps=RATE_RPS / 10, burst=1)
+        c.figures.faults[f"limit ÷10 for {low_s:g} s"] += 1
+        time.sleep(low_s)
+        c.sim.configure(rate_limit_rps=RATE_RPS, burst=10)
         c.finish(job)
 
 

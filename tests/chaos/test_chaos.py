@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 
 # About 0.8 s a full page (graph-node's service time), so runs last long enough for faults to land mid-run.
 DEFAULT = {"markets": 300, "shards": 2, "latency_base_s": 0.3, "latency_per_row_ms": 0.5}
-SIZES = {"kill -9 ×N": {**DEFAULT, "markets": 800, "shards": 3}}  # enough work for 20 kills
+LONG = {**DEFAULT, "markets": 800, "shards": 3}  # enough work for 20 kills, or a pause then a collapsed limit
+SIZES = {"kill -9 ×N": LONG, "source storms": LONG}
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +47,6 @@ def test_scenario_ends_exact_with_status_agreeing(name, db, tmp_path):
         # flight and at most one fetched since the last flush (a page takes longer than the flush interval).
         active_units = out.status_units[2] / size["shards"]
         assert figures.refetched_fills <= kills * active_units * 2 * PAGE_SIZE, figures
+    if name == "source storms":
+        assert {"429 answers", "hung answers", "SIGSTOP 5 s (stall timeout 3 s)"} <= {
+            fault for fault, n in figures.faults.items() if n}, figures.faults
