@@ -24,6 +24,10 @@ Memory, four figures:
     < 300 MB target is about. The served engine's process and the executor are printed beside it.
 
     python bench/backfill_e2e.py [--markets 3000] [--top-fills 200000] [--limit 20] [--shards 8] [--no-heap]
+    python bench/backfill_e2e.py --grid [--quick] [--grid-shards 1] [--limits 20 100] [--latencies 0 0.5 1.5]
+
+--grid runs the latency grid instead: for each limit and full-page latency, a fresh simulator and served
+database, `clobjob backfill` with its workers as processes, and the figures against the clairvoyant ideal.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from clobjob.sim import export
 
 
 def children(pid: int) -> list[int]:
@@ -63,11 +69,13 @@ def rss_mb(pid: int) -> float:
 class Sim:
     """`clobjob sim serve` in its own process, so the backfill under test does not share its CPU time."""
 
-    def __init__(self, markets: int, seed: int, top_fills: int, limit: float) -> None:
+    def __init__(self, markets: int, seed: int, top_fills: int, limit: float, page_s: float = 0.0) -> None:
+        latency = ["--latency-base-s", str(0.25 * page_s), "--latency-per-row-ms", str(0.75 * page_s),
+                   "--latency-jitter", "0.2"] if page_s else []  # a full page takes page_s (±20 %)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "clobjob", "sim", "serve", "--port", "0", "--markets", str(markets),
              "--seed", str(seed), "--top-fills", str(top_fills), "--profile", "throttled",
-             "--rate-limit", str(limit), "--burst", "10"],
+             "--rate-limit", str(limit), "--burst", str(max(10, int(limit / 2))), *latency],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.url = self.process.stdout.readline().strip()
         self.base = self.url.split("/subgraphs")[0]
@@ -185,6 +193,108 @@ def prepare(root: Path, sim: Sim, database_url: str | None = None) -> dict[str, 
     return env
 
 
+def prepare_from_export(root: Path, sim: Sim) -> dict[str, str]:
+    """A fresh database with only the dataset's Gamma export loaded: no sync, the backfill counts its work."""
+    env = {**os.environ, "CLOBJOB_CLICKHOUSE_URL": f"chdb://{root / 'db'}", "CLOBJOB_SUBGRAPH_URL": sim.url,
+           "CLOBJOB_HOME": str(root / "home"), "CLOBJOB_LOG_FORMAT": "json"}
+    markets, _ = export(root / "export", markets=ARGS.markets, seed=ARGS.seed, top_fills=ARGS.top_fills)
+    clobjob(env, "markets", "load", str(markets))
+    return env
+
+
+def latest_run(env: dict[str, str]) -> tuple[int, float]:
+    """The latest run's clairvoyant minimum of requests — Σ over its units of ceil(expected fills / 1000), at
+    least 1 (small markets batched into one unit as the planner batches them, a giant market's id ranges
+    apart) — and the wall-clock time of its last checkpoint."""
+    code = ("from clobjob.config import Settings; from clobjob.store import open_store\n"
+            "with open_store(Settings()) as s:\n"
+            "    run = s.db.scalar('SELECT run_id FROM {db}.backfill_runs FINAL ORDER BY created_at DESC LIMIT 1')\n"
+            "    last = s.db.scalar('SELECT toUnixTimestamp64Milli(max(updated_at)) FROM {db}.backfill_progress '\n"
+            "                       'FINAL WHERE run_id = {r:String}', {'r': run})\n"
+            "    print(sum(max(1, -(-u.expected_fills // 1000)) for u in s.units(run)), last / 1000)")
+    minimum, last = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                   check=True).stdout.split()
+    return int(minimum), float(last)
+
+
+SUSTAINED_S = 5.0  # the window of the sustained utilisation
+
+
+def watch(sim: Sim, into: list[tuple[float, int]], stop: threading.Event) -> None:
+    """Sample (wall-clock time, fill requests) of the simulator every 0.05 s until ``stop``."""
+    while not stop.is_set():
+        into.append((time.time(), sim.stats()["fill_requests"]))
+        time.sleep(0.05)
+
+
+def sustained(samples: list[tuple[float, int]], limit: float) -> float:
+    """The best ``SUSTAINED_S`` window's fill requests per second ÷ ``limit`` (past the slow start)."""
+    best = 0.0
+    for i, (t0, n0) in enumerate(samples):
+        later = next(((t, n) for t, n in samples[i:] if t >= t0 + SUSTAINED_S), None)
+        if later is None:
+            break
+        best = max(best, (later[1] - n0) / (later[0] - t0) / limit)
+    return best
+
+
+GRID_HEADER = (f"{'limit':>6} {'page s':>6} {'shards':>6} {'wall s':>7} {'ideal s':>7} {'÷ideal':>7} {'util':>6} "
+               f"{'util5s':>6} {'429':>6} {'req÷min':>8} {'peak in-flight':>14} {'worker RSS MB':>14}")
+
+
+def grid_cell(root: Path, limit: float, page_s: float, shards: int) -> str:
+    """`clobjob backfill` with its workers as processes on `clobjob db serve`, at ``limit`` and ``page_s``."""
+    sim = Sim(ARGS.markets, ARGS.seed, ARGS.top_fills, limit, page_s)
+    served = ServedDatabase(root / "db")
+    try:
+        env = prepare(root, sim, served.url)
+        before = sim.stats()
+        samples: list[tuple[float, int]] = []
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch, args=(sim, samples, stop))
+        watcher.start()
+        workers: dict[int, float] = {}
+        try:
+            backfill(env, shards, workers=workers)
+        finally:
+            stop.set()
+            watcher.join()
+        after = sim.stats()
+        minimum, last = latest_run(env)
+        start = next(t for t, n in samples if n > before["fill_requests"])
+        wall = last - start  # from the first fill request to the last checkpoint
+    finally:
+        served.close()
+        sim.close()
+    requests = after["requests"] - before["requests"]
+    useful = after["fill_requests"] - before["fill_requests"]
+    throttled = after["throttled_429"] - before["throttled_429"]
+    ideal = minimum / limit + page_s
+    return (f"{limit:>6g} {page_s:>6g} {shards:>6} {wall:>7.1f} {ideal:>7.1f} {wall / ideal:>7.2f} "
+            f"{useful / wall / limit:>6.2f} {sustained(samples, limit):>6.2f} {throttled / max(requests, 1):>6.1%} "
+            f"{useful / minimum:>8.3f} "
+            f"{after['in_service_peak']:>14.0f} {max(workers.values(), default=0):>14.0f}")
+
+
+def grid() -> None:
+    """The latency grid: page latencies × limits, one fresh simulator and database per cell."""
+    print(f"dataset: {ARGS.markets:,} markets (seed {ARGS.seed}), largest market {ARGS.top_fills:,} fills; "
+          f"{ARGS.grid_shards} shard(s); host load average {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
+    print("wall = first fill request → last checkpoint; ideal = minimum requests ÷ limit + one page latency (minimum = "
+          "Σ over the plan's units of ceil(fills/1000)); util = useful pages/s ÷ limit; util5s = the best 5 s of it "
+          "(past the slow start); req÷min = useful pages ÷ "
+          "minimum; peak in-flight = the simulator's answers in service at most")
+    print(GRID_HEADER, flush=True)
+    for limit in ARGS.limits:
+        for page_s in ARGS.latencies:
+            root = Path(tempfile.mkdtemp(prefix="clobjob-grid-"))
+            try:
+                print(grid_cell(root, limit, page_s, ARGS.grid_shards), flush=True)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+    print(f"host load average at the end {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="clobjob-e2e-"))
     sim = Sim(ARGS.markets, ARGS.seed, ARGS.top_fills, ARGS.limit)
@@ -199,6 +309,13 @@ def main() -> None:
         fills = after["fills_served"] - before["fills_served"]
         requests = after["requests"] - before["requests"]
         throttled = after["throttled_429"] - before["throttled_429"]
+
+        minimum_a, _ = latest_run(env)
+        env_e = prepare_from_export(root / "e", sim)
+        before_e = sim.stats()
+        wall_e, _ = backfill(env_e, ARGS.shards)
+        minimum_e, _ = latest_run(env_e)
+        requests_e = sim.stats()["requests"] - before_e["requests"]
 
         env_b = prepare(root / "b", sim)
         before_b = sim.stats()
@@ -239,6 +356,10 @@ def main() -> None:
     if heap is not None:
         print(f"{'Python heap peak (tracemalloc)':<34}{heap:>10.0f} MB   (modules alone: {module_heap:.0f} MB; "
               f"data in flight: {heap - module_heap:.0f} MB; traced run {wall_c:.0f} s)")
+    print(f"E. from a Gamma export alone (no sync: the backfill counts the expected fills itself), wall "
+          f"{wall_e:.1f} s = {wall_e / (minimum_e / ARGS.limit):.2f} × an ideal client paced at the limit "
+          f"({minimum_e:,} requests ÷ {ARGS.limit:g} req/s; {requests_e:,} requests sent, counts included); the "
+          f"synced run A: {wall / (minimum_a / ARGS.limit):.2f} ×")
     print(f"D. workers as processes: the database served by `clobjob db serve` (as pods against a server), "
           f"wall {wall_d:.1f} s")
     print(f"{'peak RSS of a worker process':<34}{max(workers.values()):>10.0f} MB   (largest of {len(workers)}; "
@@ -258,5 +379,15 @@ if __name__ == "__main__":
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--no-heap", dest="heap", action="store_false",
                         help="skip run C (the Python heap under tracemalloc)")
+    parser.add_argument("--grid", action="store_true", help="only the latency grid (page latencies × limits)")
+    parser.add_argument("--quick", action="store_true", help="the grid on a small set (300 markets)")
+    parser.add_argument("--grid-shards", type=int, default=1, help="shards of the grid's runs (default 1)")
+    parser.add_argument("--limits", type=float, nargs="+", default=[20.0, 100.0])
+    parser.add_argument("--latencies", type=float, nargs="+", default=[0.0, 0.5, 1.5], help="full-page seconds")
     ARGS = parser.parse_args()
-    main()
+    if ARGS.quick:
+        ARGS.grid, ARGS.markets = True, 300
+    if ARGS.grid:
+        grid()
+    else:
+        main()

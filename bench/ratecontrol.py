@@ -15,7 +15,8 @@ the clients under test run in this process, except the four independent clients 
 4. Limit 100 req/s (Goldsky's documented per-IP limit) on ``--big-markets`` markets: ideal and adaptive,
    with the client's CPU time, to show the client is not the bottleneck.
 
-    python bench/ratecontrol.py [--markets 5000] [--big-markets 20000] [--seed 7] [--cap 40]
+    python bench/ratecontrol.py [--quick] [--markets 5000] [--big-markets 20000] [--grid-markets N] [--seed 7]
+                                [--cap 40]
 
 Prints the figures; asserts nothing.
 """
@@ -26,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,7 @@ from clobjob.sim import Dataset
 from clobjob.sim.data import HEAD_TS
 from clobjob.sources.markets import market_from_gamma
 from clobjob.sources.subgraph import ALLOWANCE_TEXT, FILL_FIELDS, PAGE_SIZE, SubgraphSource, merge_universe
+from clobjob.lanes import ShardLanes
 from clobjob.parts import make_controller
 
 PRESETS = ((16, 500), (32, 100), (64, 50))
@@ -66,9 +69,10 @@ OLD_BACKOFF_CAP_S = 60.0  # the guide doubles from 1 s; we stop doubling at a mi
 class Sim:
     """``clobjob.sim.serve`` in a child process; ``configure`` and ``stats`` over its admin endpoints."""
 
-    def __init__(self, markets: int, seed: int, rps: float, burst: int) -> None:
+    def __init__(self, markets: int, seed: int, rps: float, burst: int, **knobs: Any) -> None:
+        extra = "".join(f", {k}={v!r}" for k, v in knobs.items())
         code = (f"from clobjob.sim import serve; serve(port=0, markets={markets}, seed={seed}, profile='clean', "
-                f"rate_limit_rps={rps}, burst={burst})")
+                f"rate_limit_rps={rps}, burst={burst}{extra})")
         self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True)
         assert self.proc.stdout is not None
@@ -103,9 +107,9 @@ class Work:
     whales: int
 
 
-def prepare(sim: Sim, markets: int, seed: int, shards: int = 1) -> Work:
+def prepare(sim: Sim, markets: int, seed: int, shards: int = 1, top_fills: int | None = None) -> Work:
     """Gamma export → ``markets sync`` against the simulator → plan, as ``clobjob`` would do it."""
-    ds = Dataset.generate(markets=markets, seed=seed)
+    ds = Dataset.generate(markets=markets, seed=seed, top_fills=top_fills)
     gamma = [market_from_gamma(obj, line) for line, obj in enumerate(ds.markets, 1)]
 
     async def universe() -> Any:
@@ -164,8 +168,9 @@ class Paced:
 
 
 async def fetch(source: SubgraphSource, units: list[WorkUnit], conditions: dict[str, str], concurrency: int,
-                until: float | None = None) -> int:
-    """Fetch every unit (with ``until``: keep cycling through them until that ``time.monotonic()``)."""
+                until: float | None = None, lanes: ShardLanes | None = None) -> int:
+    """Fetch every unit (with ``until``: keep cycling through them until that ``time.monotonic()``), each unit
+    paging several of its ranges at once as ``lanes`` allows (as the worker does)."""
     fills, queue = 0, deque(units)
 
     async def run() -> None:
@@ -174,21 +179,26 @@ async def fetch(source: SubgraphSource, units: list[WorkUnit], conditions: dict[
             unit = queue.popleft()
             if until is not None:
                 queue.append(unit)
-            async with aclosing(source.pages(unit, "", conditions)) as pages:
-                async for page in pages:
-                    fills += len(page.rows)
-                    if until is not None and time.monotonic() >= until:
-                        return
+            unit_lanes = lanes.open(unit.unit_id) if lanes else None
+            try:
+                async with aclosing(source.pages(unit, "", conditions, unit_lanes)) as pages:
+                    async for page in pages:
+                        fills += len(page.rows)
+                        if until is not None and time.monotonic() >= until:
+                            return
+            finally:
+                if lanes:
+                    lanes.close(unit.unit_id)
 
     await asyncio.gather(*(run() for _ in range(min(concurrency, len(units)))))
     return fills
 
 
-async def sample(controller: Any, into: list[tuple[float, int, int, int]], every: float = 0.25) -> None:
-    """Append ``(wall time, requests, successes, throttled)`` of the controller every ``every`` seconds."""
+async def sample(controller: Any, into: list[tuple[float, int, int, int, int]], every: float = 0.1) -> None:
+    """Append ``(wall time, requests, successes, throttled, in flight)`` of the controller every ``every`` s."""
     while True:
         state = controller.snapshot()
-        into.append((time.time(), state.requests, state.successes, state.throttled))
+        into.append((time.time(), state.requests, state.successes, state.throttled, state.in_flight))
         await asyncio.sleep(every)
 
 
@@ -202,13 +212,14 @@ async def run_client(url: str, units: list[WorkUnit], conditions: dict[str, str]
     async with SubgraphSource(settings, controller) as source:  # type: ignore[arg-type]
         sampler = asyncio.create_task(sample(controller, timeline)) if ideal_rps is None else None
         changes = asyncio.create_task(schedule()) if schedule else None
-        fills = await fetch(source, units, conditions, settings.max_in_flight, until)
+        lanes = ShardLanes(controller) if ideal_rps is None else None
+        fills = await fetch(source, units, conditions, settings.max_in_flight, until, lanes)
         for task in (sampler, changes):
             if task:
                 task.cancel()
     if ideal_rps is None:
         state = controller.snapshot()
-        timeline.append((time.time(), state.requests, state.successes, state.throttled))
+        timeline.append((time.time(), state.requests, state.successes, state.throttled, state.in_flight))
     return fills, timeline
 
 
@@ -347,37 +358,111 @@ def limit_changes(work: Work, sim: Sim, phases: tuple[float, ...], phase_s: floa
     return lines
 
 
-def four_clients(sim: Sim, markets: int, seed: int, limit: float, seconds: float) -> list[str]:
-    """Four adaptive clients in four processes, each cycling through one shard of a 4-shard plan."""
-    work = prepare(sim, markets, seed, shards=4)
-    time.sleep(1.0)
+def clients(url: str, work: Work, shards: int, seconds: float | None = None) -> list[dict[str, Any]]:
+    """One adaptive client process per shard of ``work`` (with ``seconds``: each cycling through its units
+    that long, else fetching them once); their results (``client_main``)."""
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
-        for shard in range(4):
+        for shard in range(shards):
             path = Path(tmp) / f"shard{shard}.json"
-            path.write_text(json.dumps({"url": sim.url, "conditions": work.conditions, "seconds": seconds,
+            path.write_text(json.dumps({"url": url, "conditions": work.conditions, "seconds": seconds,
                                         "units": [u.model_dump() for u in work.units if u.shard == shard]}))
             procs.append(subprocess.Popen([sys.executable, __file__, "--client", str(path)], stdout=subprocess.PIPE,
                                           text=True))
-        results = [json.loads(p.communicate()[0]) for p in procs]
+        return [json.loads(p.communicate()[0]) for p in procs]
+
+
+def shared_limit(sim: Sim, markets: int, seed: int, limit: float, seconds: float, n: int,
+                 top_fills: int | None = None, latency: float = 0.0) -> list[str]:
+    """``n`` adaptive clients in ``n`` processes, each cycling through one shard of an ``n``-shard plan."""
+    work = prepare(sim, markets, seed, shards=n, top_fills=top_fills)
+    time.sleep(1.0)
+    results = clients(sim.url, work, n, seconds)
     timelines = [r["timeline"] for r in results]
     t0, t1 = max(t[0][0] for t in timelines), min(t[-1][0] for t in timelines)
+    skip = min(10.0, (t1 - t0) / 3)  # past the slow starts
+    t0 += skip
     rates = [rate_over(t, 2, t0, t1) for t in timelines]
-    fair = limit / 4
+    fair = limit / n
     throttled = sum(r["throttled"] for r in results) / max(1, sum(r["requests"] for r in results))
-    return [f"four adaptive clients (4 OS processes, one shard each) sharing {limit:g} req/s, over the {t1 - t0:.0f} s "
-            f"all four ran: together {sum(rates) / limit:.2f} of the limit; per client "
-            + ", ".join(f"{r:.1f}" for r in rates)
-            + f" req/s (fair share {fair:g}: lowest {min(rates) / fair:.2f} of it); 429 share {throttled:.1%}"]
+    return [f"{n} adaptive clients ({n} OS processes, one shard each) sharing {limit:g} req/s at {latency:g} s pages,"
+            f" over {t1 - t0:.0f} s after the first {skip:.0f}: together {sum(rates) / limit:.2f} "
+            "of the limit; per client " + ", ".join(f"{r:.1f}" for r in rates)
+            + f" req/s (fair share {fair:.3g}: lowest {min(rates) / fair:.2f} of it); 429 share {throttled:.1%}"]
 
 
 def client_main(path: str) -> None:
-    """``--client``: one of the four processes; prints its timeline as JSON."""
+    """``--client``: one client process; prints its timeline, wall time and peak RSS as JSON."""
     job = json.loads(Path(path).read_text())
     units = [WorkUnit(**u) for u in job["units"]]
-    until = time.monotonic() + job["seconds"]
-    _, timeline = asyncio.run(run_client(job["url"], units, job["conditions"], until=until))
-    print(json.dumps({"timeline": timeline, "requests": timeline[-1][1], "throttled": timeline[-1][3]}))
+    until = None if job["seconds"] is None else time.monotonic() + job["seconds"]
+    started = time.monotonic()
+    fills, timeline = asyncio.run(run_client(job["url"], units, job["conditions"], until=until))
+    print(json.dumps({"timeline": timeline, "requests": timeline[-1][1], "throttled": timeline[-1][3],
+                      "fills": fills, "wall": time.monotonic() - started,
+                      "peak_in_flight": max(t[4] for t in timeline),
+                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def page_latency(seconds: float) -> dict[str, float]:
+    """Simulator knobs for a full 1,000-row page taking ``seconds`` (a quarter fixed, the rest per row, ±20 %)."""
+    if not seconds:
+        return {}
+    return {"latency_base_s": 0.25 * seconds, "latency_per_row_ms": 0.75 * seconds, "latency_jitter": 0.2}
+
+
+def minimum_requests(units: list[WorkUnit]) -> int:
+    """The clairvoyant minimum: one request per 1,000 fills of each unit, rounded up (a small-market batch
+    of the plan is one unit), at least one per unit."""
+    return sum(max(1, -(-u.expected_fills // PAGE_SIZE)) for u in units)
+
+
+SUSTAINED_S = 5.0  # the window of the sustained utilisation
+GRID_HEADER = (f"{'limit':>6} {'page s':>6} {'wall s':>7} {'ideal s':>7} {'÷ideal':>7} {'util':>6} {'util5s':>6} "
+               f"{'429':>6} "
+               f"{'req÷min':>8} {'peak in-flight':>15} {'RSS MB':>7}")
+
+
+def grid_cell(markets: int, seed: int, top_fills: int, limit: float, latency: float) -> str:
+    """One shard (one client process, every unit of a 1-shard plan) at ``limit`` req/s and ``latency`` s pages."""
+    sim = Sim(markets, seed, limit, max(10, int(limit / 2)), top_fills=top_fills, **page_latency(latency))
+    try:
+        work = prepare(sim, markets, seed, top_fills=top_fills)
+        time.sleep(1.0)
+        before = sim.stats()
+        [result] = clients(sim.url, work, 1)
+        after = sim.stats()
+    finally:
+        sim.close()
+    minimum = minimum_requests(work.units)
+    ideal = minimum / limit + latency
+    requests = after["requests"] - before["requests"]
+    useful = after["fill_requests"] - before["fill_requests"]
+    throttled = after["throttled_429"] - before["throttled_429"]
+    wall, timeline = result["wall"], result["timeline"]
+    best = max((rate_over(timeline, 2, t[0], t[0] + SUSTAINED_S) for t in timeline
+                if t[0] + SUSTAINED_S <= timeline[-1][0]), default=0.0)
+    return (f"{limit:>6g} {latency:>6g} {wall:>7.1f} {ideal:>7.1f} {wall / ideal:>7.2f} {useful / wall / limit:>6.2f}"
+            f" {best / limit:>6.2f}"
+            f" {throttled / max(requests, 1):>6.1%} {useful / minimum:>8.3f} {result['peak_in_flight']:>7}"
+            f" (sim {after['in_service_peak']:>3.0f}) {result['rss_mb']:>7.0f}")
+
+
+def latency_grid(markets: int, seed: int, top_fills: int, limits: tuple[float, ...],
+                 latencies: tuple[float, ...]) -> list[str]:
+    lines = [f"one shard, {markets:,} markets (seed {seed}) with one {top_fills:,}-fill market, at page latencies "
+             f"{', '.join(f'{x:g}' for x in latencies)} s (a full page; smaller pages faster) and {limits} req/s:",
+             "ideal = clairvoyant minimum requests ÷ limit + one page latency (minimum = Σ over the plan's units of "
+             "ceil(fills/1000), small markets batched as the planner batches them); util = useful pages/s ÷ limit "
+             "(util5s: its best 5 s, past the slow start);",
+             "req÷min = useful pages ÷ minimum; peak in-flight = the client's requests in flight at most (sim: answers "
+             "in service at most); RSS = the client process's peak",
+             GRID_HEADER]
+    for limit in limits:
+        for latency in latencies:
+            lines.append(grid_cell(markets, seed, top_fills, limit, latency))
+            print(lines[-1], flush=True)
+    return lines
 
 
 def main() -> None:
@@ -386,6 +471,10 @@ def main() -> None:
     parser.add_argument("--big-markets", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--cap", type=float, default=40.0, help="seconds each old preset runs before extrapolation")
+    parser.add_argument("--grid-markets", type=int, help="markets of the latency grid's set (default 300 with "
+                        "--quick, else 3000)")
+    parser.add_argument("--top-fills", type=int, default=200_000, help="fills of the grid set's largest market")
+    parser.add_argument("--quick", action="store_true", help="only the latency grid (small set) and the shared limit")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logger.remove()
@@ -394,6 +483,19 @@ def main() -> None:
         client_main(args.client)
         return
     started, load = time.perf_counter(), os.getloadavg()[0]
+    grid_markets = args.grid_markets or (300 if args.quick else 3000)
+    print("\n".join(latency_grid(grid_markets, args.seed, args.top_fills, (20.0, 100.0), (0.0, 0.5, 1.5))) + "\n")
+    for n in (4, 16):
+        sim = Sim(grid_markets, args.seed, 20.0, 10, top_fills=args.top_fills, **page_latency(0.5))
+        try:
+            print("\n".join(shared_limit(sim, grid_markets, args.seed, 20.0, 30.0 if args.quick else 60.0, n,
+                                          args.top_fills, 0.5)), flush=True)
+        finally:
+            sim.close()
+    if args.quick:
+        print(f"\nbench took {time.perf_counter() - started:.0f} s; host load average {load:.1f} at the start, "
+              f"{os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} CPUs)")
+        return
 
     limit = 20.0
     sim = Sim(args.markets, args.seed, limit, 10)
@@ -412,7 +514,7 @@ def main() -> None:
         print("limit changes under the adaptive fetcher (follows in: until its send rate stays within ±20% of "
               "the new limit for 2 s)")
         print("\n".join(limit_changes(work, sim, (20.0, 8.0, 30.0), 15.0)) + "\n")
-        print("\n".join(four_clients(sim, args.markets, args.seed, limit, 30.0)) + "\n")
+        print("\n".join(shared_limit(sim, args.markets, args.seed, limit, 30.0, 4)) + "\n")
     finally:
         sim.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -17,14 +18,14 @@ from clobjob import __version__, launch, monitor, plan, sim
 from clobjob.config import Settings
 from clobjob.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, ClobjobError
 from clobjob.executors.base import shard_from_env
-from clobjob.logs import setup_logging
+from clobjob.logs import printable, setup_logging
 from clobjob.models import RunState
 from clobjob.store import open_store
 from clobjob.store.serve import serve as serve_database
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings().with_overrides(
+    return Settings.load(
         clickhouse_url=args.clickhouse_url,
         clickhouse_database=args.database,
         log_format=args.log_format,
@@ -119,6 +120,16 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         return 130
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number")
+    return value
+
+
 def _ratio(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -127,7 +138,7 @@ def _ratio(text: str) -> float:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    with monitor.open_readable(settings) as store:
+    with open_store(settings) as store:
         result = monitor.verify(store, min_coverage=args.min_coverage,
                                 heartbeat_interval_s=settings.heartbeat_interval_s,
                                 on_chain=settings.rpc_url is not None)
@@ -143,7 +154,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[f"{v:,}" if isinstance(v, int) else str(v) for v in row] for row in [header, *rows]]
+    cells = [[f"{v:,}" if isinstance(v, int) else printable(str(v)) for v in row] for row in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                      for row in cells)
@@ -421,10 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--markets", metavar="FILE", help="only these condition ids (JSON array or one per line)")
     diagnose.add_argument("--out", metavar="FILE", help="write the missing and incomplete condition ids to FILE "
                           "(a JSON array, for --markets)")
-    diagnose.add_argument("--rate", type=float, metavar="RPS", help="plan with this request rate instead of probing")
+    diagnose.add_argument("--rate", type=_positive, metavar="RPS",
+                          help="plan with this request rate instead of probing")
     diagnose.add_argument("--offline", action="store_true", help="skip the sample fetches and the rate probe")
     diagnose.add_argument("--sample", type=int, default=5, metavar="N", help="missing markets to fetch for real")
-    diagnose.add_argument("--probe-seconds", type=float, default=10.0, metavar="S",
+    diagnose.add_argument("--probe-seconds", type=_positive, default=10.0, metavar="S",
                           help="how long to probe the sustainable request rate")
     _add_source_flags(diagnose, stores=False)
 
@@ -523,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_format or "auto", long_running=args.long_running)
     try:
         settings = _settings(args)
-        setup_logging(settings.log_format, long_running=args.long_running)
+        setup_logging(settings.log_format, long_running=args.long_running, redact=settings.redact)
         code = args.func(args, settings)
         sys.stdout.flush()
         return code
@@ -533,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClobjobError as exc:
         logger.error("{}", exc)
         return exc.exit_code
-    except ValueError as exc:  # pydantic validation of settings or inputs
+    except ValueError as exc:  # a model's validation of an input
         logger.error("bad configuration or input: {}", exc)
         return EXIT_BAD_INPUT
 

@@ -120,8 +120,12 @@ def _require_universe(store: Store) -> None:
                        "`clobjob markets sync --gamma`")
 
 
-def _market_list(path: str | None) -> list[str] | None:
-    return plan.read_condition_ids(path) if path else None
+def _market_list(path: str | None, store: Store | None = None) -> list[str] | None:
+    """The ids of a ``--markets`` file; with ``store``, every one must be in the universe (plan, backfill)."""
+    if not path:
+        return None
+    ids = plan.read_condition_ids(path)
+    return ids if store is None else plan.check_listed(store, ids)
 
 
 # --- diagnose and plan ---------------------------------------------------------------------------
@@ -196,7 +200,7 @@ def plan_run(settings: Settings, *, shards: int, run_id: str | None, markets_fil
             units = plan.plan_window(_utc("--since", since), _utc("--until", until), shards, run_id)
             params = RunParams(kind=RunKind.PLAN, since=since, until=until, units=len(units))
         else:
-            work = _find_work(settings, store, _market_list(markets_file), source, say)
+            work = _find_work(settings, store, _market_list(markets_file, store), source, say)
             report, source = work.report, work.source
             units = plan.plan_units(report, shards, run_id, blocks=work.blocks)
             params = RunParams(kind=RunKind.PLAN, as_of=report.as_of, markets=len(report.work),
@@ -222,7 +226,7 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
         if run is not None:
             say(f"resuming run {run.run_id}: {store.unfinished_units(run.run_id):,} unit(s) left")
         else:
-            work = _find_work(settings, store, _market_list(markets_file), _source(settings, source), say)
+            work = _find_work(settings, store, _market_list(markets_file, store), _source(settings, source), say)
             chain_unread = work.chain_unread
             units = plan.plan_backfill(store, shards, plan.default_run_id(store), work.report, source=work.source,
                                        blocks=work.blocks)

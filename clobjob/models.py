@@ -10,18 +10,23 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from decimal import Decimal
 from enum import Enum
 from itertools import repeat
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO
 
+import ijson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from clobjob.errors import BadFill
 
 USDC_ASSET_ID = "0"
+STORABLE_TIMES = (datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(2106, 2, 7, 6, 28, 15, tzinfo=timezone.utc))
+"""The first and last instant a ClickHouse ``DateTime`` holds (seconds since the epoch in a UInt32)."""
 
 # Exchange contracts (shared/reference/data-sources.md §2), lower-cased: a fill whose taker is one of
 # these is the taker order's own leg of a match ("relay leg").
@@ -36,6 +41,9 @@ EXCHANGE_FIRST_BLOCKS = dict(zip(EXCHANGES, (33_605_403, 50_505_492, 84_902_353,
 
 _HEX = re.compile(r"^(0x)?[0-9a-fA-F]+$")
 _DEC = re.compile(r"^[0-9]+$")
+_AT_OFFSET = re.compile(r" at \d+$")
+_IJSON = ijson.get_backend("python")
+_BOM = "\ufeff".encode()
 
 
 class BadValue(ValueError):
@@ -54,9 +62,19 @@ def normalize_hex(value: str, *, nbytes: int | None = None, what: str = "hex val
     return "0x" + digits
 
 
+CONDITION_ID_MIN_DIGITS = 62
+"""Fewest hex digits a condition id may have: some exports drop its leading zeros (62 vs 64 digits seen in real
+data, shared/reference/data-sources.md §1); anything shorter is not a condition id."""
+
+
 def normalize_condition_id(value: str) -> str:
-    """A condition id as 0x + 64 lower-case hex digits."""
-    return normalize_hex(value, nbytes=32, what="condition id")
+    """A condition id as 0x + 64 lower-case hex digits (left-padded from at least ``CONDITION_ID_MIN_DIGITS``)."""
+    normalized = normalize_hex(value, nbytes=32, what="condition id")
+    digits = len(value.strip().lower().removeprefix("0x"))
+    if digits < CONDITION_ID_MIN_DIGITS:
+        raise BadValue(f"condition id {value!r} has {digits} hex digits: a condition id has 64 "
+                       f"({CONDITION_ID_MIN_DIGITS} or 63 when an export dropped leading zeros)")
+    return normalized
 
 
 def normalize_token_id(value: str | int) -> str:
@@ -76,21 +94,103 @@ def normalize_token_id(value: str | int) -> str:
     return str(number)
 
 
-def json_array_items(text: str) -> list[tuple[int, Any]]:
-    """(line, value) of each element of the JSON array in ``text``, read one element at a time so that
-    every element is located by the line it starts on; ``json.JSONDecodeError`` names the line of a fault."""
-    decoder, items = json.JSONDecoder(), []
-    pos = text.index("[") + 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text):
-            raise json.JSONDecodeError("JSON array is not closed", text, pos)
-        if text[pos] == "]":
-            return items
-        value, end = decoder.raw_decode(text, pos)
-        items.append((text.count("\n", 0, pos) + 1, value))
-        pos = end
+class JsonError(BadValue):
+    """Input that is not the JSON it should be, located by its line."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(f"line {line}: {message}")
+        self.line = line
+
+
+JSON_CHUNK = 1 << 16
+"""Bytes read at a time: a longer line is read in pieces, so memory stays bounded."""
+MAX_LINE_BYTES = 16 << 20
+"""A line of one-value-per-line input longer than this is rejected unread (it cannot be a market or an id)."""
+
+
+def json_line(text: str) -> Any:
+    """One line of JSONL: numbers with a fraction or exponent as ``Decimal`` (as in arrays); NaN and
+    Infinity, which are not JSON, are refused."""
+    return json.loads(text, parse_float=Decimal, parse_constant=_not_json)
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def json_rows(path: str | Path, *, parse_line: Callable[[str], Any] = json_line) -> Iterator[tuple[int, Any]]:
+    """(line, value) of each element of the JSON array in the file, or — when it does not start with ``[`` — of
+    each non-blank line converted by ``parse_line`` (default: JSONL). Linear time; memory holds one element.
+
+    Numbers with a fraction or exponent come as ``Decimal`` (``1e309`` is a value to reject, not a crash).
+    An array that is not JSON raises ``JsonError`` at its first fault (nothing after it can be located); a line
+    that ``parse_line`` refuses (``ValueError``), is not UTF-8 or is longer than ``MAX_LINE_BYTES`` is yielded as
+    a ``JsonError`` in place of its value, and reading goes on. ``BadValue`` when the file cannot be read.
+    """
+    try:
+        with open(path, "rb") as file:
+            first = file.read(JSON_CHUNK).removeprefix(_BOM).lstrip()[:1]
+            file.seek(0)
+            yield from (_array_items(file) if first == b"[" else _line_values(file, parse_line))
+    except OSError as exc:
+        raise BadValue(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+class _Lines:
+    """A binary file read for ijson one line (at most ``JSON_CHUNK`` bytes) at a time; ``line`` is the line the
+    last piece is on, so every parse event is located by the line it occurs on."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.line, self._next = file, 0, 1
+
+    def read(self, size: int) -> bytes:
+        if size == 0:  # ijson probes bytes-or-text with an empty read
+            return b""
+        piece = self.file.readline(JSON_CHUNK)
+        self.line = self._next
+        self._next += piece.endswith(b"\n")
+        return piece
+
+
+def _array_items(file: BinaryIO) -> Iterator[tuple[int, Any]]:
+    """The elements of a top-level JSON array, each with the line it starts on (ijson's pure-Python parser:
+    the C one turns lone surrogate escapes into '?' or into other characters)."""
+    if file.read(len(_BOM)) != _BOM:
+        file.seek(0)
+    lines = _Lines(file)
+    depth, start, builder = 0, 0, ijson.ObjectBuilder()
+    try:
+        for prefix, event, value in _IJSON.parse(lines):
+            if depth == 0:
+                if prefix != "item":
+                    continue  # the array's own start and end
+                start, builder = lines.line, ijson.ObjectBuilder()
+            builder.event(event, value)
+            depth += event in ("start_map", "start_array")
+            depth -= event in ("end_map", "end_array")
+            if depth == 0:
+                yield start, builder.value
+    except (ijson.JSONError, UnicodeDecodeError) as exc:
+        raise JsonError(lines.line, f"invalid JSON: {_AT_OFFSET.sub('', str(exc).splitlines()[0])}") from None
+
+
+def _line_values(file: BinaryIO, parse_line: Callable[[str], Any]) -> Iterator[tuple[int, Any]]:
+    for number, raw in enumerate(iter(lambda: file.readline(MAX_LINE_BYTES), b""), start=1):
+        if not raw.endswith(b"\n") and len(raw) == MAX_LINE_BYTES:
+            while (rest := file.readline(JSON_CHUNK)) and not rest.endswith(b"\n"):
+                pass
+            yield number, JsonError(number, f"line longer than {MAX_LINE_BYTES >> 20} MiB")
+            continue
+        try:
+            text = raw.decode("utf-8").strip()
+            if text:
+                yield number, parse_line(text.removeprefix("\ufeff") if number == 1 else text)
+        except UnicodeDecodeError:
+            yield number, JsonError(number, "not valid UTF-8")
+        except json.JSONDecodeError as exc:
+            yield number, JsonError(number, f"invalid JSON at column {exc.colno}: {exc.msg}")
+        except ValueError as exc:
+            yield number, JsonError(number, f"invalid JSON: {exc}")
 
 
 def as_utc(value: datetime | None) -> datetime | None:

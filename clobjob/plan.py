@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import math
 from collections import Counter
 from collections.abc import Collection, Sequence
@@ -26,6 +25,7 @@ from typing import Any
 from clobjob.errors import BadInput
 from clobjob.models import (
     BadValue,
+    JsonError,
     MarketFills,
     MarketStatus,
     Run,
@@ -33,7 +33,7 @@ from clobjob.models import (
     RunParams,
     WorkUnit,
     coverage_summary,
-    json_array_items,
+    json_rows,
     normalize_condition_id,
 )
 from clobjob.sources.subgraph import MAX_TOKENS_PER_QUERY as MAX_BATCH_TOKENS
@@ -359,34 +359,55 @@ def default_run_id(store: Store, now: datetime | None = None) -> str:
 # --- custom market lists -------------------------------------------------------------------------
 
 
+SHOWN_IDS = 10
+"""Bad or unknown ids a message lists (then a count)."""
+MAX_BAD_IDS = 1000
+"""Reading a market list stops at this many bad ids: it is not a list of condition ids."""
+_COMMENT = object()
+
+
+def _listing(items: Sequence[str]) -> str:
+    more = f"; and {len(items) - SHOWN_IDS:,} more" if len(items) > SHOWN_IDS else ""
+    return "; ".join(items[:SHOWN_IDS]) + more
+
+
 def read_condition_ids(path: str | Path) -> list[str]:
     """Condition ids from a JSON array or one per line (``#`` comments), normalised and deduplicated.
 
-    Raises ``BadInput`` listing every bad id with its line.
+    Raises ``BadInput`` listing the bad ids with their lines (the first ``SHOWN_IDS`` and a count).
     """
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise BadInput(f"cannot read market list {path}: {exc.strerror}") from None
-    if text.lstrip().startswith("["):
-        try:
-            items = json_array_items(text)
-        except json.JSONDecodeError as exc:
-            raise BadInput(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
-    else:
-        items = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)
-                 if line.strip() and not line.lstrip().startswith("#")]
     ids, bad = [], []
-    for line, value in items:
-        try:
-            ids.append(normalize_condition_id(value))
-        except BadValue as exc:
-            bad.append(f"line {line}: {exc}")
+    try:
+        for line, value in json_rows(path, parse_line=lambda text: _COMMENT if text.startswith("#") else text):
+            if value is _COMMENT:
+                continue
+            try:
+                if isinstance(value, JsonError):
+                    raise value
+                ids.append(normalize_condition_id(value))
+            except BadValue as exc:
+                bad.append(str(exc) if isinstance(exc, JsonError) else f"line {line}: {exc}")
+                if len(bad) >= MAX_BAD_IDS:
+                    break
+    except BadValue as exc:  # unreadable, or an array that is not JSON
+        raise BadInput(f"market list {path}: {exc}") from None
     if bad:
-        raise BadInput(f"{len(bad)} bad condition id(s) in {path}: " + "; ".join(bad))
+        stopped = f" (stopped reading at {MAX_BAD_IDS:,})" if len(bad) >= MAX_BAD_IDS else ""
+        raise BadInput(f"{len(bad):,} bad condition id(s){stopped} in {path}: {_listing(bad)}")
     if not ids:
         raise BadInput(f"{path} lists no condition ids")
     return list(dict.fromkeys(ids))
+
+
+def check_listed(store: Store, condition_ids: list[str]) -> list[str]:
+    """The listed condition ids, all of them in the universe; ``BadInput`` naming those that are not (a list
+    of markets nobody loaded would plan an empty run)."""
+    known = {m.condition_id for m in store.markets(condition_ids)}
+    unknown = [c for c in condition_ids if c not in known]
+    if unknown:
+        raise BadInput(f"{len(unknown):,} listed condition id(s) are not in the market universe (load them with "
+                       f"`clobjob markets load` or `markets sync`, or drop them from the list): {_listing(unknown)}")
+    return condition_ids
 
 
 # --- backfill: resume or plan --------------------------------------------------------------------

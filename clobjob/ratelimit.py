@@ -8,7 +8,7 @@ Rate (CUBIC-like around the last throttle point, after botocore's adaptive mode)
 
 - slow start: until the first throttle the rate doubles every busy second;
 - a throttle (429) sets the *ceiling* to ``min(rate, accepted rate)``, the accepted rate being the
-  answers that were not throttled per second over the last ~80 requests (0.5-10 s): upstream buckets
+  requests that were not throttled per second over the last ~80 requests (0.5-10 s): upstream buckets
   have a burst, so throttling starts well after the nominal rate passed the limit and overestimates it.
   An overload answer sets the ceiling to the current rate (it says the service is busy, not where the
   limit is; measuring it from accepted answers spiralled the rate down under random faults);
@@ -24,11 +24,22 @@ Rate (CUBIC-like around the last throttle point, after botocore's adaptive mode)
   token and the send rate is at least 70% of the rate): a demand-limited or window-limited client
   does not inflate its rate. The rate always stays within ``[min_rps, max_rps]``.
 
-In-flight window (Netflix AIMD): +1 per success while in-flight ≥ half the window, ×0.9 on an overload
-or a lost request (timeout, connection error, cancellation), once per round trip as above; it is a
-float admitting ``floor(window)`` requests, so small windows shrink smoothly. A useless answer
-(error page, garbled body, statement timeout: ``failed``) moves neither window nor rate: under random
-faults those answers are not load, and reacting to them collapsed the window to one request.
+In-flight target (Little's law): ``target_in_flight()`` = rate × smoothed latency × 1.25 + 1 (within the
+window's bounds): the requests a client must keep in flight for the token bucket, not the lack of requests,
+to be what binds. Callers size their concurrency to it (``clobjob.lanes``: a unit's id range is cut into
+ranges paged at once); at 100 req/s and 1.5 s pages it is 189, under the default ceiling of 256.
+
+The accepted rate is the sends less their throttles (which answer at once), not the useful answers, which
+arrive a latency after their sends: at 1.5 s pages those reflected the ramp's lower rates (11-15 req/s for a
+20 req/s limit) and the rate was cut to that. In slow start it is measured over the last 0.5 s only.
+
+In-flight window (Netflix AIMD, the cap on requests actually sent, and never below the target after an
+answer: +1 per success alone took many round trips to open at 1.5 s pages): +1 per success while
+in-flight ≥ half the window, ×0.9 on an overload or a lost request (timeout, connection error,
+cancellation), once per round trip as above; it is a float admitting ``floor(window)`` requests, so small
+windows shrink smoothly. A useless answer (error page, garbled body, statement timeout: ``failed``) moves
+neither window nor rate: under random faults those answers are not load, and reacting to them collapsed
+the window to one request.
 Retry-After (seconds or an HTTP-date) pauses all sending until it passes. ``backoff()`` is capped
 exponential backoff with full jitter. ``allow_retry()`` keeps retries within a fraction of the traffic
 of the last 10 s, plus a small floor so that a cold start can retry.
@@ -79,6 +90,7 @@ USE_SHARE = 0.7  # the rate only grows while the send rate is at least this shar
 BURST_S = 0.1  # capacity of our bucket, in seconds of the current rate (at least one token)
 WINDOW_DECREASE = 0.9
 LATENCY_GAIN = 0.2  # weight of a new sample in the smoothed latency
+TARGET_HEADROOM = 1.25  # requests kept in flight, as a multiple of rate × latency
 TOKEN_EPSILON = 1e-9  # float slack, so that waking at the computed instant always finds the token
 
 
@@ -203,7 +215,7 @@ class AdaptiveRateController:
         max_rps: float | None = None,
         initial_window: int = 8,
         min_window: int = 1,
-        max_window: int = 64,
+        max_window: int = 256,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
         retry_ratio: float = 0.5,
@@ -253,7 +265,6 @@ class AdaptiveRateController:
         self._window_waiters: deque[asyncio.Future[None]] = deque()
         self._window_cut_after = 0  # the same for the last window decrease
         # measurements and counters
-        self._accepts = _Recent(MEASURE_MAX_S)
         self._sends = _Recent(MEASURE_MAX_S)
         self._answers = _Recent(stats_window_s)
         self._recent_throttles = _Recent(stats_window_s)
@@ -299,6 +310,20 @@ class AdaptiveRateController:
         self._budget_retries.add(now)
         self._retries += 1
         return True
+
+    def target_in_flight(self) -> int:
+        """Requests worth having in flight (Little's law): the token rate (which settles at the accepted rate)
+        × the smoothed latency of answers, with ``TARGET_HEADROOM`` so that the token bucket, not a lack of
+        requests, is what binds (the rate only grows then); the window before the first answer. Within
+        [min_window, max_window]."""
+        if self._latency is None:
+            return int(self._window)
+        wanted = math.ceil(self._rate * self._latency * TARGET_HEADROOM) + 1
+        return max(self.min_window, min(self.max_window, wanted))
+
+    def demand(self) -> int:
+        """Requests in flight or waiting for a slot of the window."""
+        return self._occupied + len(self._window_waiters)
 
     def snapshot(self) -> RateState:
         """The current state, for heartbeats and logs."""
@@ -381,7 +406,14 @@ class AdaptiveRateController:
         self._set_rate(cut, now)
 
     def _accepted_rate(self, now: float) -> float:
-        return self._measured_rate(self._accepts, now, MEASURE_REQUESTS)
+        """Requests per second the upstream admitted, over about ``MEASURE_REQUESTS`` requests (in slow start,
+        where the rate has been doubling, over the last ``MEASURE_MIN_S``): the sends less their throttles.
+        A throttle answers at once while a useful answer comes a latency after its send, so counting answers
+        lagged the sends by a latency: at 1.5 s pages under a 20 req/s limit it read 11-15 req/s while the
+        rate ramped up, and the rate was cut to that."""
+        requests = 0.0 if self._ceiling is None else MEASURE_REQUESTS
+        sent = self._measured_rate(self._sends, now, requests)
+        return max(0.0, sent - self._measured_rate(self._recent_throttles, now, requests))
 
     def _measured_rate(self, events: _Recent, now: float, requests: float) -> float:
         """Events per second over about ``requests`` requests at the current rate."""
@@ -424,13 +456,16 @@ class AdaptiveRateController:
     def _on_success(self, permit: Permit) -> None:
         now = self._clock()
         self._answers.add(now)
-        self._accepts.add(now)
         self._successes += 1
         sample = now - permit._sent_at
         previous = sample if self._latency is None else self._latency
         self._latency = previous + LATENCY_GAIN * (sample - previous)
-        if self._in_flight * 2 >= self._window and self._window < self.max_window:
-            self._window = min(float(self.max_window), self._window + 1.0)
+        window = self._window
+        if self._in_flight * 2 >= window and window < self.max_window:
+            window = min(float(self.max_window), window + 1.0)
+        window = max(window, float(self.target_in_flight()))  # never fewer slots than rate × latency needs
+        if window > self._window:
+            self._window = window
             self._wake_window()
 
     def _on_throttled(self, permit: Permit, retry_after: float | str | None) -> None:
@@ -446,7 +481,6 @@ class AdaptiveRateController:
     def _on_overloaded(self, permit: Permit) -> None:
         now = self._clock()
         self._answers.add(now)
-        self._accepts.add(now)  # admitted by the upstream limit, whatever the answer
         self._errors += 1
         self._decrease(permit, now, measured=False)
         self._shrink_window(permit)
@@ -454,7 +488,6 @@ class AdaptiveRateController:
     def _on_failed(self, permit: Permit) -> None:
         now = self._clock()
         self._answers.add(now)
-        self._accepts.add(now)
         self._errors += 1
 
     def _on_lost(self, permit: Permit) -> None:

@@ -38,6 +38,7 @@ from clobjob.errors import (
     UnitFailed,
     describe,
 )
+from clobjob.lanes import ShardLanes
 from clobjob.models import FILL_COLUMNS, Checkpoint, Heartbeat, RunState, UnitState, WorkUnit, check_fills
 from clobjob.ratelimit import AdaptiveRateController
 from clobjob.sources.base import FillSource, Page
@@ -104,6 +105,7 @@ class ShardWorker:
         self._owns_writer = writer is None
         self._writer = writer or StoreWriter(store, settings.batch_rows, outage_s=settings.store_outage_s,
                                                   dsn=settings.redacted_dsn())
+        self.lanes = ShardLanes(controller)  # a unit pages several of its ranges at once up to the target
         self._log = logger.bind(run_id=run_id, shard=shard)
         self._last_beat, self._last_rps = (time.monotonic(), 0), 0.0
 
@@ -169,7 +171,10 @@ class ShardWorker:
         async def gated(progress: UnitProgress) -> None:
             async with gate:
                 if not self.stop.is_set():
-                    await self._run_unit(progress, conditions)
+                    try:
+                        await self._run_unit(progress, conditions)
+                    finally:
+                        self.lanes.close(progress.unit.unit_id)
 
         async def every_unit() -> None:  # the first permanent error cancels the other units
             async with asyncio.TaskGroup() as group:
@@ -217,8 +222,9 @@ class ShardWorker:
         log = self._log.bind(unit=progress.unit.unit_id)
         progress.state = UnitState.RUNNING
         tokens = frozenset(progress.unit.token_ids)
+        lanes = self.lanes.open(progress.unit.unit_id)
         while True:
-            pages = self.source.pages(progress.unit, progress.cursor, conditions)
+            pages = self.source.pages(progress.unit, progress.cursor, conditions, lanes)
             try:
                 while True:
                     page = await asyncio.wait_for(anext(pages), self.settings.stall_timeout_s)
@@ -297,7 +303,7 @@ class ShardWorker:
         if self._lost(progress):
             return True
         progress.attempts += 1
-        progress.last_error = describe(exc)
+        progress.last_error = self.settings.redact(describe(exc))  # stored, then shown by status
         if progress.attempts >= self.settings.unit_attempts or isinstance(exc, UnitFailed):
             await self._fail(progress, exc, log)
             return True

@@ -43,7 +43,7 @@ class ScriptedSource:
         if cursor and not cursor.isdigit():
             raise SourceError(f"unit {unit.unit_id}: cursor {cursor!r} is not a row count")
 
-    async def pages(self, unit, cursor, conditions):
+    async def pages(self, unit, cursor, conditions, lanes=None):
         rows = self.fills[unit.unit_id]
         start = int(cursor or 0)
         while True:

@@ -504,3 +504,56 @@ def test_html_report_is_self_contained(store):
     assert ET.fromstring(svg).tag == "svg"  # well-formed
     assert "NOT READY" in page and cid(1) in page and "no end date" in page
     assert gaps[0]["condition_id"] == cid(1) and gaps[0]["missing"] == 4
+
+
+# --- terminal output of data is printable; a held database is named for every command ------------
+
+HOSTILE = "\x1b[2J\x1b]0;pwned\x07 Will it\r\n\u202e rain?"
+
+
+def test_data_reaches_the_terminal_with_control_characters_escaped(settings, store, capsys):
+    store.upsert_markets([market(1, ("11", "12"), volume=5.0).model_copy(update={"question": HOSTILE})])
+    assert cli.main(["--clickhouse-url", settings.clickhouse_url.get_secret_value(), "--database",
+                     settings.clickhouse_database, "verify"]) == 1
+    shown = capsys.readouterr().out
+    assert "\\x1b[2J\\x1b]0;pwned\\x07 Will it\\r\\n\\u202e rain?" in shown
+    assert not any(ch in shown for ch in "\x1b\x07\r\u202e")
+    status = {**monitor.run_status(store, now=NOW)}
+    status["run_id"], status["parent_run_id"], status["created_at"] = "r", None, NOW.isoformat()
+    status["source"], status["state"] = "subgraph", "failed"
+    status["aggregate"] = {k: 0 for k in ("units_done", "units_failed", "units_total", "fills", "expected_fills",
+                                          "rps", "share_429", "remaining_requests")} | {"eta_s": None}
+    status["shards"] = [{"shard": 0, "state": "failed", "units_done": 0, "units_failed": 1, "units_total": 1,
+                         "fills": 0, "expected_fills": 0, "rps": 0.0, "share_429": 0.0, "remaining_requests": 0,
+                         "heartbeat_age_s": None, "eta_s": None, "last_error": "SourceError: " + HOSTILE,
+                         "pod": "\x1bpod"}]
+    rendered = monitor.render_status(status)
+    assert "\x1b" not in rendered and "SourceError: \\x1b[2J" in rendered
+    table = cli._table(["sample", "error"], [["0xab", HOSTILE]])
+    assert "\x1b" not in table and "\\x1b[2J" in table
+
+
+def test_a_held_embedded_database_names_its_holder_for_every_command(tmp_path, capsys):
+    db = tmp_path / "db"
+    env = {**os.environ, "CLOBJOB_CLICKHOUSE_URL": f"chdb://{db}", "CLOBJOB_HOME": str(tmp_path / "home")}
+    listed = tmp_path / "ids.txt"
+    listed.write_text(cid(1) + "\n")
+    gamma = tmp_path / "markets.jsonl"
+    gamma.write_text(json.dumps({"conditionId": cid(1), "clobTokenIds": '["11", "12"]'}) + "\n")
+    holder = subprocess.Popen([sys.executable, "-m", "clobjob", "db", "serve", "--port", "0"], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert select.select([holder.stdout], [], [], 60)[0], "db serve did not start"
+        assert holder.stdout.readline().startswith("http://")
+        named = f"in use by another process (pid {holder.pid})"
+        for command in (["db", "migrate"], ["markets", "load", str(gamma)], ["plan", "--shards", "1"],
+                        ["backfill", "--markets", str(listed)], ["diagnose", "--offline"], ["verify"],
+                        ["rerun", "--run-id", "r1"], ["status"]):
+            assert cli.main(["--clickhouse-url", f"chdb://{db}", *command]) == 1, command
+            assert named in capsys.readouterr().err, command
+        second = subprocess.run([sys.executable, "-m", "clobjob", "backfill"], env=env, cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and named in second.stderr and "Cannot lock" not in second.stderr
+    finally:
+        holder.terminate()
+        holder.wait(timeout=30)

@@ -135,9 +135,11 @@ def test_custom_list_validation_names_bad_ids_and_lines(tmp_path):
     assert "line 5:" in message and "longer than 32 bytes" in message and "line 6" not in message
     array = tmp_path / "ids.json"
     array.write_text(f'[\n  "{cid(1)}",\n  "0x1",\n  12,\n  "{cid(2)}"\n]')
-    with pytest.raises(BadInput, match=r"line 4: condition id 12 is not hex"):
+    with pytest.raises(BadInput) as caught:
         plan.read_condition_ids(array)
-    array.write_text(json.dumps([cid(2), "0x1", cid(1)]))
+    assert "line 3: condition id '0x1' has 1 hex digits" in str(caught.value)  # not padded to 64 digits
+    assert "line 4: condition id 12 is not hex" in str(caught.value)
+    array.write_text(json.dumps([cid(2), "0x" + cid(1)[4:], cid(1)]))  # 62 digits: leading zeros lost
     assert plan.read_condition_ids(array) == [cid(2), cid(1)]
 
 
@@ -382,3 +384,32 @@ async def test_live_check_samples_markets_and_finds_the_rate_limit(settings):
     assert (good.fills, good.more, good.error, good.expected_fills) == (0, False, "", 5)
     assert bad.condition_id == cid(2) and "boom" in bad.error
     assert live.requests > 2 and live.throttled > 0 and live.limited and live.rate_rps > 0
+
+
+def test_unknown_listed_ids_fail_plan_and_backfill_naming_them(settings, tmp_path, capsys):
+    with open_store(settings) as store:
+        seed(store)
+    listed = tmp_path / "ids.txt"
+    unknown = [cid(900 + n) for n in range(14)]
+    listed.write_text("\n".join([cid(1), *unknown]) + "\n")
+    for command in (["plan", "--shards", "2", "--run-id", "r-unknown"], ["backfill", "--shards", "1"]):
+        assert cli(settings, *command, "--markets", str(listed)) == 2
+        err = capsys.readouterr().err
+        assert "14 listed condition id(s) are not in the market universe" in err
+        assert unknown[0] in err and unknown[9] in err and unknown[10] not in err and "; and 4 more" in err
+    with open_store(settings) as store:
+        assert store.runs() == []  # no empty run that status would show as DONE
+    assert cli(settings, "diagnose", "--offline", "--markets", str(listed)) == 0  # diagnose reports them
+    assert "not in the universe: 14" in capsys.readouterr().out
+
+
+def test_a_large_id_array_reads_back_fast_and_bad_ones_are_capped(tmp_path):
+    ids = [cid(n) for n in range(30_000)]
+    array = tmp_path / "ids.json"
+    array.write_text(json.dumps(ids, indent=1))  # as diagnose --out writes it
+    assert plan.read_condition_ids(array) == ids
+    array.write_text(json.dumps(["0x1234"] * 30_000))
+    with pytest.raises(BadInput) as caught:
+        plan.read_condition_ids(array)
+    message = str(caught.value)
+    assert "1,000 bad condition id(s) (stopped reading at 1,000)" in message and "; and 990 more" in message

@@ -83,6 +83,7 @@ class TokenBucketServer:
     limit: float
     burst: float = 10.0
     seed: int = 1
+    latency: float | None = None  # seconds of an admitted answer (±20 %); None: 0.1-0.3 s
     log: list[tuple[float, int, bool]] = field(default_factory=list)  # (arrival, client, admitted)
 
     def __post_init__(self) -> None:
@@ -105,7 +106,8 @@ class TokenBucketServer:
         if admitted:
             self._tokens -= 1.0
         self.log.append((now(), client, admitted))
-        await asyncio.sleep(self._rng.uniform(0.1, 0.3) if admitted else self._rng.uniform(0.01, 0.03))
+        served = self._rng.uniform(0.1, 0.3) if self.latency is None else self.latency * self._rng.uniform(0.8, 1.2)
+        await asyncio.sleep(served if admitted else self._rng.uniform(0.01, 0.03))
         return admitted
 
     def admitted(self, start: float, end: float, client: int | None = None) -> int:
@@ -501,6 +503,26 @@ def test_simulation_single_client_holds_the_limit_with_few_429s(limit, seconds):
     utilisation, share_429 = run(main)
     assert utilisation >= 0.90
     assert share_429 <= 0.02
+
+
+@pytest.mark.parametrize("limit, latency", [(20.0, 1.5), (100.0, 1.5)])
+def test_simulation_at_real_latency_the_target_follows_littles_law_and_holds_the_limit(limit, latency):
+    """1.5 s answers: the in-flight target (and so the window) opens to about rate × latency, so a client
+    with enough work holds the limit, at 100 req/s too (150 requests in flight, under the 256 ceiling)."""
+
+    async def main():
+        ctl = controller()
+        server = TokenBucketServer(limit=limit, latency=latency)
+        tasks = greedy_client(ctl, server, 0, workers=256)
+        await asyncio.sleep(120)
+        target, window = ctl.target_in_flight(), ctl.snapshot().window
+        await stop(tasks)
+        return server.admitted(20, 120) / (limit * 100), server.share_429(0, 120), target, window
+
+    utilisation, share_429, target, window = run(main)
+    assert utilisation >= 0.90
+    assert share_429 <= 0.02
+    assert 0.9 * limit * latency <= target <= 2 * limit * latency and window >= target
 
 
 def test_simulation_four_clients_share_one_limit_fairly():

@@ -117,3 +117,29 @@ def test_workers_as_processes_on_a_served_database_survive_a_killed_worker(serve
         assert "failed (attempt 1 of 3, exit 137); retrying" in err  # the killed index ran again
     found = stored_rows(env)
     assert found["dups"] == 0 and found["rows"] == expected_rows(dataset)
+
+
+@pytest.mark.parametrize("password", ["ab/PW#S3?cret@x%41y", "pässwörd✓ /#?@%"])
+def test_a_password_with_reserved_and_unicode_characters_reaches_db_serve(chdb_dir, settings, monkeypatch, capsys,
+                                                                          password):
+    """The server checks the password: the commands succeed only if it arrived intact; a wrong one fails with
+    the redacted DSN and no password in any output."""
+    from urllib.parse import quote
+
+    from clobjob.cli import main
+
+    with EngineServer(str(chdb_dir), password=password).run_in_thread() as server:
+        host = server.url.removeprefix("http://")
+        database = ["--database", settings.clickhouse_database]
+        url = f"http://admin:{quote(password, safe='')}@{host}"
+        assert main([*database, "--clickhouse-url", url, "db", "migrate"]) == 0
+        monkeypatch.setenv("CLOBJOB_CLICKHOUSE_PASSWORD", password)  # as given by a Kubernetes Secret: not encoded
+        assert main([*database, "--clickhouse-url", f"http://admin@{host}", "db", "migrate"]) == 0
+        capsys.readouterr()
+        wrong = password[::-1]
+        monkeypatch.setenv("CLOBJOB_CLICKHOUSE_PASSWORD", wrong)
+        assert main([*database, "--clickhouse-url", f"http://admin@{host}", "db", "migrate"]) == 1
+    shown = capsys.readouterr()
+    assert f"cannot connect to ClickHouse at http://admin:***@{host}" in shown.err
+    for secret in (wrong, quote(wrong, safe=""), password, quote(password, safe="")):
+        assert secret not in shown.out + shown.err

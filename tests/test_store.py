@@ -92,6 +92,8 @@ def test_checkpoints_latest_version_wins(store):
 def test_database_name_is_an_identifier(settings):
     import pytest
 
-    with pytest.raises(ValueError, match="not a plain identifier"):
+    from clobjob.errors import BadInput
+
+    with pytest.raises(BadInput, match="CLOBJOB_CLICKHOUSE_DATABASE='x`; drop': not a plain identifier"):
         settings.with_overrides(clickhouse_database="x`; drop")
     assert isinstance(Database(None, "ok").sql("{db}.t"), str)

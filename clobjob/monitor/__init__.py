@@ -8,12 +8,9 @@ market of the universe classified by ``models.MarketStatus``, the one definition
 from clobjob.monitor.live import (
                                   LIVE_MAX_AGE_S,
                                   LIVE_WAIT_S,
-                                  DatabaseBusy,
                                   NoLiveStatus,
                                   current_status,
-                                  database_holder,
                                   live_path,
-                                  open_readable,
                                   publish_live,
                                   read_live,
 )
@@ -40,8 +37,8 @@ from clobjob.monitor.verify import (
                                   worst_gaps,
 )
 
-__all__ = ["LIVE_MAX_AGE_S", "LIVE_WAIT_S", "SCHEMA_VERSION", "STOPPED_HINT", "WIDTH", "DatabaseBusy", "NoLiveStatus",
-           "ProgressMeter", "Requests", "coverage_by_month", "current_status", "database_holder", "live_path",
-           "open_readable", "publish_live", "read_live", "render_duration", "render_progress",
-           "render_report_html", "render_status", "render_verify", "report_sections", "run_state", "run_status",
-           "shard_state", "shard_statuses", "short_error", "verify", "worst_gaps"]
+__all__ = ["LIVE_MAX_AGE_S", "LIVE_WAIT_S", "SCHEMA_VERSION", "STOPPED_HINT", "WIDTH", "NoLiveStatus",
+           "ProgressMeter", "Requests", "coverage_by_month", "current_status", "live_path", "publish_live",
+           "read_live", "render_duration", "render_progress", "render_report_html", "render_status", "render_verify",
+           "report_sections", "run_state", "run_status", "shard_state", "shard_statuses", "short_error", "verify",
+           "worst_gaps"]

@@ -6,14 +6,11 @@ time for it when the holder has not published yet (a file of an earlier process 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,15 +18,7 @@ from typing import Any
 from clobjob.config import Settings
 from clobjob.errors import ClobjobError
 from clobjob.monitor.status import run_status, utcnow
-from clobjob.store import Store, open_store
-
-
-class DatabaseBusy(ClobjobError):
-    """The embedded database is held by another process (chDB allows one per path)."""
-
-    def __init__(self, pid: int | None) -> None:
-        super().__init__(f"the embedded database is in use by another process (pid {pid or '?'})")
-        self.pid = pid
+from clobjob.store import DatabaseBusy, open_store
 
 
 def live_path(settings: Settings) -> Path:
@@ -62,49 +51,6 @@ def read_live(path: Path, max_age_s: float, *, now: datetime | None = None) -> d
     return {**status, "live": True, "live_age_s": round(max(age, 0.0), 1)}
 
 
-def database_holder(settings: Settings) -> int | None:
-    """The pid of another process holding the embedded database (0 if unreadable), None when it is free
-    (or held by this process, which may reopen it).
-
-    chDB keeps an exclusive ``flock`` on ``<path>/status`` (which names the pid) while it is open.
-    """
-    if not settings.embedded:
-        return None
-    status_file = Path(settings.dsn().removeprefix("chdb://")) / "status"
-    try:
-        fd = os.open(status_file, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        found = re.search(r"PID:\s*(\d+)", os.read(fd, 4096).decode(errors="replace"))
-        pid = int(found.group(1)) if found else 0
-        return None if pid == os.getpid() else pid
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def open_readable(settings: Settings) -> Iterator[Store]:
-    """``open_store``, raising ``DatabaseBusy`` when another process holds the embedded database."""
-    with ExitStack() as stack:
-        holder = database_holder(settings)
-        if holder is not None:
-            raise DatabaseBusy(holder)
-        try:
-            store = stack.enter_context(open_store(settings))
-        except ClobjobError:
-            holder = database_holder(settings)
-            if holder is None:
-                raise
-            raise DatabaseBusy(holder) from None
-        yield store
-
-
 LIVE_MAX_AGE_S = 60.0
 """A live status older than this is ignored (the backfill that published it is gone or stuck)."""
 
@@ -132,7 +78,7 @@ def current_status(settings: Settings, run_id: str | None = None, *, now: dateti
     told = False
     while True:
         try:
-            with open_readable(settings) as store:
+            with open_store(settings) as store:  # DatabaseBusy while another process holds the embedded database
                 return run_status(store, run_id, now=now, heartbeat_interval_s=settings.heartbeat_interval_s)
         except DatabaseBusy as busy:
             path = live_path(settings)

@@ -58,6 +58,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from clobjob.errors import BadInput
+from clobjob.logs import printable
 from clobjob.models import (
     Heartbeat,
     Run,
@@ -316,12 +317,13 @@ def render_status(status: Mapping[str, Any]) -> str:
             lines.append(f"{s['shard']:>5} {s['state']:<8} {units:>13} {s['fills']:>11,}{marker} "
                          f"{s['expected_fills']:>12,} {s['rps']:>6.1f} {_pct1(s['share_429']):>6} "
                          f"{render_duration(s['eta_s']):>8} {render_duration(s['heartbeat_age_s']):>7}  "
-                         f"{s['pod'][:WIDTH - 87]}")
+                         f"{printable(s['pod'])[:WIDTH - 87]}")
             if s["last_error"] and s["state"] == RunState.FAILED:  # why it failed, whole, wrapped to the width
-                wrapped = textwrap.wrap(short_error(s["last_error"], len(s["last_error"]) + 40), WIDTH - 18) or [""]
-                lines += ["      last error: " + wrapped[0], *("                  " + more for more in wrapped[1:])]
+                error = printable(s["last_error"])
+                wrapped = textwrap.wrap(short_error(error, len(error) + 40), WIDTH - 18) or [""]
+                lines += ["      last error: " + wrapped[0], *("                  " + rest for rest in wrapped[1:])]
             elif s["last_error"]:
-                lines.append("      last error: " + short_error(s["last_error"], WIDTH - 18))
+                lines.append("      last error: " + short_error(printable(s["last_error"]), WIDTH - 18))
         if more:
             lines += ["", MORE_THAN_EXPECTED]
     if status.get("state") == RunState.STOPPED:

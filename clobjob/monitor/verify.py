@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from clobjob.logs import printable
 from clobjob.models import MarketFills, RunState, coverage_summary
 from clobjob.monitor.status import ON_CHAIN, SCHEMA_VERSION, pct, shard_statuses, utcnow, v2_progress
 from clobjob.sources import DATA_UNTIL
@@ -148,6 +149,6 @@ def render_verify(result: Mapping[str, Any]) -> str:
     for c in result["criteria"]:
         lines.append(f"  [{c['status'].upper():>4}] {c['name']}: {c['detail']}")
         if c["status"] == "fail":
-            lines.extend(f"           {example}" for example in c["examples"])
+            lines.extend(f"           {printable(example)}" for example in c["examples"])
     return "\n".join(lines)
 

@@ -25,15 +25,29 @@ class Page:
     done: bool
 
 
+class Lanes(Protocol):
+    """How many requests one unit may have in flight at once, asked by a source that can page a unit's ranges
+    concurrently. ``active`` is kept by the source: the unit's lanes (one request each) right now."""
+
+    active: int
+
+    def may_add(self, pages: float) -> bool:
+        """Whether the unit may open one more lane, worth about ``pages`` pages (0: it has nothing worth one)."""
+        ...
+
+
 class FillSource(Protocol):
     """A pluggable source of fills (``clobjob.sources.subgraph``, later ``clobjob.sources.rpc``)."""
 
     name: str
 
-    def pages(self, unit: WorkUnit, cursor: str, conditions: Mapping[str, str]) -> AsyncIterator[Page]:
+    def pages(self, unit: WorkUnit, cursor: str, conditions: Mapping[str, str],
+              lanes: Lanes | None = None) -> AsyncIterator[Page]:
         """Pages of ``unit`` resuming after ``cursor`` ("" = from the start).
 
-        ``conditions`` maps token id → condition id for the fills' ``condition_id`` column.
+        ``conditions`` maps token id → condition id for the fills' ``condition_id`` column. With ``lanes`` the
+        source may page parts of the unit concurrently, as far as ``lanes`` allows; every page's cursor then
+        covers the whole unit and claims only what was yielded before it.
         """
         ...
 
@@ -55,13 +69,14 @@ class SourcesByUnit:
     def __init__(self, sources: Mapping[str, FillSource]) -> None:
         self.sources = dict(sources)
 
-    def pages(self, unit: WorkUnit, cursor: str, conditions: Mapping[str, str]) -> AsyncIterator[Page]:
+    def pages(self, unit: WorkUnit, cursor: str, conditions: Mapping[str, str],
+              lanes: Lanes | None = None) -> AsyncIterator[Page]:
         """The pages of ``unit`` from the source it names."""
         source = self.sources.get(unit.source)
         if source is None:
             raise BadInput(f"unit {unit.unit_id} of run {unit.run_id} names source {unit.source!r}; this run reads "
                            f"{', '.join(sorted(self.sources))}")
-        return source.pages(unit, cursor, conditions)
+        return source.pages(unit, cursor, conditions, lanes)
 
     def check_cursor(self, unit: WorkUnit, cursor: str) -> None:
         """Checked by the source the unit names."""

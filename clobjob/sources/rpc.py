@@ -64,7 +64,7 @@ from clobjob.ratelimit import (
     Retryable,
     controlled_request,
 )
-from clobjob.sources.base import Page
+from clobjob.sources.base import Lanes, Page
 from clobjob.sources.http import HttpSession
 
 ORDER_FILLED_V2 = "0xd543adfd945773f1a62f74f0ee55a5e3b9b1a28262980ba90b1a89f2ea84d8ee"
@@ -499,7 +499,8 @@ class RpcSource:
         if cursor:
             Cursor.decode(unit, cursor)
 
-    async def pages(self, unit: WorkUnit, cursor: str, conditions: Mapping[str, str]) -> AsyncIterator[Page]:
+    async def pages(self, unit: WorkUnit, cursor: str, conditions: Mapping[str, str],
+                    lanes: Lanes | None = None) -> AsyncIterator[Page]:
         """Pages of ``unit``'s block range resuming after ``cursor`` (see the module doc for its format)."""
         await self._check_chain()
         if cursor:

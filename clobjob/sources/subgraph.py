@@ -20,11 +20,22 @@ too expensive``) is split in halves that both continue from the batch's ``id_gt`
 keeps timing out is retried like any transient error.
 
 Cursor (opaque to everyone else): "" = from the start; otherwise the JSON list of the pending segments
-``[[lo, hi, after], …]`` — token index range ``unit.token_ids[lo:hi]`` (``[0, 0]`` for a time-window
-unit) still to page after fill id ``after`` (the id exactly as the server returned it, since ``id_gt``
-compares bytes; a fresh segment starts at the unit's ``id_from``, or ""). The first segment is the one
-in progress; ``[]`` = the unit is done. A cursor thus carries pending split halves, and a resumed unit
-continues exactly where its last page ended.
+``[[lo, hi, after], …]`` or ``[[lo, hi, after, upto], …]`` — token index range ``unit.token_ids[lo:hi]``
+(``[0, 0]`` for a time-window unit) still to page after fill id ``after`` (the id exactly as the server
+returned it, since ``id_gt`` compares bytes; a fresh segment starts at the unit's ``id_from``, or "") and
+before ``upto`` (``id_lt``; absent: the unit's ``id_to``). ``[]`` = the unit is done. A cursor thus carries
+pending split halves and cut ranges, and a resumed unit continues every one of them where its last stored
+page ended; cursors of three-element segments (written before ranges were cut) resume unchanged.
+
+Concurrency from the work. Given ``lanes`` (``sources.base.Lanes``, granted by the worker against the rate
+controller's in-flight target) a unit pages several segments at once, one request each: a lane takes a
+pending segment, or cuts its own at the midpoint of what remains of its id range (``split_segment``: ids
+begin with a keccak hash, so both halves hold equal shares) when that is at least half of the unit's
+largest and worth ``MIN_SPLIT_PAGES``. Pages of all lanes are yielded one by one, each with the cursor of
+the whole unit; a segment's ``after`` moves when its page is yielded, and a lane waits for that before its
+next request, so a checkpoint never claims a page that was not handed over with or before it, and a range
+is only cut between two of its requests (the halves never overlap: no fill is fetched twice). A cut costs
+at most one partial page.
 
 Rows (``FILL_COLUMNS`` order) are parsed without a model per fill, but strictly: a missing or renamed
 field, a wrong type or a non-numeric BigInt raises ``SourceError`` naming the entity, index and field.
@@ -74,13 +85,16 @@ from clobjob.models import (
     normalize_token_id,
 )
 from clobjob.ratelimit import AdaptiveRateController, Retryable, controlled_request
-from clobjob.sources.base import Page
+from clobjob.sources.base import Lanes, Page
 from clobjob.sources.http import JSON_HEADERS, HttpSession
 
 PAGE_SIZE = 1000
 DATA_UNTIL = datetime(2026, 4, 28, 11, tzinfo=timezone.utc)  # the last v1 fill: the subgraph indexes only v1
 MAX_TOKENS_PER_QUERY = 200
 ID_DIGITS = 8  # hex digits of an id-range boundary (at most 16**ID_DIGITS ranges)
+SPLIT_DIGITS = 16  # hex digits of a split point (a segment is cut in the space of 16**SPLIT_DIGITS ids)
+ID_SPACE = 16**SPLIT_DIGITS
+MIN_SPLIT_PAGES = 2.0  # a segment expected to hold fewer pages is not split (a split costs one partial page)
 MAX_ATTEMPTS = 8
 
 ALLOWANCE_TEXT = "surpassed your query allowance"
@@ -299,13 +313,15 @@ def _collection_query(entity: str, fields: str) -> str:
             f"where: {{id_gt: $after}}) {{ {fields} }} }}")
 
 
-@dataclass
+@dataclass(eq=False)
 class Segment:
-    """Tokens ``unit.token_ids[lo:hi]`` still to page after fill id ``after``."""
+    """Tokens ``unit.token_ids[lo:hi]`` still to page after fill id ``after`` and, with ``upto``, before it
+    (None: up to the unit's ``id_to``)."""
 
     lo: int
     hi: int
     after: str = ""
+    upto: str | None = None
 
 
 def start_segments(unit: WorkUnit, max_tokens: int) -> list[Segment]:
@@ -319,7 +335,8 @@ def start_segments(unit: WorkUnit, max_tokens: int) -> list[Segment]:
 
 def encode_cursor(segments: Sequence[Segment]) -> str:
     """The opaque cursor of the pending segments (``[]`` when the unit is done)."""
-    return json.dumps([[s.lo, s.hi, s.after] for s in segments], separators=(",", ":"))
+    return json.dumps([[s.lo, s.hi, s.after] if s.upto is None else [s.lo, s.hi, s.after, s.upto]
+                       for s in segments], separators=(",", ":"))
 
 
 def decode_cursor(unit: WorkUnit, cursor: str, max_tokens: int) -> list[Segment]:
@@ -328,9 +345,10 @@ def decode_cursor(unit: WorkUnit, cursor: str, max_tokens: int) -> list[Segment]
         return start_segments(unit, max_tokens)
     try:
         raw = json.loads(cursor)
-        segments = [Segment(lo, hi, after) for lo, hi, after in raw] if isinstance(raw, list) else []
-        valid = isinstance(raw, list) and all(
-            type(s.lo) is int and type(s.hi) is int and isinstance(s.after, str)
+        listed = raw if isinstance(raw, list) else []
+        segments = [Segment(*s) for s in listed if isinstance(s, list) and len(s) in (3, 4)]
+        valid = isinstance(raw, list) and len(segments) == len(raw) and all(
+            type(s.lo) is int and type(s.hi) is int and isinstance(s.after, str) and isinstance(s.upto, str | None)
             and (0 <= s.lo < s.hi <= len(unit.token_ids) or s.lo == s.hi == 0 == len(unit.token_ids))
             for s in segments
         )
@@ -340,6 +358,179 @@ def decode_cursor(unit: WorkUnit, cursor: str, max_tokens: int) -> list[Segment]
         raise SourceError(f"unit {unit.unit_id}: cursor {cursor[:120]!r} was not made by the subgraph source "
                           f"for these {len(unit.token_ids)} tokens")
     return segments
+
+
+def _id_point(bound: str | None, unbounded: int) -> int | None:
+    """An id bound as a point of the ``SPLIT_DIGITS``-hex-digit id space (``unbounded`` for none or "");
+    None when it is not a lowercase ``0x`` hex id or prefix (such a range is not split)."""
+    if not bound:
+        return unbounded
+    digits = bound[2:2 + SPLIT_DIGITS]
+    if not bound.startswith("0x") or not digits or digits != digits.lower():
+        return None
+    try:
+        return int(digits.ljust(SPLIT_DIGITS, "0"), 16)
+    except ValueError:
+        return None
+
+
+def _id_span(after: str, upto: str | None) -> tuple[int, int] | None:
+    """The id-space points of a range (``after``, ``upto``), or None when it cannot be cut."""
+    lo, hi = _id_point(after, 0), _id_point(upto, ID_SPACE)
+    return None if lo is None or hi is None else (lo, hi)
+
+
+def split_segment(unit: WorkUnit, segment: Segment) -> Segment | None:
+    """Cut ``segment`` at the midpoint of its remaining id range: it keeps the lower half (``upto`` = the
+    midpoint, a ``0x`` prefix shorter than any id) and the upper half is returned, starting after the midpoint.
+    Ids begin with a keccak hash, so both halves hold about equal shares. None if the range is too narrow."""
+    upto = segment.upto if segment.upto is not None else unit.id_to
+    span = _id_span(segment.after, upto)
+    if span is None or span[1] - span[0] < 2:
+        return None
+    middle = "0x" + format((span[0] + span[1]) // 2, f"0{SPLIT_DIGITS}x")
+    segment.upto = middle
+    return Segment(segment.lo, segment.hi, middle, upto)
+
+
+def remaining_pages(unit: WorkUnit, segment: Segment) -> float:
+    """The pages ``segment`` is expected to still hold: the unit's expected fills × its token share × the
+    share of the unit's id range still ahead of it (0 when that range is not hex)."""
+    whole = _id_span(unit.id_from or "", unit.id_to)
+    span = _id_span(segment.after, segment.upto if segment.upto is not None else unit.id_to)
+    if whole is None or span is None or whole[1] <= whole[0]:
+        return 0.0
+    tokens = (segment.hi - segment.lo) / len(unit.token_ids) if unit.token_ids else 1.0
+    fills = unit.expected_fills or unit.expected_requests * PAGE_SIZE
+    return fills * tokens * max(span[1] - span[0], 0) / (whole[1] - whole[0]) / PAGE_SIZE
+
+
+class _UnitPaging:
+    """One unit's pending segments, paged by lanes of one request each: one lane without ``lanes``, else
+    as many as ``lanes`` allows (a lane takes a pending segment, or cuts its own in two if it is among the
+    unit's largest and worth ``MIN_SPLIT_PAGES``).
+
+    A lane fetches its segment's next page, hands it over and waits until it is yielded, which is when the
+    segment's ``after`` moves to the page's end. So every page's cursor (all pending segments) claims exactly
+    the pages yielded before it, a segment is cut only while none of its requests is in flight, and at most
+    one parsed page per lane waits (the worker's buffer is where rows wait)."""
+
+    def __init__(self, source: SubgraphSource, unit: WorkUnit, segments: list[Segment],
+                 conditions: Mapping[str, str], lanes: Lanes | None) -> None:
+        self.source, self.unit, self.segments, self.conditions, self.lanes = source, unit, segments, conditions, lanes
+        self._queries = {bounded: fills_query(bool(unit.token_ids), unit.ts_from is not None,
+                                              unit.ts_to is not None, bounded) for bounded in (False, True)}
+        self._base: dict[str, Any] = {}
+        if unit.ts_from is not None:
+            self._base["from"] = str(unit.ts_from)
+        if unit.ts_to is not None:
+            self._base["to"] = str(unit.ts_to)
+        self._owned: set[Segment] = set()
+        self._ready: asyncio.Queue[tuple[Segment, list[tuple[Any, ...]], str | None, asyncio.Future[None]]
+                                   | Exception] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._start(segments[0])
+
+    async def next_page(self) -> Page:
+        """The next fetched page (of any lane), its segment advanced; raises what a lane met."""
+        item = await self._ready.get()
+        if isinstance(item, Exception):
+            raise item
+        segment, rows, last, resume = item
+        if last is None:
+            self.segments.remove(segment)
+        else:
+            segment.after = last
+        resume.set_result(None)
+        return Page(rows, encode_cursor(self.segments), not self.segments)
+
+    async def close(self) -> None:
+        """Cancel the lanes still running."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _start(self, segment: Segment) -> None:
+        self._owned.add(segment)
+        self._count_lanes()
+        task = asyncio.create_task(self._lane(segment))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _count_lanes(self) -> None:
+        if self.lanes is not None:
+            self.lanes.active = len(self._owned)
+
+    def _unowned(self) -> Segment | None:
+        return next((s for s in self.segments if s not in self._owned), None)
+
+    async def _lane(self, segment: Segment | None) -> None:
+        try:
+            while segment is not None:
+                self._widen(segment)
+                rows, last = await self._fetch(segment)
+                resume = asyncio.get_running_loop().create_future()
+                self._ready.put_nowait((segment, rows, last, resume))
+                rows = None
+                await resume
+                if last is None:  # the segment is done: take a pending one, if any
+                    self._owned.discard(segment)
+                    segment = self._unowned()
+                    if segment is not None:
+                        self._owned.add(segment)
+                    self._count_lanes()
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._ready.put_nowait(exc)
+
+    def _widen(self, segment: Segment) -> None:
+        """Open lanes while ``lanes`` allows: on pending segments first, then on the upper half of ``segment``."""
+        while self.lanes is not None:
+            spare = self._unowned()
+            if spare is not None:
+                if not self.lanes.may_add(max(remaining_pages(self.unit, spare), 1.0)):
+                    return
+                self._start(spare)
+                continue
+            own = remaining_pages(self.unit, segment)
+            largest = max(remaining_pages(self.unit, s) for s in self.segments)
+            worth = own / 2 if own >= MIN_SPLIT_PAGES and own >= largest / 2 else 0.0
+            if not self.lanes.may_add(worth) or not worth:
+                return
+            half = split_segment(self.unit, segment)
+            if half is None:
+                return
+            self.segments.insert(self.segments.index(segment) + 1, half)
+            self._start(half)
+
+    async def _fetch(self, segment: Segment) -> tuple[list[tuple[Any, ...]], str | None]:
+        """The rows of ``segment``'s next page and the id to continue after (None: the segment is done)."""
+        while True:
+            upto = segment.upto if segment.upto is not None else self.unit.id_to
+            variables = {**self._base, "after": segment.after}
+            if upto is not None:
+                variables["upto"] = upto
+            if self.unit.token_ids:
+                variables["tokens"] = list(self.unit.token_ids[segment.lo:segment.hi])
+            try:
+                data = await self.source.query(self._queries[upto is not None], variables,
+                                               splittable=segment.hi - segment.lo > 1)
+            except _TooHeavy as heavy:
+                middle = (segment.lo + segment.hi) // 2
+                logger.info("unit {}: splitting a batch of {} tokens ({})", self.unit.unit_id,
+                            segment.hi - segment.lo, heavy)
+                half = Segment(middle, segment.hi, segment.after, segment.upto)
+                segment.hi = middle
+                self.segments.insert(self.segments.index(segment) + 1, half)
+                continue
+            events = _entities(data, "orderFilledEvents")
+            rows = fill_rows(events, self.conditions)
+            if len(events) < PAGE_SIZE:
+                return rows, None
+            last = _text(events[-1], "id")
+            if last <= segment.after:
+                raise UnitFailed(f"unit {self.unit.unit_id}: the subgraph's cursor does not advance: a full page "
+                                 f"after id {segment.after[:140]!r} ends at id {last[:140]!r} (not after it)")
+            return rows, last
 
 
 # --- the source ----------------------------------------------------------------------------------
@@ -417,50 +608,27 @@ class SubgraphSource:
         """``SourceError`` unless this source made ``cursor`` for ``unit``."""
         decode_cursor(unit, cursor, self.max_tokens)
 
-    async def pages(self, unit: WorkUnit, cursor: str, conditions: Mapping[str, str]) -> AsyncIterator[Page]:
-        """Pages of ``unit``'s fills resuming after ``cursor`` (see the module doc for its format)."""
+    async def pages(self, unit: WorkUnit, cursor: str, conditions: Mapping[str, str],
+                    lanes: Lanes | None = None) -> AsyncIterator[Page]:
+        """Pages of ``unit``'s fills resuming after ``cursor`` (see the module doc for its format); with
+        ``lanes``, several of its id ranges at once (``_UnitPaging``)."""
         segments = decode_cursor(unit, cursor, self.max_tokens)
         if not segments:
             yield Page((), encode_cursor(()), True)
             return
-        query = fills_query(bool(unit.token_ids), unit.ts_from is not None, unit.ts_to is not None,
-                            unit.id_to is not None)
-        base: dict[str, Any] = {}
-        if unit.ts_from is not None:
-            base["from"] = str(unit.ts_from)
-        if unit.ts_to is not None:
-            base["to"] = str(unit.ts_to)
-        if unit.id_to is not None:
-            base["upto"] = unit.id_to
-        while segments:
-            segment = segments[0]
-            variables = {**base, "after": segment.after}
-            if unit.token_ids:
-                variables["tokens"] = list(unit.token_ids[segment.lo:segment.hi])
-            try:
-                data = await self.query(query, variables, splittable=segment.hi - segment.lo > 1)
-            except _TooHeavy as heavy:
-                middle = (segment.lo + segment.hi) // 2
-                logger.info("unit {}: splitting a batch of {} tokens ({})", unit.unit_id,
-                            segment.hi - segment.lo, heavy)
-                segments[:1] = [Segment(segment.lo, middle, segment.after), Segment(middle, segment.hi, segment.after)]
-                continue
-            events = _entities(data, "orderFilledEvents")
-            rows = fill_rows(events, conditions)
-            if len(events) < PAGE_SIZE:
-                segments.pop(0)
-            else:
-                last = _text(events[-1], "id")
-                if last <= segment.after:
-                    raise UnitFailed(f"unit {unit.unit_id}: the subgraph's cursor does not advance: a full page "
-                                     f"after id {segment.after[:140]!r} ends at id {last[:140]!r} (not after it)")
-                segment.after = last
-            # Nothing of this page may stay referenced from this frame while the unit waits for its next
-            # request slot: with hundreds of units parked per process, stale parsed pages were most of the heap.
-            data = events = None
-            page, rows = Page(rows, encode_cursor(segments), not segments), None
-            yield page
-            page = None
+        paging = _UnitPaging(self, unit, segments, conditions, lanes)
+        try:
+            while True:
+                page = await paging.next_page()
+                done = page.done
+                yield page
+                # Nothing of this page may stay referenced from this frame while the unit waits for its next
+                # page: with hundreds of units parked per process, stale parsed pages were most of the heap.
+                page = None
+                if done:
+                    return
+        finally:
+            await paging.close()
 
     # --- markets -----------------------------------------------------------------------------
 

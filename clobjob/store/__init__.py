@@ -6,12 +6,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from clobjob.config import Settings
-from clobjob.store.database import Database, connect
+from clobjob.store.database import Database, DatabaseBusy, connect, database_holder
 from clobjob.store.fills import FillBuffer, FillTable
 from clobjob.store.markets import MarketTable
 from clobjob.store.runs import RunTables
 
-__all__ = ["Database", "FillBuffer", "Store", "open_store"]
+__all__ = ["Database", "DatabaseBusy", "FillBuffer", "Store", "database_holder", "open_store"]
 
 
 class Store(FillTable, MarketTable, RunTables):
@@ -35,7 +35,8 @@ class Store(FillTable, MarketTable, RunTables):
 
 @contextmanager
 def open_store(settings: Settings, *, migrate: bool = True) -> Iterator[Store]:
-    """Open the configured database, migrating it first unless ``migrate=False``."""
+    """Open the configured database, migrating it first unless ``migrate=False``; ``DatabaseBusy`` names the
+    process holding an embedded database."""
     store = Store(Database(connect(settings), settings.clickhouse_database, settings.clickhouse_cluster))
     try:
         if migrate:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import Error as DriverError
@@ -26,23 +31,61 @@ def id_set(name: str) -> str:
     return f"(SELECT arrayJoin({{{name}:Array(String)}}))"
 
 
+class DatabaseBusy(ClobjobError):
+    """The embedded database is held by another process (chDB allows one per path)."""
+
+    def __init__(self, pid: int | None) -> None:
+        super().__init__(f"the embedded database is in use by another process (pid {pid or '?'})")
+        self.pid = pid
+
+
+def database_holder(settings: Settings) -> int | None:
+    """The pid of another process holding the embedded database (0 if unreadable), None when it is free
+    (or held by this process, which may reopen it).
+
+    chDB keeps an exclusive ``flock`` on ``<path>/status`` (which names the pid) while it is open.
+    """
+    if not settings.embedded:
+        return None
+    status_file = Path(settings.dsn().removeprefix("chdb://")) / "status"
+    try:
+        fd = os.open(status_file, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        found = re.search(r"PID:\s*(\d+)", os.read(fd, 4096).decode(errors="replace"))
+        pid = int(found.group(1)) if found else 0
+        return None if pid == os.getpid() else pid
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def connect(settings: Settings) -> Any:
-    """A clickhouse-connect client for the configured DSN (``http(s)://…`` or ``chdb:///path``)."""
+    """A clickhouse-connect client for the configured DSN (``http(s)://…`` or ``chdb:///path``).
+
+    ``DatabaseBusy`` naming the holding process when another one has the embedded database open.
+    """
     dsn = settings.dsn()
-    if dsn.startswith("chdb:"):
-        path = dsn.removeprefix("chdb://")
-        if not path.startswith("/"):
-            raise BadInput(f"embedded database path must be absolute: {dsn!r}")
+    options: dict[str, Any] = {"interface": urlsplit(dsn).scheme}  # the driver alone guesses https from the port
+    if settings.embedded:
+        if (holder := database_holder(settings)) is not None:
+            raise DatabaseBusy(holder)
         try:
             import chdb  # noqa: F401
         except ImportError as exc:
             raise BadInput("embedded ClickHouse needs chdb: pip install 'clobjob[embedded]'") from exc
-        import os
-
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(dsn.removeprefix("chdb://"), exist_ok=True)
+        options = {}
     try:
-        return clickhouse_connect.get_client(dsn=dsn)
+        return clickhouse_connect.get_client(dsn=dsn, **options)
     except Exception as exc:  # the driver's message may contain the DSN: show the redacted one
+        if (holder := database_holder(settings)) is not None:
+            raise DatabaseBusy(holder) from None
         raise ClobjobError(f"cannot connect to ClickHouse at {settings.redacted_dsn()}: "
                            f"{type(exc).__name__}") from None
 

@@ -14,6 +14,7 @@ keeps accepting meanwhile. It binds to loopback by default and has no authentica
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
 import os
@@ -162,11 +163,16 @@ class EmbeddedEngine:
 
 
 class EngineServer(LocalServer):
-    """``EmbeddedEngine`` behind ClickHouse's HTTP interface on ``host:port``; ``url`` is the DSN to give clobjob."""
+    """``EmbeddedEngine`` behind ClickHouse's HTTP interface on ``host:port``; ``url`` is the DSN to give clobjob.
 
-    def __init__(self, path: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    With ``password`` every query must carry it (HTTP basic auth, ``X-ClickHouse-Key`` or the ``password``
+    parameter, as ClickHouse takes it), any user name.
+    """
+
+    def __init__(self, path: str, host: str = "127.0.0.1", port: int = 0, *, password: str | None = None) -> None:
         super().__init__(host, port)
         self.engine = EmbeddedEngine(path)
+        self.password = password
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1024**3)
@@ -178,6 +184,16 @@ class EngineServer(LocalServer):
         """Stop serving and release the database path."""
         await super().stop()
         self.engine.close()
+
+    def _authenticate(self, request: web.Request, fields: dict[str, str]) -> None:
+        if self.password is None:
+            return
+        user, given = fields.get("user", "default"), fields.get("password", request.headers.get("X-ClickHouse-Key"))
+        if request.headers.get("Authorization", "").startswith("Basic "):
+            user, _, given = base64.b64decode(request.headers["Authorization"][6:]).decode().partition(":")
+        if given != self.password:
+            raise EngineError(f"Code: 516. DB::Exception: {user}: Authentication failed: password is incorrect, or "
+                              "there is no user with such name. (AUTHENTICATION_FAILED)")
 
     async def _ping(self, _request: web.Request) -> web.Response:
         return web.Response(text="Ok.\n")
@@ -191,6 +207,7 @@ class EngineServer(LocalServer):
             body = await request.read()
         query_id = fields.get("query_id") or str(uuid.uuid4())
         try:
+            self._authenticate(request, fields)
             body = decompress(body, request.headers.get("Content-Encoding", ""))
             statement, data = split_statement(fields.get("query", "").encode(), body)
             if not statement.strip():
