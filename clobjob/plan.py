@@ -1,12 +1,13 @@
 """The controller's arithmetic: what is missing (``Store.market_fill_counts``, classified by
 ``models.MarketStatus``), how much work that is, and how to cut it into work units balanced over shards.
 
-A market is fetched whole (its fills deduplicate by id, so refetching an incomplete market is safe).
-Small markets are batched into one unit (the source asks for all their tokens at once, up to its token
-limit, in pages of its page size); large markets get a unit each; giant ones are cut into ranges of fill id
-(``sources.subgraph.id_bounds``: ids begin with a keccak hash, so equal ranges hold equal shares of a
-market's fills whatever their spread in time), so that no shard becomes the straggler. Units go to shards
-longest-first (LPT).
+A market is fetched whole (its fills deduplicate by id, so refetching an incomplete market is safe). Each
+source cuts its own units: the subgraph batches small markets into one unit (all their tokens at once, up to
+its token limit, in pages of its page size), gives large markets a unit each and cuts giant ones into ranges of
+fill id (``sources.subgraph.batch_markets``, ``cut_by_id``: ids begin with a keccak hash, so equal ranges hold
+equal shares of a market's fills whatever their spread in time); the RPC source cuts block ranges
+(``sources.rpc.block_ranges``). This module decides when a market is giant and sends every unit to a shard,
+longest first (LPT), so that no shard becomes the straggler.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from clobjob.models import (
     json_rows,
     normalize_condition_id,
 )
+from clobjob.sources.rpc import block_ranges
 from clobjob.sources.subgraph import MAX_TOKENS_PER_QUERY as MAX_BATCH_TOKENS
-from clobjob.sources.subgraph import PAGE_SIZE, id_bounds
+from clobjob.sources.subgraph import PAGE_SIZE, batch_markets, cut_by_id
 from clobjob.store import Store
 
 BATCH_REQUESTS = 10  # small markets are batched into units of about this many requests
@@ -45,8 +47,6 @@ SOURCE = "subgraph"  # the source whose fills the markets' expected counts descr
 GIANT_FACTOR = 0.05  # a market above this share of a shard's mean work is cut into fill-id ranges
 DAY_S = 86_400
 BLOCKS_PER_REQUEST = 2_000  # blocks one eth_getLogs request covers, to weigh block units against market units
-BLOCK_SLICES = 4  # block ranges per shard
-MIN_BLOCKS = 10_000  # the shortest block range worth a unit
 AGE_BUCKETS = ("<30d", "30d-1y", "1y-2y", ">2y", "unknown")
 VOLUME_BUCKETS = ("top100", "top1000", "rest")
 
@@ -153,69 +153,6 @@ def missing_work(store: Store, condition_ids: list[str] | None = None, *, now: i
 # --- units ---------------------------------------------------------------------------------------
 
 
-def _requests(fills: int, page_size: int) -> int:
-    return max(1, math.ceil(fills / page_size))
-
-
-@dataclass(frozen=True)
-class _Chunk:
-    """A unit before shard assignment: markets, known expected fills, estimated requests, fill-id range."""
-
-    markets: tuple[MarketFills, ...]
-    fills: int
-    requests: int
-    id_from: str | None = None
-    id_to: str | None = None
-    ts_from: int | None = None
-
-
-def _chunks(work: Sequence[MarketFills], page_size: int, batch_requests: int, max_batch_tokens: int) -> list[_Chunk]:
-    """Small markets batched up to ``batch_requests`` and ``max_batch_tokens``; large ones alone; a market
-    fetched whole before its count grew alone, from its newest stored fill's time (only newer fills are missing).
-
-    An unknown expected count is planned as one page of work. Order: by condition id (canonical).
-    """
-    chunks: list[_Chunk] = []
-    batch: list[MarketFills] = []
-    batch_work = batch_tokens = 0
-
-    def close_batch() -> None:
-        nonlocal batch, batch_work, batch_tokens
-        if batch:
-            fills = sum(m.expected_fills or 0 for m in batch)
-            chunks.append(_Chunk(tuple(batch), fills, _requests(batch_work, page_size)))
-        batch, batch_work, batch_tokens = [], 0, 0
-
-    for market in sorted(work, key=lambda m: m.condition_id):
-        if market.new_since_ts is not None:
-            chunks.append(_Chunk((market,), market.gap, _requests(market.gap, page_size), ts_from=market.new_since_ts))
-            continue
-        fills = market.expected_fills if market.expected_fills is not None else page_size
-        if _requests(fills, page_size) >= batch_requests or len(market.token_ids) > max_batch_tokens:
-            chunks.append(_Chunk((market,), market.expected_fills or 0, _requests(fills, page_size)))
-            continue
-        if (_requests(batch_work + fills, page_size) > batch_requests
-                or batch_tokens + len(market.token_ids) > max_batch_tokens):
-            close_batch()
-        batch.append(market)
-        batch_work += fills
-        batch_tokens += len(market.token_ids)
-    close_batch()
-    return chunks
-
-
-def _split(chunk: _Chunk, pieces: int, page_size: int) -> list[_Chunk]:
-    """A one-market chunk cut into ``pieces`` ranges of fill id (``id_bounds``), fills shared out evenly."""
-    bounds = id_bounds(pieces)
-    count = len(bounds) - 1
-    result = []
-    for i in range(count):
-        fills = chunk.fills * (i + 1) // count - chunk.fills * i // count
-        result.append(_Chunk(chunk.markets, fills, _requests(fills, page_size), bounds[i], bounds[i + 1],
-                             chunk.ts_from))
-    return result
-
-
 def assign(sizes: Sequence[int], shards: int) -> list[tuple[int, int]]:
     """Longest processing time first: ``(index, shard)`` pairs, largest first, ties by index then shard."""
     if shards < 1:
@@ -232,7 +169,7 @@ def assign(sizes: Sequence[int], shards: int) -> list[tuple[int, int]]:
 def estimate_requests(report: MissingReport, *, page_size: int = PAGE_SIZE, batch_requests: int = BATCH_REQUESTS,
                       max_batch_tokens: int = MAX_BATCH_TOKENS) -> int:
     """Requests needed to fetch the report's work (pages of ``page_size``, small markets batched)."""
-    return sum(c.requests for c in _chunks(report.work, page_size, batch_requests, max_batch_tokens))
+    return sum(c.requests for c in batch_markets(report.work, page_size, batch_requests, max_batch_tokens))
 
 
 def plan_units(report: MissingReport, shards: int, run_id: str, *, blocks: tuple[int, int] | None = None,
@@ -243,13 +180,13 @@ def plan_units(report: MissingReport, shards: int, run_id: str, *, blocks: tuple
 
     A single-market unit above ``giant_factor`` × the mean requests per shard (and above
     ``batch_requests``) is cut into fill-id ranges of about that size (``id_bounds``), which hold equal shares
-    of its fills whatever their spread in time. The blocks are cut into ``BLOCK_SLICES`` ranges per shard (at
-    least ``MIN_BLOCKS`` blocks each). Units are numbered largest first.
+    of its fills whatever their spread in time. The blocks are cut by the RPC source (``block_ranges``). Units
+    are numbered largest first.
     """
-    chunks = _chunks(report.work, page_size, batch_requests, max_batch_tokens)
+    chunks = batch_markets(report.work, page_size, batch_requests, max_batch_tokens)
     limit = max(batch_requests, giant_factor * sum(c.requests for c in chunks) / max(shards, 1))
     cut = [piece for c in chunks
-           for piece in (_split(c, math.ceil(c.requests / limit), page_size)
+           for piece in (cut_by_id(c, math.ceil(c.requests / limit), page_size)
                          if len(c.markets) == 1 and c.requests > limit else [c])]
     pieces: list[tuple[dict[str, Any], int]] = [
         ({"condition_ids": tuple(m.condition_id for m in c.markets),
@@ -260,16 +197,6 @@ def plan_units(report: MissingReport, shards: int, run_id: str, *, blocks: tuple
                     math.ceil((high - low) / BLOCKS_PER_REQUEST)) for low, high in block_ranges(*blocks, shards)]
     return [WorkUnit(run_id=run_id, unit_id=unit_id, shard=shard, expected_requests=pieces[i][1], **pieces[i][0])
             for unit_id, (i, shard) in enumerate(assign([requests for _, requests in pieces], shards))]
-
-
-def block_ranges(first: int, end: int, shards: int) -> list[tuple[int, int]]:
-    """[first, end) cut into ``BLOCK_SLICES`` ranges per shard, each at least ``MIN_BLOCKS`` long (none when
-    empty)."""
-    if end <= first:
-        return []
-    count = max(1, min(shards * BLOCK_SLICES, (end - first) // MIN_BLOCKS))
-    bounds = [first + (end - first) * i // count for i in range(count + 1)]
-    return list(zip(bounds, bounds[1:]))
 
 
 def plan_window(since: datetime, until: datetime, shards: int, run_id: str, *, slices_per_shard: int = 4,

@@ -15,6 +15,7 @@ from clobjob import monitor, plan
 from clobjob.cli import main
 from clobjob.errors import BadInput
 from clobjob.models import FILL_COLUMNS, Checkpoint, Market, MarketFills, MarketStatus as Status, Run, UnitState
+from clobjob.sources.subgraph import id_bounds
 from clobjob.store import open_store
 from tests.test_store import make_fill
 
@@ -291,9 +292,9 @@ def test_giant_market_is_cut_into_equal_tiling_id_ranges(start, end):
 
 
 def test_id_bounds_tile_the_id_space():
-    assert plan.id_bounds(1) == [None, None]
-    assert plan.id_bounds(4) == [None, "0x40000000", "0x80000000", "0xc0000000", None]
-    assert tiles(list(zip(plan.id_bounds(1000), plan.id_bounds(1000)[1:])))
+    assert id_bounds(1) == [None, None]
+    assert id_bounds(4) == [None, "0x40000000", "0x80000000", "0xc0000000", None]
+    assert tiles(list(zip(id_bounds(1000), id_bounds(1000)[1:])))
 
 
 def test_plan_is_deterministic_and_independent_of_input_order():

@@ -17,7 +17,7 @@ from clobjob.errors import SourceError, TransientSourceError
 from clobjob.models import EXCHANGES, FILL_COLUMNS, Fill, WorkUnit
 from clobjob.ratelimit import AdaptiveRateController
 from clobjob.sim import Dataset, SimConfig, SimServer
-from clobjob.sources.subgraph import SubgraphIndexingError, SubgraphSource, decode_cursor, fills_query
+from clobjob.sources.subgraph import SubgraphIndexingError, SubgraphSource, decode_cursor, fills_query, id_bounds
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -344,7 +344,7 @@ async def test_giant_market_split_into_id_ranges_is_recovered_exactly(sim, datas
         tokens_of.setdefault(condition, []).append(token)
     giant = max(tokens_of, key=lambda c: sum(map(dataset.trades_quantity, tokens_of[c])))
     tokens = tuple(tokens_of[giant])
-    bounds = plan.id_bounds(7)
+    bounds = id_bounds(7)
     units = [unit(tokens, unit_id=i, id_from=lo, id_to=hi) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
     _, source = await sim(SimConfig())
     pages = [await collect(source, work, conditions=dataset.token_to_condition) for work in units]

@@ -78,6 +78,8 @@ PAGE_LOGS = 10_000  # a page asks for about this many logs (several small ranges
 RESULT_TARGET = 0.8  # grow a span towards this share of a known result cap
 SINGLE_BLOCK_FAILURES = 3  # errors on a one-block range before it is a SourceError
 BLOCK_CACHE = 200_000  # block timestamps kept
+BLOCK_SLICES = 4  # a plan's block ranges per shard
+MIN_BLOCKS = 10_000  # the shortest block range worth a unit of its own
 
 RATE_TEXTS = ("rate limit", "request rate", "too many requests", "compute units", "capacity exceeded", "throughput")
 RESULT_TEXTS = ("results", "response size", "too many logs", "response is too big", "too large response", "413")
@@ -91,6 +93,19 @@ _DATA_HEX = re.compile(r"0x[0-9a-fA-F]{448}")  # 7 words
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _ADDRESS_PAD = "0" * 24
 _CONDITION, _TOKEN = FILL_COLUMNS.index("condition_id"), FILL_COLUMNS.index("token_id")
+
+
+# --- how its units are cut ----------------------------------------------------------------------
+
+
+def block_ranges(first: int, end: int, shards: int) -> list[tuple[int, int]]:
+    """[first, end) cut into ``BLOCK_SLICES`` ranges per shard, each at least ``MIN_BLOCKS`` long (none when
+    empty)."""
+    if end <= first:
+        return []
+    count = max(1, min(shards * BLOCK_SLICES, (end - first) // MIN_BLOCKS))
+    bounds = [first + (end - first) * i // count for i in range(count + 1)]
+    return list(zip(bounds, bounds[1:]))
 
 
 # --- error answers -------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -80,6 +81,7 @@ from clobjob.models import (
     EXCHANGES,
     BadValue,
     Market,
+    MarketFills,
     WorkUnit,
     normalize_condition_id,
     normalize_token_id,
@@ -269,6 +271,75 @@ def fill_rows(events: list[Any], conditions: Mapping[str, str]) -> list[tuple[An
 
 
 # --- queries and cursors -------------------------------------------------------------------------
+
+
+# --- how its units are cut ------------------------------------------------------------------------
+
+
+def page_requests(fills: int, page_size: int) -> int:
+    return max(1, math.ceil(fills / page_size))
+
+
+@dataclass(frozen=True)
+class UnitCut:
+    """A unit of markets before shard assignment: markets, known expected fills, estimated requests, fill-id
+    range, and the fill time it starts from (a grown market)."""
+
+    markets: tuple[MarketFills, ...]
+    fills: int
+    requests: int
+    id_from: str | None = None
+    id_to: str | None = None
+    ts_from: int | None = None
+
+
+def batch_markets(work: Sequence[MarketFills], page_size: int, batch_requests: int,
+                  max_batch_tokens: int) -> list[UnitCut]:
+    """Small markets batched up to ``batch_requests`` and ``max_batch_tokens``; large ones alone; a market
+    fetched whole before its count grew alone, from its newest stored fill's time (only newer fills are missing).
+
+    An unknown expected count is planned as one page of work. Order: by condition id (canonical).
+    """
+    chunks: list[UnitCut] = []
+    batch: list[MarketFills] = []
+    batch_work = batch_tokens = 0
+
+    def close_batch() -> None:
+        nonlocal batch, batch_work, batch_tokens
+        if batch:
+            fills = sum(m.expected_fills or 0 for m in batch)
+            chunks.append(UnitCut(tuple(batch), fills, page_requests(batch_work, page_size)))
+        batch, batch_work, batch_tokens = [], 0, 0
+
+    for market in sorted(work, key=lambda m: m.condition_id):
+        if market.new_since_ts is not None:
+            chunks.append(UnitCut((market,), market.gap, page_requests(market.gap, page_size),
+                                  ts_from=market.new_since_ts))
+            continue
+        fills = market.expected_fills if market.expected_fills is not None else page_size
+        if page_requests(fills, page_size) >= batch_requests or len(market.token_ids) > max_batch_tokens:
+            chunks.append(UnitCut((market,), market.expected_fills or 0, page_requests(fills, page_size)))
+            continue
+        if (page_requests(batch_work + fills, page_size) > batch_requests
+                or batch_tokens + len(market.token_ids) > max_batch_tokens):
+            close_batch()
+        batch.append(market)
+        batch_work += fills
+        batch_tokens += len(market.token_ids)
+    close_batch()
+    return chunks
+
+
+def cut_by_id(chunk: UnitCut, pieces: int, page_size: int) -> list[UnitCut]:
+    """A one-market chunk cut into ``pieces`` ranges of fill id (``id_bounds``), fills shared out evenly."""
+    bounds = id_bounds(pieces)
+    count = len(bounds) - 1
+    result = []
+    for i in range(count):
+        fills = chunk.fills * (i + 1) // count - chunk.fills * i // count
+        result.append(UnitCut(chunk.markets, fills, page_requests(fills, page_size), bounds[i], bounds[i + 1],
+                             chunk.ts_from))
+    return result
 
 
 def id_bounds(pieces: int) -> list[str | None]:
