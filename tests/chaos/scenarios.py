@@ -155,7 +155,7 @@ def kills(c: Chaos, count: int = 20) -> None:
                 pid = c.rng.choice(live) if live else None
             if pid is not None and job.signal(pid, signal.SIGKILL):
                 c.figures.faults[f"kill -9, {kind}"] += 1
-            time.sleep(c.rng.uniform(0.3, 0.9))  # let the restarted pod get going
+            time.sleep(c.rng.uniform(0.2, 0.6))  # let the restarted pod get going
         c.finish(job)
 
 
