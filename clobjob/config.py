@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(5.0, gt=0)
     stall_timeout_s: float = Field(120.0, gt=0)
     unit_attempts: int = Field(5, ge=1)
+    store_outage_s: float = Field(180.0, gt=0, description="how long a worker waits for an unreachable ClickHouse "
+                                  "(retrying with backoff) before its shard fails")
 
     log_format: str = Field("auto", pattern="^(auto|json|human)$")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus /metrics on this port")

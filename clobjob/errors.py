@@ -32,6 +32,13 @@ class TransientSourceError(ClobjobError):
     exit_code = EXIT_FAILED
 
 
+class StoreUnreachable(ClobjobError):
+    """ClickHouse could not be reached for longer than the outage budget: the shard fails (its units keep their
+    checkpoints and resume when the index runs again)."""
+
+    exit_code = EXIT_FAILED
+
+
 class UnitFailed(ClobjobError):
     """A unit fails at once, without retrying it: no retry can help it (the source cannot serve it, a bad
     value, a cursor that does not advance, rows a failed flush lost), but the shard's other units go on."""

@@ -46,7 +46,8 @@ async def process_parts(settings: Settings, source_name: str, store: Store | Non
     """Build the process's parts; on exit flush what is buffered, then close the writer and the source."""
     controller = make_controller(settings)
     source = open_source(source_name, settings, controller)
-    writer = StoreWriter(store, settings.batch_rows) if store is not None else None
+    writer = StoreWriter(store, settings.batch_rows, outage_s=settings.store_outage_s,
+                                       dsn=settings.redacted_dsn()) if store is not None else None
     flushing = asyncio.create_task(writer.flush_every(settings.flush_interval_s)) if writer else None
     try:
         async with metrics_server(settings) as metrics:

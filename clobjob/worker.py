@@ -33,6 +33,8 @@ from clobjob.errors import (
     EXIT_SIGTERM,
     BadInput,
     ClobjobError,
+    SourceError,
+    StoreUnreachable,
     UnitFailed,
     describe,
 )
@@ -101,7 +103,8 @@ class ShardWorker:
         self.counters = ShardCounters()
         self.state = RunState.STARTING
         self._owns_writer = writer is None
-        self._writer = writer or StoreWriter(store, settings.batch_rows)
+        self._writer = writer or StoreWriter(store, settings.batch_rows, outage_s=settings.store_outage_s,
+                                                  dsn=settings.redacted_dsn())
         self.lanes = ShardLanes(controller)  # a unit pages several of its ranges at once up to the target
         self._log = logger.bind(run_id=run_id, shard=shard)
         self._last_beat, self._last_rps = (time.monotonic(), 0), 0.0
@@ -126,7 +129,7 @@ class ShardWorker:
         saved = store.checkpoints(self.run_id, self.shard)
         progress = []
         for unit in units:
-            cp = saved.get(unit.unit_id)
+            cp = self._valid_checkpoint(unit, saved.get(unit.unit_id))
             p = UnitProgress(unit) if cp is None else UnitProgress(
                 unit, cursor=cp.cursor, fills=cp.fills, pages=cp.pages, attempts=0, state=cp.state)
             if p.state is UnitState.DONE:
@@ -138,6 +141,27 @@ class ShardWorker:
         conditions = store.token_conditions(None if windowed else {c for u in units for c in u.condition_ids})
         progress.sort(key=lambda p: (-p.unit.expected_requests, p.unit.unit_id))  # longest first
         return progress, conditions
+
+    def _valid_checkpoint(self, unit: WorkUnit, latest: Checkpoint | None) -> Checkpoint | None:
+        """``latest`` when its cursor is one the source made; else the newest older version that is, with a
+        warning naming the bad value (None, from the unit's start, when no valid version is left)."""
+        if latest is None or self._cursor_error(unit, latest.cursor) is None:
+            return latest
+        older = (cp for cp in self._writer.store.checkpoint_versions(self.run_id, self.shard, unit.unit_id)
+                 if self._cursor_error(unit, cp.cursor) is None)
+        valid = next(older, None)
+        self._log.bind(unit=unit.unit_id).warning(
+            "run {} shard {} unit {}: stored checkpoint is invalid ({}); resuming from {}", self.run_id, self.shard,
+            unit.unit_id, self._cursor_error(unit, latest.cursor),
+            f"its last valid checkpoint ({valid.pages} pages, {valid.fills} fills)" if valid else "the unit's start")
+        return valid
+
+    def _cursor_error(self, unit: WorkUnit, cursor: str) -> str | None:
+        try:
+            self.source.check_cursor(unit, cursor)
+        except SourceError as exc:
+            return str(exc)
+        return None
 
     async def _work(self, todo: list[UnitProgress], conditions: Mapping[str, str]) -> int:
         self.state = RunState.RUNNING
@@ -219,7 +243,7 @@ class ShardWorker:
             except StopAsyncIteration:
                 raise ClobjobError(f"source {self.source.name!r} ended unit {progress.unit.unit_id} "
                                    "without a final page") from None
-            except (asyncio.CancelledError, BadInput):
+            except (asyncio.CancelledError, BadInput, StoreUnreachable):
                 raise
             except ClobjobError as exc:
                 if exc.exit_code != EXIT_FAILED:  # permanent (a bad query, a drifted schema): recorded, then raised

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 
+from clobjob.errors import SourceError
 from clobjob.models import FILL_COLUMNS, Market, Run, WorkUnit
 from clobjob.sources.base import Page
 from clobjob.parts import make_controller
@@ -37,6 +38,10 @@ class ScriptedSource:
         self.fail_at: dict[tuple[int, int], list[BaseException]] = {}
         self.hang_at: dict[tuple[int, int], int] = {}
         self.on_page = None
+
+    def check_cursor(self, unit, cursor):
+        if cursor and not cursor.isdigit():
+            raise SourceError(f"unit {unit.unit_id}: cursor {cursor!r} is not a row count")
 
     async def pages(self, unit, cursor, conditions, lanes=None):
         rows = self.fills[unit.unit_id]

@@ -51,6 +51,10 @@ class FillSource(Protocol):
         """
         ...
 
+    def check_cursor(self, unit: WorkUnit, cursor: str) -> None:
+        """Raise ``SourceError`` naming the value unless ``cursor`` is one this source made for ``unit``."""
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...
@@ -73,6 +77,12 @@ class SourcesByUnit:
             raise BadInput(f"unit {unit.unit_id} of run {unit.run_id} names source {unit.source!r}; this run reads "
                            f"{', '.join(sorted(self.sources))}")
         return source.pages(unit, cursor, conditions, lanes)
+
+    def check_cursor(self, unit: WorkUnit, cursor: str) -> None:
+        """Checked by the source the unit names."""
+        source = self.sources.get(unit.source)
+        if source is not None:
+            source.check_cursor(unit, cursor)
 
     async def close(self) -> None:
         """Release every source's connections."""

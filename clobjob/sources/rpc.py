@@ -509,6 +509,11 @@ class RpcSource:
             factor = min(2.0, RESULT_TARGET * self.result_cap / logs)
         return max(1, min(int(span * factor), self.range_cap or self.max_span, self.max_span))
 
+    def check_cursor(self, unit: WorkUnit, cursor: str) -> None:
+        """``SourceError`` unless this source made ``cursor`` for ``unit``."""
+        if cursor:
+            Cursor.decode(unit, cursor)
+
     async def pages(self, unit: WorkUnit, cursor: str, conditions: Mapping[str, str],
                     lanes: Lanes | None = None) -> AsyncIterator[Page]:
         """Pages of ``unit``'s block range resuming after ``cursor`` (see the module doc for its format)."""

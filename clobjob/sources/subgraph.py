@@ -675,6 +675,10 @@ class SubgraphSource:
 
     # --- fills -------------------------------------------------------------------------------
 
+    def check_cursor(self, unit: WorkUnit, cursor: str) -> None:
+        """``SourceError`` unless this source made ``cursor`` for ``unit``."""
+        decode_cursor(unit, cursor, self.max_tokens)
+
     async def pages(self, unit: WorkUnit, cursor: str, conditions: Mapping[str, str],
                     lanes: Lanes | None = None) -> AsyncIterator[Page]:
         """Pages of ``unit``'s fills resuming after ``cursor`` (see the module doc for its format); with

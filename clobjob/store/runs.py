@@ -119,6 +119,22 @@ class RunTables:
             result[values["unit_id"]] = Checkpoint(**values)
         return result
 
+    def checkpoint_versions(self, run_id: str, shard: int, unit_id: int) -> list[Checkpoint]:
+        """Every stored version of one unit's checkpoint not yet merged away, newest first (rows whose values do
+        not parse are left out)."""
+        found = self.db.rows(
+            f"SELECT {', '.join(PROGRESS_COLUMNS)} FROM {{db}}.backfill_progress "
+            "WHERE run_id = {run:String} AND shard = {shard:UInt32} AND unit_id = {unit:UInt32} ORDER BY version DESC",
+            {"run": run_id, "shard": shard, "unit": unit_id},
+        )
+        versions = []
+        for row in found:
+            try:
+                versions.append(Checkpoint(**dict(zip(PROGRESS_COLUMNS, row))))
+            except ValueError:
+                continue
+        return versions
+
     def fetched_markets(self) -> dict[str, datetime]:
         """Markets fetched whole by some run (every unit holding them done) → when the last unit finished.
 

@@ -4,15 +4,20 @@ shard the process runs, flushed in large batches (one insert stream per process,
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from clickhouse_connect.driver.exceptions import OperationalError
 from loguru import logger
 
-from clobjob.errors import describe
+from clobjob.errors import StoreUnreachable, describe
 from clobjob.models import Checkpoint, UnitState
 from clobjob.store import FillBuffer, Store
+
+RETRY_BASE_S, RETRY_CAP_S = 0.25, 5.0  # backoff while the server is unreachable: full jitter, doubling to the cap
 
 T = TypeVar("T")
 UnitKey = tuple[int, int]  # (shard, unit id)
@@ -22,13 +27,19 @@ class StoreWriter:
     """Store calls run in order on one thread, off the event loop. A flush stores the buffered rows, then
     the checkpoints queued with them (never the other way round).
 
-    A flush that fails (an insert ClickHouse refuses, fewer rows written than sent, a lost connection) never
-    raises and never writes the checkpoints queued with it: every unit with rows or a checkpoint in it is
-    *lost* (``lost``: unit → reason), its checkpoint is rewritten as failed at its last stored cursor (so a
-    rerun refetches the rows), and nothing of it is queued any more. Workers read ``lost`` to fail those units."""
+    While the server is unreachable (a connection error, not a refused statement) a call — a flush's whole job
+    of rows and checkpoints included — is retried with backoff for up to ``outage_s``; then it raises
+    ``StoreUnreachable`` naming ``dsn`` (give the redacted one) and the last error, and so does every later call.
 
-    def __init__(self, store: Store, batch_rows: int) -> None:
+    A flush that fails otherwise (an insert ClickHouse refuses, fewer rows written than sent) never raises and
+    never writes the checkpoints queued with it: every unit with rows or a checkpoint in it is *lost* (``lost``:
+    unit → reason), its checkpoint is rewritten as failed at its last stored cursor (so a rerun refetches the
+    rows), and nothing of it is queued any more. Workers read ``lost`` to fail those units."""
+
+    def __init__(self, store: Store, batch_rows: int, *, outage_s: float = 180.0, dsn: str = "ClickHouse") -> None:
         self.store, self._batch_rows = store, batch_rows
+        self._outage_s, self._dsn = outage_s, dsn
+        self._unreachable: StoreUnreachable | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._buffer = FillBuffer()
         self._pending: dict[UnitKey, tuple[Checkpoint, str]] = {}
@@ -38,10 +49,37 @@ class StoreWriter:
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the store thread. Once submitted it runs to the end even if the caller is
         cancelled (a stop must never drop a queued insert or checkpoint)."""
-        return await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._thread, fn, *args))
+        return await asyncio.shield(self._until_reachable(fn, *args))
+
+    async def _until_reachable(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the store thread, retried whole while the server cannot be reached (a rerun insert
+        is harmless: fills dedup by id, checkpoints by version)."""
+        loop, since, attempt = asyncio.get_running_loop(), time.monotonic(), 0
+        while True:
+            if self._unreachable is not None:
+                raise self._unreachable
+            try:
+                return await loop.run_in_executor(self._thread, fn, *args)
+            except OperationalError as exc:
+                attempt += 1
+                waited = time.monotonic() - since
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                if waited >= self._outage_s:
+                    self._unreachable = StoreUnreachable(
+                        f"ClickHouse at {self._dsn} unreachable for {waited:.0f} s "
+                        f"(CLOBJOB_STORE_OUTAGE_S={self._outage_s:g}): {reason}")
+                    raise self._unreachable from None
+                if attempt == 1:
+                    logger.warning("ClickHouse at {} unreachable, retrying for up to {:g} s: {}", self._dsn,
+                                   self._outage_s, reason)
+                delay = random.uniform(0.0, min(RETRY_CAP_S, RETRY_BASE_S * 2.0 ** min(attempt - 1, 30)))
+                await asyncio.sleep(min(delay, max(self._outage_s - waited, 0.0)))
 
     async def add(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]] = ()) -> None:
-        """Queue a page's rows and the unit's new checkpoint (nothing of a lost unit); flush when the batch is full."""
+        """Queue a page's rows and the unit's new checkpoint (nothing of a lost unit); flush when the batch is full.
+        Raises ``StoreUnreachable`` once the server has been away too long (nothing more can be stored)."""
+        if self._unreachable is not None:
+            raise self._unreachable
         key = (checkpoint.shard, checkpoint.unit_id)
         if key in self.lost:
             return
@@ -66,7 +104,9 @@ class StoreWriter:
                 self.store.insert_fills(columns)
             for pod in sorted({pod for _, pod in checkpoints.values()}):
                 self.store.save_checkpoints([cp for cp, owner in checkpoints.values() if owner == pod], pod)
-        except Exception as exc:  # noqa: BLE001 - whatever failed, the batch's units are lost, not the process
+        except OperationalError:  # the server is unreachable: ``call`` runs this whole job again, nothing is lost
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever else failed, the batch's units are lost, not the process
             self._lose(checkpoints, len(columns[0]), exc)
 
     def _lose(self, checkpoints: dict[UnitKey, tuple[Checkpoint, str]], rows: int, exc: Exception) -> None:
@@ -90,11 +130,13 @@ class StoreWriter:
 
     async def flush_every(self, interval_s: float) -> None:
         """Flush on a timer (the time bound of a batch); a failed flush is handled by ``flush`` itself, and
-        anything else is logged, never ends the timer."""
+        anything else is logged, never ends the timer (but a store away for good does)."""
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await self.flush()
+            except StoreUnreachable:
+                raise
             except Exception as exc:  # noqa: BLE001 - a dead timer would leave batches unflushed, silently
                 logger.opt(exception=exc).error("timed flush failed: {}", describe(exc))
 

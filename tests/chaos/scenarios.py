@@ -1,0 +1,279 @@
+"""The chaos scenarios, each a whole run of worker processes against the served database and the simulator with
+its faults injected, ending with the outcome against the ground truth. The CI suite (tests/chaos) and the longer
+seeded schedule of bench/chaos_report.py run the same functions with different sizes."""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import clickhouse_connect
+
+from clobjob.sim import Dataset, SimConfig, SimServer
+from tests.chaos.harness import Database, Job, Outcome, client_pid, outcome, prepare
+
+RATE_RPS = 40.0  # the simulator's limit in every scenario (all processes share it: one client address)
+HOLD_S = 0.4  # how long a trapped insert is held in flight before the kill lands
+
+
+@dataclass
+class Figures:
+    """One scenario's figures for the report."""
+
+    scenario: str
+    faults: Counter = field(default_factory=Counter)
+    restarts: int = 0
+    outcome: Outcome | None = None
+    fill_requests: int = 0
+    fills_served: int = 0
+    wall_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def kills(self) -> int:
+        """The SIGKILLs injected."""
+        return sum(n for fault, n in self.faults.items() if fault.startswith("kill -9"))
+
+    @property
+    def refetched_fills(self) -> int:
+        """Fills the simulator served more than once (pages fetched again after a crash, a stop, a second pod)."""
+        return self.fills_served - (self.outcome.expected if self.outcome else 0)
+
+
+@dataclass
+class Chaos:
+    """A chaos run in the making: its dataset, simulator, database and processes' environment."""
+
+    workdir: Path
+    db: Database
+    dataset: Dataset
+    sim: SimServer
+    env: dict[str, str]
+    run_id: str
+    shards: int
+    rng: random.Random
+    figures: Figures
+    inserts_before: Counter = field(default_factory=Counter)
+
+    def job(self, *, copies: int = 1) -> Job:
+        return Job(self.env, self.run_id, self.shards, self.workdir / f"logs-{uuid.uuid4().hex[:6]}", copies=copies)
+
+    def worker(self, shard: int, **env: str) -> subprocess.Popen:
+        """One worker process of ``shard`` (outside a Job: nothing restarts it)."""
+        return subprocess.Popen([sys.executable, "-m", "clobjob", "worker", "--run-id", self.run_id],
+                                env={**self.env, "JOB_COMPLETION_INDEX": str(shard), **env},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def finish(self, job: Job, timeout_s: float = 150) -> dict:
+        """Wait for the Job; every index must end done (exit 0)."""
+        exits = job.wait(timeout_s)
+        self.figures.restarts += job.restarts
+        assert set(exits.values()) == {0}, (exits, job.log_text()[-3000:])
+        return exits
+
+    def wait_for(self, what: Callable[[], bool], timeout_s: float = 60, why: str = "") -> None:
+        deadline = time.monotonic() + timeout_s
+        while not what():
+            assert time.monotonic() < deadline, f"timed out waiting for {why}"
+            time.sleep(0.05)
+
+    def query(self, sql: str, **params: object) -> list[tuple]:
+        """Rows of ``sql`` on the run's database over HTTP (``{db}``, ``{run:String}`` and ``params`` bound)."""
+        client = clickhouse_connect.get_client(dsn=self.db.url)
+        try:
+            text = sql.replace("{db}", f"`{self.env['CLOBJOB_CLICKHOUSE_DATABASE']}`")
+            return client.query(text, parameters={"run": self.run_id, **params}).result_rows
+        finally:
+            client.close()
+
+    def inserts(self, table: str) -> int:
+        """Inserts into ``table`` the database received during this run."""
+        return self.db.inserts[table] - self.inserts_before[table]
+
+
+@contextmanager
+def chaos(name: str, workdir: Path, db: Database, *, markets: int, seed: int, shards: int,
+          **sim_knobs: object) -> Iterator[Chaos]:
+    """Plan a fresh run on its own database, serve the simulator, and on exit record the outcome."""
+    dataset = Dataset.generate(markets=markets, seed=seed)
+    config = SimConfig.for_profile("throttled", seed=seed, rate_limit_rps=RATE_RPS, **sim_knobs)
+    figures = Figures(name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with SimServer(dataset, config).run_in_thread() as sim:
+        run_id = f"chaos-{name}"
+        env = prepare(workdir, dataset, seed, db, sim.url, f"chaos_{uuid.uuid4().hex[:10]}", shards, run_id)
+        served_before = sim.stats()
+        started = time.monotonic()
+        yield Chaos(workdir, db, dataset, sim, env, run_id, shards, random.Random(seed), figures, Counter(db.inserts))
+        figures.wall_s = time.monotonic() - started
+        stats = sim.stats()
+        figures.fill_requests = int(stats["fill_requests"] - served_before["fill_requests"])
+        figures.fills_served = int(stats["fills_served"] - served_before["fills_served"])
+        figures.faults["429 answers"] += int(stats["throttled_429"])
+        figures.faults["hung answers"] += int(stats["hang"])
+        figures.outcome = outcome(env, dataset, run_id)
+
+
+# --- the scenarios -------------------------------------------------------------------------------------
+
+
+def baseline(c: Chaos) -> None:
+    """No fault: the reference wall time and pages."""
+    with c.job() as job:
+        c.finish(job)
+
+
+def kills(c: Chaos, count: int = 20) -> None:
+    """``count`` SIGKILLs of worker processes: a quarter while an insert of fills is held in flight, a quarter
+    while a checkpoint insert is, a quarter just after a fills insert ran (before its checkpoint), the rest at
+    seeded random moments; the Job restarts each index."""
+    kinds = [("fills in flight", "clob_fills", False), ("checkpoint in flight", "backfill_progress", False),
+             ("fills stored, checkpoint not", "clob_fills", True), ("random moment", "", False)]
+    with c.job() as job:
+        for n in range(count * 3):
+            if c.figures.kills() >= count or job.done():
+                break
+            kind, table, after = kinds[n % len(kinds)]
+            if table:
+                assert c.db.server is not None
+                trap = c.db.server.arm(table, after=after, hold_s=HOLD_S)
+                if not trap.caught.wait(20):
+                    continue
+                pid = client_pid(trap.peer, job.live())
+            else:
+                time.sleep(c.rng.uniform(0.2, 1.2))
+                live = job.live()
+                pid = c.rng.choice(live) if live else None
+            if pid is not None and job.signal(pid, signal.SIGKILL):
+                c.figures.faults[f"kill -9, {kind}"] += 1
+            time.sleep(c.rng.uniform(0.2, 0.6))  # let the restarted pod get going
+        c.finish(job)
+
+
+def two_pods(c: Chaos) -> None:
+    """Two worker processes on every index for the whole run."""
+    with c.job(copies=2) as job:
+        c.figures.faults["second pod per index"] += c.shards
+        c.finish(job)
+
+
+def sigterm_throttled(c: Chaos, grace_s: float = 10.0) -> None:
+    """SIGTERM to a worker while the limit answers most requests with 429: it exits 143 within the grace period
+    with every fill it fetched stored and checkpointed; the Job then finishes the run."""
+    c.sim.configure(rate_limit_rps=1.0, burst=1)
+    worker = c.worker(0)
+    c.wait_for(lambda: c.inserts("backfill_progress") >= 2 and c.sim.stats()["throttled_429"] >= 3, 60,
+               "checkpoints under heavy throttling")
+    worker.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    try:
+        code = worker.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        raise AssertionError(f"SIGTERM not honoured within {grace_s} s") from None
+    c.figures.faults["SIGTERM under 429 storm"] += 1
+    c.figures.notes.append(f"exit {code} {time.monotonic() - sent:.1f} s after SIGTERM")
+    err = worker.stderr.read() if worker.stderr else ""
+    assert code == 143, err[-2000:]
+    fetched = re.search(r"shard stopped: .*?(\d+) fills fetched", err)
+    assert fetched, err[-2000:]
+    checkpointed = c.query("SELECT sum(fills) FROM {db}.backfill_progress FINAL WHERE run_id = {run:String} "
+                           "AND shard = 0")[0][0]
+    assert checkpointed == int(fetched.group(1)) > 0, (checkpointed, fetched.group(0))  # nothing fetched is lost
+    c.sim.configure(rate_limit_rps=RATE_RPS, burst=10)
+    with c.job() as job:
+        c.finish(job)
+
+
+def outage_back(c: Chaos, down_s: float = 8.0) -> None:
+    """The ClickHouse server stopped for ``down_s`` mid-run and started again on the same port: the workers wait
+    and retry; no process exits, no unit fails."""
+    with c.job() as job:
+        c.wait_for(lambda: c.inserts("clob_fills") >= 2, 60, "the first inserts")
+        with c.db.down_for(down_s):
+            c.figures.faults[f"ClickHouse down {down_s:g} s"] += 1
+        c.finish(job)
+        assert job.restarts == 0, job.log_text()[-3000:]
+
+
+def outage_away(c: Chaos, budget_s: float = 4.0) -> None:
+    """A server that stays away: the worker fails with exit 1 and the reason (the DSN without its password) within
+    its outage budget; once the server is back the Job finishes the run with nothing lost."""
+    secret = c.db.url.replace("http://", "http://default:s3cret@")
+    worker = c.worker(0, CLOBJOB_STORE_OUTAGE_S=str(budget_s), CLOBJOB_CLICKHOUSE_URL=secret)
+    c.wait_for(lambda: c.inserts("clob_fills") >= 1, 60, "the first insert")
+    c.db.stop()
+    gone = time.monotonic()
+    try:
+        code = worker.wait(budget_s + 30)
+        err = worker.stderr.read() if worker.stderr else ""
+    finally:
+        worker.kill()
+        c.db.start()
+    c.figures.faults["ClickHouse gone for good"] += 1
+    c.figures.notes.append(f"exit {code} {time.monotonic() - gone:.1f} s after the server went away")
+    assert code == 1, err[-2000:]
+    assert "unreachable" in err and secret.replace("s3cret", "***") in err and "s3cret" not in err, err[-2000:]
+    with c.job() as job:
+        c.finish(job)
+
+
+def storms(c: Chaos, low_s: float = 6.0, paused_s: float = 5.0) -> None:
+    """Hung answers all along (cut by the request timeout), one worker paused with SIGSTOP for longer than the
+    stall timeout and resumed (the laptop that slept), then the limit dropping to a tenth for ``low_s`` (429
+    storms) and recovering."""
+    c.sim.configure(p_hang=0.1, hang_s=4.0)
+    with c.job() as job:
+        c.wait_for(lambda: c.inserts("clob_fills") >= 2, 60, "the first inserts")
+        pid = c.rng.choice(job.live())
+        if job.signal(pid, signal.SIGSTOP):
+            time.sleep(paused_s)
+            job.signal(pid, signal.SIGCONT)
+            c.figures.faults[f"SIGSTOP {paused_s:g} s (stall timeout 3 s)"] += 1
+        c.sim.configure(rate_limit_rps=RATE_RPS / 10, burst=1)
+        c.figures.faults[f"limit ÷10 for {low_s:g} s"] += 1
+        time.sleep(low_s)
+        c.sim.configure(rate_limit_rps=RATE_RPS, burst=10)
+        c.finish(job)
+
+
+def corrupt_checkpoint(c: Chaos) -> None:
+    """A unit's stored checkpoint replaced by garbage (a newer version of its progress row): the worker reports
+    it and resumes that unit from its last valid checkpoint."""
+    worker = c.worker(0)
+    c.wait_for(lambda: c.inserts("backfill_progress") >= 4, 60, "checkpoints")
+    worker.kill()
+    worker.wait()
+    found = c.query("SELECT unit_id, pages FROM {db}.backfill_progress FINAL WHERE run_id = {run:String} "
+                    "AND shard = 0 AND state = 'running' AND pages > 0 ORDER BY unit_id LIMIT 1")
+    assert found, "no unit in progress to corrupt"
+    unit, pages = found[0]
+    c.query("INSERT INTO {db}.backfill_progress (run_id, shard, unit_id, state, cursor, fills, pages, attempts, "
+            "last_error, pod, updated_at, version) VALUES ({run:String}, 0, {unit:UInt32}, 'running', "
+            "{cursor:String}, 7, 999, 0, '', 'vandal', now64(), {version:UInt64})",
+            unit=unit, cursor="{garbage", version=time.time_ns())
+    c.figures.faults["corrupted checkpoint"] += 1
+    with c.job() as job:
+        c.finish(job)
+        logs = job.log_text()
+    warned = [line for line in logs.splitlines() if "stored checkpoint is invalid" in line]
+    assert warned and f"unit {unit}" in warned[0] and "{garbage" in warned[0] and c.run_id in warned[0], logs[-3000:]
+    resumed = "last valid checkpoint" in warned[0]
+    c.figures.notes.append(f"unit {unit} ({pages} pages stored) resumed from "
+                           f"{'its last valid checkpoint' if resumed else 'its start (older versions merged)'}")
+
+
+SCENARIOS: dict[str, Callable[..., None]] = {
+    "kill -9 ×N": kills, "two pods per index": two_pods, "SIGTERM throttled": sigterm_throttled,
+    "ClickHouse outage, back": outage_back, "ClickHouse outage, gone": outage_away, "source storms": storms,
+    "corrupted checkpoint": corrupt_checkpoint,
+}

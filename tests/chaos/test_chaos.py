@@ -1,0 +1,53 @@
+"""Chaos at scale, as pods against servers: worker processes killed, doubled, stopped, paused and starved, the
+database going away, a checkpoint corrupted — each run ends with every fill stored exactly once after FINAL and
+``clobjob status`` agreeing (the scenarios: tests/chaos/scenarios.py; the longer schedule: bench/chaos_report.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from clobjob.sources.subgraph import PAGE_SIZE
+from tests.chaos import scenarios
+from tests.chaos.harness import Database
+
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
+
+# About 0.8 s a full page (graph-node's service time), so runs last long enough for faults to land mid-run.
+DEFAULT = {"markets": 300, "shards": 2, "latency_base_s": 0.3, "latency_per_row_ms": 0.5}
+LONG = {**DEFAULT, "markets": 1200, "shards": 3}  # enough work for 20 kills, or a pause then a collapsed limit
+SIZES = {"kill -9 ×N": LONG, "source storms": LONG}
+
+
+@pytest.fixture(scope="module")
+def db(chdb_dir):
+    served = Database(chdb_dir)
+    yield served
+    served.stop()
+
+
+@pytest.mark.parametrize("name", list(scenarios.SCENARIOS))
+def test_scenario_ends_exact_with_status_agreeing(name, db, tmp_path):
+    size = SIZES.get(name, DEFAULT)
+    with scenarios.chaos(name.split()[0], tmp_path, db, seed=18, **size) as run:
+        scenarios.SCENARIOS[name](run)
+    figures, out = run.figures, run.figures.outcome
+    assert out is not None
+    assert (out.missing, out.extra, out.differing) == (0, 0, 0), figures
+    assert out.stored == out.expected > 0
+    assert out.status_state == "done" and out.status_units == (out.status_units[2], 0, out.status_units[2]), out
+    assert out.status_fills == out.expected, out
+    assert sum(figures.faults.values()) > 0
+    if name == "kill -9 ×N":
+        kills = figures.kills()
+        assert kills >= 20, figures.faults
+        for kind in ("fills in flight", "checkpoint in flight", "fills stored, checkpoint not"):
+            assert figures.faults[f"kill -9, {kind}"] > 0, figures.faults
+        assert figures.restarts >= kills
+        # After a kill only what its last checkpoint does not cover is fetched again: per active unit, its pages in
+        # flight (a unit pages up to a few id ranges at once) and at most one flush interval of pages fetched since
+        # the last flush (a page takes longer than the interval).
+        active_units = out.status_units[2] / size["shards"]
+        assert figures.refetched_fills <= kills * active_units * 3 * PAGE_SIZE, figures
+    if name == "source storms":
+        assert {"429 answers", "hung answers", "SIGSTOP 5 s (stall timeout 3 s)"} <= {
+            fault for fault, n in figures.faults.items() if n}, figures.faults
