@@ -107,10 +107,16 @@ def count_expected(settings: Settings, store: Store, condition_ids: list[str] | 
             f"({sum(counts.values()):,} fills); {len(changed):,} counts new or changed")
 
 
+COUNT_ATTEMPTS = 3
+"""Tries per counting request: counting is a first step that falls back on the stored counts, so a subgraph that
+cannot be reached costs seconds here, not the fetch's full retry budget."""
+
+
 async def _fetch_counts(settings: Settings, tokens: list[str]) -> dict[str, int]:
     async with process_parts(settings, plan.SOURCE) as parts:
         source = parts.source
         assert isinstance(source, SubgraphSource)
+        source.max_attempts = COUNT_ATTEMPTS
         return await source.expected_fills(tokens)
 
 
