@@ -28,7 +28,7 @@ from clobjob.config import Settings
 from clobjob.errors import SourceError
 from clobjob.models import Market
 from clobjob.ratelimit import AdaptiveRateController, Retryable
-from clobjob.sources.http import HttpSession
+from clobjob.sources.http import HttpSession, OverHttp
 from clobjob.sources.markets import BadRow, market_from_gamma
 
 MARKETS_PATH = "/markets"
@@ -113,7 +113,7 @@ class _Collected:
             self.markets[market.condition_id] = market
 
 
-class GammaSource:
+class GammaSource(OverHttp):
     """Every market Gamma lists, through the process's rate controller."""
 
     name = "gamma"
@@ -121,16 +121,6 @@ class GammaSource:
     def __init__(self, settings: Settings, controller: AdaptiveRateController, url: str | None = None) -> None:
         self.url = (url or settings.gamma_url).rstrip("/")
         self._http = HttpSession(controller, settings.request_timeout_s, {"Accept": "application/json"})
-
-    async def close(self) -> None:
-        """Release connections."""
-        await self._http.close()
-
-    async def __aenter__(self) -> GammaSource:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def markets(self) -> tuple[list[Market], list[BadRow]]:
         """Every listed market (keyset paging, offset paging where keyset is unavailable) and the bad rows."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import aiohttp
 
@@ -68,3 +68,19 @@ class HttpSession:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class OverHttp:
+    """What a source sending through one ``HttpSession`` (``self._http``) shares: closing it, ``async with``."""
+
+    _http: HttpSession
+
+    async def close(self) -> None:
+        """Close the session and its connections."""
+        await self._http.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -65,7 +65,7 @@ from clobjob.ratelimit import (
     controlled_request,
 )
 from clobjob.sources.base import Lanes, Page
-from clobjob.sources.http import HttpSession
+from clobjob.sources.http import HttpSession, OverHttp
 
 ORDER_FILLED_V2 = "0xd543adfd945773f1a62f74f0ee55a5e3b9b1a28262980ba90b1a89f2ea84d8ee"
 """keccak256("OrderFilled(bytes32,address,address,uint8,uint256,uint256,uint256,uint256,bytes32,bytes32)")."""
@@ -300,7 +300,7 @@ class Cursor:
 # --- the source ----------------------------------------------------------------------------------
 
 
-class RpcSource:
+class RpcSource(OverHttp):
     """``FillSource`` over a Polygon JSON-RPC endpoint; one aiohttp session, the process's shared controller."""
 
     name = "rpc"
@@ -330,16 +330,6 @@ class RpcSource:
         self._head: tuple[int, float] | None = None  # (head, monotonic time read)
         self._checked_chain = False
         self._http = HttpSession(controller, settings.request_timeout_s)
-
-    async def close(self) -> None:
-        """Close the session and its connections."""
-        await self._http.close()
-
-    async def __aenter__(self) -> RpcSource:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     # --- JSON-RPC ----------------------------------------------------------------------------
 

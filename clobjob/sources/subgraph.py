@@ -88,7 +88,7 @@ from clobjob.models import (
 )
 from clobjob.ratelimit import AdaptiveRateController, Retryable, controlled_request
 from clobjob.sources.base import Lanes, Page
-from clobjob.sources.http import JSON_HEADERS, HttpSession
+from clobjob.sources.http import JSON_HEADERS, HttpSession, OverHttp
 
 PAGE_SIZE = 1000
 DATA_UNTIL = datetime(2026, 4, 28, 11, tzinfo=timezone.utc)  # the last v1 fill: the subgraph indexes only v1
@@ -615,7 +615,7 @@ class Universe:
     trades_by_token: dict[str, int]
 
 
-class SubgraphSource:
+class SubgraphSource(OverHttp):
     """``FillSource`` over the Goldsky orderbook subgraph; one aiohttp session, one shared controller."""
 
     name = "subgraph"
@@ -636,16 +636,6 @@ class SubgraphSource:
         if settings.subgraph_api_key is not None:
             headers["Authorization"] = f"Bearer {settings.subgraph_api_key.get_secret_value()}"
         self._http = HttpSession(controller, settings.request_timeout_s, headers)
-
-    async def close(self) -> None:
-        """Close the session and its connections."""
-        await self._http.close()
-
-    async def __aenter__(self) -> SubgraphSource:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     # --- requests ----------------------------------------------------------------------------
 
