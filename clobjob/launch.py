@@ -78,7 +78,7 @@ def sync_markets(settings: Settings, *, gamma: bool = False, subgraph_markets: b
             store.upsert_orderbooks(orderbooks)
             lines.append(f"subgraph knows {len(universe.tokens_by_condition):,} markets: added {len(added):,} new")
         _require_universe(store)
-        lines.append(count_expected(settings, store))
+        lines.append(count_expected(settings, store, plan.missing_work(store))[0])
     return lines, bad
 
 
@@ -89,22 +89,30 @@ async def _subgraph_universe(settings: Settings) -> Universe:
         return await source.universe()
 
 
-def count_expected(settings: Settings, store: Store, condition_ids: list[str] | None = None) -> str:
-    """Fetch the expected fills (the subgraph's ``tradesQuantity``) of the universe's tokens that have no count
-    yet or whose market is not covered, and store the counts that changed; returns a summary line. This never
-    adds markets to the universe. A source that cannot be reached leaves the counts as they were (said)."""
-    wanted = plan.tokens_to_count(plan.missing_work(store, condition_ids), store.orderbook_counts())
+def count_expected(settings: Settings, store: Store, report: plan.MissingReport) -> tuple[str, bool]:
+    """Fetch the expected fills (the subgraph's ``tradesQuantity``) of the report's tokens that have no count
+    yet or whose market is not covered or still open, and store the counts that changed; returns a summary line
+    and whether any count changed (the report is then out of date). This never adds markets to the universe. A
+    source that cannot be reached leaves the counts as they were (said)."""
+    known = store.orderbook_counts()
+    wanted = plan.tokens_to_count(report, known)
     if not wanted:
-        return "expected fills: every count is up to date"
+        return "expected fills: every count is up to date", False
     try:
         counts = asyncio.run(_fetch_counts(settings, list(wanted)))
     except ClobjobError as exc:
-        return f"expected fills: could not be fetched ({exc}); planning with the counts stored before"
-    known = store.orderbook_counts()
+        return f"expected fills: could not be fetched ({exc}); planning with the counts stored before", False
     changed = {token: (wanted[token], count) for token, count in counts.items() if known.get(token) != count}
     store.upsert_orderbooks(changed)
     return (f"expected fills: counted {len(counts):,} tokens of {len(set(wanted.values())):,} markets "
-            f"({sum(counts.values()):,} fills); {len(changed):,} counts new or changed")
+            f"({sum(counts.values()):,} fills); {len(changed):,} counts new or changed"), bool(changed)
+
+
+def _classified(settings: Settings, store: Store, ids: list[str] | None) -> tuple[plan.MissingReport, str]:
+    """The markets classified after their expected fills are counted, and the counting's summary line."""
+    report = plan.missing_work(store, ids)
+    line, changed = count_expected(settings, store, report)
+    return (plan.missing_work(store, ids) if changed else report), line
 
 
 COUNT_ATTEMPTS = 3
@@ -145,8 +153,10 @@ def diagnose(settings: Settings, *, markets_file: str | None, offline: bool, sam
     when ``rate`` is given). ``out`` receives the condition ids to fetch (a JSON array)."""
     ids = _market_list(markets_file)
     with open_store(settings) as store:
-        counted = None if offline else count_expected(settings, store, ids)
-        report = plan.missing_work(store, ids)
+        if offline:
+            report, counted = plan.missing_work(store, ids), None
+        else:
+            report, counted = _classified(settings, store, ids)
         conflicts, examples = store.token_conflicts()
     live = None if offline else asyncio.run(_probe(settings, report, sample, 0.0 if rate is not None else probe_s))
     rate_rps, origin = _planning_rate(settings, rate, live)
@@ -261,11 +271,11 @@ class _Work:
 def _find_work(settings: Settings, store: Store, ids: list[str] | None, source: str, say: Say) -> _Work:
     """Count the expected fills and classify the markets (unless ``source`` is rpc), and find the v2 blocks to
     fetch (unless it is subgraph)."""
-    if source != "rpc":
-        say(count_expected(settings, store, ids))
-    report = plan.missing_work(store, ids)
-    if source == "rpc":
-        report = plan.MissingReport(report.as_of, ())
+    if source == "rpc":  # no market units: nothing to count or classify
+        report = plan.MissingReport(int(datetime.now(timezone.utc).timestamp()), ())
+    else:
+        report, line = _classified(settings, store, ids)
+        say(line)
     blocks = _blocks_to_fetch(settings, store, source, say) if source != "subgraph" else None
     unread = blocks is None and source == "all"
     return _Work(report, blocks, plan.SOURCE if unread else source, unread)
