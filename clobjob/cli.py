@@ -25,14 +25,12 @@ from clobjob.store.serve import serve as serve_database
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.load(
+    """The settings from the environment, overridden by the flags the command was given."""
+    settings = Settings.load(
         clickhouse_url=args.clickhouse_url,
         clickhouse_database=args.database,
         log_format=args.log_format,
     )
-
-
-def _with_source_flags(args: argparse.Namespace, settings: Settings) -> Settings:
     return settings.with_overrides(**{name: getattr(args, name, None) for name in SOURCE_SETTINGS})
 
 
@@ -68,7 +66,7 @@ def cmd_markets_load(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_markets_sync(args: argparse.Namespace, settings: Settings) -> int:
-    settings = _with_source_flags(args, settings).with_overrides(gamma_url=args.gamma_url)
+    settings = settings.with_overrides(gamma_url=args.gamma_url)
     lines, bad = launch.sync_markets(settings, gamma=args.gamma, subgraph_markets=args.add_subgraph_markets)
     for problem in bad:
         print(f"skipped {problem}", file=sys.stderr)
@@ -184,6 +182,7 @@ def _render_diagnosis(shown: dict[str, Any]) -> str:
                                     for c in conflicts["examples"][:2])
         lines.append(f"conflicts: {conflicts['tokens_in_two_markets']:,} token(s) claimed by two markets "
                      f"(counted once, for the lower condition id), e.g. {shown_conflicts}")
+    lines += _render_agreement(shown["subgraph"])
     if mismatches["fewer"] or mismatches["more"]:
         lines.append(f"counts: {mismatches['fewer']:,} market(s) fetched to the end hold fewer fills than the source's "
                      f"count, {mismatches['more']:,} more; e.g. " + "; ".join(mismatches["examples"][:2]))
@@ -209,6 +208,29 @@ def _render_diagnosis(shown: dict[str, Any]) -> str:
                   f"probe: {live['requests']:,} requests, {live['throttled']:,} throttled, {live['errors']:,} "
                   f"errors; sustainable ≈ {live['rate_rps']:.1f} req/s"]
     return "\n".join(lines)
+
+
+def _render_agreement(found: dict[str, Any] | None) -> list[str]:
+    """Diagnose's lines on how the universe and the subgraph agree on tokens (none when all agree)."""
+    if found is None:
+        return []
+    if "error" in found:
+        return [f"subgraph check: could not be made ({found['error']})"]
+    lines = []
+    if found["markets_unknown_to_subgraph"]:
+        lines.append(f"subgraph: {found['markets_unknown_to_subgraph']:,} market(s) it does not know (0 fills from it; "
+                     f"markets created after the v2 cutover are only on the chain), e.g. "
+                     + ", ".join(found["unknown_examples"][:2]))
+    if found["tokens_of_another_market"]:
+        lines.append(f"subgraph: {found['tokens_of_another_market']:,} token(s) it files under another market, e.g. "
+                     + "; ".join(f"{e['token_id']} in {e['condition_id']} here, {e['subgraph_condition_id']} there"
+                                 for e in found["another_market_examples"][:2]))
+    if found["unclaimed_subgraph_tokens"]:
+        lines.append(f"subgraph: {found['unclaimed_subgraph_tokens']:,} token(s) with {found['unclaimed_fills']:,} "
+                     "fills that no market of the universe claims (not fetched; `clobjob markets sync --gamma` "
+                     "brings their markets), e.g. "
+                     + "; ".join(f"{e['token_id']} ({e['fills']:,} fills)" for e in found["unclaimed_examples"][:2]))
+    return lines
 
 
 def cmd_diagnose(args: argparse.Namespace, settings: Settings) -> int:
@@ -237,7 +259,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
-    return launch.backfill(_with_source_flags(args, settings), shards=args.shards, parallelism=args.parallelism,
+    return launch.backfill(settings, shards=args.shards, parallelism=args.parallelism,
                            markets_file=args.markets, source=args.source)
 
 
@@ -252,7 +274,7 @@ def cmd_rerun(args: argparse.Namespace, settings: Settings) -> int:
     run_id = args.run_id or launch.status(settings, None, on="local")["run_id"]
     if run_id is None:
         raise BadInput("no run to rerun: the database has no run yet")
-    return launch.rerun_run(_with_source_flags(args, settings), run_id=run_id, failed_only=args.failed,
+    return launch.rerun_run(settings, run_id=run_id, failed_only=args.failed,
                             shards=args.shards, new_shards=args.new_shards, parallelism=args.parallelism, on=args.on)
 
 
@@ -451,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--force", action="store_true", help="replace a run that already has progress")
     plan.add_argument("--source", choices=SOURCES,
                       help="as for backfill (default: env CLOBJOB_SOURCE, else all when CLOBJOB_RPC_URL is set)")
+    _add_source_flags(plan, stores=False)
 
     worker = _command(groups, "worker", "work one shard of a planned run (what each pod of the Job runs)",
                       cmd_worker, long_running=True)

@@ -158,6 +158,7 @@ def diagnose(settings: Settings, *, markets_file: str | None, offline: bool, sam
         else:
             report, counted = _classified(settings, store, ids)
         conflicts, examples = store.token_conflicts()
+        agreement = None if offline else _subgraph_agreement(settings, store, report)
     live = None if offline else asyncio.run(_probe(settings, report, sample, 0.0 if rate is not None else probe_s))
     rate_rps, origin = _planning_rate(settings, rate, live)
     shown = report.to_dict()
@@ -168,10 +169,30 @@ def diagnose(settings: Settings, *, markets_file: str | None, offline: bool, sam
     shown["expected_counts"] = counted
     shown["conflicts"] = {"tokens_in_two_markets": conflicts,
                           "examples": [{"token_id": token, "condition_ids": markets} for token, markets in examples]}
+    shown["subgraph"] = agreement
     if out:
         with open(out, "w") as written:
             json.dump([m.condition_id for m in report.work], written, indent=1)
     return shown
+
+
+def _subgraph_agreement(settings: Settings, store: Store, report: plan.MissingReport) -> dict[str, Any]:
+    """How the universe and the subgraph agree on tokens (``plan.SubgraphAgreement``), or why that is not known."""
+    try:
+        return asyncio.run(_ask_subgraph(settings, report, store.claimed_tokens())).to_dict()
+    except ClobjobError as exc:
+        return {"error": str(exc)}
+
+
+async def _ask_subgraph(settings: Settings, report: plan.MissingReport, claimed: set[str]
+                        ) -> plan.SubgraphAgreement:
+    async with process_parts(settings, plan.SOURCE) as parts:
+        source = parts.source
+        assert isinstance(source, SubgraphSource)
+        source.max_attempts = COUNT_ATTEMPTS
+        tokens = [t for m in report.markets for t in m.token_ids]
+        known, trades = await asyncio.gather(source.token_markets(tokens), source.trades_quantity())
+        return plan.subgraph_agreement(report.markets, claimed, known, trades, parts.controller.snapshot().requests)
 
 
 async def _probe(settings: Settings, report: plan.MissingReport, sample: int, probe_s: float) -> LiveCheck | None:

@@ -150,6 +150,43 @@ def missing_work(store: Store, condition_ids: list[str] | None = None, *, now: i
     return MissingReport(int(datetime.now(timezone.utc).timestamp()) if now is None else now, markets, not_found)
 
 
+@dataclass(frozen=True)
+class SubgraphAgreement:
+    """Where the universe and the subgraph disagree on tokens (diagnose). None of it is counted twice: expected
+    fills are counted per token, for the market of the universe that claims it."""
+
+    unknown_markets: tuple[str, ...]  # markets none of whose tokens the subgraph knows (no ``marketDatas``)
+    other_market: tuple[tuple[str, str, str], ...]  # (token, its market here, its market in the subgraph)
+    unclaimed: tuple[tuple[str, int], ...]  # subgraph tokens with fills no market claims: (token, fills)
+    requests: int  # what finding this out cost
+
+    def to_dict(self, examples: int = 5) -> dict[str, Any]:
+        """A JSON-ready summary with up to ``examples`` examples of each kind."""
+        return {
+            "markets_unknown_to_subgraph": len(self.unknown_markets),
+            "unknown_examples": list(self.unknown_markets[:examples]),
+            "tokens_of_another_market": len(self.other_market),
+            "another_market_examples": [{"token_id": t, "condition_id": here, "subgraph_condition_id": there}
+                                        for t, here, there in self.other_market[:examples]],
+            "unclaimed_subgraph_tokens": len(self.unclaimed),
+            "unclaimed_fills": sum(fills for _, fills in self.unclaimed),
+            "unclaimed_examples": [{"token_id": t, "fills": fills} for t, fills in self.unclaimed[:examples]],
+            "requests": self.requests,
+        }
+
+
+def subgraph_agreement(markets: Sequence[MarketFills], claimed: Collection[str], subgraph_markets: dict[str, str],
+                       trades: dict[str, int], requests: int) -> SubgraphAgreement:
+    """Compare ``markets`` (their tokens looked up in the subgraph: ``subgraph_markets`` token → condition) and
+    the whole universe's ``claimed`` tokens with every subgraph token that has fills (``trades``)."""
+    unknown = tuple(m.condition_id for m in markets if not any(t in subgraph_markets for t in m.token_ids))
+    other = tuple((t, m.condition_id, subgraph_markets[t]) for m in markets for t in m.token_ids
+                  if subgraph_markets.get(t, m.condition_id) != m.condition_id)
+    unclaimed = tuple(sorted(((t, n) for t, n in trades.items() if n and t not in claimed),
+                             key=lambda item: (-item[1], item[0])))
+    return SubgraphAgreement(unknown, other, unclaimed, requests)
+
+
 # --- units ---------------------------------------------------------------------------------------
 
 

@@ -62,8 +62,14 @@ def test_flags_override_the_settings(monkeypatch):
     from clobjob import cli
 
     args = build_parser().parse_args(["backfill", "--max-in-flight", "3", "--batch-rows", "500", "--max-rps", "7"])
-    settings = cli._with_source_flags(args, cli._settings(args))
+    settings = cli._settings(args)
     assert (settings.max_in_flight, settings.batch_rows, settings.max_rps) == (3, 500, 7.0)
+    fetching = [path for path, parser in ALL if "--subgraph-url" in parser.format_help()]
+    assert {("diagnose",), ("plan",), ("worker",), ("backfill",), ("rerun",), ("markets", "sync")} <= set(fetching)
+    required = {("worker",): ["--run-id", "r"], ("rerun",): ["--run-id", "r"], ("plan",): ["--shards", "1"]}
+    for path in fetching:  # every command that fetches takes its source from the flag
+        args = build_parser().parse_args([*path, *required.get(path, []), "--subgraph-url", "http://127.0.0.1:9/gql"])
+        assert cli._settings(args).subgraph_url == "http://127.0.0.1:9/gql", path
     with pytest.raises(SystemExit) as bad:
         build_parser().parse_args(["backfill", "--max-in-flight", "0"])
     assert bad.value.code == 2

@@ -8,6 +8,7 @@ import json
 import numpy as np
 
 from clobjob import launch, monitor, plan
+from clobjob.cli import main
 from clobjob.models import Checkpoint, Market, MarketStatus, Run, RunKind, RunParams, UnitState, WorkUnit
 from clobjob.sim import Dataset, SimConfig, SimServer
 from clobjob.sim.data import block_of
@@ -134,3 +135,33 @@ def test_tokens_to_count_are_the_uncounted_the_uncovered_and_the_open(store):
     wanted = plan.tokens_to_count(plan.missing_work(store), store.orderbook_counts())
     assert wanted == {"3": open_one.condition_id, "4": open_one.condition_id,
                       "5": uncounted.condition_id, "6": uncounted.condition_id}
+
+
+def test_diagnose_reports_markets_the_subgraph_does_not_know_and_tokens_no_market_claims(settings, store, capsys):
+    dataset = Dataset.generate(markets=1_200, seed=11)  # > 1,000 tokens per leading digit: keyset pages
+    traded = [m for m in dataset.markets if sum(map(dataset.trades_quantity, json.loads(m["clobTokenIds"])))]
+    loaded, left_out, moved = traded[:300], traded[300:], traded[300]
+    moved_tokens = tuple(json.loads(moved["clobTokenIds"]))
+    strangers = [_market(n, f"77{n:030d}", f"78{n:030d}") for n in (1, 2)]  # no marketDatas of theirs
+    misfiled = Market(condition_id=f"0x{9:064x}", token_ids=moved_tokens[:1], closed=True)
+    store.upsert_markets([market_from_gamma(m, i) for i, m in enumerate(loaded)] + strangers + [misfiled])
+    unclaimed = {t: dataset.trades_quantity(t) for m in left_out for t in json.loads(m["clobTokenIds"])
+                 if t != moved_tokens[0] and dataset.trades_quantity(t)}
+    with SimServer(dataset, SimConfig.for_profile("clean")).run_in_thread() as sim:
+        settings = settings.with_overrides(subgraph_url=sim.url)
+        shown = launch.diagnose(settings, markets_file=None, offline=False, sample=0, probe_s=0.0, rate=50.0,
+                                out=None)["subgraph"]
+        assert main(["--clickhouse-url", settings.clickhouse_url.get_secret_value(), "--database",
+                     settings.clickhouse_database, "diagnose", "--subgraph-url", sim.url, "--rate", "50",
+                     "--sample", "0"]) == 0
+    assert shown["markets_unknown_to_subgraph"] == 2
+    assert sorted(shown["unknown_examples"]) == sorted(m.condition_id for m in strangers)
+    assert shown["tokens_of_another_market"] == 1
+    assert shown["another_market_examples"] == [{"token_id": moved_tokens[0], "condition_id": misfiled.condition_id,
+                                                 "subgraph_condition_id": moved["conditionId"]}]
+    assert shown["unclaimed_subgraph_tokens"] == len(unclaimed) and shown["unclaimed_fills"] == sum(unclaimed.values())
+    top = max(unclaimed, key=lambda t: (unclaimed[t], -int(t)))
+    assert shown["unclaimed_examples"][0] == {"token_id": top, "fills": unclaimed[top]}
+    human = capsys.readouterr().out
+    assert "2 market(s) it does not know" in human and "1 token(s) it files under another market" in human
+    assert f"{len(unclaimed):,} token(s) with {sum(unclaimed.values()):,} fills that no market" in human

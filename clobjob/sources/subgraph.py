@@ -379,9 +379,19 @@ EXPECTED_QUERY = (f"query Expected($ids: [ID!]!) {{ orderbooks(first: {PAGE_SIZE
                   "{ id tradesQuantity } }")
 
 
-def _collection_query(entity: str, fields: str) -> str:
-    return (f"query Page($after: ID!) {{ {entity}(first: {PAGE_SIZE}, orderBy: id, orderDirection: asc, "
-            f"where: {{id_gt: $after}}) {{ {fields} }} }}")
+MARKET_DATA_QUERY = (f"query Known($ids: [ID!]!) {{ marketDatas(first: {PAGE_SIZE}, where: {{id_in: $ids}}) "
+                     "{ id condition } }")
+
+TOKEN_ID_RANGES: tuple[tuple[str, str | None], ...] = (
+    ("", "2"), *((str(d), str(d + 1)) for d in range(2, 9)), ("9", None))
+"""Token ids are decimal strings, ordered as strings: a collection keyed by token id is paged as one keyset
+paging per leading digit, all at once (the real collections hold hundreds of thousands)."""
+
+
+def _collection_query(entity: str, fields: str, bounded: bool) -> str:
+    upto = ", id_lt: $upto" if bounded else ""
+    return (f"query Page($after: ID!{', $upto: ID!' if bounded else ''}) {{ {entity}(first: {PAGE_SIZE}, "
+            f"orderBy: id, orderDirection: asc, where: {{id_gt: $after{upto}}}) {{ {fields} }} }}")
 
 
 @dataclass(eq=False)
@@ -694,18 +704,40 @@ class SubgraphSource(OverHttp):
     # --- markets -----------------------------------------------------------------------------
 
     async def _collection(self, entity: str, fields: str, parse: Callable[[dict[str, Any]], Any]) -> list[Any]:
-        """Every entity of a collection, paged by ``id_gt``, parsed with ``parse`` (SourceError on drift)."""
-        query, after, found = _collection_query(entity, fields), "", []
+        """Every entity of a collection keyed by token id, parsed with ``parse`` (SourceError on drift): one
+        ``id_gt`` keyset paging per ``TOKEN_ID_RANGES`` range, run together under the rate controller."""
+        ranges = await asyncio.gather(*(self._id_range(entity, fields, parse, after, upto)
+                                        for after, upto in TOKEN_ID_RANGES))
+        return [item for found in ranges for item in found]
+
+    async def _id_range(self, entity: str, fields: str, parse: Callable[[dict[str, Any]], Any],
+                        after: str, upto: str | None) -> list[Any]:
+        query, found = _collection_query(entity, fields, upto is not None), []
+        bound = {} if upto is None else {"upto": upto}
         while True:
-            items = _entities(await self.query(query, {"after": after}), entity)
-            for index, item in enumerate(items):
-                try:
-                    found.append(parse(item))
-                except (_Drift, KeyError, TypeError) as exc:
-                    raise _drift(entity, index, exc) from None
+            items = _entities(await self.query(query, {"after": after, **bound}), entity)
+            found += self._parsed(entity, items, parse)
             if len(items) < PAGE_SIZE:
                 return found
             after = _text(items[-1], "id")
+
+    @staticmethod
+    def _parsed(entity: str, items: list[Any], parse: Callable[[dict[str, Any]], Any]) -> list[Any]:
+        parsed = []
+        for index, item in enumerate(items):
+            try:
+                parsed.append(parse(item))
+            except (_Drift, KeyError, TypeError) as exc:
+                raise _drift(entity, index, exc) from None
+        return parsed
+
+    async def _by_ids(self, query: str, entity: str, ids: Sequence[str],
+                      parse: Callable[[dict[str, Any]], Any]) -> list[Any]:
+        """The entities of ``ids`` that exist: batched ``id_in`` queries of ``PAGE_SIZE`` ids, sent together under
+        the rate controller."""
+        batches = [list(ids[i:i + PAGE_SIZE]) for i in range(0, len(ids), PAGE_SIZE)]
+        answers = await asyncio.gather(*(self.query(query, {"ids": batch}) for batch in batches))
+        return [item for answer in answers for item in self._parsed(entity, _entities(answer, entity), parse)]
 
     async def market_tokens(self) -> dict[str, tuple[str, ...]]:
         """Condition id → token ids (in token id order) from every ``marketDatas`` entity."""
@@ -720,20 +752,15 @@ class SubgraphSource(OverHttp):
         return dict(await self._collection("orderbooks", "id tradesQuantity", _orderbook))
 
     async def expected_fills(self, tokens: Sequence[str]) -> dict[str, int]:
-        """``tradesQuantity`` of each token: batched ``id_in`` queries of ``PAGE_SIZE`` ids, sent together under
-        the rate controller. The subgraph creates a token's Orderbook at its first fill, so a token without
-        one has none: 0."""
-        batches = [list(tokens[i:i + PAGE_SIZE]) for i in range(0, len(tokens), PAGE_SIZE)]
-        answers = await asyncio.gather(*(self.query(EXPECTED_QUERY, {"ids": batch}) for batch in batches))
+        """``tradesQuantity`` of each token. The subgraph creates a token's Orderbook at its first fill, so a token
+        without one has none: 0."""
         found = dict.fromkeys(tokens, 0)
-        for answer in answers:
-            for index, item in enumerate(_entities(answer, "orderbooks")):
-                try:
-                    token, count = _orderbook(item)
-                except (_Drift, KeyError, TypeError) as exc:
-                    raise _drift("orderbooks", index, exc) from None
-                found[token] = count
+        found.update(await self._by_ids(EXPECTED_QUERY, "orderbooks", tokens, _orderbook))
         return found
+
+    async def token_markets(self, tokens: Sequence[str]) -> dict[str, str]:
+        """The condition id the subgraph's ``marketDatas`` gives each of ``tokens`` it knows."""
+        return dict(await self._by_ids(MARKET_DATA_QUERY, "marketDatas", tokens, _market_data))
 
     async def universe(self) -> Universe:
         """The subgraph's market universe and expected fills per token."""

@@ -78,6 +78,10 @@ class MarketTable:
         )
         return dict(found)
 
+    def claimed_tokens(self) -> set[str]:
+        """Every token id a market of the universe claims."""
+        return {token for (token,) in self.db.rows("SELECT DISTINCT arrayJoin(token_ids) FROM {db}.markets FINAL")}
+
     def market_fill_counts(self, condition_ids: Iterable[str] | None = None) -> list[MarketFills]:
         """Every market of the universe (or only those listed) with expected and stored fills, by condition id.
 
