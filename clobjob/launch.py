@@ -99,13 +99,14 @@ def count_expected(settings: Settings, store: Store, report: plan.MissingReport)
     if not wanted:
         return "expected fills: every count is up to date", False
     try:
-        counts = asyncio.run(_fetch_counts(settings, list(wanted)))
+        counts, requests = asyncio.run(_fetch_counts(settings, list(wanted)))
     except ClobjobError as exc:
         return f"expected fills: could not be fetched ({exc}); planning with the counts stored before", False
     changed = {token: (wanted[token], count) for token, count in counts.items() if known.get(token) != count}
     store.upsert_orderbooks(changed)
+    cost = f"{requests:,} request{'s' if requests != 1 else ''}"
     return (f"expected fills: counted {len(counts):,} tokens of {len(set(wanted.values())):,} markets "
-            f"({sum(counts.values()):,} fills); {len(changed):,} counts new or changed"), bool(changed)
+            f"({sum(counts.values()):,} fills) in {cost}; {len(changed):,} counts new or changed"), bool(changed)
 
 
 def _classified(settings: Settings, store: Store, ids: list[str] | None) -> tuple[plan.MissingReport, str]:
@@ -120,12 +121,13 @@ COUNT_ATTEMPTS = 3
 cannot be reached costs seconds here, not the fetch's full retry budget."""
 
 
-async def _fetch_counts(settings: Settings, tokens: list[str]) -> dict[str, int]:
+async def _fetch_counts(settings: Settings, tokens: list[str]) -> tuple[dict[str, int], int]:
+    """The tokens' expected fills and the requests counting them took."""
     async with process_parts(settings, plan.SOURCE) as parts:
         source = parts.source
         assert isinstance(source, SubgraphSource)
         source.max_attempts = COUNT_ATTEMPTS
-        return await source.expected_fills(tokens)
+        return await source.expected_fills(tokens), parts.controller.snapshot().requests
 
 
 def _require_universe(store: Store) -> None:
