@@ -242,7 +242,7 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     follow_s = (args.interval or FOLLOW_INTERVAL_S) if args.follow else None
     return launch.backfill(_with_source_flags(args, settings), shards=args.shards, parallelism=args.parallelism,
                            markets_file=args.markets, source=args.source, since=args.since, until=args.until,
-                           gamma=args.gamma, follow_s=follow_s)
+                           gamma=args.gamma, follow_s=follow_s, if_idle=args.if_idle)
 
 
 def _shard_list(text: str) -> list[int]:
@@ -487,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "markets): a round every --interval, one line each, until Ctrl+C or SIGTERM (143)")
     backfill.add_argument("--interval", type=_positive, metavar="S",
                           help=f"seconds between the starts of two --follow rounds (default {FOLLOW_INTERVAL_S:g})")
+    backfill.add_argument("--if-idle", action="store_true",
+                          help="start only when no other run is in progress (live heartbeats), else exit 0 at once: "
+                               "for scheduled rounds, e.g. the chart's CronJob")
     _add_source_flags(backfill)
 
     rerun = _command(groups, "rerun", "a new run of a run's failed or unfinished units, each resuming from its "

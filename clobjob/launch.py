@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from loguru import logger
@@ -248,7 +248,7 @@ class Scope:
 
 def backfill(settings: Settings, *, shards: int, parallelism: int | None, markets_file: str | None = None,
              source: str | None = None, since: str | None = None, until: str | None = None, gamma: bool = False,
-             follow_s: float | None = None, say: Say = _say) -> int:
+             follow_s: float | None = None, if_idle: bool = False, say: Say = _say) -> int:
     """Resume the latest unfinished backfill run, or plan one of what is still missing, and run it locally.
 
     ``source``: ``subgraph`` (v1 fills of the universe's markets), ``rpc`` (v2 fills: the blocks from the v2
@@ -256,7 +256,9 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
     ``since``/``until`` (ISO 8601, UTC unless a zone is given): instead, the window [since, until) — every
     market's fills in it from the subgraph and the chain's blocks whose timestamps fall in it; a window run is
     resumed only by the same window. ``gamma``: upsert every market of the Gamma API first. ``follow_s``: then
-    keep fetching what is new, a round every ``follow_s`` seconds, until stopped (``_follow``)."""
+    keep fetching what is new, a round every ``follow_s`` seconds, until stopped (``_follow``). ``if_idle``: start
+    only when no other run is in progress, else exit 0 at once (a scheduled round never runs beside the main run
+    or a late round)."""
     scope = Scope(shards, markets_file, source, since, until, gamma)
     _check_window(since, until, markets_file)
     if follow_s is not None and since is not None:
@@ -264,6 +266,9 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
     if follow_s is not None and not (math.isfinite(follow_s) and follow_s > 0):
         raise BadInput(f"--interval {follow_s!r} is not a positive number of seconds")
     with open_store(settings) as store:
+        if if_idle and (busy := _run_in_progress(settings, store)) is not None:
+            say(f"run {busy} is in progress: nothing done now (--if-idle); the next round continues after it")
+            return EXIT_OK
         if follow_s is not None:
             return _follow(settings, store, scope, parallelism, follow_s, say)
         return _backfill(settings, store, scope, parallelism, say)
@@ -311,6 +316,18 @@ def _resume_or_plan(settings: Settings, store: Store, scope: Scope, say: Say) ->
 
 
 # --- staying current -----------------------------------------------------------------------------
+
+
+LIVE_BEATS = 3
+"""A run is in progress while it has units not done and a heartbeat within this many heartbeat intervals (as
+``status`` counts a shard stalled after them)."""
+
+
+def _run_in_progress(settings: Settings, store: Store) -> str | None:
+    """A run in progress (by ``LIVE_BEATS``), if any."""
+    since = datetime.now(timezone.utc) - timedelta(seconds=LIVE_BEATS * settings.heartbeat_interval_s)
+    return next((run_id for run_id in store.runs_beating_since(since) if store.unfinished_units(run_id)), None)
+
 
 
 def _follow(settings: Settings, store: Store, scope: Scope, parallelism: int | None, interval_s: float,
