@@ -234,7 +234,7 @@ def plan_run(settings: Settings, *, shards: int, run_id: str | None, markets_fil
 
 
 @dataclass(frozen=True)
-class Scope:
+class _Scope:
     """What a backfill fetches: the shards of a new run, a ``--markets`` list, the source, a time window, and
     whether the universe is synced from Gamma first."""
 
@@ -259,7 +259,7 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
     keep fetching what is new, a round every ``follow_s`` seconds, until stopped (``_follow``). ``if_idle``: start
     only when no other run is in progress, else exit 0 at once (a scheduled round never runs beside the main run
     or a late round)."""
-    scope = Scope(shards, markets_file, source, since, until, gamma)
+    scope = _Scope(shards, markets_file, source, since, until, gamma)
     _check_window(since, until, markets_file)
     if follow_s is not None and since is not None:
         raise BadInput("--follow keeps fetching the new blocks: it does not go with --since/--until")
@@ -274,7 +274,7 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
         return _backfill(settings, store, scope, parallelism, say)
 
 
-def _backfill(settings: Settings, store: Store, scope: Scope, parallelism: int | None, say: Say,
+def _backfill(settings: Settings, store: Store, scope: _Scope, parallelism: int | None, say: Say,
               stop: StopBetweenRuns | None = None) -> int:
     """Resume or plan, then run with a progress line and report (a stop requested before the run: 143)."""
     run, chain_unread = _resume_or_plan(settings, store, scope, say)
@@ -287,7 +287,7 @@ def _backfill(settings: Settings, store: Store, scope: Scope, parallelism: int |
     return EXIT_FAILED if chain_unread and code == EXIT_OK else code
 
 
-def _resume_or_plan(settings: Settings, store: Store, scope: Scope, say: Say) -> tuple[Run | None, bool]:
+def _resume_or_plan(settings: Settings, store: Store, scope: _Scope, say: Say) -> tuple[Run | None, bool]:
     """The run to work — the latest unfinished backfill run (for a window, only a run of the same window), else a
     new one of what is still missing (None: nothing is) — and whether the chain could not be read although the
     source wanted it."""
@@ -330,7 +330,7 @@ def _run_in_progress(settings: Settings, store: Store) -> str | None:
 
 
 
-def _follow(settings: Settings, store: Store, scope: Scope, parallelism: int | None, interval_s: float,
+def _follow(settings: Settings, store: Store, scope: _Scope, parallelism: int | None, interval_s: float,
             say: Say) -> int:
     """``backfill``, then a round every ``interval_s`` seconds until stopped: the same resume-or-plan (the latest
     unfinished run, else the blocks from the last one done to the new safe head and the markets still missing,
@@ -353,7 +353,7 @@ def _follow(settings: Settings, store: Store, scope: Scope, parallelism: int | N
     raise AssertionError("unreachable")
 
 
-def _follow_round(settings: Settings, store: Store, scope: Scope, parallelism: int | None, number: int,
+def _follow_round(settings: Settings, store: Store, scope: _Scope, parallelism: int | None, number: int,
                   stop: StopBetweenRuns, say: Say) -> int:
     """One round of ``_follow``: its exit code, after one line saying what it fetched and how far the chain is
     read."""
@@ -435,9 +435,9 @@ async def _window_blocks(settings: Settings, since: int, until: int, say: Say) -
     async with process_parts(settings, "rpc") as parts:
         source = parts.source
         assert isinstance(source, RpcSource)
-        head = await source.safe_head() + 1
-        first = await source.first_block_at(since, min(settings.rpc_contract_blocks().values()), head)
-        end = await source.first_block_at(until, first, head)
+        head, low = await source.safe_head() + 1, min(settings.rpc_contract_blocks().values())
+        first, end = await asyncio.gather(source.first_block_at(since, low, head),
+                                          source.first_block_at(until, low, head))
     past = " (the window reaches past the safe head: up to it)" if end == head else ""
     say(f"v2 fills: blocks {first:,} to {end - 1:,} are in the window ({max(end - first, 0):,} blocks){past}")
     return first, end

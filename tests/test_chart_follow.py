@@ -20,7 +20,7 @@ from clobjob.sources.markets import market_from_gamma
 from clobjob.store import open_store
 
 from tests.chart import (CHART, KUBE_VERSIONS, GuardedEngineServer, Kubelet, existing_after_install, image_entrypoint,
-                         job_pod, objects, one, render, validate)
+                         job_pod, notes, objects, one, render, validate)
 from tests.test_chart import Backend
 
 pytestmark = pytest.mark.timeout(240)
@@ -80,8 +80,10 @@ def test_gamma_markets_first_when_the_universe_comes_from_gamma_or_when_asked():
     assert "--gamma" in args_of(cronjob(FOLLOW | {"follow": {"enabled": True, "gamma": True}}))
 
 
-def test_no_cronjob_unless_enabled():
+def test_no_cronjob_unless_enabled_and_the_notes_name_it_when_it_is():
     assert not [o for o in objects(render(CH)) if o["kind"] == "CronJob"]
+    assert "cronjob" not in notes(render(CH))
+    assert "kubectl -n data get cronjob bf-clobjob-follow" in notes(render(FOLLOW))
 
 
 @pytest.mark.parametrize("values, message", [

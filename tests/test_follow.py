@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -131,27 +133,38 @@ def test_follow_picks_up_the_blocks_added_while_it_runs_exactly(world, tmp_path)
     assert found["dups"] == 0 and found["rows"] == truth and truth  # every block's fills once, nothing else
 
 
-def test_a_follow_loop_killed_mid_round_resumes_with_nothing_missing_or_extra(world, tmp_path):
+def mid_round(node: RpcNode, follower: Follower, head: int) -> None:
+    """Grow the chain to ``head`` and return once the round fetching it is under way (20 eth_getLogs into it)."""
+    asked = node.stats()["get_logs"]
+    node.configure(head=head)
+    while node.stats()["get_logs"] < asked + 20:
+        assert follower.process.poll() is None, follower.errors[-20:]
+        time.sleep(0.02)
+
+
+def test_a_follow_loop_killed_or_stopped_mid_round_resumes_with_nothing_missing_or_extra(world, tmp_path):
     dataset, chain = world
-    # 10-block ranges, no batches, a slow answer: a round of 700 blocks takes 70 requests
+    # 10-block ranges, no batches, a slow answer: a round of 600 blocks takes 60 requests
     node = RpcNode(chain, RpcConfig.for_profile("tiny", seed=3, head=chain.start_block + 300, latency_s=0.03))
     with SimServer(dataset, SimConfig.for_profile("clean"), rpc=node).run_in_thread() as sim:
         env = follow_env(tmp_path, sim, chain)
         follower = Follower(env, "--source", "rpc", "--interval", "0.2")
         follower.until_reached(chain.start_block + 300 - LAG)
-        asked = node.stats()["get_logs"]
-        node.configure(head=chain.start_block + 1_000)
-        while node.stats()["get_logs"] < asked + 20:  # the round's run is under way, its checkpoints written
-            assert follower.process.poll() is None, follower.errors[-20:]
-            time.sleep(0.02)
+        mid_round(node, follower, chain.start_block + 900)
         follower.process.kill()  # SIGKILL: no flush, no checkpoint, no goodbye
         follower.process.wait(timeout=30)
+
+        resumed = Follower(env, "--source", "rpc", "--interval", "0.2")
+        mid_round(node, resumed, chain.start_block + 1_500)
+        assert resumed.stop() == 143  # SIGTERM inside a run: flushed, checkpointed, the loop ends
+        assert "stopped and checkpointed" in resumed.seen[-1], resumed.seen[-3:]
 
         node.configure(head=chain.end_block + LAG)
         again = Follower(env, "--source", "rpc", "--interval", "0.2")
         again.until_reached(chain.end_block)
         assert again.stop() == 143
-    assert any(line.startswith("resuming run ") for line in again.seen), again.seen[:5]
+    for restarted in (resumed, again):
+        assert any(line.startswith("resuming run ") for line in restarted.seen), restarted.seen[:5]
     found = stored_rows(env)
     truth = chain_truth(dataset, chain)
     assert found["dups"] == 0 and found["rows"] == truth
@@ -206,3 +219,38 @@ def test_bad_window_and_follow_flags_exit_2_naming_them(args, message, settings,
     code = main(["--clickhouse-url", settings.dsn(), "--database", settings.clickhouse_database,
                  "--log-format", "human", "backfill", *args])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_the_simulators_config_endpoint_grows_the_chain(world):
+    dataset, chain = world
+    node = RpcNode(chain, RpcConfig.for_profile("clean", head=chain.start_block))
+    with SimServer(dataset, SimConfig.for_profile("clean"), rpc=node).run_in_thread() as sim:
+        def post(path: str, body: dict) -> tuple[int, dict]:
+            url = f"http://{sim.host}:{sim.port}{path}"
+            request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    return answer.status, json.loads(answer.read())
+            except urllib.error.HTTPError as error:
+                return error.code, json.loads(error.read())
+
+        head = {"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []}
+        assert post("/rpc", head)[1]["result"] == hex(chain.start_block)
+        status, config = post("/__config", {"rpc": {"head": chain.start_block + 50}})
+        assert status == 200 and config["rpc"]["head"] == chain.start_block + 50
+        assert post("/rpc", head)[1]["result"] == hex(chain.start_block + 50)
+        status, error = post("/__config", {"rpc": {"head": -1}})
+        assert status == 400 and "head" in error["error"]
+
+
+def test_gamma_first_brings_the_new_markets_into_the_backfill(settings, store):
+    dataset = Dataset.generate(markets=80, seed=SEED)
+    store.upsert_markets([market_from_gamma(m, i) for i, m in enumerate(dataset.markets[:40], start=1)])
+    with SimServer(dataset, SimConfig.for_profile("clean")).run_in_thread() as sim:
+        settings = settings.with_overrides(subgraph_url=sim.url, gamma_url=sim.gamma_url, flush_interval_s=0.2,
+                                           heartbeat_interval_s=0.5)
+        said: list[str] = []
+        assert launch.backfill(settings, shards=2, parallelism=None, gamma=True, say=said.append) == 0
+    assert any(line.startswith(f"Gamma {sim.gamma_url}: upserted 80 markets") for line in said), said
+    assert stored(store) == expected_rows(dataset)  # the 40 markets Gamma added too
