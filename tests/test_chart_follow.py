@@ -18,9 +18,20 @@ from clobjob.sim.data import HEAD_BLOCK, HEAD_TS
 from clobjob.sim.rpc import Chain, RpcConfig, RpcNode
 from clobjob.sources.markets import market_from_gamma
 from clobjob.store import open_store
-
-from tests.chart import (CHART, KUBE_VERSIONS, GuardedEngineServer, Kubelet, existing_after_install, image_entrypoint,
-                         job_pod, notes, objects, one, render, validate)
+from tests.chart import (
+    CHART,
+    KUBE_VERSIONS,
+    GuardedEngineServer,
+    Kubelet,
+    existing_after_install,
+    image_entrypoint,
+    job_pod,
+    notes,
+    objects,
+    one,
+    render,
+    validate,
+)
 from tests.test_chart import Backend
 
 pytestmark = pytest.mark.timeout(240)

@@ -12,9 +12,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
-import time
 from collections import Counter
 from datetime import datetime, timezone
 
@@ -27,7 +27,6 @@ from clobjob.sim import Dataset, SimConfig, SimServer, export
 from clobjob.sim.data import HEAD_BLOCK, HEAD_TS, block_timestamp
 from clobjob.sim.rpc import Chain, RpcConfig, RpcNode
 from clobjob.sources.markets import market_from_gamma
-
 from tests.truth import COMPARED, expected_rows, run_cli, stored_rows
 
 pytestmark = pytest.mark.timeout(240)
