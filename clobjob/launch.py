@@ -329,7 +329,6 @@ def _run_in_progress(settings: Settings, store: Store) -> str | None:
     return next((run_id for run_id in store.runs_beating_since(since) if store.unfinished_units(run_id)), None)
 
 
-
 def _follow(settings: Settings, store: Store, scope: _Scope, parallelism: int | None, interval_s: float,
             say: Say) -> int:
     """``backfill``, then a round every ``interval_s`` seconds until stopped: the same resume-or-plan (the latest
@@ -340,17 +339,16 @@ def _follow(settings: Settings, store: Store, scope: _Scope, parallelism: int | 
     stop = StopBetweenRuns()
     stop.arm()
     started = time.monotonic()
-    code = _backfill(settings, store, scope, parallelism, say, stop)
-    for number in itertools.count(1):
+    code, rounds = _backfill(settings, store, scope, parallelism, say, stop), 0
+    while True:
         stop.arm()  # a run's event loop restored the default handlers
         if code == EXIT_BAD_INPUT:
             return code
         if code == EXIT_SIGTERM or stop.pause(interval_s - (time.monotonic() - started)):
-            say(f"follow: stopped after round {number - 1}; {monitor.STOPPED_HINT}")
+            say(f"follow: stopped after {rounds} round(s); {monitor.STOPPED_HINT}")
             return EXIT_SIGTERM
-        started = time.monotonic()
-        code = _follow_round(settings, store, scope, parallelism, number, stop, say)
-    raise AssertionError("unreachable")
+        started, rounds = time.monotonic(), rounds + 1
+        code = _follow_round(settings, store, scope, parallelism, rounds, stop, say)
 
 
 def _follow_round(settings: Settings, store: Store, scope: _Scope, parallelism: int | None, number: int,
@@ -359,20 +357,19 @@ def _follow_round(settings: Settings, store: Store, scope: _Scope, parallelism: 
     read."""
     try:
         run, chain_unread = _resume_or_plan(settings, store, scope, _detail)
+        if stop.requested:
+            return EXIT_SIGTERM
+        code, fetched = EXIT_OK, "nothing new"
+        if run is not None:
+            code, fetched = _run(settings, store, run, parallelism)[0].exit_code, _fetched(store, run)
+        head = f"; {_chain_read(settings, store)}" if settings.rpc_url else ""
     except ClobjobError as exc:
         if exc.exit_code != EXIT_FAILED:
             raise
         say(f"round {number}: failed ({exc}); trying again next round")
         return EXIT_FAILED
-    if stop.requested:
-        return EXIT_SIGTERM
-    code = EXIT_FAILED if chain_unread else EXIT_OK
-    fetched = "nothing new"
-    if run is not None:
-        outcome, _ = _run(settings, store, run, parallelism)
-        code = outcome.exit_code if code == EXIT_OK else code
-        fetched = _fetched(store, run)
-    head = f"; {_chain_read(settings, store)}" if settings.rpc_url else ""
+    if chain_unread:
+        head, code = "; the chain's head could not be read (v1 fills only)", EXIT_FAILED if code == EXIT_OK else code
     ending = "" if code == EXIT_OK else f"; exit {code} ({'stopped' if code == EXIT_SIGTERM else 'see clobjob status'})"
     say(f"round {number}: {fetched}{head}{ending}")
     return code
