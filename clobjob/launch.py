@@ -283,7 +283,7 @@ def _backfill(settings: Settings, store: Store, scope: _Scope, parallelism: int 
         return EXIT_FAILED if chain_unread else EXIT_OK
     if stop is not None and stop.requested:
         return EXIT_SIGTERM
-    code = _run_and_report(settings, store, run, parallelism, say)
+    code = _run_and_report(settings, store, run, parallelism, say, stop)
     return EXIT_FAILED if chain_unread and code == EXIT_OK else code
 
 
@@ -341,7 +341,6 @@ def _follow(settings: Settings, store: Store, scope: _Scope, parallelism: int | 
     started = time.monotonic()
     code, rounds = _backfill(settings, store, scope, parallelism, say, stop), 0
     while True:
-        stop.arm()  # a run's event loop restored the default handlers
         if code == EXIT_BAD_INPUT:
             return code
         if code == EXIT_SIGTERM or stop.pause(interval_s - (time.monotonic() - started)):
@@ -361,7 +360,7 @@ def _follow_round(settings: Settings, store: Store, scope: _Scope, parallelism: 
             return EXIT_SIGTERM
         code, fetched = EXIT_OK, "nothing new"
         if run is not None:
-            code, fetched = _run(settings, store, run, parallelism)[0].exit_code, _fetched(store, run)
+            code, fetched = _run(settings, store, run, parallelism, stop)[0].exit_code, _fetched(store, run)
         head = f"; {_chain_read(settings, store)}" if settings.rpc_url else ""
     except ClobjobError as exc:
         if exc.exit_code != EXIT_FAILED:
@@ -558,9 +557,10 @@ def status(settings: Settings, run_id: str | None, *, on: str = "auto", wait_s: 
     return found
 
 
-def _run_and_report(settings: Settings, store: Store, run: Run, parallelism: int | None, say: Say) -> int:
+def _run_and_report(settings: Settings, store: Store, run: Run, parallelism: int | None, say: Say,
+                    stop: StopBetweenRuns | None = None) -> int:
     """Launch every shard of ``run`` here, with a progress line, then print its status and what to do next."""
-    outcome, final = _run(settings, store, run, parallelism)
+    outcome, final = _run(settings, store, run, parallelism, stop)
     if outcome.exit_code == EXIT_BAD_INPUT:
         say(f"failed shards: {','.join(map(str, outcome.failed))} on a permanent error (bad input or a drifted "
             f"source) — do not retry until it is fixed; the reason is in `clobjob status --run-id {run.run_id}`")
@@ -574,10 +574,13 @@ def _run_and_report(settings: Settings, store: Store, run: Run, parallelism: int
     return outcome.exit_code
 
 
-def _run(settings: Settings, store: Store, run: Run, parallelism: int | None) -> tuple[JobOutcome, dict[str, Any]]:
+def _run(settings: Settings, store: Store, run: Run, parallelism: int | None, stop: StopBetweenRuns | None = None
+         ) -> tuple[JobOutcome, dict[str, Any]]:
     """Launch every shard of ``run`` here, with a progress line; its outcome and final status (on the embedded
-    database also published as the live status)."""
+    database also published as the live status). ``stop`` (a loop of runs) takes the signals back after it."""
     outcome = asyncio.run(_launch(settings, store, run, parallelism or run.shards))
+    if stop is not None:
+        stop.arm()
     final = monitor.run_status(store, run.run_id, heartbeat_interval_s=settings.heartbeat_interval_s)
     if settings.embedded:
         monitor.publish_live(final, monitor.live_path(settings))
