@@ -196,6 +196,11 @@ def test_since_until_over_blocks_stores_exactly_the_window_from_both_sources(set
         assert any(f"blocks {chain.start_block + 400:,} to {chain.start_block + 1_300:,} are in the window" in line
                    for line in said), said
 
+        _, units = launch.plan_run(settings, shards=2, run_id="w", since=window[0], until=window[1], source="rpc",
+                                   say=said.append)  # plan --since/--until: the same window
+        assert {u.source for u in units} == {"rpc"} and (min(u.block_from for u in units), max(
+            u.block_to for u in units)) == (chain.start_block + 400, chain.start_block + 1_301)
+        store.delete_run("w")
         assert launch.backfill(settings, shards=2, parallelism=None, source="rpc", say=said.append) == 0
     assert stored(store, "rpc") == chain_truth(dataset, chain)  # the blocks before the window too
 
