@@ -259,8 +259,12 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    if args.interval is not None and not args.follow:
+        raise BadInput("--interval goes with --follow")
+    follow_s = (args.interval or FOLLOW_INTERVAL_S) if args.follow else None
     return launch.backfill(settings, shards=args.shards, parallelism=args.parallelism,
-                           markets_file=args.markets, source=args.source)
+                           markets_file=args.markets, source=args.source, since=args.since, until=args.until,
+                           gamma=args.gamma, follow_s=follow_s, if_idle=args.if_idle)
 
 
 def _shard_list(text: str) -> list[int]:
@@ -302,6 +306,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                        fresh=args.fresh)
 
 
+FOLLOW_INTERVAL_S = 60.0
 EXECUTORS = ("auto", "local", "kubernetes")
 SOURCES = ("subgraph", "rpc", "all")
 DESCRIPTION = ("Backfill Polymarket CLOB order fills into ClickHouse: completely, at the highest rate the source "
@@ -492,6 +497,22 @@ def build_parser() -> argparse.ArgumentParser:
                           help="subgraph: v1 fills of the universe's markets; rpc: v2 fills from Polygon logs "
                                "(CLOBJOB_RPC_URL); all: both (default: env CLOBJOB_SOURCE, else all when "
                                "CLOBJOB_RPC_URL is set, else subgraph)")
+    backfill.add_argument("--since", metavar="ISO",
+                          help="instead of what is missing, the time window from this date or time (UTC unless a "
+                               "zone is given): every market's fills in it and the chain's blocks whose timestamps "
+                               "fall in it")
+    backfill.add_argument("--until", metavar="ISO", help="… up to this time (exclusive); goes with --since")
+    backfill.add_argument("--gamma", action="store_true",
+                          help="first upsert every market of Polymarket's Gamma API (CLOBJOB_GAMMA_URL); with "
+                               "--follow, every round")
+    backfill.add_argument("--follow", action="store_true",
+                          help="once complete, keep fetching what is new (blocks up to the safe head, missing "
+                               "markets): a round every --interval, one line each, until Ctrl+C or SIGTERM (143)")
+    backfill.add_argument("--interval", type=_positive, metavar="S",
+                          help=f"seconds between the starts of two --follow rounds (default {FOLLOW_INTERVAL_S:g})")
+    backfill.add_argument("--if-idle", action="store_true",
+                          help="start only when no other run is in progress (live heartbeats), else exit 0 at once: "
+                               "for scheduled rounds, e.g. the chart's CronJob")
     _add_source_flags(backfill)
 
     rerun = _command(groups, "rerun", "a new run of a run's failed or unfinished units, each resuming from its "

@@ -12,10 +12,12 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from loguru import logger
@@ -28,7 +30,7 @@ from clobjob.executors.base import JobOutcome
 from clobjob.executors.local import LocalExecutor
 from clobjob.logs import TERMINAL
 from clobjob.models import Run, RunKind, RunParams, RunState, WorkUnit
-from clobjob.parts import install_stop_handlers, make_controller, process_parts
+from clobjob.parts import StopBetweenRuns, install_stop_handlers, make_controller, process_parts
 from clobjob.probe import LiveCheck, live_check
 from clobjob.sources.gamma import fetch_universe
 from clobjob.sources.markets import BadRow, market_from_gamma, read_gamma_file
@@ -67,10 +69,8 @@ def sync_markets(settings: Settings, *, gamma: bool = False, subgraph_markets: b
     lines, bad = [], []
     with open_store(settings) as store:
         if gamma:
-            markets, bad = asyncio.run(fetch_universe(settings, make_controller(settings)))
-            store.upsert_markets(markets)
-            lines.append(f"Gamma {settings.gamma_url}: upserted {len(markets):,} markets; skipped {len(bad)} bad "
-                         "row(s)")
+            line, bad = _sync_gamma(settings, store)
+            lines.append(line)
         if subgraph_markets:
             universe = asyncio.run(_subgraph_universe(settings))
             added, orderbooks = merge_universe(store.markets(), universe)
@@ -80,6 +80,13 @@ def sync_markets(settings: Settings, *, gamma: bool = False, subgraph_markets: b
         _require_universe(store)
         lines.append(count_expected(settings, store, plan.missing_work(store))[0])
     return lines, bad
+
+
+def _sync_gamma(settings: Settings, store: Store) -> tuple[str, list[BadRow]]:
+    """Upsert every market of the Gamma API; a summary line and the bad rows skipped."""
+    markets, bad = asyncio.run(fetch_universe(settings, make_controller(settings)))
+    store.upsert_markets(markets)
+    return f"Gamma {settings.gamma_url}: upserted {len(markets):,} markets; skipped {len(bad)} bad row(s)", bad
 
 
 async def _subgraph_universe(settings: Settings) -> Universe:
@@ -227,16 +234,13 @@ def plan_run(settings: Settings, *, shards: int, run_id: str | None, markets_fil
              since: str | None = None, until: str | None = None, force: bool = False, source: str | None = None,
              say: Say = _say) -> tuple[Run, list[WorkUnit]]:
     """Plan a run of the missing markets and, from the chain, the v2 blocks not fetched yet (``source``, as for
-    ``backfill``), or of a time window over every market, and record it."""
-    source = _source(settings, source) if since is None else plan.SOURCE
-    if (since is None) != (until is None):
-        raise BadInput("--since and --until go together")
-    if since is not None and markets_file:
-        raise BadInput("--since/--until plan every market in the window: drop --markets")
+    ``backfill``), or of a time window (``since``/``until``, as for ``backfill``), and record it."""
+    source = _source(settings, source)
+    _check_window(since, until, markets_file)
     with open_store(settings) as store:
         run_id = run_id or plan.default_run_id(store)
         if since is not None and until is not None:
-            units = plan.plan_window(_utc("--since", since), _utc("--until", until), shards, run_id)
+            units = _window_units(settings, since, until, shards, run_id, source, say)
             params = RunParams(kind=RunKind.PLAN, since=since, until=until, units=len(units))
         else:
             work = _find_work(settings, store, _market_list(markets_file, store), source, say)
@@ -252,32 +256,210 @@ def plan_run(settings: Settings, *, shards: int, run_id: str | None, markets_fil
 # --- running a run -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Scope:
+    """What a backfill fetches: the shards of a new run, a ``--markets`` list, the source, a time window, and
+    whether the universe is synced from Gamma first."""
+
+    shards: int
+    markets_file: str | None = None
+    source: str | None = None
+    since: str | None = None
+    until: str | None = None
+    gamma: bool = False
+
+
 def backfill(settings: Settings, *, shards: int, parallelism: int | None, markets_file: str | None = None,
-             source: str | None = None, say: Say = _say) -> int:
+             source: str | None = None, since: str | None = None, until: str | None = None, gamma: bool = False,
+             follow_s: float | None = None, if_idle: bool = False, say: Say = _say) -> int:
     """Resume the latest unfinished backfill run, or plan one of what is still missing, and run it locally.
 
     ``source``: ``subgraph`` (v1 fills of the universe's markets), ``rpc`` (v2 fills: the blocks from the v2
-    exchanges' deploy to the safe head not fetched yet) or ``all``; default ``all`` when an RPC URL is set."""
-    chain_unread = False
+    exchanges' deploy to the safe head not fetched yet) or ``all``; default ``all`` when an RPC URL is set.
+    ``since``/``until`` (ISO 8601, UTC unless a zone is given): instead, the window [since, until) — every
+    market's fills in it from the subgraph and the chain's blocks whose timestamps fall in it; a window run is
+    resumed only by the same window. ``gamma``: upsert every market of the Gamma API first. ``follow_s``: then
+    keep fetching what is new, a round every ``follow_s`` seconds, until stopped (``_follow``). ``if_idle``: start
+    only when no other run is in progress, else exit 0 at once (a scheduled round never runs beside the main run
+    or a late round)."""
+    scope = _Scope(shards, markets_file, source, since, until, gamma)
+    _check_window(since, until, markets_file)
+    if follow_s is not None and since is not None:
+        raise BadInput("--follow keeps fetching the new blocks: it does not go with --since/--until")
+    if follow_s is not None and not (math.isfinite(follow_s) and follow_s > 0):
+        raise BadInput(f"--interval {follow_s!r} is not a positive number of seconds")
     with open_store(settings) as store:
-        _require_universe(store)
-        run = plan.resumable_run(store)
+        if if_idle and (busy := _run_in_progress(settings, store)) is not None:
+            say(f"run {busy} is in progress: nothing done now (--if-idle); the next round continues after it")
+            return EXIT_OK
+        if follow_s is not None:
+            return _follow(settings, store, scope, parallelism, follow_s, say)
+        return _backfill(settings, store, scope, parallelism, say)
+
+
+def _backfill(settings: Settings, store: Store, scope: _Scope, parallelism: int | None, say: Say,
+              stop: StopBetweenRuns | None = None) -> int:
+    """Resume or plan, then run with a progress line and report (a stop requested before the run: 143)."""
+    run, chain_unread = _resume_or_plan(settings, store, scope, say)
+    if run is None:
+        say("everything is complete: nothing to fetch")
+        return EXIT_FAILED if chain_unread else EXIT_OK
+    if stop is not None and stop.requested:
+        return EXIT_SIGTERM
+    code = _run_and_report(settings, store, run, parallelism, say, stop)
+    return EXIT_FAILED if chain_unread and code == EXIT_OK else code
+
+
+def _resume_or_plan(settings: Settings, store: Store, scope: _Scope, say: Say) -> tuple[Run | None, bool]:
+    """The run to work — the latest unfinished backfill run (for a window, only a run of the same window), else a
+    new one of what is still missing (None: nothing is) — and whether the chain could not be read although the
+    source wanted it."""
+    if scope.gamma:
+        say(_sync_gamma(settings, store)[0])
+    _require_universe(store)
+    run = plan.resumable_run(store)
+    if run is not None and (scope.since is None or (run.params.since, run.params.until) == (scope.since, scope.until)):
+        say(f"resuming run {run.run_id}: {store.unfinished_units(run.run_id):,} unit(s) left")
+        return run, False
+    run_id, source = plan.default_run_id(store), _source(settings, scope.source)
+    if scope.since is not None and scope.until is not None:
+        units = _window_units(settings, scope.since, scope.until, scope.shards, run_id, source, say)
+        plan.write_plan(store, Run(run_id=run_id, shards=scope.shards, source=source, params=RunParams(
+            kind=RunKind.BACKFILL, since=scope.since, until=scope.until, units=len(units))), units)
+        chain_unread = False
+    else:
+        work = _find_work(settings, store, _market_list(scope.markets_file, store), source, say)
+        chain_unread = work.chain_unread
+        units = plan.plan_backfill(store, scope.shards, run_id, work.report, source=work.source, blocks=work.blocks)
+    if not units:
+        return None, chain_unread
+    say(f"planned run {run_id}: {len(units):,} units, {sum(u.expected_fills for u in units):,} "
+        f"expected fills in ≈ {sum(u.expected_requests for u in units):,} requests over {scope.shards} shard(s)")
+    return store.run(run_id), chain_unread
+
+
+# --- staying current -----------------------------------------------------------------------------
+
+
+LIVE_BEATS = 3
+"""A run is in progress while it has units not done and a heartbeat within this many heartbeat intervals (as
+``status`` counts a shard stalled after them)."""
+
+
+def _run_in_progress(settings: Settings, store: Store) -> str | None:
+    """A run in progress (by ``LIVE_BEATS``), if any."""
+    since = datetime.now(timezone.utc) - timedelta(seconds=LIVE_BEATS * settings.heartbeat_interval_s)
+    return next((run_id for run_id in store.runs_beating_since(since) if store.unfinished_units(run_id)), None)
+
+
+def _follow(settings: Settings, store: Store, scope: _Scope, parallelism: int | None, interval_s: float,
+            say: Say) -> int:
+    """``backfill``, then a round every ``interval_s`` seconds until stopped: the same resume-or-plan (the latest
+    unfinished run, else the blocks from the last one done to the new safe head and the markets still missing,
+    after Gamma's markets with ``scope.gamma``), run, and one summary line. ClickHouse holds all the state, as for
+    any run: a loop killed at any moment resumes where it stopped. SIGTERM or Ctrl+C ends it after checkpointing
+    (143); a round that fails (exit 1) is tried again the next round; exit 2 ends the loop."""
+    stop = StopBetweenRuns()
+    stop.arm()
+    started = time.monotonic()
+    code, rounds = _backfill(settings, store, scope, parallelism, say, stop), 0
+    while True:
+        if code == EXIT_BAD_INPUT:
+            return code
+        if code == EXIT_SIGTERM or stop.pause(interval_s - (time.monotonic() - started)):
+            say(f"follow: stopped after {rounds} round(s); {monitor.STOPPED_HINT}")
+            return EXIT_SIGTERM
+        started, rounds = time.monotonic(), rounds + 1
+        code = _follow_round(settings, store, scope, parallelism, rounds, stop, say)
+
+
+def _follow_round(settings: Settings, store: Store, scope: _Scope, parallelism: int | None, number: int,
+                  stop: StopBetweenRuns, say: Say) -> int:
+    """One round of ``_follow``: its exit code, after one line saying what it fetched and how far the chain is
+    read."""
+    try:
+        run, chain_unread = _resume_or_plan(settings, store, scope, _detail)
+        if stop.requested:
+            return EXIT_SIGTERM
+        code, fetched = EXIT_OK, "nothing new"
         if run is not None:
-            say(f"resuming run {run.run_id}: {store.unfinished_units(run.run_id):,} unit(s) left")
-        else:
-            work = _find_work(settings, store, _market_list(markets_file, store), _source(settings, source), say)
-            chain_unread = work.chain_unread
-            units = plan.plan_backfill(store, shards, plan.default_run_id(store), work.report, source=work.source,
-                                       blocks=work.blocks)
-            if not units:
-                say("everything is complete: nothing to fetch")
-                return EXIT_FAILED if chain_unread else EXIT_OK
-            run = store.run(units[0].run_id)
-            assert run is not None
-            say(f"planned run {run.run_id}: {len(units):,} units, {sum(u.expected_fills for u in units):,} "
-                f"expected fills in ≈ {sum(u.expected_requests for u in units):,} requests over {shards} shard(s)")
-        code = _run_and_report(settings, store, run, parallelism, say)
-        return EXIT_FAILED if chain_unread and code == EXIT_OK else code
+            code, fetched = _run(settings, store, run, parallelism, stop)[0].exit_code, _fetched(store, run)
+        head = f"; {_chain_read(settings, store)}" if settings.rpc_url else ""
+    except ClobjobError as exc:
+        if exc.exit_code != EXIT_FAILED:
+            raise
+        say(f"round {number}: failed ({exc}); trying again next round")
+        return EXIT_FAILED
+    if chain_unread:
+        head, code = "; the chain's head could not be read (v1 fills only)", EXIT_FAILED if code == EXIT_OK else code
+    ending = "" if code == EXIT_OK else f"; exit {code} ({'stopped' if code == EXIT_SIGTERM else 'see clobjob status'})"
+    say(f"round {number}: {fetched}{head}{ending}")
+    return code
+
+
+def _chain_read(settings: Settings, store: Store) -> str:
+    """How far the chain is read without a gap from the exchanges' first block, and the newest v2 fill there."""
+    through = store.blocks_done_through(min(settings.rpc_contract_blocks().values()))
+    newest = store.newest_fill_before_block("rpc", through)
+    shown = datetime.fromtimestamp(newest, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if newest else "none"
+    return f"chain read to block {through - 1:,} (newest v2 fill {shown})"
+
+
+def _detail(line: str) -> None:
+    """A step's line within a follow round (the round says one line of its own)."""
+    logger.debug("{}", line)
+
+
+def _fetched(store: Store, run: Run) -> str:
+    """What a run covered: its blocks and markets, and the fills its units stored."""
+    units = store.units(run.run_id)
+    fills = sum(c.fills for c in store.checkpoints(run.run_id).values())
+    blocks = [(u.block_from, u.block_to) for u in units if u.block_from is not None and u.block_to is not None]
+    markets = len({c for u in units for c in u.condition_ids})
+    shown = [f"run {run.run_id}"]
+    if blocks:
+        low, high = min(b for b, _ in blocks), max(b for _, b in blocks)
+        shown.append(f"blocks {low:,}–{high - 1:,} ({high - low:,})")
+    if markets:
+        shown.append(f"{markets:,} market(s)")
+    return ", ".join(shown) + f", {fills:,} fills stored"
+
+
+# --- time windows --------------------------------------------------------------------------------
+
+
+def _check_window(since: str | None, until: str | None, markets_file: str | None) -> None:
+    if (since is None) != (until is None):
+        raise BadInput("--since and --until go together")
+    if since is not None and markets_file:
+        raise BadInput("--since/--until plan every market in the window: drop --markets")
+    if since is not None and until is not None and _utc("--until", until) <= _utc("--since", since):
+        raise BadInput(f"--until ({until}) must be after --since ({since})")
+
+
+def _window_units(settings: Settings, since: str, until: str, shards: int, run_id: str, source: str,
+                  say: Say) -> list[WorkUnit]:
+    """The units of the window [since, until): slices of every market's fills (unless ``source`` is rpc) and the
+    chain's blocks whose timestamps fall in it (unless it is subgraph)."""
+    start, end = _utc("--since", since), _utc("--until", until)
+    blocks = None if source == plan.SOURCE else asyncio.run(
+        _window_blocks(settings, int(start.timestamp()), int(end.timestamp()), say))
+    return plan.plan_window(start, end, shards, run_id, markets=source != "rpc", blocks=blocks)
+
+
+async def _window_blocks(settings: Settings, since: int, until: int, say: Say) -> tuple[int, int]:
+    """[first, end): the v2 blocks whose timestamps are in [since, until), up to the safe head — found by a
+    binary search over the blocks' own timestamps (``RpcSource.first_block_at``)."""
+    _require_rpc(settings)
+    async with process_parts(settings, "rpc") as parts:
+        source = parts.source
+        assert isinstance(source, RpcSource)
+        head, low = await source.safe_head() + 1, min(settings.rpc_contract_blocks().values())
+        first, end = await asyncio.gather(source.first_block_at(since, low, head),
+                                          source.first_block_at(until, low, head))
+    past = " (the window reaches past the safe head: up to it)" if end == head else ""
+    say(f"v2 fills: blocks {first:,} to {end - 1:,} are in the window ({max(end - first, 0):,} blocks){past}")
+    return first, end
 
 
 @dataclass(frozen=True)
@@ -312,11 +494,8 @@ def _source(settings: Settings, given: str | None) -> str:
 def _blocks_to_fetch(settings: Settings, store: Store, source: str, say: Say) -> tuple[int, int] | None:
     """[first, end): the v2 blocks no finished unit covers yet, up to the RPC's safe head. With ``source`` all
     and a chain that cannot be read, None (said): the v1 fills are fetched all the same."""
-    if settings.rpc_url is None:
-        raise BadInput("v2 fills come from a Polygon JSON-RPC endpoint: set CLOBJOB_RPC_URL (or use --source "
-                       "subgraph)")
-    done = store.blocks_done_through()
-    first = min(settings.rpc_contract_blocks().values()) if done is None else done
+    _require_rpc(settings)
+    first = store.blocks_done_through(min(settings.rpc_contract_blocks().values()))
     try:
         end = asyncio.run(_safe_head(settings)) + 1
     except ClobjobError as exc:
@@ -326,6 +505,12 @@ def _blocks_to_fetch(settings: Settings, store: Store, source: str, say: Say) ->
         return None
     say(f"v2 fills: blocks {first:,} to {end - 1:,} to fetch ({max(end - first, 0):,} blocks, up to the safe head)")
     return first, end
+
+
+def _require_rpc(settings: Settings) -> None:
+    if settings.rpc_url is None:
+        raise BadInput("v2 fills come from a Polygon JSON-RPC endpoint: set CLOBJOB_RPC_URL (or use --source "
+                       "subgraph)")
 
 
 async def _safe_head(settings: Settings) -> int:
@@ -395,12 +580,10 @@ def status(settings: Settings, run_id: str | None, *, on: str = "auto", wait_s: 
     return found
 
 
-def _run_and_report(settings: Settings, store: Store, run: Run, parallelism: int | None, say: Say) -> int:
+def _run_and_report(settings: Settings, store: Store, run: Run, parallelism: int | None, say: Say,
+                    stop: StopBetweenRuns | None = None) -> int:
     """Launch every shard of ``run`` here, with a progress line, then print its status and what to do next."""
-    outcome = asyncio.run(_launch(settings, store, run, parallelism or run.shards))
-    final = monitor.run_status(store, run.run_id, heartbeat_interval_s=settings.heartbeat_interval_s)
-    if settings.embedded:
-        monitor.publish_live(final, monitor.live_path(settings))
+    outcome, final = _run(settings, store, run, parallelism, stop)
     if outcome.exit_code == EXIT_BAD_INPUT:
         say(f"failed shards: {','.join(map(str, outcome.failed))} on a permanent error (bad input or a drifted "
             f"source) — do not retry until it is fixed; the reason is in `clobjob status --run-id {run.run_id}`")
@@ -412,6 +595,19 @@ def _run_and_report(settings: Settings, store: Store, run: Run, parallelism: int
     if outcome.exit_code == EXIT_SIGTERM and not shown.endswith(monitor.STOPPED_HINT):
         say(monitor.STOPPED_HINT)
     return outcome.exit_code
+
+
+def _run(settings: Settings, store: Store, run: Run, parallelism: int | None, stop: StopBetweenRuns | None = None
+         ) -> tuple[JobOutcome, dict[str, Any]]:
+    """Launch every shard of ``run`` here, with a progress line; its outcome and final status (on the embedded
+    database also published as the live status). ``stop`` (a loop of runs) takes the signals back after it."""
+    outcome = asyncio.run(_launch(settings, store, run, parallelism or run.shards))
+    if stop is not None:
+        stop.arm()
+    final = monitor.run_status(store, run.run_id, heartbeat_interval_s=settings.heartbeat_interval_s)
+    if settings.embedded:
+        monitor.publish_live(final, monitor.live_path(settings))
+    return outcome, final
 
 
 async def _launch(settings: Settings, store: Store, run: Run, parallelism: int) -> JobOutcome:

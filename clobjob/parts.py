@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -91,3 +92,31 @@ def install_stop_handlers(stop: asyncio.Event) -> None:
 
     loop.add_signal_handler(signal.SIGTERM, on_signal, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_signal, "SIGINT")
+
+
+class StopBetweenRuns:
+    """For a loop of runs (``backfill --follow``): SIGTERM or a first Ctrl+C outside a run sets ``requested``; a
+    second Ctrl+C exits at once (130). Inside a run its own handlers (``install_stop_handlers``) stop it; its event
+    loop puts the default handlers back when it closes, so ``arm`` again after every run."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def arm(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.requested and signum == signal.SIGINT:
+            os._exit(130)
+        if not self.requested:
+            logger.warning("{}: stopping after the current step (Ctrl+C again to exit at once)",
+                           signal.Signals(signum).name)
+        self.requested = True
+
+    def pause(self, seconds: float) -> bool:
+        """Wait ``seconds`` unless a stop is requested first; True when one was."""
+        until = time.monotonic() + seconds
+        while not self.requested and (left := until - time.monotonic()) > 0:
+            time.sleep(min(left, 0.2))
+        return self.requested

@@ -229,26 +229,37 @@ def plan_units(report: MissingReport, shards: int, run_id: str, *, blocks: tuple
         ({"condition_ids": tuple(m.condition_id for m in c.markets),
           "token_ids": tuple(t for m in c.markets for t in m.token_ids), "id_from": c.id_from, "id_to": c.id_to,
           "ts_from": c.ts_from, "expected_fills": c.fills}, c.requests) for c in cut]
-    if blocks is not None:
-        pieces += [({"source": "rpc", "block_from": low, "block_to": high},
-                    math.ceil((high - low) / BLOCKS_PER_REQUEST)) for low, high in block_ranges(*blocks, shards)]
+    return _assigned(pieces + _block_pieces(blocks, shards), shards, run_id)
+
+
+def _block_pieces(blocks: tuple[int, int] | None, shards: int) -> list[tuple[dict[str, Any], int]]:
+    """The block-range units of [first, end) (none for None) with their expected requests."""
+    if blocks is None:
+        return []
+    return [({"source": "rpc", "block_from": low, "block_to": high}, math.ceil((high - low) / BLOCKS_PER_REQUEST))
+            for low, high in block_ranges(*blocks, shards)]
+
+
+def _assigned(pieces: list[tuple[dict[str, Any], int]], shards: int, run_id: str) -> list[WorkUnit]:
+    """Units of (fields, expected requests) pieces, numbered and assigned to shards largest first."""
     return [WorkUnit(run_id=run_id, unit_id=unit_id, shard=shard, expected_requests=pieces[i][1], **pieces[i][0])
             for unit_id, (i, shard) in enumerate(assign([requests for _, requests in pieces], shards))]
 
 
-def plan_window(since: datetime, until: datetime, shards: int, run_id: str, *, slices_per_shard: int = 4,
+def plan_window(since: datetime, until: datetime, shards: int, run_id: str, *, markets: bool = True,
+                blocks: tuple[int, int] | None = None, slices_per_shard: int = 4,
                 min_slice_s: int = 60) -> list[WorkUnit]:
-    """Time-window units over every market: [ts_from, ts_to) slices tiling [since, until)."""
+    """Time-window units: [ts_from, ts_to) slices tiling [since, until) over every market (unless not
+    ``markets``), and with ``blocks`` = [first, end) — the chain's blocks whose timestamps fall in the window —
+    block-range units of them."""
     start, end = int(since.timestamp()), int(until.timestamp())
     if end <= start:
         raise BadInput(f"--until ({until.isoformat()}) must be after --since ({since.isoformat()})")
-    slices = max(1, min(shards * slices_per_shard, (end - start) // min_slice_s))
-    bounds = [start + (end - start) * i // slices for i in range(slices + 1)]
-    return [
-        WorkUnit(run_id=run_id, unit_id=unit_id, shard=shard, ts_from=bounds[i], ts_to=bounds[i + 1],
-                 expected_fills=0, expected_requests=1)
-        for unit_id, (i, shard) in enumerate(assign([1] * slices, shards))
-    ]
+    slices = max(1, min(shards * slices_per_shard, (end - start) // min_slice_s)) if markets else 0
+    bounds = [start + (end - start) * i // slices for i in range(slices + 1)] if slices else []
+    pieces: list[tuple[dict[str, Any], int]] = [
+        ({"ts_from": low, "ts_to": high, "expected_fills": 0}, 1) for low, high in zip(bounds, bounds[1:])]
+    return _assigned(pieces + _block_pieces(blocks, shards), shards, run_id)
 
 
 # --- shards --------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ listing, a service time per answer, stats.
 (``clobjob.sim.rpc``). ``GET /markets`` and ``GET /markets/keyset``: Gamma's listing of the
 dataset's markets (``clobjob.sim.gamma``), under its own token bucket. ``GET /__stats``: counts of requests
 and outcomes, and the service time served (JSON). ``POST /__config``: change knobs at run time (JSON object of
-SimConfig fields). Rate limits, faults and service time never apply to the two ``/__`` endpoints.
+SimConfig fields; its ``rpc`` object changes the RpcNode's ``RpcConfig`` — ``{"rpc": {"head": N}}`` grows the
+chain to block N). Rate limits, faults and service time never apply to the two ``/__`` endpoints.
 
 Every admitted answer waits its service time (``ServiceTime``) in an asyncio sleep, so answers in service
 overlap: a slow answer never delays another. 429s answer at once.
@@ -171,7 +172,12 @@ class SimServer(LocalServer):
             knobs = await request.json()
             if not isinstance(knobs, dict):
                 raise ValueError("expected a JSON object of SimConfig fields")
-            return _json(self.configure(**knobs).model_dump())
+            rpc = knobs.pop("rpc", None)
+            if rpc is not None:
+                if self.rpc is None or not isinstance(rpc, dict):
+                    raise ValueError("rpc: expected a JSON object of RpcConfig fields, on a server that serves /rpc")
+                rpc = self.rpc.configure(**rpc).model_dump()
+            return _json(self.configure(**knobs).model_dump() | ({"rpc": rpc} if rpc is not None else {}))
         except (ValueError, ValidationError) as exc:
             return _json({"error": str(exc)}, 400)
 

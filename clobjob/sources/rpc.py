@@ -464,6 +464,17 @@ class RpcSource(OverHttp):
                     raise SourceError(f"eth_getBlockByNumber {number}: {bad.field}: {bad.why}") from None
         return {b: self._blocks[b] for b in blocks}
 
+    async def first_block_at(self, timestamp: int, low: int, high: int) -> int:
+        """The first block of [low, high) whose timestamp is at or after ``timestamp`` (``high`` when none): a
+        binary search over the blocks' own timestamps (``timestamps``: cached, rate-controlled)."""
+        while low < high:
+            middle = (low + high) // 2
+            if (await self.timestamps([middle]))[middle] >= timestamp:
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
     def _remember(self, block: int, timestamp: int) -> None:
         self._blocks[block] = timestamp
         if len(self._blocks) > BLOCK_CACHE:

@@ -152,9 +152,10 @@ class RunTables:
         )
         return {condition: as_utc(finished) for condition, finished in found}
 
-    def blocks_done_through(self) -> int | None:
-        """The end (exclusive) of the blocks that finished block units of any run cover without a gap from the
-        first block any block unit was planned from (that block when none finished; None: no block unit yet)."""
+    def blocks_done_through(self, start: int | None = None) -> int | None:
+        """The end (exclusive) of the blocks that finished block units of any run cover without a gap from
+        ``start`` (default: the first block any block unit was planned from); ``start`` itself when none covers
+        it (None: no ``start`` and no block unit yet)."""
         found = self.db.rows(
             """SELECT u.block_from, u.block_to
                FROM (SELECT run_id, shard, unit_id, block_from, block_to FROM {db}.backfill_units FINAL
@@ -162,7 +163,8 @@ class RunTables:
                JOIN (SELECT run_id, shard, unit_id FROM {db}.backfill_progress FINAL WHERE state = 'done') AS p
                ON u.run_id = p.run_id AND u.shard = p.shard AND u.unit_id = p.unit_id
                ORDER BY u.block_from""")
-        reached = self.db.scalar("SELECT minOrNull(block_from) FROM {db}.backfill_units FINAL")
+        reached = self.db.scalar("SELECT minOrNull(block_from) FROM {db}.backfill_units FINAL") if start is None \
+            else start
         if reached is None:
             return None
         for low, high in found:
