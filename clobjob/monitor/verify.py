@@ -8,8 +8,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from clobjob.logs import printable
-from clobjob.models import MarketFills, RunState, coverage_summary
-from clobjob.monitor.status import ON_CHAIN, SCHEMA_VERSION, pct, shard_statuses, utcnow, v2_progress
+from clobjob.models import MarketFills, MarketStatus, RunState, coverage_summary
+from clobjob.monitor.status import ON_CHAIN, SCHEMA_VERSION, pct, render_v2, shard_statuses, utcnow, v2_progress
 from clobjob.sources import DATA_UNTIL
 from clobjob.store import Store
 
@@ -33,7 +33,7 @@ def worst_gaps(markets: Sequence[MarketFills], n: int = 20) -> list[dict[str, An
     gaps = sorted((m for m in markets if m.gap), key=lambda m: (-m.gap, m.condition_id))[:n]
     return [{"condition_id": m.condition_id, "question": m.question,
              "end_date": _date(m.end_ts).isoformat() if m.end_ts is not None else None,
-             "expected": m.expected_fills, "stored": m.stored_fills, "missing": m.gap} for m in gaps]
+             "expected": m.expected_fills, "stored": m.v1_fills, "missing": m.gap} for m in gaps]
 
 
 def report_sections(store: Store, *, gaps: int = 20) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -54,21 +54,32 @@ def _coverage_criterion(summary: Mapping[str, Any], min_coverage: float) -> dict
     return _criterion("coverage", "pass" if ok else "fail",
                       f"{pct(summary['coverage'])} of {summary['universe']:,} markets covered "
                       f"({'≥' if ok else '<'} {pct(min_coverage)}); {summary['missing']:,} missing, "
-                      f"{summary['incomplete']:,} incomplete, {summary['unknown']:,} unknown")
+                      f"{summary['incomplete']:,} incomplete, {summary['unknown']:,} unknown, "
+                      f"{summary['waiting_v2']:,} waiting for v2")
 
 
-def _recent_criterion(markets: Sequence[MarketFills], now: datetime, days: int) -> dict[str, Any]:
+def _waiting(bad: Sequence[MarketFills], v2: Mapping[str, Any]) -> str:
+    """Why some of the markets not covered are: their v2 part waits for the chain (how far it is read)."""
+    waiting = sum(1 for m in bad if m.status is MarketStatus.WAITING_V2)
+    return (f" ({waiting:,} waiting for v2: {render_v2(v2)}; run clobjob backfill --source rpc)"
+            if waiting else "")
+
+
+def _recent_criterion(markets: Sequence[MarketFills], now: datetime, days: int, v2: Mapping[str, Any]
+                      ) -> dict[str, Any]:
     since, until = int((now - timedelta(days=days)).timestamp()), int(now.timestamp())
     bad = [m for m in markets if not m.status.covered and m.end_ts is not None and since <= m.end_ts <= until]
     return _criterion("recent_markets_complete", "fail" if bad else "pass",
-                      f"{len(bad):,} market(s) that ended in the last {days} days are not covered", bad)
+                      f"{len(bad):,} market(s) that ended in the last {days} days are not covered" + _waiting(bad, v2),
+                      bad)
 
 
-def _top_criterion(markets: Sequence[MarketFills], top_n: int) -> dict[str, Any]:
+def _top_criterion(markets: Sequence[MarketFills], top_n: int, v2: Mapping[str, Any]) -> dict[str, Any]:
     top = sorted((m for m in markets if m.volume_rank <= top_n), key=lambda m: m.volume_rank)
     bad = [m for m in top if not m.status.covered]
     return _criterion("top_markets_complete", "fail" if bad else "pass",
-                      f"{len(bad):,} of the top {len(top):,} markets by volume are not covered", bad)
+                      f"{len(bad):,} of the top {len(top):,} markets by volume are not covered" + _waiting(bad, v2),
+                      bad)
 
 
 def _fills_24h_criterion(store: Store, markets: Sequence[MarketFills], now: datetime,
@@ -93,10 +104,9 @@ def _fills_24h_criterion(store: Store, markets: Sequence[MarketFills], now: date
     if not count and not open_markets:
         return _criterion(name, "n/a", "no market with expected fills was open in the last 24 h")
     if chain:
-        v2 = v2_progress(store)
-        reached = v2["newest_fill_at"]
-        detail += (f"; on-chain fills done through block {v2['blocks_done_through'] or 0:,} "
-                   f"(newest there: {reached or 'none'})")
+        v2 = v2_progress(store, now)
+        reached = v2["reached_at"]
+        detail += f"; {render_v2(v2)}, newest v2 fill there {v2['newest_fill_at'] or 'none'}"
         if reached is None or datetime.fromisoformat(reached) < day_ago:
             progress = store.shard_progress(latest.run_id).values() if latest is not None else ()
             errors = sorted({row[-1] for row in progress if row[-1]})
@@ -123,18 +133,20 @@ def verify(store: Store, *, min_coverage: float = 0.95, now: datetime | None = N
     """Readiness for P&L: every criterion as pass / fail / n/a with details; ``ready`` when none fails.
 
     Criteria: ``coverage`` ≥ min_coverage; ``recent_markets_complete`` (no market that ended in the last
-    ``recent_days`` days is not covered); ``top_markets_complete`` (the ``top_n`` markets by volume rank);
+    ``recent_days`` days is not covered); ``top_markets_complete`` (the ``top_n`` markets by volume rank); a market
+    with a v2 part is covered only once the v2 block ranges reach the safe head (``models.MarketStatus``), and
+    these criteria say how many wait for it and how far the chain is read;
     ``fills_last_24h`` (with ``on_chain`` — an RPC endpoint is configured — or a latest run that reads the
     chain: fills of the last day stored and the chain read to within a day; otherwise n/a when the source or the
     universe cannot have such fills); ``no_run_in_progress``.
     """
     now = utcnow(now)
-    markets = store.market_fill_counts()
-    summary = coverage_summary(markets)
+    markets = store.market_fill_counts(now=now.timestamp())
+    summary, v2 = coverage_summary(markets), v2_progress(store, now)
     criteria = [
         _coverage_criterion(summary, min_coverage),
-        _recent_criterion(markets, now, recent_days),
-        _top_criterion(markets, top_n),
+        _recent_criterion(markets, now, recent_days, v2),
+        _top_criterion(markets, top_n, v2),
         _fills_24h_criterion(store, markets, now, on_chain),
         _runs_criterion(store, now, heartbeat_interval_s * stalled_after),
     ]
