@@ -37,7 +37,8 @@ SETTINGS join_use_nulls = 0
 """
 """Per market of the universe: expected fills by the rule of ``models.MarketStatus`` (NULL = unknown), stored
 fills (and of them the v2 ones), volume rank, the newest v1 fill's time. A token two markets claim counts for one
-of them only (the lower condition id; see ``token_conflicts``). Each table is read once per role (no CTE referenced twice: ClickHouse inlines CTEs)."""
+of them only (the lower condition id; see ``token_conflicts``). Each table is read once per role (no CTE referenced
+twice: ClickHouse inlines CTEs)."""
 
 MARKET_COLUMNS = ("condition_id", "token_ids", "question", "slug", "start_date", "end_date", "closed", "volume",
                   "neg_risk", "source")
