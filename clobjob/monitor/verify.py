@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from clobjob.logs import printable
-from clobjob.models import MarketFills, MarketStatus, RunState, coverage_summary
+from clobjob.models import FILL_COLUMNS, MarketFills, MarketStatus, RunState, coverage_summary
 from clobjob.monitor.status import ON_CHAIN, SCHEMA_VERSION, pct, render_v2, shard_statuses, utcnow, v2_progress
 from clobjob.sources import DATA_UNTIL
 from clobjob.store import Store
@@ -115,6 +115,51 @@ def _fills_24h_criterion(store: Store, markets: Sequence[MarketFills], now: date
     return _criterion(name, "pass" if count else "fail", detail)
 
 
+CROSS_CHECKED = ("timestamp", "maker", "taker", "maker_asset_id", "taker_asset_id", "maker_amount_filled",
+                 "taker_amount_filled", "fee")
+"""What a v1 log and a subgraph fill of the same id are compared on (``Store.fills_between``'s values)."""
+_CROSS_AT = tuple(FILL_COLUMNS.index(c) for c in CROSS_CHECKED)
+
+
+def cross_check(on_chain: Sequence[tuple], stored: Mapping[str, tuple], *, blocks: tuple[int, int],
+                times: tuple[int, int], examples: int = 5) -> dict[str, Any]:
+    """The v1 exchanges' fills read from the chain over ``blocks`` (rows in ``FILL_COLUMNS`` order, from the RPC
+    source) against the subgraph fills stored with a timestamp within ``times`` (the first and last block's):
+    counts, the ids on one side only and the fills whose values differ, with examples. Only fills of tokens the
+    universe knows are compared (the backfill fetches no other); the others are counted."""
+    chain = {row[0]: tuple(row[i] for i in _CROSS_AT) for row in on_chain if row[FILL_COLUMNS.index("condition_id")]}
+    common = chain.keys() & stored.keys()
+    differing = sorted(i for i in common if chain[i] != stored[i])
+    missing, extra = sorted(chain.keys() - stored.keys()), sorted(stored.keys() - chain.keys())
+
+    def shown(ids: Sequence[str]) -> dict[str, Any]:
+        return {"count": len(ids), "examples": list(ids[:examples])}
+
+    return {"blocks": {"from": blocks[0], "to": blocks[1]},
+            "time": {"from": _date(times[0]).isoformat(), "to": _date(times[1]).isoformat()},
+            "on_chain": len(chain), "outside_universe": len(on_chain) - len(chain), "stored": len(stored),
+            "matching": len(common) - len(differing), "missing_from_store": shown(missing),
+            "missing_on_chain": shown(extra),
+            "differing": {"count": len(differing), "examples": [
+                f"{i}: " + ", ".join(f"{name} stored {a} on chain {b}" for name, a, b in
+                                     zip(CROSS_CHECKED, stored[i], chain[i]) if a != b)
+                for i in differing[:examples]]},
+            "agree": not (missing or extra or differing)}
+
+
+def _cross_check_criterion(checked: Mapping[str, Any]) -> dict[str, Any]:
+    blocks, time = checked["blocks"], checked["time"]
+    missing, extra, differing = (checked[k] for k in ("missing_from_store", "missing_on_chain", "differing"))
+    detail = (f"blocks {blocks['from']:,}–{blocks['to']:,} ({time['from'][:19]} – {time['to'][:19]} UTC): "
+              f"{checked['on_chain']:,} v1 fills on chain (and {checked['outside_universe']:,} of tokens outside the "
+              f"universe), {checked['stored']:,} stored from the subgraph; {missing['count']:,} missing from the "
+              f"store, {extra['count']:,} not on chain, {differing['count']:,} differ")
+    found = [*(f"missing from the store: {i}" for i in missing["examples"]),
+             *(f"not on chain: {i}" for i in extra["examples"]), *(f"differs: {d}" for d in differing["examples"])]
+    return {"name": "v1_cross_check", "status": "pass" if checked["agree"] else "fail", "detail": detail,
+            "examples": found[:10]}
+
+
 def _runs_criterion(store: Store, now: datetime, stalled_after_s: float) -> dict[str, Any]:
     """A run is in progress when one of its shards is running (unfinished units and a live heartbeat)."""
     running = []
@@ -129,7 +174,7 @@ def _runs_criterion(store: Store, now: datetime, stalled_after_s: float) -> dict
 
 def verify(store: Store, *, min_coverage: float = 0.95, now: datetime | None = None, top_n: int = 100,
            recent_days: int = 30, heartbeat_interval_s: float = 5, stalled_after: float = 3,
-           on_chain: bool = False) -> dict[str, Any]:
+           on_chain: bool = False, checked: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Readiness for P&L: every criterion as pass / fail / n/a with details; ``ready`` when none fails.
 
     Criteria: ``coverage`` ≥ min_coverage; ``recent_markets_complete`` (no market that ended in the last
@@ -138,7 +183,9 @@ def verify(store: Store, *, min_coverage: float = 0.95, now: datetime | None = N
     these criteria say how many wait for it and how far the chain is read;
     ``fills_last_24h`` (with ``on_chain`` — an RPC endpoint is configured — or a latest run that reads the
     chain: fills of the last day stored and the chain read to within a day; otherwise n/a when the source or the
-    universe cannot have such fills); ``no_run_in_progress``.
+    universe cannot have such fills); ``no_run_in_progress``; with ``checked`` (``cross_check``'s result, under
+    ``cross_check``) also ``v1_cross_check``: the chain's v1 fills of a block range and the stored subgraph fills
+    agree.
     """
     now = utcnow(now)
     markets = store.market_fill_counts(now=now.timestamp())
@@ -149,10 +196,11 @@ def verify(store: Store, *, min_coverage: float = 0.95, now: datetime | None = N
         _top_criterion(markets, top_n, v2),
         _fills_24h_criterion(store, markets, now, on_chain),
         _runs_criterion(store, now, heartbeat_interval_s * stalled_after),
+        *([_cross_check_criterion(checked)] if checked is not None else []),
     ]
     return {"schema_version": SCHEMA_VERSION, "generated_at": now.isoformat(),
             "ready": all(c["status"] != "fail" for c in criteria), "min_coverage": min_coverage,
-            "markets": summary, "criteria": criteria}
+            "markets": summary, "criteria": criteria, "cross_check": checked}
 
 
 def render_verify(result: Mapping[str, Any]) -> str:

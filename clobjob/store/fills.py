@@ -89,6 +89,16 @@ class FillTable:
         block, at = found[0]
         return ChainReach(through, at + BLOCK_S * (through - 1 - block), at)
 
+    def fills_between(self, source: str, ts_from: int, ts_to: int) -> dict[str, tuple]:
+        """``source``'s stored fills with a timestamp in [ts_from, ts_to], by id: (timestamp, maker, taker, maker and
+        taker asset ids, maker and taker amounts, fee)."""
+        found = self.db.rows(
+            "SELECT id, toUnixTimestamp(timestamp), maker, taker, maker_asset_id, taker_asset_id, "
+            "toString(maker_amount_filled), toString(taker_amount_filled), toString(fee) FROM {db}.clob_fills FINAL "
+            "WHERE source = {source:String} AND timestamp BETWEEN toDateTime({low:Int64}, 'UTC') "
+            "AND toDateTime({high:Int64}, 'UTC')", {"source": source, "low": ts_from, "high": ts_to})
+        return {row[0]: (*row[1:6], *map(int, row[6:])) for row in found}
+
     def count_fills(self) -> int:
         """Distinct stored fills (exact, whatever merges have happened)."""
         return self.db.scalar("SELECT count() FROM {db}.clob_fills FINAL")
