@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clobjob import cli, launch
-from clobjob.models import FILL_COLUMNS
+from clobjob.models import FILL_COLUMNS, as_utc
 from clobjob.sim import Dataset, SimConfig, SimServer
 from clobjob.sim.data import block_of
 from clobjob.sim.rpc import Chain, RpcConfig, RpcNode
@@ -50,13 +50,14 @@ def test_v1_logs_cross_check_the_stored_subgraph_fills(settings, store, monkeypa
         changed = sorted(by_id)[3]
         row = store.db.rows(f"SELECT {', '.join(FILL_COLUMNS)} FROM {{db}}.clob_fills FINAL WHERE id = {{i:String}}",
                             {"i": changed})[0]
-        values = dict(zip(FILL_COLUMNS, row))
+        values = {**dict(zip(FILL_COLUMNS, row)), "timestamp": int(as_utc(row[FILL_COLUMNS.index("timestamp")])
+                                                                   .timestamp())}
         fee = int(values["fee"])
         stray = "0x" + "ab" * 32 + "_0x" + "cd" * 32  # a fill the chain does not have, in the span
         store.insert_fill_rows([
-            tuple({**values, "fee": fee + 1, "timestamp": int(values["timestamp"].timestamp())}[c] for c in FILL_COLUMNS),
-            tuple({**values, "id": stray, "transaction_hash": stray[:66], "order_hash": stray[67:],
-                   "timestamp": int(values["timestamp"].timestamp())}[c] for c in FILL_COLUMNS)])
+            tuple({**values, "fee": fee + 1}[c] for c in FILL_COLUMNS),
+            tuple({**values, "id": stray, "transaction_hash": stray[:66], "order_hash": stray[67:]}[c]
+                  for c in FILL_COLUMNS)])
         checked = launch.cross_check(settings, low, high)
         assert checked["agree"] is False and checked["on_chain"] == len(compared)
         assert checked["missing_from_store"] == {"count": 3, "examples": gone}
