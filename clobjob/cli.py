@@ -135,11 +135,21 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _block_span(text: str) -> tuple[int, int]:
+    """``FROM:TO``: two block numbers, FROM ≤ TO."""
+    low, sep, high = text.partition(":")
+    if not (sep and low.strip().isdigit() and high.strip().isdigit()) or int(low) > int(high):
+        raise argparse.ArgumentTypeError(f"{text!r} is not FROM:TO, two block numbers with FROM <= TO "
+                                         "(e.g. 65000000:65001000)")
+    return int(low), int(high)
+
+
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    checked = launch.cross_check(settings, *args.cross_check) if args.cross_check else None
     with open_store(settings) as store:
         result = monitor.verify(store, min_coverage=args.min_coverage,
                                 heartbeat_interval_s=settings.heartbeat_interval_s,
-                                on_chain=settings.rpc_url is not None)
+                                on_chain=settings.rpc_url is not None, checked=checked)
         if args.report:
             Path(args.report).write_text(monitor.render_report_html(result, *monitor.report_sections(store)))
     print(json.dumps(result, indent=2) if args.json else monitor.render_verify(result))
@@ -452,6 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--min-coverage", type=_ratio, default=0.95, metavar="RATIO",
                         help="share of markets that must be covered (complete or zero-fill)")
     verify.add_argument("--report", metavar="FILE", help="also write a self-contained HTML report to FILE")
+    verify.add_argument("--cross-check", type=_block_span, metavar="FROM:TO",
+                        help="also read the v1 exchanges' fills of blocks FROM to TO from the chain (CLOBJOB_RPC_URL) "
+                             "and compare them with the stored subgraph fills of that time: counts, ids missing on "
+                             "either side, values that differ")
 
     diagnose = _command(groups, "diagnose", "what is missing, how old, how much work, and the shards and "
                         "in-flight window to run it with", cmd_diagnose)

@@ -34,7 +34,7 @@ from clobjob.parts import StopBetweenRuns, install_stop_handlers, make_controlle
 from clobjob.probe import LiveCheck, live_check
 from clobjob.sources.gamma import fetch_universe
 from clobjob.sources.markets import BadRow, market_from_gamma, read_gamma_file
-from clobjob.sources.rpc import RpcSource
+from clobjob.sources.rpc import V1_EXCHANGE_CONTRACTS, RpcSource
 from clobjob.sources.subgraph import SubgraphSource, Universe, merge_universe
 from clobjob.store import Store, open_store
 from clobjob.worker import ShardWorker
@@ -518,6 +518,32 @@ async def _safe_head(settings: Settings) -> int:
         source = parts.source
         assert isinstance(source, RpcSource)
         return await source.safe_head()
+
+
+def cross_check(settings: Settings, low: int, high: int) -> dict[str, Any]:
+    """The v1 exchanges' ``OrderFilled`` logs of blocks [low, high] read from the chain against the subgraph fills
+    stored from the first block's time to the last's (``monitor.cross_check``)."""
+    with open_store(settings) as store:
+        conditions = store.token_conditions()
+        rows, times = asyncio.run(_v1_fills(settings, low, high, conditions))
+        stored = store.fills_between(plan.SOURCE, times[low], times[high])
+    return monitor.cross_check(rows, stored, blocks=(low, high), times=(times[low], times[high]))
+
+
+async def _v1_fills(settings: Settings, low: int, high: int, conditions: dict[str, str]
+                    ) -> tuple[list[tuple], dict[int, int]]:
+    """The v1 fill rows of blocks [low, high] and the timestamps of those two blocks; ``BadInput`` past the safe
+    head."""
+    async with process_parts(settings.with_overrides(rpc_contracts=V1_EXCHANGE_CONTRACTS), "rpc") as parts:
+        source = parts.source
+        assert isinstance(source, RpcSource)
+        safe = await source.safe_head()
+        if high > safe:
+            raise BadInput(f"--cross-check {low}:{high}: block {high:,} is past the chain's safe head {safe:,} "
+                           "(head − CLOBJOB_RPC_LAG_BLOCKS)")
+        unit = WorkUnit(run_id="cross-check", unit_id=0, shard=0, source="rpc", block_from=low, block_to=high + 1)
+        rows = [row async for page in source.pages(unit, "", conditions) for row in page.rows]
+        return rows, await source.timestamps([low, high])
 
 
 def rerun_run(settings: Settings, *, run_id: str, failed_only: bool, shards: list[int] | None,

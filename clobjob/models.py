@@ -38,6 +38,14 @@ EXCHANGES = {
 }
 EXCHANGE_FIRST_BLOCKS = dict(zip(EXCHANGES, (33_605_403, 50_505_492, 84_902_353, 85_058_176), strict=True))
 """Each exchange contract's deploy block on Polygon (no log of it is older)."""
+V2_CUTOVER = datetime(2026, 4, 28, 11, tzinfo=timezone.utc)
+"""The CLOB v2 cutover (data-sources.md §2): the last v1 fill on the main v1 exchanges. The subgraph holds no fill
+after it; a market that starts after it trades on the v2 exchanges only."""
+BLOCK_S = 2
+"""About one Polygon block, in seconds (to tell how old a block is, never a fill's time)."""
+V2_CURRENT_S = 3600
+"""The v2 block ranges count as reaching the safe head while the last block they are complete through is at most
+this old (the reorg lag, 128 blocks ≈ 4 min by default, and the time between two backfills of new blocks)."""
 
 _HEX = re.compile(r"^(0x)?[0-9a-fA-F]+$")
 _DEC = re.compile(r"^[0-9]+$")
@@ -246,6 +254,11 @@ class MarketStatus(str, Enum):
     ``source_short`` (the source holds fewer fills than its own count: reported, not refetched until the count
     changes); nothing stored → ``missing``; else ``incomplete``. To fetch: missing and incomplete.
     Covered (counts towards coverage): complete and zero_fill.
+
+    That is the market's v1 part (``stored`` counts its v1 fills only: the subgraph's count knows no other). A market
+    has a v2 part when it has stored v2 fills or starts after ``V2_CUTOVER``; the v2 part is complete when every v2
+    block range up to the safe head is done (``ChainReach.current``). A market with a v2 part whose v1 part is
+    covered is ``waiting_v2`` until then, and ``complete`` (or ``zero_fill``) after (``with_v2``).
     """
 
     COMPLETE = "complete"  # stored ≥ expected (known), something stored; or fetched to the end
@@ -254,6 +267,7 @@ class MarketStatus(str, Enum):
     ZERO_FILL = "zero_fill"  # nothing stored and nothing expected (or nothing found by a complete fetch)
     UNKNOWN = "unknown"  # something stored, expected unknown, never fetched to the end: cannot tell
     SOURCE_SHORT = "source_short"  # fetched to the end, but the source holds fewer fills than its count
+    WAITING_V2 = "waiting_v2"  # v1 part covered; trades on v2, whose block ranges do not reach the safe head yet
 
     @classmethod
     def of(cls, expected: int | None, stored: int, proven: bool = False) -> MarketStatus:
@@ -269,6 +283,17 @@ class MarketStatus(str, Enum):
         if proven:
             return cls.SOURCE_SHORT
         return cls.MISSING if stored == 0 else cls.INCOMPLETE
+
+    @classmethod
+    def with_v2(cls, v1: MarketStatus, stored: int, v2_complete: bool | None) -> MarketStatus:
+        """The status of a market whose v1 part has status ``v1`` and that has ``stored`` fills in all, given its
+        v2 part: ``v2_complete`` None = it has none (the v1 status stands), True = the v2 block ranges reach the
+        safe head, False = they do not yet (``waiting_v2`` once the v1 part is covered)."""
+        if v2_complete is None or not v1.covered:
+            return v1
+        if not v2_complete:
+            return cls.WAITING_V2
+        return cls.COMPLETE if stored else cls.ZERO_FILL
 
     @property
     def to_fetch(self) -> bool:
@@ -300,17 +325,50 @@ class MarketFills:
     question: str = ""
     closed: bool = False
     proven: bool = False  # fetched to the end of the source after its counts last changed
-    new_since_ts: int | None = None  # fetched to the end before its counts last changed: fills from then on
+    new_since_ts: int | None = None  # fetched to the end before its counts last changed: v1 fills from then on
+    v2_fills: int = 0  # of the stored fills, those from the v2 exchanges
+    chain_current: bool = False  # the v2 block ranges reach the safe head (the same for every market)
+
+    @property
+    def v1_fills(self) -> int:
+        """Stored fills from the v1 exchanges (what the subgraph's count describes)."""
+        return self.stored_fills - self.v2_fills
+
+    @property
+    def has_v2_part(self) -> bool:
+        """It trades on the v2 exchanges: v2 fills stored, or it starts after the cutover."""
+        return self.v2_fills > 0 or (self.start_ts is not None and self.start_ts >= V2_CUTOVER.timestamp())
+
+    @property
+    def v1_status(self) -> MarketStatus:
+        """``MarketStatus.of(expected_fills, v1_fills, proven)``: the v1 part alone."""
+        return MarketStatus.of(self.expected_fills, self.v1_fills, self.proven)
 
     @property
     def status(self) -> MarketStatus:
-        """``MarketStatus.of(expected_fills, stored_fills, proven)``."""
-        return MarketStatus.of(self.expected_fills, self.stored_fills, self.proven)
+        """The v1 status combined with the v2 part (``MarketStatus.with_v2``)."""
+        return MarketStatus.with_v2(self.v1_status, self.stored_fills,
+                                    self.chain_current if self.has_v2_part else None)
 
     @property
     def gap(self) -> int:
-        """Expected fills not stored (0 when expected is unknown)."""
-        return max((self.expected_fills or 0) - self.stored_fills, 0)
+        """Expected v1 fills not stored (0 when expected is unknown)."""
+        return max((self.expected_fills or 0) - self.v1_fills, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReach:
+    """How far the v2 part of the universe is complete: every v2 block range below ``through`` is done (None: no
+    block range was ever planned). ``at_ts`` is about the time of block ``through − 1``: the newest stored v2 fill
+    below it, plus ``BLOCK_S`` per block after that fill's (None without such a fill)."""
+
+    through: int | None
+    at_ts: int | None
+    newest_fill_ts: int | None
+
+    def current(self, now: float) -> bool:
+        """Whether the ranges reach the safe head: their last block is at most ``V2_CURRENT_S`` old."""
+        return self.at_ts is not None and self.at_ts >= now - V2_CURRENT_S
 
 
 def coverage_summary(markets: Iterable[MarketFills]) -> dict[str, Any]:

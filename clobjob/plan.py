@@ -132,22 +132,24 @@ class MissingReport:
         """Markets fetched to the end of the source whose stored fills differ from the source's own count:
         how many hold fewer and more fills than counted, with examples ("the source holds N fewer/more")."""
         off = [m for m in self.markets if m.proven and m.expected_fills is not None
-               and m.stored_fills != m.expected_fills]
-        fewer = [m for m in off if m.stored_fills < m.expected_fills]
-        shown = sorted(off, key=lambda m: (-abs(m.stored_fills - m.expected_fills), m.condition_id))[:examples]
+               and m.v1_fills != m.expected_fills]
+        fewer = [m for m in off if m.v1_fills < m.expected_fills]
+        shown = sorted(off, key=lambda m: (-abs(m.v1_fills - m.expected_fills), m.condition_id))[:examples]
         return {"fewer": len(fewer), "more": len(off) - len(fewer),
-                "examples": [f"{m.condition_id}: the source holds {abs(m.expected_fills - m.stored_fills):,} "
-                             f"{'fewer' if m.stored_fills < m.expected_fills else 'more'} fills than its count "
-                             f"({m.stored_fills:,} vs {m.expected_fills:,})" for m in shown]}
+                "examples": [f"{m.condition_id}: the source holds {abs(m.expected_fills - m.v1_fills):,} "
+                             f"{'fewer' if m.v1_fills < m.expected_fills else 'more'} fills than its count "
+                             f"({m.v1_fills:,} vs {m.expected_fills:,})" for m in shown]}
 
 
 def missing_work(store: Store, condition_ids: list[str] | None = None, *, now: int | None = None) -> MissingReport:
-    """Classify every market (or those listed) with the store's one fill-count query."""
+    """Classify every market (or those listed) with the store's one fill-count query (v1 and v2 parts: a market
+    waiting for the chain is not fetched by market units; the block units fetch its v2 fills)."""
     ids = [normalize_condition_id(c) for c in condition_ids] if condition_ids is not None else None
-    markets = tuple(store.market_fill_counts(ids))
+    as_of = int(datetime.now(timezone.utc).timestamp()) if now is None else now
+    markets = tuple(store.market_fill_counts(ids, now=as_of))
     found = {m.condition_id for m in markets}
     not_found = tuple(sorted({c for c in ids or () if c not in found}))
-    return MissingReport(int(datetime.now(timezone.utc).timestamp()) if now is None else now, markets, not_found)
+    return MissingReport(as_of, markets, not_found)
 
 
 @dataclass(frozen=True)
@@ -402,10 +404,10 @@ def resumable_run(store: Store) -> Run | None:
 
 def tokens_to_count(report: MissingReport, counted: Collection[str]) -> dict[str, str]:
     """Token → condition id of the tokens whose expected fills to (re)fetch before planning: every token of a
-    market with a token never counted, or not covered, or still open (its count may have grown)."""
+    market with a token never counted, or whose v1 part is not covered, or still open (its count may have grown)."""
     wanted = {}
     for market in report.markets:
-        if (not market.status.covered or not market.closed
+        if (not market.v1_status.covered or not market.closed
                 or any(token not in counted for token in market.token_ids)):
             wanted.update(dict.fromkeys(market.token_ids, market.condition_id))
     return wanted

@@ -86,7 +86,7 @@ def test_market_categories_and_coverage(store):
     }
     assert coverage_summary(list(markets.values())) == {
         "universe": 5, "covered": 3, "not_covered": 2, "coverage": 0.6, "complete": 1, "zero_fill": 2,
-        "incomplete": 1, "missing": 1, "unknown": 0, "source_short": 0,
+        "incomplete": 1, "missing": 1, "unknown": 0, "source_short": 0, "waiting_v2": 0,
     }
     assert coverage_summary([])["coverage"] is None
 
@@ -116,7 +116,7 @@ STATUS_KEYS = {"schema_version", "generated_at", "live", "live_age_s", "stalled_
                "parent_run_id", "created_at", "source", "state", "ended", "reruns", "finished_by", "markets", "recent",
                "v2", "aggregate", "shards"}
 MARKETS_KEYS = {"universe", "covered", "not_covered", "coverage", "complete", "zero_fill", "incomplete", "missing",
-                "unknown", "source_short"}
+                "unknown", "source_short", "waiting_v2"}
 AGGREGATE_KEYS = {"units_done", "units_failed", "units_total", "fills", "expected_fills", "rps", "share_429",
                   "remaining_requests", "eta_s"}
 SHARD_KEYS = {"shard", "state", "units_done", "units_failed", "units_total", "fills", "expected_fills", "rps",
@@ -180,7 +180,7 @@ def test_status_json_schema_is_stable(store):
     assert empty["run_id"] is None and empty["state"] is None and empty["shards"] == []
     seed_run(store)
     status = json.loads(json.dumps(monitor.run_status(store, now=NOW)))
-    assert set(status) == STATUS_KEYS and status["schema_version"] == 3 and status["live"] is False
+    assert set(status) == STATUS_KEYS and status["schema_version"] == 4 and status["live"] is False
     assert set(status["markets"]) == MARKETS_KEYS and set(status["recent"]) == {"fills_24h", "fills_7d"}
     assert set(status["aggregate"]) == AGGREGATE_KEYS
     assert all(set(s) == SHARD_KEYS for s in status["shards"])
@@ -374,10 +374,12 @@ def seed_ready(store, *, source: str = "rpc", fill_age: timedelta = timedelta(ho
     for i, m in enumerate(markets, start=1):
         rows += fills(m.token_ids[0], NOW - fill_age if i == 2 else m.end_date - timedelta(days=1))
     block, on_chain = 90_000_000, {}
-    if source in ("rpc", "all"):  # the recent fill comes from the chain, read through its block by the run
-        rows = [tuple({"source": "rpc", "block_number": block}.get(c, v) for c, v in zip(FILL_COLUMNS, row))
+    if source in ("rpc", "all"):  # the recent fill comes from the chain, read by the run up to now
+        rows = [tuple({"source": "rpc", "block_number": block, "exchange_version": 2}.get(c, v)
+                      for c, v in zip(FILL_COLUMNS, row))
                 if row[FILL_COLUMNS.index("token_id")] == markets[1].token_ids[0] else row for row in rows]
-        on_chain = {"source": "rpc", "block_from": block - 10, "block_to": block + 10}
+        rows += fills(markets[1].token_ids[0], NOW - timedelta(days=200))  # its v1 fill, which the count describes
+        on_chain = {"source": "rpc", "block_from": block - 10, "block_to": block + int(fill_age.total_seconds()) // 2}
     store.insert_fill_rows(rows)
     one_unit_run(store, "finished", UnitState.DONE, beat_state="done", beat_age_s=86_400, source=source,
                  unit=on_chain)

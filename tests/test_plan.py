@@ -94,7 +94,7 @@ def test_missing_incomplete_and_complete_sets_are_exact(store):
                                                                           "partial_missing")}
     summary = report.to_dict()
     assert summary["by_status"] == {"complete": 5, "incomplete": 1, "missing": 3, "zero_fill": 2, "unknown": 1,
-                                    "source_short": 0}
+                                    "source_short": 0, "waiting_v2": 0}
     assert summary["to_fetch"] == {"markets": 4, "missing": 3, "incomplete": 1, "unknown_expected": 1,
                                    "expected_fills": 10 + 7 + 4, "requests": 2}
     # end dates 100·n days ago: n = 1..3 → 30d-1y, n = 4..7 → 1y-2y, n = 8..12 → >2y

@@ -19,7 +19,7 @@ from clobjob.models import FILL_COLUMNS, Fill, WorkUnit, check_fills
 from clobjob.ratelimit import AdaptiveRateController
 from clobjob.sim import Dataset, SimServer
 from clobjob.sim.rpc import Chain, RpcConfig, RpcNode
-from clobjob.sources.rpc import ORDER_FILLED_V2, RpcError, RpcSource, fill_row
+from clobjob.sources.rpc import ORDER_FILLED_V1, ORDER_FILLED_V2, RpcError, RpcSource, fill_row
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,6 +58,50 @@ def test_topic0_is_the_keccak_of_the_canonical_signature():
     digest = keccak.new(digest_bits=256)
     digest.update(b"OrderFilled(bytes32,address,address,uint8,uint256,uint256,uint256,uint256,bytes32,bytes32)")
     assert ORDER_FILLED_V2 == "0x" + digest.hexdigest()
+
+
+V1_CTF = "0x4bfb41d5b3570defd03c39a9a4d8de6bd8b8982e"
+
+
+def v1_order_filled(maker_asset: int = 0, taker_asset: int = TOKEN, **changes: Any) -> dict[str, Any]:
+    """A v1 log built from the event declaration: OrderFilled(bytes32 indexed orderHash, address indexed maker,
+    address indexed taker, uint256 makerAssetId, uint256 takerAssetId, uint256 makerAmountFilled,
+    uint256 takerAmountFilled, uint256 fee)."""
+    log = {"address": V1_CTF, "topics": [ORDER_FILLED_V1, ORDER, topic(MAKER), topic(V1_CTF)],
+           "data": "0x" + "".join(word(v) for v in (maker_asset, taker_asset, 3_000_000, 2**64 + 9, 11)),
+           "blockNumber": hex(60_000_000), "transactionHash": TX, "logIndex": "0x2", "removed": False}
+    log.update(changes)
+    return log
+
+
+def test_v1_topic0_is_the_keccak_of_the_canonical_signature():
+    digest = keccak.new(digest_bits=256)
+    digest.update(b"OrderFilled(bytes32,address,address,uint256,uint256,uint256,uint256,uint256)")
+    assert ORDER_FILLED_V1 == "0x" + digest.hexdigest()
+
+
+def test_a_hand_built_v1_buy_relay_leg_decodes_to_the_expected_row():
+    row = fill_row(v1_order_filled(), 1_700_000_000, {str(TOKEN): "0x" + "ee" * 32}, {V1_CTF})
+    assert dict(zip(FILL_COLUMNS, row, strict=True)) == {
+        "id": f"{TX}_{ORDER}", "transaction_hash": TX, "order_hash": ORDER, "timestamp": 1_700_000_000,
+        "block_number": 60_000_000, "log_index": 2, "exchange": V1_CTF, "maker": MAKER, "taker": V1_CTF,
+        "maker_asset_id": "0", "taker_asset_id": str(TOKEN), "maker_amount_filled": 3_000_000,
+        "taker_amount_filled": 2**64 + 9, "fee": 11, "condition_id": "0x" + "ee" * 32, "token_id": str(TOKEN),
+        "side": "BUY", "is_relay_leg": True, "exchange_version": 1, "source": "rpc"}
+    check_fills([row])
+    sell = dict(zip(FILL_COLUMNS, fill_row(v1_order_filled(TOKEN, 0), 1, {}, {V1_CTF}), strict=True))
+    assert (sell["side"], sell["token_id"], sell["maker_asset_id"]) == ("SELL", str(TOKEN), str(TOKEN))
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"data": "0x" + word(0) + word(5) * 3}, "data"),  # 4 words: not the v1 event
+    ({"data": "0x" + word(7) + word(5) * 4}, "makerAssetId, takerAssetId"),  # neither asset is the collateral
+    ({"data": "0x" + word(0) * 5}, "makerAssetId, takerAssetId"),  # both are
+])
+def test_a_malformed_v1_log_names_its_field(changes, field):
+    with pytest.raises(SourceError) as raised:
+        fill_row(v1_order_filled(**changes), 1, {}, {V1_CTF})
+    assert all(part in str(raised.value) for part in ("block 60000000", TX, "log index 2", field))
 
 
 def test_a_hand_built_sell_log_decodes_to_the_expected_row():

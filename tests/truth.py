@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 
 from clobjob.models import EXCHANGES, FILL_COLUMNS
 from clobjob.sim import Dataset
@@ -45,14 +46,15 @@ DUMP = textwrap.dedent("""
 """)
 
 
-def stored_rows(env: dict[str, str]) -> dict:
-    """Read the database of a subprocess run (a separate process: chDB allows one path per process)."""
-    done = subprocess.run([sys.executable, "-c", DUMP, ",".join(COMPARED)], env=env, capture_output=True,
+def stored_rows(env: dict[str, str], columns: Sequence[str] = COMPARED) -> dict:
+    """Read the database of a subprocess run (a separate process: chDB allows one path per process): its fills
+    (``columns`` of each, by id), duplicate ids after FINAL and unit states."""
+    done = subprocess.run([sys.executable, "-c", DUMP, ",".join(columns)], env=env, capture_output=True,
                           text=True, timeout=120, check=True)
     found = json.loads(done.stdout)
     as_int = {"maker_amount_filled", "taker_amount_filled", "fee"}
     found["rows"] = {
-        r[0]: tuple(int(v) if c in as_int else v for c, v in zip(COMPARED, r)) for r in found["rows"]
+        r[0]: tuple(int(v) if c in as_int else v for c, v in zip(columns, r)) for r in found["rows"]
     }
     return found
 

@@ -31,6 +31,7 @@ from clobjob.monitor.status import (
 )
 from clobjob.monitor.verify import (
                                   coverage_by_month,
+                                  cross_check,
                                   render_verify,
                                   report_sections,
                                   verify,
@@ -38,7 +39,7 @@ from clobjob.monitor.verify import (
 )
 
 __all__ = ["LIVE_MAX_AGE_S", "LIVE_WAIT_S", "SCHEMA_VERSION", "STOPPED_HINT", "WIDTH", "NoLiveStatus",
-           "ProgressMeter", "Requests", "coverage_by_month", "current_status", "live_path", "publish_live",
-           "read_live", "render_duration", "render_progress", "render_report_html", "render_status", "render_verify",
-           "report_sections", "run_state", "run_status", "shard_state", "shard_statuses", "short_error", "verify",
-           "worst_gaps"]
+           "ProgressMeter", "Requests", "coverage_by_month", "cross_check", "current_status", "live_path",
+           "publish_live", "read_live", "render_duration", "render_progress", "render_report_html", "render_status",
+           "render_verify", "report_sections", "run_state", "run_status", "shard_state", "shard_statuses",
+           "short_error", "verify", "worst_gaps"]

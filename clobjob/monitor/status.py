@@ -1,13 +1,13 @@
 """The status of a run over all its shards, and its rendering (a table, one progress line).
 
-Status JSON (``run_status``), ``schema_version`` 3; every key is always present:
+Status JSON (``run_status``), ``schema_version`` 4; every key is always present:
 
 - ``schema_version`` int; ``generated_at`` ISO time; ``live`` bool (true when read from the live file);
   ``live_age_s`` float|null (age of the live file); ``stalled_after_s`` float (heartbeat age that stalls).
 - ``run_id``, ``parent_run_id``, ``created_at``, ``source``, ``state``: the run (default: the latest); all
   null when there is no run. ``state`` is the run state (below); ``ended`` bool: done, failed or stopped.
 - ``markets``: ``universe, covered, not_covered, coverage`` and the count of each ``MarketStatus``:
-  ``complete, zero_fill, incomplete, missing, unknown, source_short`` (null when computed with
+  ``complete, zero_fill, incomplete, missing, unknown, source_short, waiting_v2`` (null when computed with
   ``coverage=False``).
   Version 2 (from 1): ``missing`` counts status missing (nothing stored); v1's ``missing`` is ``not_covered``.
   Version 3 (from 2): state ``stopped``; ``ended``, ``reruns``, ``finished_by``; a live status adds ``pid`` (of
@@ -16,9 +16,13 @@ Status JSON (``run_status``), ``schema_version`` 3; every key is always present:
   and (now − 7 d, now] (null with ``coverage=False``).
 - ``aggregate``: ``units_done, units_failed, units_total, fills, expected_fills, rps, share_429,
   remaining_requests, eta_s``.
-- ``v2``: for a run that reads the chain (source rpc or all): ``blocks_done_through`` (the end of the blocks
-  finished units cover without a gap from the v2 exchanges' deploy) and ``newest_fill_at`` (ISO, or null);
-  null for other runs.
+- ``v2``: for a run that reads the chain (source rpc or all), or when some market waits for it:
+  ``blocks_done_through`` (the end of the blocks finished units cover without a gap from the v2 exchanges'
+  deploy; null when no block range was planned), ``reached_at`` (ISO: about when block ``blocks_done_through − 1``
+  was, from the newest v2 fill below it at 2 s per block; null without one), ``newest_fill_at`` (ISO, or null)
+  and ``current`` (the ranges reach the safe head: ``reached_at`` at most ``models.V2_CURRENT_S`` old; a market
+  with a v2 part is covered only then); null otherwise.
+  Version 4 (from 3): status ``waiting_v2`` in ``markets``; ``reached_at`` and ``current`` in ``v2``.
 - ``job`` (``clobjob status`` only): the run's Kubernetes Job beside ClickHouse — name, namespace,
   completions, parallelism, completed/failed indexes, pod counts, conditions, pods, ``failure_reason``,
   ``finished``, ``logs`` (the ``kubectl logs`` command per failed shard) and ``logs_all``; null when the run has
@@ -61,6 +65,7 @@ from clobjob.errors import BadInput
 from clobjob.logs import printable
 from clobjob.models import (
     Heartbeat,
+    MarketStatus,
     Run,
     RunState,
     ShardStatus,
@@ -69,7 +74,7 @@ from clobjob.models import (
 )
 from clobjob.store import Store
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def utcnow(now: datetime | None = None) -> datetime:
@@ -165,13 +170,17 @@ def _pick_run(store: Store, run_id: str | None) -> Run | None:
 ON_CHAIN = ("rpc", "all")  # sources of a run that reads v2 fills from the chain
 
 
-def v2_progress(store: Store) -> dict[str, Any]:
-    """How far the v2 (on-chain) fills are fetched: the blocks finished block units cover without a gap from
-    where the first was planned, and the newest v2 fill stored below that block."""
-    through = store.blocks_done_through()
-    newest = store.newest_fill_before_block("rpc", through) if through is not None else None
-    return {"blocks_done_through": through,
-            "newest_fill_at": datetime.fromtimestamp(newest, timezone.utc).isoformat() if newest else None}
+def _iso(ts: int | None) -> str | None:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat() if ts is not None else None
+
+
+def v2_progress(store: Store, now: datetime | None = None) -> dict[str, Any]:
+    """How far the v2 (on-chain) fills are fetched (``Store.chain_reach``): the blocks finished block units cover
+    without a gap from where the first was planned, about when the last of them was, the newest v2 fill stored
+    below it, and whether that reaches the safe head (``ChainReach.current``)."""
+    reach = store.chain_reach()
+    return {"blocks_done_through": reach.through, "reached_at": _iso(reach.at_ts),
+            "newest_fill_at": _iso(reach.newest_fill_ts), "current": reach.current(utcnow(now).timestamp())}
 
 
 def _reruns(store: Store, run: Run, now: datetime, stalled_after_s: float) -> list[dict[str, str]]:
@@ -197,7 +206,7 @@ def run_status(store: Store, run_id: str | None = None, *, now: datetime | None 
     run = _pick_run(store, run_id)
     beats = store.heartbeats(run.run_id) if run else {}
     shards = shard_statuses(store, run, beats, now, stalled_after_s) if run else []
-    markets = store.market_fill_counts() if coverage else None
+    markets = store.market_fill_counts(now=now.timestamp()) if coverage else None
     state = run_state([s.state for s in shards]) if run else None
     reruns = _reruns(store, run, now, stalled_after_s) if run else []
     return {
@@ -213,7 +222,8 @@ def run_status(store: Store, run_id: str | None = None, *, now: datetime | None 
         if state != RunState.DONE else None,
         "markets": coverage_summary(markets) if markets is not None else None,
         "recent": store.recent_fills(now) if coverage else None,
-        "v2": v2_progress(store) if run and run.source in ON_CHAIN else None,
+        "v2": v2_progress(store, now) if (run and run.source in ON_CHAIN) or (markets and any(
+            m.status is MarketStatus.WAITING_V2 for m in markets)) else None,
         "aggregate": _aggregate(shards, beats),
         "shards": [s.model_dump(mode="json") for s in shards],
     }
@@ -293,11 +303,13 @@ def render_status(status: Mapping[str, Any]) -> str:
     if status["recent"] is not None:
         lines.append(f"recent   fills by fill time: last 24 h {status['recent']['fills_24h']:,} · "
                      f"last 7 d {status['recent']['fills_7d']:,}")
+    if status["markets"] is not None and status["markets"].get("waiting_v2"):
+        lines.append(f"         waiting for v2 {status['markets']['waiting_v2']:,}: v1 fills complete, covered once the "
+                     "chain is read to the safe head")
     if status.get("v2") is not None:
-        v2 = status["v2"]
-        newest = (v2["newest_fill_at"] or "-")[:19].replace("T", " ")
-        lines.append(f"v2       on-chain fills done through block {v2['blocks_done_through'] or 0:,} · newest v2 "
-                     f"fill there {newest} UTC")
+        lines.append("v2       " + render_v2(status["v2"]))
+        if status["v2"]["newest_fill_at"] is not None:
+            lines.append(f"         newest v2 fill there {_minute(status['v2']['newest_fill_at'])}")
     if status["run_id"] is not None:
         a = status["aggregate"]
         lines.append(f"total    fills {a['fills']:,} of {a['expected_fills']:,} expected · units "
@@ -331,6 +343,18 @@ def render_status(status: Mapping[str, Any]) -> str:
         return "\n".join(line.rstrip() for line in [*lines, "", STOPPED_HINT])
     lines += render_job(status.get("job"))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _minute(iso: str | None) -> str:
+    return "-" if iso is None else iso[:16].replace("T", " ") + " UTC"
+
+
+def render_v2(v2: Mapping[str, Any]) -> str:
+    """How far the chain is read, in one line (``v2`` of ``run_status``)."""
+    if v2["blocks_done_through"] is None:
+        return "the chain is not read yet: set CLOBJOB_RPC_URL and run clobjob backfill"
+    state = "at the safe head" if v2["current"] else "behind the safe head"
+    return f"chain read through block {v2['blocks_done_through'] - 1:,} (≈ {_minute(v2['reached_at'])}): {state}"
 
 
 def render_job(job: Mapping[str, Any] | None) -> list[str]:

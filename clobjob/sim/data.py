@@ -46,8 +46,8 @@ def block_of(ts: np.ndarray) -> np.ndarray:
     return HEAD_BLOCK - (HEAD_TS - ts) // 2
 
 
-def block_timestamp(number: int) -> int:
-    """The timestamp of a block number."""
+def block_timestamp(number: int | np.ndarray) -> int | np.ndarray:
+    """The timestamp of a block number (or of each)."""
     return HEAD_TS - 2 * (HEAD_BLOCK - number)
 
 
@@ -149,7 +149,7 @@ def _fills(rng: np.random.Generator, u: _Universe, key: int, wallets: int) -> di
     tx_first = np.flatnonzero(relay)
     tx_market = market[tx_first]
     n_tx = len(tx_first)
-    ts_tx = _timestamps(rng, u, tx_market, in_market[tx_first])
+    ts_tx = block_timestamp(block_of(_timestamps(rng, u, tx_market, in_market[tx_first])))  # a fill's is its block's
     buy_tx = rng.random(n_tx) < 0.5
     outcome_tx = rng.integers(0, 2, n_tx)
     cents_tx = rng.integers(1, 100, n_tx)

@@ -10,6 +10,10 @@ them, so fill log indexes have gaps; other transactions of unrelated contracts f
 busy (hundreds of matches), and some amounts exceed 2^53 (a few 2^64). ``Chain.truth`` is the exact
 ``clob_fills`` rows (``FILL_COLUMNS`` order), built from the generator's values, not by decoding logs.
 
+The v1 exchanges' ``OrderFilled`` logs are the dataset's own fills (what the subgraph serves: same ids, values and
+times; each in the block of its timestamp, emitted by its market's v1 exchange, after the block's v2 logs), so the
+chain can cross-check the subgraph.
+
 Methods: ``eth_chainId`` (0x89), ``eth_blockNumber`` (``RpcConfig.head``, default the block whose timestamp
 is now), ``eth_getBlockByNumber`` (null past the head), ``eth_getLogs`` (address / topics filters, tags,
 ranges clipped to the head), single calls and batches.
@@ -41,23 +45,37 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from clobjob.models import EXCHANGE_FIRST_BLOCKS, EXCHANGES
-from clobjob.sim.data import HEAD_BLOCK, HEAD_TS, Dataset, block_hash, block_timestamp
+from clobjob.sim.data import (
+    CTF_EXCHANGE,
+    FILL_FIELDS,
+    HEAD_BLOCK,
+    HEAD_TS,
+    NEGRISK_EXCHANGE,
+    Dataset,
+    block_hash,
+    block_of,
+    block_timestamp,
+)
 from clobjob.sim.faults import TokenBucket
 
 RPC_PATH = "/rpc"
 ORDER_FILLED = "0xd543adfd945773f1a62f74f0ee55a5e3b9b1a28262980ba90b1a89f2ea84d8ee"
+ORDER_FILLED_V1 = "0xd0a08e8c493f9c94f29311604c9de1b4e8c8d4c06bd0c789af57f2d65bfec0f6"
 ORDERS_MATCHED = "0x63bf4d16b7fa898ef4c4b2b6d90fd201e9c56313b65638af6088d149d2ce956c"  # another exchange event
 TRANSFER_SINGLE = "0xc3d58168c5ae7397731d063d5bbf3d657854427343f4c083240f7aacaa2d0f62"  # ERC-1155
 TRANSFER = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"  # ERC-20
 CONDITIONAL_TOKENS = "0x4d97dcd97ec945f40cf65f87097ace5ea0476045"
 USDC = "0x3c499c542cef5e3811e1192ce70d8cc03d5c3359"
 CTF_V2, NEGRISK_V2 = (address for address, version in EXCHANGES.items() if version == 2)
+V1_EXCHANGES = {address for address, version in EXCHANGES.items() if version == 1}
 NEGRISK_V2_FROM = EXCHANGE_FIRST_BLOCKS[NEGRISK_V2]
 STAT_KEYS = ("requests", "calls", "batches", "batch_rejected", "throttled_429", "throttled_calls", "range_errors",
              "result_errors", "http_413", "http_5xx", "hang", "get_logs", "widest_answered", "logs_served",
@@ -248,10 +266,52 @@ class Chain:
                 "miner": "0x" + "00" * 20, "gasLimit": hex(45_000_000), "gasUsed": hex(21_000 * 40),
                 "transactions": self._tx_of_block.get(number, [])}
 
+    @cached_property
+    def _v1_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The dataset's (v1) fill rows in block order, and their blocks."""
+        blocks = block_of(self.ds.fills.columns["timestamp"].values)
+        order = np.argsort(blocks, kind="stable")
+        return order, blocks[order]
+
+    def v1_logs(self, low: int, high: int) -> list[dict[str, Any]]:
+        """The v1 exchanges' ``OrderFilled`` logs of blocks [low, high]: one per fill of the dataset (what the
+        subgraph serves), emitted by its market's exchange, after the block's v2 logs."""
+        order, blocks = self._v1_rows
+        start, end = np.searchsorted(blocks, low), np.searchsorted(blocks, high, side="right")
+        rows = order[start:end]
+        if not len(rows):
+            return []
+        fills = self.ds.fills.render(rows, [(name, name) for name in FILL_FIELDS])
+        markets = (self.ds.token_codes(rows) - 1) // 2
+        logs, index, last = [], 0, None
+        for block, fill, market in sorted(zip(blocks[start:end].tolist(), fills, markets.tolist(), strict=True),
+                                          key=lambda found: (found[0], found[1]["id"])):
+            if block != last:
+                index, last = self._next_index(block), block
+            data = "".join(_word(int(fill[k])) for k in ("makerAssetId", "takerAssetId", "makerAmountFilled",
+                                                          "takerAmountFilled", "fee"))
+            logs.append({"address": NEGRISK_EXCHANGE if self.ds.markets[market]["negRisk"] else CTF_EXCHANGE,
+                         "topics": [ORDER_FILLED_V1, fill["orderHash"], _topic(fill["maker"]), _topic(fill["taker"])],
+                         "data": "0x" + data, "blockNumber": hex(block), "transactionHash": fill["transactionHash"],
+                         "transactionIndex": "0x0", "blockHash": block_hash(self.ds.key, block),
+                         "logIndex": hex(index), "removed": False})
+            index += 1
+        return logs
+
+    def _next_index(self, block: int) -> int:
+        """The log index after the block's last v2 log (0 in a block without one)."""
+        at = bisect.bisect_right(self._blocks, block)
+        return int(self.logs[at - 1]["logIndex"], 16) + 1 if at and self._blocks[at - 1] == block else 0
+
     def select(self, low: int, high: int, addresses: set[str] | None, topics: Sequence[Any]) -> list[dict[str, Any]]:
-        """The logs of blocks [low, high] matching the address set (None = any) and positional topics."""
+        """The logs of blocks [low, high] matching the address set (None = any) and positional topics: the v2
+        window's, then (when the v1 exchanges are asked for) the v1 fills'."""
         found = []
-        for log in self.logs[bisect.bisect_left(self._blocks, low):bisect.bisect_right(self._blocks, high)]:
+        logs = self.logs[bisect.bisect_left(self._blocks, low):bisect.bisect_right(self._blocks, high)]
+        v1 = self.v1_logs(low, high) if addresses is None or addresses & V1_EXCHANGES else []
+        if v1:
+            logs = sorted(logs + v1, key=lambda log: (int(log["blockNumber"], 16), int(log["logIndex"], 16)))
+        for log in logs:
             if addresses is not None and log["address"] not in addresses:
                 continue
             if all(want is None or (len(log["topics"]) > i and log["topics"][i] in want)

@@ -3,6 +3,9 @@
 What is read. The v2 ``OrderFilled`` logs (topic0 ``ORDER_FILLED_V2``) of every configured exchange contract
 (``Settings.rpc_contracts``, default CTF Exchange v2 AND NegRisk Exchange v2: reading only the CTF one silently
 misses every NegRisk fill), with one filter ``{address: [contracts…], topics: [[topic0]], fromBlock, toBlock}``.
+With the v1 exchanges configured (``V1_EXCHANGE_CONTRACTS``) it reads their v1 ``OrderFilled`` logs (topic0
+``ORDER_FILLED_V1``; 5 data words: makerAssetId, takerAssetId, makerAmountFilled, takerAmountFilled, fee) the same
+way, as rows of ``exchange_version`` 1: what ``clobjob verify --cross-check`` compares with the subgraph's fills.
 A unit is the block range ``[block_from, block_to)`` (``WorkUnit``; None: from the earliest contract's first
 block / to the safe head when the unit starts). The safe head is ``eth_blockNumber − rpc_lag_blocks`` (reorg
 safety); a unit ending beyond it waits for it, yielding empty pages (same cursor) every ``HEAD_POLL_S``.
@@ -57,7 +60,7 @@ from loguru import logger
 
 from clobjob.config import Settings
 from clobjob.errors import BadInput, ClobjobError, SourceError, TransientSourceError
-from clobjob.models import EXCHANGES, FILL_COLUMNS, WorkUnit
+from clobjob.models import EXCHANGE_FIRST_BLOCKS, EXCHANGES, FILL_COLUMNS, WorkUnit
 from clobjob.ratelimit import (
     AdaptiveRateController,
     Permit,
@@ -69,6 +72,11 @@ from clobjob.sources.http import HttpSession, OverHttp
 
 ORDER_FILLED_V2 = "0xd543adfd945773f1a62f74f0ee55a5e3b9b1a28262980ba90b1a89f2ea84d8ee"
 """keccak256("OrderFilled(bytes32,address,address,uint8,uint256,uint256,uint256,uint256,bytes32,bytes32)")."""
+ORDER_FILLED_V1 = "0xd0a08e8c493f9c94f29311604c9de1b4e8c8d4c06bd0c789af57f2d65bfec0f6"
+"""keccak256("OrderFilled(bytes32,address,address,uint256,uint256,uint256,uint256,uint256)"): the v1 exchanges'."""
+V1_EXCHANGE_CONTRACTS = ",".join(f"{address}@{EXCHANGE_FIRST_BLOCKS[address]}"
+                                 for address, version in EXCHANGES.items() if version == 1)
+"""``Settings.rpc_contracts`` that reads the v1 exchanges' logs (to cross-check the subgraph)."""
 POLYGON_CHAIN_ID = 137
 
 MAX_ATTEMPTS = 8
@@ -89,7 +97,11 @@ _BLOCK_LIMIT = re.compile(r"(?:max(?:imum)?(?: is| block range)?|limit of|up to 
 _RESULT_LIMIT = re.compile(r"(?:more than|cap of)\s+(\d+)\s*(k)?\s*(?:results|logs)", re.IGNORECASE)
 _QUANTITY = re.compile(r"0x[0-9a-fA-F]{1,64}")
 _WORD_HEX = re.compile(r"0x[0-9a-fA-F]{64}")
-_DATA_HEX = re.compile(r"0x[0-9a-fA-F]{448}")  # 7 words
+_DATA_WORDS = {  # per event: its data words, and the version of the exchange that emits it
+    ORDER_FILLED_V2: (("side", "tokenId", "makerAmountFilled", "takerAmountFilled", "fee", "builder", "metadata"), 2),
+    ORDER_FILLED_V1: (("makerAssetId", "takerAssetId", "makerAmountFilled", "takerAmountFilled", "fee"), 1),
+}
+_DATA_HEX = {event: re.compile(f"0x[0-9a-fA-F]{{{64 * len(words)}}}") for event, (words, _) in _DATA_WORDS.items()}
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _ADDRESS_PAD = "0" * 24
 _CONDITION, _TOKEN = FILL_COLUMNS.index("condition_id"), FILL_COLUMNS.index("token_id")
@@ -228,8 +240,9 @@ def log_position(log: Any) -> tuple[int, str, int]:
 
 def fill_row(log: Mapping[str, Any], timestamp: int, conditions: Mapping[str, str],
              contracts: Collection[str]) -> tuple[Any, ...]:
-    """The ``clob_fills`` row (``FILL_COLUMNS`` order) of one v2 ``OrderFilled`` log emitted by one of
-    ``contracts`` (lower-case addresses); ``SourceError`` naming block, tx, log index and field otherwise."""
+    """The ``clob_fills`` row (``FILL_COLUMNS`` order) of one ``OrderFilled`` log emitted by one of ``contracts``
+    (lower-case addresses): a v2 one (side, tokenId, … ; ``exchange_version`` 2) or a v1 one (makerAssetId,
+    takerAssetId, …; version 1), told apart by topic0; ``SourceError`` naming block, tx, log index and field."""
     block, tx, index = log_position(log)
     try:
         address = log.get("address")
@@ -238,31 +251,38 @@ def fill_row(log: Mapping[str, Any], timestamp: int, conditions: Mapping[str, st
         exchange = address.lower()
         topics = log.get("topics")
         if not isinstance(topics, list) or len(topics) != 4:
-            raise _Bad("topics", f"expected 4 topics (OrderFilled v2), got {topics!r}")
-        if _word(topics[0], "topics[0]") != ORDER_FILLED_V2:
-            raise _Bad("topics[0]", f"expected the OrderFilled v2 topic, got {topics[0]!r}")
+            raise _Bad("topics", f"expected 4 topics (OrderFilled), got {topics!r}")
+        event = _word(topics[0], "topics[0]")
+        if event not in _DATA_WORDS:
+            raise _Bad("topics[0]", f"expected the OrderFilled topic of v2 or v1, got {topics[0]!r}")
         order_hash = _word(topics[1], "topics[1] (orderHash)")
         maker = _topic_address(topics[2], "topics[2] (maker)")
         taker = _topic_address(topics[3], "topics[3] (taker)")
-        data = log.get("data")
-        if type(data) is not str or not _DATA_HEX.fullmatch(data):
+        data, (words, version) = log.get("data"), _DATA_WORDS[event]
+        if type(data) is not str or not _DATA_HEX[event].fullmatch(data):
             size = f"{(len(data) - 2) / 64:g} words" if type(data) is str and data.startswith("0x") else repr(data)
-            raise _Bad("data", f"expected 7 words of hex (side, tokenId, makerAmountFilled, takerAmountFilled, "
-                               f"fee, builder, metadata), got {size}")
-        side, token, maker_amount, taker_amount, fee = (int(data[2 + 64 * k:66 + 64 * k], 16) for k in range(5))
-        if side not in (0, 1):
-            raise _Bad("data[0] (side)", f"expected 0 (BUY) or 1 (SELL), got {side}")
+            raise _Bad("data", f"expected {len(words)} words of hex ({', '.join(words)}), got {size}")
+        first, second, maker_amount, taker_amount, fee = (int(data[2 + 64 * k:66 + 64 * k], 16) for k in range(5))
+        if version == 2:
+            if first not in (0, 1):
+                raise _Bad("data[0] (side)", f"expected 0 (BUY) or 1 (SELL), got {first}")
+            buy, token = first == 0, second
+        else:
+            if (first == 0) == (second == 0):
+                raise _Bad("data[0:2] (makerAssetId, takerAssetId)",
+                           f"exactly one must be the collateral (0), got {first} and {second}")
+            buy = first == 0
+            token = second if buy else first
         if log.get("removed") is True:
             raise _Bad("removed", "the log was removed by a reorg (is rpc_lag_blocks too small?)")
     except _Bad as bad:
         raise SourceError(f"bad OrderFilled log at block {block}, tx {tx}, log index {index}: "
                           f"{bad.field}: {bad.why}") from None
     token_id = str(token)
-    buy = side == 0
     return (f"{tx}_{order_hash}", tx, order_hash, timestamp, block, index, exchange, maker, taker,
             "0" if buy else token_id, token_id if buy else "0", maker_amount, taker_amount, fee,
             conditions.get(token_id, ""), token_id, "BUY" if buy else "SELL",
-            taker in EXCHANGES or taker in contracts, 2, "rpc")
+            taker in EXCHANGES or taker in contracts, version, "rpc")
 
 
 # --- cursors -------------------------------------------------------------------------------------
@@ -312,6 +332,7 @@ class RpcSource(OverHttp):
         self._url = settings.rpc_url.get_secret_value()  # may hold a key: never logged
         self.controller = controller
         self.contracts = settings.rpc_contract_blocks()
+        self.topics = sorted({ORDER_FILLED_V1 if EXCHANGES.get(c) == 1 else ORDER_FILLED_V2 for c in self.contracts})
         self.first_block = min(self.contracts.values())
         self.lag = settings.rpc_lag_blocks
         self.max_span = settings.rpc_max_span
@@ -483,7 +504,7 @@ class RpcSource(OverHttp):
     # --- fills -------------------------------------------------------------------------------
 
     def _filter(self, low: int, high: int) -> tuple[str, list[Any]]:
-        return ("eth_getLogs", [{"address": list(self.contracts), "topics": [[ORDER_FILLED_V2]],
+        return ("eth_getLogs", [{"address": list(self.contracts), "topics": [self.topics],
                                  "fromBlock": hex(low), "toBlock": hex(high)}])
 
     def _narrow(self, state: Cursor, error: RpcError, failures: int) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from clobjob.errors import ClobjobError
-from clobjob.models import FILL_COLUMNS
+from clobjob.models import BLOCK_S, FILL_COLUMNS, ChainReach
 from clobjob.store.database import Database
 
 DERIVED_COLUMNS = ("transaction_hash", "order_hash")  # ALIAS columns: the halves of ``id``
@@ -46,6 +46,7 @@ class FillTable:
     """Reads and writes of stored fills."""
 
     db: Database
+    blocks_done_through: Callable[[], int | None]  # RunTables'
 
     def insert_fills(self, columns: Sequence[Sequence[Any]]) -> int:
         """Insert one block of columns as ``FillBuffer.take`` gives them; returns the row count.
@@ -75,11 +76,28 @@ class FillTable:
         )
         return {"fills_24h": found[0][0], "fills_7d": found[0][1]}
 
-    def newest_fill_before_block(self, source: str, block: int) -> int | None:
-        """The newest fill time (unix) of ``source``'s stored fills below ``block`` (None when there is none)."""
-        return self.db.scalar("SELECT toUnixTimestamp(maxOrNull(timestamp)) FROM {db}.clob_fills "
-                              "WHERE source = {source:String} AND block_number < {block:UInt64}",
-                              {"source": source, "block": block})
+    def chain_reach(self) -> ChainReach:
+        """How far the v2 block ranges are complete (``blocks_done_through``) and about when that block was: the
+        newest stored v2 fill below it, plus ``BLOCK_S`` per block after that fill's block."""
+        through = self.blocks_done_through()
+        found = self.db.rows(
+            "SELECT block_number, toUnixTimestamp(timestamp) FROM {db}.clob_fills "
+            "WHERE exchange_version = 2 AND block_number < {block:UInt64} ORDER BY block_number DESC LIMIT 1",
+            {"block": through}) if through is not None else []
+        if not found:
+            return ChainReach(through, None, None)
+        block, at = found[0]
+        return ChainReach(through, at + BLOCK_S * (through - 1 - block), at)
+
+    def fills_between(self, source: str, ts_from: int, ts_to: int) -> dict[str, tuple]:
+        """``source``'s stored fills with a timestamp in [ts_from, ts_to], by id: (timestamp, maker, taker, maker and
+        taker asset ids, maker and taker amounts, fee)."""
+        found = self.db.rows(
+            "SELECT id, toUnixTimestamp(timestamp), maker, taker, maker_asset_id, taker_asset_id, "
+            "toString(maker_amount_filled), toString(taker_amount_filled), toString(fee) FROM {db}.clob_fills FINAL "
+            "WHERE source = {source:String} AND timestamp BETWEEN toDateTime({low:Int64}, 'UTC') "
+            "AND toDateTime({high:Int64}, 'UTC')", {"source": source, "low": ts_from, "high": ts_to})
+        return {row[0]: (*row[1:6], *map(int, row[6:])) for row in found}
 
     def count_fills(self) -> int:
         """Distinct stored fills (exact, whatever merges have happened)."""
