@@ -304,8 +304,9 @@ def render_status(status: Mapping[str, Any]) -> str:
         lines.append(f"recent   fills by fill time: last 24 h {status['recent']['fills_24h']:,} · "
                      f"last 7 d {status['recent']['fills_7d']:,}")
     if status["markets"] is not None and status["markets"].get("waiting_v2"):
-        lines.append(f"         waiting for v2 {status['markets']['waiting_v2']:,}: v1 fills complete, covered once the "
-                     "chain is read to the safe head")
+        waiting = status["markets"]["waiting_v2"]
+        lines.append(f"         waiting for v2 {waiting:,}: v1 fills complete, covered once the chain is read to "
+                     "the safe head")
     if status.get("v2") is not None:
         lines.append("v2       " + render_v2(status["v2"]))
         if status["v2"]["newest_fill_at"] is not None:
