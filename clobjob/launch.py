@@ -384,7 +384,7 @@ def _follow_round(settings: Settings, store: Store, scope: _Scope, parallelism: 
         code, fetched = EXIT_OK, "nothing new"
         if run is not None:
             code, fetched = _run(settings, store, run, parallelism, stop)[0].exit_code, _fetched(store, run)
-        head = f"; {_chain_read(settings, store)}" if settings.rpc_url else ""
+        head = f"; {_chain_read(store)}" if settings.rpc_url else ""
     except ClobjobError as exc:
         if exc.exit_code != EXIT_FAILED:
             raise
@@ -397,12 +397,14 @@ def _follow_round(settings: Settings, store: Store, scope: _Scope, parallelism: 
     return code
 
 
-def _chain_read(settings: Settings, store: Store) -> str:
+def _chain_read(store: Store) -> str:
     """How far the chain is read without a gap from the exchanges' first block, and the newest v2 fill there."""
-    through = store.blocks_done_through(min(settings.rpc_contract_blocks().values()))
-    newest = store.newest_fill_before_block("rpc", through)
+    reach = store.chain_reach()
+    if reach.through is None:
+        return "chain not read yet"
+    newest = reach.newest_fill_ts
     shown = datetime.fromtimestamp(newest, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") if newest else "none"
-    return f"chain read to block {through - 1:,} (newest v2 fill {shown})"
+    return f"chain read to block {reach.through - 1:,} (newest v2 fill {shown})"
 
 
 def _detail(line: str) -> None:

@@ -195,6 +195,7 @@ def test_since_until_over_blocks_stores_exactly_the_window_from_both_sources(set
         assert v1 and v2 and stored(store) == v1 | v2
         assert any(f"blocks {chain.start_block + 400:,} to {chain.start_block + 1_300:,} are in the window" in line
                    for line in said), said
+        assert store.chain_reach().through is None  # a window alone does not read the chain from its start
 
         _, units = launch.plan_run(settings, shards=2, run_id="w", since=window[0], until=window[1], source="rpc",
                                    say=said.append)  # plan --since/--until: the same window
@@ -203,6 +204,7 @@ def test_since_until_over_blocks_stores_exactly_the_window_from_both_sources(set
         store.delete_run("w")
         assert launch.backfill(settings, shards=2, parallelism=None, source="rpc", say=said.append) == 0
     assert stored(store, "rpc") == chain_truth(dataset, chain)  # the blocks before the window too
+    assert store.chain_reach().through == chain.end_block + 1
 
 
 def stored(store, source: str | None = None) -> dict[str, tuple]:

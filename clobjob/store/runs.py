@@ -154,8 +154,9 @@ class RunTables:
 
     def blocks_done_through(self, start: int | None = None) -> int | None:
         """The end (exclusive) of the blocks that finished block units of any run cover without a gap from
-        ``start`` (default: the first block any block unit was planned from); ``start`` itself when none covers
-        it (None: no ``start`` and no block unit yet)."""
+        ``start`` (default: the first block a block unit of a run without a time window was planned from, the
+        exchanges' first block since every such run reads from there); ``start`` itself when none covers it
+        (None: no ``start`` and no such block unit yet)."""
         found = self.db.rows(
             """SELECT u.block_from, u.block_to
                FROM (SELECT run_id, shard, unit_id, block_from, block_to FROM {db}.backfill_units FINAL
@@ -163,8 +164,10 @@ class RunTables:
                JOIN (SELECT run_id, shard, unit_id FROM {db}.backfill_progress FINAL WHERE state = 'done') AS p
                ON u.run_id = p.run_id AND u.shard = p.shard AND u.unit_id = p.unit_id
                ORDER BY u.block_from""")
-        reached = self.db.scalar("SELECT minOrNull(block_from) FROM {db}.backfill_units FINAL") if start is None \
-            else start
+        reached = start if start is not None else self.db.scalar(
+            """SELECT minOrNull(u.block_from) FROM {db}.backfill_units AS u FINAL
+               JOIN (SELECT run_id, params FROM {db}.backfill_runs FINAL) AS r ON u.run_id = r.run_id
+               WHERE JSONExtractString(r.params, 'since') = ''""")
         if reached is None:
             return None
         for low, high in found:
