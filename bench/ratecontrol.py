@@ -87,6 +87,11 @@ class Sim:
     def stats(self) -> dict[str, int]:
         return json.loads(urllib.request.urlopen(self.base + "/__stats").read())
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the simulator process has used so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait()
@@ -395,12 +400,13 @@ def client_main(path: str) -> None:
     """``--client``: one client process; prints its timeline, wall time and peak RSS as JSON."""
     job = json.loads(Path(path).read_text())
     units = [WorkUnit(**u) for u in job["units"]]
+    cpu = time.process_time()
     until = None if job["seconds"] is None else time.monotonic() + job["seconds"]
     started = time.monotonic()
     fills, timeline = asyncio.run(run_client(job["url"], units, job["conditions"], until=until))
     print(json.dumps({"timeline": timeline, "requests": timeline[-1][1], "throttled": timeline[-1][3],
                       "fills": fills, "wall": time.monotonic() - started,
-                      "peak_in_flight": max(t[4] for t in timeline),
+                      "peak_in_flight": max(t[4] for t in timeline), "cpu_s": time.process_time() - cpu,
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -420,7 +426,7 @@ def minimum_requests(units: list[WorkUnit]) -> int:
 SUSTAINED_S = 5.0  # the window of the sustained utilisation
 GRID_HEADER = (f"{'limit':>6} {'page s':>6} {'wall s':>7} {'ideal s':>7} {'÷ideal':>7} {'util':>6} {'util5s':>6} "
                f"{'429':>6} "
-               f"{'req÷min':>8} {'peak in-flight':>15} {'RSS MB':>7}")
+               f"{'req÷min':>8} {'peak in-flight':>15} {'RSS MB':>7} {'CPU s per 1,000 req: client':>6} sim")
 
 
 def grid_cell(markets: int, seed: int, top_fills: int, limit: float, latency: float) -> str:
@@ -429,9 +435,9 @@ def grid_cell(markets: int, seed: int, top_fills: int, limit: float, latency: fl
     try:
         work = prepare(sim, markets, seed, top_fills=top_fills)
         time.sleep(1.0)
-        before = sim.stats()
+        before, sim_cpu = sim.stats(), sim.cpu_s()
         [result] = clients(sim.url, work, 1)
-        after = sim.stats()
+        after, sim_cpu = sim.stats(), sim.cpu_s() - sim_cpu
     finally:
         sim.close()
     minimum = minimum_requests(work.units)
@@ -445,7 +451,8 @@ def grid_cell(markets: int, seed: int, top_fills: int, limit: float, latency: fl
     return (f"{limit:>6g} {latency:>6g} {wall:>7.1f} {ideal:>7.1f} {wall / ideal:>7.2f} {useful / wall / limit:>6.2f}"
             f" {best / limit:>6.2f}"
             f" {throttled / max(requests, 1):>6.1%} {useful / minimum:>8.3f} {result['peak_in_flight']:>7}"
-            f" (sim {after['in_service_peak']:>3.0f}) {result['rss_mb']:>7.0f}")
+            f" (sim {after['in_service_peak']:>3.0f}) {result['rss_mb']:>7.0f}"
+            f" {1000 * result['cpu_s'] / max(requests, 1):>6.2f} {1000 * sim_cpu / max(requests, 1):>6.2f}")
 
 
 def latency_grid(markets: int, seed: int, top_fills: int, limits: tuple[float, ...],
@@ -456,7 +463,9 @@ def latency_grid(markets: int, seed: int, top_fills: int, limits: tuple[float, .
              "ceil(fills/1000), small markets batched as the planner batches them); util = useful pages/s ÷ limit "
              "(util5s: its best 5 s, past the slow start);",
              "req÷min = useful pages ÷ minimum; peak in-flight = the client's requests in flight at most (sim: answers "
-             "in service at most); RSS = the client process's peak",
+             "in service at most); RSS = the client process's peak; CPU = user + system seconds of the client process "
+             "(its fetching, not its start) and of the simulator process per 1,000 requests (machine-independent, "
+             "unlike wall time on a shared host)",
              GRID_HEADER]
     for limit in limits:
         for latency in latencies:

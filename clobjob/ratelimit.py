@@ -6,7 +6,8 @@ bucket AND a free slot of an adaptive in-flight window, and then reports one ver
 
 Rate (CUBIC-like around the last throttle point, after botocore's adaptive mode):
 
-- slow start: until the first throttle the rate doubles every busy second;
+- slow start: until the first throttle the rate doubles every half busy second (its send rate measured over
+  the last half doubling, so that a doubling rate is seen as used);
 - a throttle (429) sets the *ceiling* to ``min(rate, accepted rate)``, the accepted rate being the
   requests that were not throttled per second over the last ~80 requests (0.5-10 s): upstream buckets
   have a burst, so throttling starts well after the nominal rate passed the limit and overestimates it.
@@ -81,12 +82,13 @@ BETA = 0.9  # rate after a throttle, as a fraction of the ceiling
 MAX_CUT = 0.5  # one congestion event never cuts the rate below this fraction of it
 RECOVERY_S = 3.0  # busy seconds to climb back to the ceiling
 PROBE_GAIN = 0.2  # probing above the ceiling: rate = ceiling + PROBE_GAIN * sqrt(ceiling) * t**3
-DOUBLING_S = 1.0  # slow start doubles the rate every DOUBLING_S busy seconds
+DOUBLING_S = 0.5  # slow start doubles the rate every DOUBLING_S busy seconds
 MEASURE_REQUESTS = 80.0  # the accepted rate is measured over about this many requests...
 MEASURE_MIN_S = 0.5  # ...but over at least this many seconds...
 MEASURE_MAX_S = 10.0  # ...and at most this many
 USE_REQUESTS = 40.0  # the send rate is measured over about this many requests
 USE_SHARE = 0.7  # the rate only grows while the send rate is at least this share of it
+SLOW_USE_REQUESTS = 2.0  # in slow start the send rate is measured over at least this many requests
 BURST_S = 0.1  # capacity of our bucket, in seconds of the current rate (at least one token)
 WINDOW_DECREASE = 0.9
 LATENCY_GAIN = 0.2  # weight of a new sample in the smoothed latency
@@ -362,7 +364,7 @@ class AdaptiveRateController:
                 await self._sleep((1.0 - self._tokens) / self._rate)
             self._tokens = max(0.0, self._tokens - 1.0)
             self._sends.add(now)
-            if waited and self._measured_rate(self._sends, now, USE_REQUESTS) >= USE_SHARE * self._rate:
+            if waited and self._send_rate(now) >= USE_SHARE * self._rate:
                 self._grow(now, min(now - self._last_grant, 1.0 / self._rate))  # the bucket binds
             self._last_grant = now
 
@@ -414,6 +416,16 @@ class AdaptiveRateController:
         requests = 0.0 if self._ceiling is None else MEASURE_REQUESTS
         sent = self._measured_rate(self._sends, now, requests)
         return max(0.0, sent - self._measured_rate(self._recent_throttles, now, requests))
+
+    def _send_rate(self, now: float) -> float:
+        """The recent send rate the growth rule compares with the rate: over about ``USE_REQUESTS`` requests, but in
+        slow start over the last half doubling (at least ``SLOW_USE_REQUESTS``): averaged over a longer span the
+        sends of a rate doubling every second read below ``USE_SHARE`` of it, and the rate stalled (it took 6 s,
+        not 4, from 5 to 100 req/s)."""
+        if self._ceiling is not None:
+            return self._measured_rate(self._sends, now, USE_REQUESTS)
+        span = max(min(max(DOUBLING_S / 2, SLOW_USE_REQUESTS / self._rate), now - self._started_at), 1e-3)
+        return self._sends.count(now, span) / span
 
     def _measured_rate(self, events: _Recent, now: float, requests: float) -> float:
         """Events per second over about ``requests`` requests at the current rate."""

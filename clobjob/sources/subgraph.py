@@ -73,6 +73,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
+import orjson
 from loguru import logger
 
 from clobjob.config import Settings, redact_url
@@ -157,6 +158,21 @@ def _not_the_protocol(url: str, status: int, headers: Mapping[str, str], body: b
                        f"{body.lstrip()[:60]!r}")
 
 
+def _parsed(status: int, headers: Mapping[str, str], body: bytes, url: str) -> Any:
+    """A body orjson refuses, parsed by the standard parser (which accepts a few more, e.g. integers beyond
+    64 bits), or the exception that names what is wrong with it."""
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError as exc:
+        if exc.reason == "unexpected end of data" and status == 200:
+            raise _Retry(f"truncated body ({len(body)} bytes)", "failed") from None
+        raise _not_the_protocol(url, status, headers, body, f"not UTF-8 at byte {exc.start:,}") from None
+    except json.JSONDecodeError:
+        if status != 200:
+            raise SourceError(f"subgraph answered HTTP {status}: {body[:200].decode(errors='replace')!r}") from None
+        raise _Retry(f"truncated or garbled body ({len(body)} bytes)", "failed") from None
+
+
 def _answer(status: int, headers: Mapping[str, str], body: bytes, url: str = "") -> dict[str, Any]:
     """The ``data`` object of one HTTP answer, or the exception it calls for.
 
@@ -172,15 +188,9 @@ def _answer(status: int, headers: Mapping[str, str], body: bytes, url: str = "")
     if "html" in headers.get("Content-Type", "").lower() or not body.lstrip().startswith(b"{"):
         raise _not_the_protocol(url, status, headers, body, "not a JSON object")
     try:
-        doc = json.loads(body)
-    except UnicodeDecodeError as exc:
-        if exc.reason == "unexpected end of data" and status == 200:
-            raise _Retry(f"truncated body ({len(body)} bytes)", "failed") from None
-        raise _not_the_protocol(url, status, headers, body, f"not UTF-8 at byte {exc.start:,}") from None
-    except json.JSONDecodeError:
-        if status != 200:
-            raise SourceError(f"subgraph answered HTTP {status}: {body[:200].decode(errors='replace')!r}") from None
-        raise _Retry(f"truncated or garbled body ({len(body)} bytes)", "failed") from None
+        doc = orjson.loads(body)  # 2.3x the standard parser on a 1,000-fill page
+    except orjson.JSONDecodeError:
+        doc = _parsed(status, headers, body, url)
     if not isinstance(doc, dict):
         raise SourceError(f"subgraph response drifted: top level is {type(doc).__name__}, expected an object")
     if doc.get("errors"):
