@@ -13,7 +13,9 @@ Rate (CUBIC-like around the last throttle point, after botocore's adaptive mode)
   have a burst, so throttling starts well after the nominal rate passed the limit and overestimates it.
   An overload answer sets the ceiling to the current rate (it says the service is busy, not where the
   limit is; measuring it from accepted answers spiralled the rate down under random faults);
-  The rate drops to ``0.9 × ceiling`` (at most halved by one event);
+  The rate drops to ``0.9 × ceiling`` (at most halved by one event), and to ``0.6 × ceiling`` at the throttle
+  that ends slow start: the accepted rate measured over its last 0.5 s includes the upstream's burst (at
+  100 req/s with a 50-request burst the ``0.9`` cut took 7 round trips of throttles to get under the limit);
 - one congestion event per round trip: a throttle of a request sent before the last decrease was
   already in flight when we reacted and does not cut again;
 - after a decrease the rate climbs back to the ceiling along a concave curve in 3 s (the deficit
@@ -79,6 +81,7 @@ from clobjob.errors import ClobjobError, TransientSourceError
 T = TypeVar("T")
 
 BETA = 0.9  # rate after a throttle, as a fraction of the ceiling
+SLOW_START_BETA = 0.6  # the same after the throttle that ends slow start (its accepted rate includes the burst)
 MAX_CUT = 0.5  # one congestion event never cuts the rate below this fraction of it
 RECOVERY_S = 3.0  # busy seconds to climb back to the ceiling
 PROBE_GAIN = 0.2  # probing above the ceiling: rate = ceiling + PROBE_GAIN * sqrt(ceiling) * t**3
@@ -400,7 +403,8 @@ class AdaptiveRateController:
         if permit._seq <= self._cut_after:  # already in flight when we last reacted
             return
         ceiling = min(self._rate, self._accepted_rate(now)) if measured else self._rate
-        cut = self._clamp(max(BETA * ceiling, MAX_CUT * self._rate))
+        beta = SLOW_START_BETA if self._ceiling is None else BETA
+        cut = self._clamp(max(beta * ceiling, MAX_CUT * self._rate))
         self._ceiling = max(ceiling, cut)
         self._cut_rate = cut
         self._busy = 0.0

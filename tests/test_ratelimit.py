@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clobjob.ratelimit import BETA, AdaptiveRateController, Permit, parse_retry_after
+from clobjob.ratelimit import BETA, SLOW_START_BETA, AdaptiveRateController, Permit, parse_retry_after
 
 
 # ---------------------------------------------------------------------------- virtual time
@@ -210,8 +210,8 @@ def test_a_burst_of_throttles_from_in_flight_requests_is_one_decrease():
 
 def test_decrease_uses_the_accepted_rate_not_the_nominal_rate():
     async def main():
-        ctl = controller(initial_rps=80.0)
-        for _ in range(100):  # 50 req/s accepted while 80 are allowed
+        ctl = controller(initial_rps=55.0)
+        for _ in range(100):  # 50 req/s accepted while 55 are allowed
             async with ctl.slot() as permit:
                 permit.success()
             await asyncio.sleep(0.02)
@@ -223,7 +223,7 @@ def test_decrease_uses_the_accepted_rate_not_the_nominal_rate():
     accepted, state = run(main)
     assert accepted == pytest.approx(50.0, rel=0.05)
     assert state.ceiling_rps == pytest.approx(accepted)
-    assert state.rate_rps == pytest.approx(BETA * accepted)
+    assert state.rate_rps == pytest.approx(SLOW_START_BETA * accepted)  # the throttle that ends slow start
 
 
 def test_demand_limited_use_does_not_grow_the_rate():
