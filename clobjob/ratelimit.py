@@ -423,9 +423,8 @@ class AdaptiveRateController:
 
     def _send_rate(self, now: float) -> float:
         """The recent send rate the growth rule compares with the rate: over about ``USE_REQUESTS`` requests, but in
-        slow start over the last half doubling (at least ``SLOW_USE_REQUESTS``): averaged over a longer span the
-        sends of a rate doubling every second read below ``USE_SHARE`` of it, and the rate stalled (it took 6 s,
-        not 4, from 5 to 100 req/s)."""
+        slow start over the last half doubling (at least ``SLOW_USE_REQUESTS``): averaged over a longer span, the
+        sends of a doubling rate read below ``USE_SHARE`` of it and the rate would stall."""
         if self._ceiling is not None:
             return self._measured_rate(self._sends, now, USE_REQUESTS)
         span = max(min(max(DOUBLING_S / 2, SLOW_USE_REQUESTS / self._rate), now - self._started_at), 1e-3)
