@@ -66,6 +66,15 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Sim:
     """`clobjob sim serve` in its own process, so the backfill under test does not share its CPU time."""
 
@@ -132,10 +141,12 @@ def shard_makespans(env: dict[str, str]) -> list[float]:
 
 
 def backfill(env: dict[str, str], shards: int, kill_after_s: float | None = None,
-             traced: bool = False, workers: dict[int, float] | None = None) -> tuple[float, float]:
+             traced: bool = False, workers: dict[int, float] | None = None,
+             worker_cpu: dict[int, float] | None = None) -> tuple[float, float]:
     """Run `clobjob backfill` (optionally SIGKILLed after some seconds, optionally under tracemalloc);
     returns (wall s, peak RSS MB of the backfill process). ``workers`` collects the peak RSS of each child
-    process (the `clobjob worker` processes when the database is a server)."""
+    process (the `clobjob worker` processes when the database is a server), ``worker_cpu`` their CPU seconds
+    (as last sampled, every 0.2 s)."""
     started = time.monotonic()
     command = ["-c", TRACED_BACKFILL] if traced else ["-m", "clobjob"]
     process = subprocess.Popen([sys.executable, *command, "backfill", "--shards", str(shards)], env=env,
@@ -148,6 +159,8 @@ def backfill(env: dict[str, str], shards: int, kill_after_s: float | None = None
             peak = max(peak, rss_mb(process.pid))
             for child in children(process.pid) if workers is not None else ():
                 workers[child] = max(workers.get(child, 0.0), rss_mb(child))
+                if worker_cpu is not None:
+                    worker_cpu[child] = max(worker_cpu.get(child, 0.0), cpu_s(child))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -239,7 +252,8 @@ def sustained(samples: list[tuple[float, int]], limit: float) -> float:
 
 
 GRID_HEADER = (f"{'limit':>6} {'page s':>6} {'shards':>6} {'wall s':>7} {'ideal s':>7} {'÷ideal':>7} {'util':>6} "
-               f"{'util5s':>6} {'429':>6} {'req÷min':>8} {'peak in-flight':>14} {'worker RSS MB':>14}")
+               f"{'util5s':>6} {'429':>6} {'req÷min':>8} {'peak in-flight':>14} {'worker RSS MB':>14} "
+               f"CPU s per 1,000 req: worker sim")
 
 
 def grid_cell(root: Path, limit: float, page_s: float, shards: int) -> str:
@@ -248,18 +262,19 @@ def grid_cell(root: Path, limit: float, page_s: float, shards: int) -> str:
     served = ServedDatabase(root / "db")
     try:
         env = prepare(root, sim, served.url)
-        before = sim.stats()
+        before, sim_cpu = sim.stats(), cpu_s(sim.process.pid)
         samples: list[tuple[float, int]] = []
         stop = threading.Event()
         watcher = threading.Thread(target=watch, args=(sim, samples, stop))
         watcher.start()
         workers: dict[int, float] = {}
+        worker_cpu: dict[int, float] = {}
         try:
-            backfill(env, shards, workers=workers)
+            backfill(env, shards, workers=workers, worker_cpu=worker_cpu)
         finally:
             stop.set()
             watcher.join()
-        after = sim.stats()
+        after, sim_cpu = sim.stats(), cpu_s(sim.process.pid) - sim_cpu
         minimum, last = latest_run(env)
         start = next(t for t, n in samples if n > before["fill_requests"])
         wall = last - start  # from the first fill request to the last checkpoint
@@ -273,7 +288,8 @@ def grid_cell(root: Path, limit: float, page_s: float, shards: int) -> str:
     return (f"{limit:>6g} {page_s:>6g} {shards:>6} {wall:>7.1f} {ideal:>7.1f} {wall / ideal:>7.2f} "
             f"{useful / wall / limit:>6.2f} {sustained(samples, limit):>6.2f} {throttled / max(requests, 1):>6.1%} "
             f"{useful / minimum:>8.3f} "
-            f"{after['in_service_peak']:>14.0f} {max(workers.values(), default=0):>14.0f}")
+            f"{after['in_service_peak']:>14.0f} {max(workers.values(), default=0):>14.0f}"
+            f" {1000 * sum(worker_cpu.values()) / max(requests, 1):>6.2f} {1000 * sim_cpu / max(requests, 1):>6.2f}")
 
 
 def grid() -> None:
@@ -283,7 +299,8 @@ def grid() -> None:
     print("wall = first fill request → last checkpoint; ideal = minimum requests ÷ limit + one page latency (minimum = "
           "Σ over the plan's units of ceil(fills/1000)); util = useful pages/s ÷ limit; util5s = the best 5 s of it "
           "(past the slow start); req÷min = useful pages ÷ "
-          "minimum; peak in-flight = the simulator's answers in service at most")
+          "minimum; peak in-flight = the simulator's answers in service at most; CPU = user + system seconds of the "
+          "worker processes (whole processes, start-up included) and of the simulator per 1,000 requests")
     print(GRID_HEADER, flush=True)
     for limit in ARGS.limits:
         for page_s in ARGS.latencies:

@@ -15,7 +15,8 @@ the clients under test run in this process, except the four independent clients 
 4. Limit 100 req/s (Goldsky's documented per-IP limit) on ``--big-markets`` markets: ideal and adaptive,
    with the client's CPU time, to show the client is not the bottleneck.
 
-    python bench/ratecontrol.py [--quick] [--markets 5000] [--big-markets 20000] [--grid-markets N] [--seed 7]
+    python bench/ratecontrol.py [--quick] [--markets 5000] [--big-markets 20000] [--grid-markets N]
+                                [--fast-markets N] [--seed 7]
                                 [--cap 40]
 
 Prints the figures; asserts nothing.
@@ -27,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -86,6 +86,11 @@ class Sim:
 
     def stats(self) -> dict[str, int]:
         return json.loads(urllib.request.urlopen(self.base + "/__stats").read())
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the simulator process has used so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
         self.proc.terminate()
@@ -395,13 +400,21 @@ def client_main(path: str) -> None:
     """``--client``: one client process; prints its timeline, wall time and peak RSS as JSON."""
     job = json.loads(Path(path).read_text())
     units = [WorkUnit(**u) for u in job["units"]]
+    cpu = time.process_time()
     until = None if job["seconds"] is None else time.monotonic() + job["seconds"]
     started = time.monotonic()
     fills, timeline = asyncio.run(run_client(job["url"], units, job["conditions"], until=until))
     print(json.dumps({"timeline": timeline, "requests": timeline[-1][1], "throttled": timeline[-1][3],
                       "fills": fills, "wall": time.monotonic() - started,
-                      "peak_in_flight": max(t[4] for t in timeline),
-                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_in_flight": max(t[4] for t in timeline), "cpu_s": time.process_time() - cpu,
+                      "rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (``VmHWM``): ``ru_maxrss`` would be the bench's own, which Linux carries over to
+    a child across fork and exec (the bench held 200-460 MB of generated data when it started its clients)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def page_latency(seconds: float) -> dict[str, float]:
@@ -418,9 +431,9 @@ def minimum_requests(units: list[WorkUnit]) -> int:
 
 
 SUSTAINED_S = 5.0  # the window of the sustained utilisation
-GRID_HEADER = (f"{'limit':>6} {'page s':>6} {'wall s':>7} {'ideal s':>7} {'÷ideal':>7} {'util':>6} {'util5s':>6} "
-               f"{'429':>6} "
-               f"{'req÷min':>8} {'peak in-flight':>15} {'RSS MB':>7}")
+GRID_HEADER = (f"{'limit':>6} {'markets':>7} {'page s':>6} {'wall s':>7} {'ideal s':>7} {'÷ideal':>7} {'util':>6} "
+               f"{'util5s':>6} {'429':>6} "
+               f"{'req÷min':>8} {'peak in-flight':>15} {'RSS MB':>7} {'CPU s per 1,000 req: client':>6} sim")
 
 
 def grid_cell(markets: int, seed: int, top_fills: int, limit: float, latency: float) -> str:
@@ -429,9 +442,9 @@ def grid_cell(markets: int, seed: int, top_fills: int, limit: float, latency: fl
     try:
         work = prepare(sim, markets, seed, top_fills=top_fills)
         time.sleep(1.0)
-        before = sim.stats()
+        before, sim_cpu = sim.stats(), sim.cpu_s()
         [result] = clients(sim.url, work, 1)
-        after = sim.stats()
+        after, sim_cpu = sim.stats(), sim.cpu_s() - sim_cpu
     finally:
         sim.close()
     minimum = minimum_requests(work.units)
@@ -442,25 +455,29 @@ def grid_cell(markets: int, seed: int, top_fills: int, limit: float, latency: fl
     wall, timeline = result["wall"], result["timeline"]
     best = max((rate_over(timeline, 2, t[0], t[0] + SUSTAINED_S) for t in timeline
                 if t[0] + SUSTAINED_S <= timeline[-1][0]), default=0.0)
-    return (f"{limit:>6g} {latency:>6g} {wall:>7.1f} {ideal:>7.1f} {wall / ideal:>7.2f} {useful / wall / limit:>6.2f}"
-            f" {best / limit:>6.2f}"
+    return (f"{limit:>6g} {markets:>7,} {latency:>6g} {wall:>7.1f} {ideal:>7.1f} {wall / ideal:>7.2f}"
+            f" {useful / wall / limit:>6.2f} {best / limit:>6.2f}"
             f" {throttled / max(requests, 1):>6.1%} {useful / minimum:>8.3f} {result['peak_in_flight']:>7}"
-            f" (sim {after['in_service_peak']:>3.0f}) {result['rss_mb']:>7.0f}")
+            f" (sim {after['in_service_peak']:>3.0f}) {result['rss_mb']:>7.0f}"
+            f" {1000 * result['cpu_s'] / max(requests, 1):>6.2f} {1000 * sim_cpu / max(requests, 1):>6.2f}")
 
 
-def latency_grid(markets: int, seed: int, top_fills: int, limits: tuple[float, ...],
-                 latencies: tuple[float, ...]) -> list[str]:
-    lines = [f"one shard, {markets:,} markets (seed {seed}) with one {top_fills:,}-fill market, at page latencies "
-             f"{', '.join(f'{x:g}' for x in latencies)} s (a full page; smaller pages faster) and {limits} req/s:",
+def latency_grid(markets: dict[float, int], seed: int, top_fills: int, latencies: tuple[float, ...]) -> list[str]:
+    """The grid: for each limit (req/s → markets of its set) and page latency, one ``grid_cell``."""
+    lines = [f"one shard, sets of {' / '.join(f'{m:,}' for m in markets.values())} markets (seed {seed}) with one "
+             f"{top_fills:,}-fill market, at page latencies {', '.join(f'{x:g}' for x in latencies)} s (a full page; "
+             f"smaller pages faster) and {' / '.join(f'{x:g}' for x in markets)} req/s:",
              "ideal = clairvoyant minimum requests ÷ limit + one page latency (minimum = Σ over the plan's units of "
              "ceil(fills/1000), small markets batched as the planner batches them); util = useful pages/s ÷ limit "
              "(util5s: its best 5 s, past the slow start);",
              "req÷min = useful pages ÷ minimum; peak in-flight = the client's requests in flight at most (sim: answers "
-             "in service at most); RSS = the client process's peak",
+             "in service at most); RSS = the client process's peak; CPU = user + system seconds of the client process "
+             "(its fetching, not its start) and of the simulator process per 1,000 requests (machine-independent, "
+             "unlike wall time on a shared host)",
              GRID_HEADER]
-    for limit in limits:
+    for limit, count in markets.items():
         for latency in latencies:
-            lines.append(grid_cell(markets, seed, top_fills, limit, latency))
+            lines.append(grid_cell(count, seed, top_fills, limit, latency))
             print(lines[-1], flush=True)
     return lines
 
@@ -473,6 +490,8 @@ def main() -> None:
     parser.add_argument("--cap", type=float, default=40.0, help="seconds each old preset runs before extrapolation")
     parser.add_argument("--grid-markets", type=int, help="markets of the latency grid's set (default 300 with "
                         "--quick, else 3000)")
+    parser.add_argument("--fast-markets", type=int, help="markets of the grid's 100 req/s set (default 5 × the 20 "
+                        "req/s set: the same seconds of work, so that the slow start weighs the same)")
     parser.add_argument("--top-fills", type=int, default=200_000, help="fills of the grid set's largest market")
     parser.add_argument("--quick", action="store_true", help="only the latency grid (small set) and the shared limit")
     parser.add_argument("--client", help=argparse.SUPPRESS)
@@ -484,7 +503,8 @@ def main() -> None:
         return
     started, load = time.perf_counter(), os.getloadavg()[0]
     grid_markets = args.grid_markets or (300 if args.quick else 3000)
-    print("\n".join(latency_grid(grid_markets, args.seed, args.top_fills, (20.0, 100.0), (0.0, 0.5, 1.5))) + "\n")
+    sets = {20.0: grid_markets, 100.0: args.fast_markets or 5 * grid_markets}
+    print("\n".join(latency_grid(sets, args.seed, args.top_fills, (0.0, 0.5, 1.5))) + "\n")
     for n in (4, 16):
         sim = Sim(grid_markets, args.seed, 20.0, 10, top_fills=args.top_fills, **page_latency(0.5))
         try:

@@ -6,13 +6,16 @@ bucket AND a free slot of an adaptive in-flight window, and then reports one ver
 
 Rate (CUBIC-like around the last throttle point, after botocore's adaptive mode):
 
-- slow start: until the first throttle the rate doubles every busy second;
+- slow start: until the first throttle the rate doubles every half busy second (its send rate measured over
+  the last half doubling, so that a doubling rate is seen as used);
 - a throttle (429) sets the *ceiling* to ``min(rate, accepted rate)``, the accepted rate being the
   requests that were not throttled per second over the last ~80 requests (0.5-10 s): upstream buckets
   have a burst, so throttling starts well after the nominal rate passed the limit and overestimates it.
   An overload answer sets the ceiling to the current rate (it says the service is busy, not where the
   limit is; measuring it from accepted answers spiralled the rate down under random faults);
-  The rate drops to ``0.9 × ceiling`` (at most halved by one event);
+  The rate drops to ``0.9 × ceiling`` (at most halved by one event), and to ``0.6 × ceiling`` at the throttle
+  that ends slow start: the accepted rate measured over its last 0.5 s includes the upstream's burst (at
+  100 req/s with a 50-request burst the ``0.9`` cut took 7 round trips of throttles to get under the limit);
 - one congestion event per round trip: a throttle of a request sent before the last decrease was
   already in flight when we reacted and does not cut again;
 - after a decrease the rate climbs back to the ceiling along a concave curve in 3 s (the deficit
@@ -78,15 +81,17 @@ from clobjob.errors import ClobjobError, TransientSourceError
 T = TypeVar("T")
 
 BETA = 0.9  # rate after a throttle, as a fraction of the ceiling
+SLOW_START_BETA = 0.6  # the same after the throttle that ends slow start (its accepted rate includes the burst)
 MAX_CUT = 0.5  # one congestion event never cuts the rate below this fraction of it
 RECOVERY_S = 3.0  # busy seconds to climb back to the ceiling
 PROBE_GAIN = 0.2  # probing above the ceiling: rate = ceiling + PROBE_GAIN * sqrt(ceiling) * t**3
-DOUBLING_S = 1.0  # slow start doubles the rate every DOUBLING_S busy seconds
+DOUBLING_S = 0.5  # slow start doubles the rate every DOUBLING_S busy seconds
 MEASURE_REQUESTS = 80.0  # the accepted rate is measured over about this many requests...
 MEASURE_MIN_S = 0.5  # ...but over at least this many seconds...
 MEASURE_MAX_S = 10.0  # ...and at most this many
 USE_REQUESTS = 40.0  # the send rate is measured over about this many requests
 USE_SHARE = 0.7  # the rate only grows while the send rate is at least this share of it
+SLOW_USE_REQUESTS = 2.0  # in slow start the send rate is measured over at least this many requests
 BURST_S = 0.1  # capacity of our bucket, in seconds of the current rate (at least one token)
 WINDOW_DECREASE = 0.9
 LATENCY_GAIN = 0.2  # weight of a new sample in the smoothed latency
@@ -362,7 +367,7 @@ class AdaptiveRateController:
                 await self._sleep((1.0 - self._tokens) / self._rate)
             self._tokens = max(0.0, self._tokens - 1.0)
             self._sends.add(now)
-            if waited and self._measured_rate(self._sends, now, USE_REQUESTS) >= USE_SHARE * self._rate:
+            if waited and self._send_rate(now) >= USE_SHARE * self._rate:
                 self._grow(now, min(now - self._last_grant, 1.0 / self._rate))  # the bucket binds
             self._last_grant = now
 
@@ -398,7 +403,8 @@ class AdaptiveRateController:
         if permit._seq <= self._cut_after:  # already in flight when we last reacted
             return
         ceiling = min(self._rate, self._accepted_rate(now)) if measured else self._rate
-        cut = self._clamp(max(BETA * ceiling, MAX_CUT * self._rate))
+        beta = SLOW_START_BETA if self._ceiling is None else BETA
+        cut = self._clamp(max(beta * ceiling, MAX_CUT * self._rate))
         self._ceiling = max(ceiling, cut)
         self._cut_rate = cut
         self._busy = 0.0
@@ -414,6 +420,15 @@ class AdaptiveRateController:
         requests = 0.0 if self._ceiling is None else MEASURE_REQUESTS
         sent = self._measured_rate(self._sends, now, requests)
         return max(0.0, sent - self._measured_rate(self._recent_throttles, now, requests))
+
+    def _send_rate(self, now: float) -> float:
+        """The recent send rate the growth rule compares with the rate: over about ``USE_REQUESTS`` requests, but in
+        slow start over the last half doubling (at least ``SLOW_USE_REQUESTS``): averaged over a longer span, the
+        sends of a doubling rate read below ``USE_SHARE`` of it and the rate would stall."""
+        if self._ceiling is not None:
+            return self._measured_rate(self._sends, now, USE_REQUESTS)
+        span = max(min(max(DOUBLING_S / 2, SLOW_USE_REQUESTS / self._rate), now - self._started_at), 1e-3)
+        return self._sends.count(now, span) / span
 
     def _measured_rate(self, events: _Recent, now: float, requests: float) -> float:
         """Events per second over about ``requests`` requests at the current rate."""

@@ -18,7 +18,8 @@ from clobjob.lanes import ShardLanes
 from clobjob.models import WorkUnit
 from clobjob.parts import make_controller
 from clobjob.sim import Dataset, SimConfig, SimServer, export
-from clobjob.sources.subgraph import PAGE_SIZE, Segment, SubgraphSource, decode_cursor, split_segment
+from clobjob.sources.subgraph import (PAGE_SIZE, SPLIT_MARGIN, Segment, SubgraphSource, decode_cursor, kept_pages,
+                                     remaining_pages, split_segment)
 from clobjob.store import open_store
 from clobjob.store.serve import EngineServer
 
@@ -78,6 +79,22 @@ def test_a_segment_is_cut_at_the_midpoint_of_what_remains():
     assert split_segment(unit, running) is None  # nothing left between it and the bound
     assert split_segment(unit, Segment(0, 2, "0x5" + "0" * 63 + "_0x00")).after == "0x6800000000000000"
     assert split_segment(unit, Segment(0, 2, "not-hex")) is None
+
+
+def test_a_cut_keeps_whole_pages_less_a_margin_and_hands_on_the_rest():
+    """A lane that cuts its range keeps about half of it rounded down to whole pages, less ``SPLIT_MARGIN``: its
+    last page is then partial, so the part costs exactly its pages (a midpoint cut of 2 pages left two parts of
+    ~1,000 fills, each a full page and an empty one)."""
+    unit = giant_unit(Dataset.generate(markets=5, seed=1, top_fills=24_000), id_from="0x40000000",
+                      id_to="0x80000000")
+    for pages, kept in ((2.0, 1), (3.9, 1), (7.3, 3), (24.0, 12)):
+        assert kept_pages(pages) == pytest.approx(kept * (1 - SPLIT_MARGIN))
+    segment = Segment(0, 2, "0x40000000")
+    whole = remaining_pages(unit, segment)
+    upper = split_segment(unit, segment, kept_pages(whole) / whole)
+    assert remaining_pages(unit, segment) == pytest.approx(kept_pages(whole), rel=1e-6)
+    assert remaining_pages(unit, upper) == pytest.approx(whole - kept_pages(whole), rel=1e-6)
+    assert segment.upto == upper.after and upper.upto == "0x80000000"
 
 
 async def test_a_giant_unit_pages_its_ranges_at_once_and_fetches_each_fill_once(dataset):

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clobjob.ratelimit import BETA, AdaptiveRateController, Permit, parse_retry_after
+from clobjob.ratelimit import BETA, SLOW_START_BETA, AdaptiveRateController, Permit, parse_retry_after
 
 
 # ---------------------------------------------------------------------------- virtual time
@@ -210,8 +210,8 @@ def test_a_burst_of_throttles_from_in_flight_requests_is_one_decrease():
 
 def test_decrease_uses_the_accepted_rate_not_the_nominal_rate():
     async def main():
-        ctl = controller(initial_rps=80.0)
-        for _ in range(100):  # 50 req/s accepted while 80 are allowed
+        ctl = controller(initial_rps=55.0)
+        for _ in range(100):  # 50 req/s accepted while 55 are allowed
             async with ctl.slot() as permit:
                 permit.success()
             await asyncio.sleep(0.02)
@@ -223,7 +223,7 @@ def test_decrease_uses_the_accepted_rate_not_the_nominal_rate():
     accepted, state = run(main)
     assert accepted == pytest.approx(50.0, rel=0.05)
     assert state.ceiling_rps == pytest.approx(accepted)
-    assert state.rate_rps == pytest.approx(BETA * accepted)
+    assert state.rate_rps == pytest.approx(SLOW_START_BETA * accepted)  # the throttle that ends slow start
 
 
 def test_demand_limited_use_does_not_grow_the_rate():
@@ -476,7 +476,7 @@ def test_invariants_hold_under_any_sequence_of_outcomes(ops, min_rps, max_rps, i
             assert 1 <= state.window <= max_window
             assert state.in_flight == len(held)
             assert 0.0 <= state.share_429 <= 1.0
-            assert 0.0 <= state.paused_for_s <= 20.0
+            assert 0.0 <= state.paused_for_s <= 20.0 + 1e-9  # (now + pause) - now may exceed the pause by an ulp
             assert state.requests == state.successes + state.throttled + state.errors + len(held)
         for cm, _ in held:
             await cm.__aexit__(None, None, None)
@@ -525,19 +525,23 @@ def test_simulation_at_real_latency_the_target_follows_littles_law_and_holds_the
     assert 0.9 * limit * latency <= target <= 2 * limit * latency and window >= target
 
 
-def test_simulation_four_clients_share_one_limit_fairly():
+@pytest.mark.parametrize("clients", [4, 16])
+def test_simulation_independent_clients_share_one_limit_fairly(clients):
+    """Independent controllers (the processes of a plan's shards) behind one limit use it together and
+    converge to fair shares, also 16 of them at 1.25 req/s each."""
+
     async def main():
         server = TokenBucketServer(limit=20.0)
         tasks = []
-        for client in range(4):
+        for client in range(clients):
             tasks += greedy_client(controller(rng=random.Random(client)), server, client)
         await asyncio.sleep(300)
         await stop(tasks)
-        return [server.admitted(0, 300, client) / 300 for client in range(4)]
+        return [server.admitted(0, 300, client) / 300 for client in range(clients)]
 
     rates = run(main)
-    assert sum(rates) >= 0.85 * 20.0
-    assert min(rates) >= 0.5 * 20.0 / 4
+    assert sum(rates) >= 0.95 * 20.0
+    assert min(rates) >= 0.5 * 20.0 / clients
 
 
 def test_simulation_follows_limit_changes_within_seconds():
