@@ -77,6 +77,13 @@ class Follower:
 
     def until_reached(self, block: int, timeout: float = 90) -> str:
         """The first round line saying the chain is read to ``block`` or beyond."""
+        def reached(line: str) -> bool:
+            found = REACHED.match(line)
+            return bool(found) and int(found.group(1).replace(",", "")) >= block
+        return self.until(reached, f"a round reading block {block}", timeout)
+
+    def until(self, wanted, what: str, timeout: float = 90) -> str:
+        """The first line from now on that is ``wanted``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -85,10 +92,9 @@ class Follower:
                 assert self.process.poll() is None, f"follow exited {self.process.returncode}: {self.errors[-20:]}"
                 continue
             self.seen.append(line)
-            found = REACHED.match(line)
-            if found and int(found.group(1).replace(",", "")) >= block:
+            if wanted(line):
                 return line
-        raise AssertionError(f"no round reached block {block}: {self.seen[-10:]} {self.errors[-10:]}")
+        raise AssertionError(f"no line with {what}: {self.seen[-10:]} {self.errors[-10:]}")
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -260,3 +266,22 @@ def test_gamma_first_brings_the_new_markets_into_the_backfill(settings, store):
         assert launch.backfill(settings, shards=2, parallelism=None, gamma=True, say=said.append) == 0
     assert any(line.startswith(f"Gamma {sim.gamma_url}: upserted 80 markets") for line in said), said
     assert stored(store) == expected_rows(dataset)  # the 40 markets Gamma added too
+
+
+def test_follow_with_gamma_fetches_the_markets_gamma_lists_while_it_runs(tmp_path):
+    dataset = Dataset.generate(markets=60, seed=SEED)
+    with SimServer(dataset, SimConfig(gamma_listed=40)).run_in_thread() as sim:
+        env = {**os.environ, "CLOBJOB_CLICKHOUSE_URL": f"chdb://{tmp_path / 'db'}", "CLOBJOB_SUBGRAPH_URL": sim.url,
+               "CLOBJOB_GAMMA_URL": sim.gamma_url, "CLOBJOB_LOG_FORMAT": "json", "CLOBJOB_HOME": str(tmp_path),
+               "CLOBJOB_FLUSH_INTERVAL_S": "0.2", "CLOBJOB_HEARTBEAT_INTERVAL_S": "0.5"}
+        env.pop("CLOBJOB_RPC_URL", None)
+        follower = Follower(env, "--source", "subgraph", "--gamma", "--interval", "0.3")
+        follower.until(lambda line: line.startswith("round ") and "nothing new" in line, "an idle round")
+        sim.configure(gamma_listed=None)  # 20 markets are new on Gamma
+        line = follower.until(lambda line: line.startswith("round ") and "nothing new" not in line, "a round's run")
+        follower.until(lambda line: line.startswith("round ") and "nothing new" in line, "an idle round")
+        assert follower.stop() == 143
+    traded = sum(1 for m in dataset.markets[40:] if any(map(dataset.trades_quantity, json.loads(m["clobTokenIds"]))))
+    assert f"{traded} market(s)" in line, line  # the new ones with fills (the others are zero-fill once counted)
+    found = stored_rows(env)
+    assert found["dups"] == 0 and found["rows"] == expected_rows(dataset)  # the 40 first, then the 20 Gamma added

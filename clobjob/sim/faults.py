@@ -72,6 +72,8 @@ class SimConfig(BaseModel):
     gamma_burst: int = Field(10, ge=1)
     gamma_bad_rows: list[int] = Field([], description="Gamma markets (positions in the dataset) served malformed")
     gamma_keyset: bool = Field(True, description="serve Gamma's /markets/keyset (False: 404, offset paging only)")
+    gamma_listed: int | None = Field(None, ge=0, description="Gamma lists only the dataset's first N markets "
+                                     "(None = all); raise it to make new markets appear")
     bad_fill_values: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="fill id → {field: value}: that fill is served with these values")
 

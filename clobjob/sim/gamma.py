@@ -90,13 +90,17 @@ class GammaApi:
         self._markets = markets
         self._orders: dict[tuple[str, bool], list[int]] = {}
 
-    def answer(self, path: str, query: MultiMapping[str], bad_rows: Sequence[int] = ()) -> Listing:
-        """The answer to ``GET path?query``; ``bad_rows`` are positions served malformed."""
+    def answer(self, path: str, query: MultiMapping[str], bad_rows: Sequence[int] = (),
+               listed: int | None = None) -> Listing:
+        """The answer to ``GET path?query``; ``bad_rows`` are positions served malformed; with ``listed`` only the
+        first ``listed`` markets exist."""
         try:
             keyset = path.rstrip("/") == KEYSET_PATH
             if keyset and "offset" in query:
                 raise _Invalid("offset is not supported by keyset pagination: use after_cursor")
             positions = self._select(query)
+            if listed is not None:
+                positions = [p for p in positions if p < listed]
             limit = min(_integer(query, "limit", MAX_LIMIT), MAX_LIMIT)
             if keyset:
                 start = self._cursor(query.get(CURSOR_PARAM))

@@ -197,7 +197,7 @@ class SimServer(LocalServer):
         if request.path == KEYSET_PATH and not self.cfg.gamma_keyset:
             self._count("gamma_errors")
             raise web.HTTPNotFound()
-        listing = self._gamma.answer(request.path, request.query, self.cfg.gamma_bad_rows)
+        listing = self._gamma.answer(request.path, request.query, self.cfg.gamma_bad_rows, self.cfg.gamma_listed)
         await self._serve_time(listing.rows)
         self._count("gamma_ok" if listing.status == 200 else "gamma_errors")
         self._count("gamma_markets_served", listing.rows)
