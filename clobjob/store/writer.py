@@ -4,8 +4,6 @@ shard the process runs, flushed in large batches (one insert stream per process,
 from __future__ import annotations
 
 import asyncio
-import random
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -16,8 +14,7 @@ from loguru import logger
 from clobjob.errors import StoreUnreachable, describe
 from clobjob.models import Checkpoint, UnitState
 from clobjob.store import FillBuffer, Store
-
-RETRY_BASE_S, RETRY_CAP_S = 0.25, 5.0  # backoff while the server is unreachable: full jitter, doubling to the cap
+from clobjob.store.outage import Outage
 
 T = TypeVar("T")
 UnitKey = tuple[int, int]  # (shard, unit id)
@@ -54,26 +51,19 @@ class StoreWriter:
     async def _until_reachable(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the store thread, retried whole while the server cannot be reached (a rerun insert
         is harmless: fills dedup by id, checkpoints by version)."""
-        loop, since, attempt = asyncio.get_running_loop(), time.monotonic(), 0
+        loop, outage = asyncio.get_running_loop(), Outage(self._outage_s, self._dsn)
         while True:
             if self._unreachable is not None:
                 raise self._unreachable
             try:
                 return await loop.run_in_executor(self._thread, fn, *args)
             except OperationalError as exc:
-                attempt += 1
-                waited = time.monotonic() - since
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                if waited >= self._outage_s:
-                    self._unreachable = StoreUnreachable(
-                        f"ClickHouse at {self._dsn} unreachable for {waited:.0f} s "
-                        f"(CLOBJOB_STORE_OUTAGE_S={self._outage_s:g}): {reason}")
-                    raise self._unreachable from None
-                if attempt == 1:
-                    logger.warning("ClickHouse at {} unreachable, retrying for up to {:g} s: {}", self._dsn,
-                                   self._outage_s, reason)
-                delay = random.uniform(0.0, min(RETRY_CAP_S, RETRY_BASE_S * 2.0 ** min(attempt - 1, 30)))
-                await asyncio.sleep(min(delay, max(self._outage_s - waited, 0.0)))
+                try:
+                    delay = outage.delay(exc)
+                except StoreUnreachable as gone:
+                    self._unreachable = gone
+                    raise gone from None
+                await asyncio.sleep(delay)
 
     async def add(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]] = ()) -> None:
         """Queue a page's rows and the unit's new checkpoint (nothing of a lost unit); flush when the batch is full.

@@ -194,10 +194,17 @@ def sigterm_throttled(c: Chaos, grace_s: float = 10.0) -> None:
         c.finish(job)
 
 
-def outage_back(c: Chaos, down_s: float = 8.0) -> None:
-    """The ClickHouse server stopped for ``down_s`` mid-run and started again on the same port: the workers wait
-    and retry; no process exits, no unit fails."""
+def outage_back(c: Chaos, down_s: float = 8.0, late_s: float = 6.0) -> None:
+    """Every worker started while the ClickHouse server is down, the server started ``late_s`` later; then the
+    server stopped for ``down_s`` mid-run and started again on the same port: the workers wait and retry; no
+    process exits, no unit fails."""
+    c.db.stop()
     with c.job() as job:
+        c.wait_for(lambda: job.log_text().count("unreachable, waiting for it") == c.shards, 60,
+                   "every worker waiting for the server")
+        time.sleep(late_s)
+        c.db.start()
+        c.figures.faults[f"ClickHouse up {late_s:g} s after the workers"] += 1
         c.wait_for(lambda: c.inserts("clob_fills") >= 2, 60, "the first inserts")
         with c.db.down_for(down_s):
             c.figures.faults[f"ClickHouse down {down_s:g} s"] += 1
@@ -206,23 +213,47 @@ def outage_back(c: Chaos, down_s: float = 8.0) -> None:
 
 
 def outage_away(c: Chaos, budget_s: float = 4.0) -> None:
-    """A server that stays away: the worker fails with exit 1 and the reason (the DSN without its password) within
-    its outage budget; once the server is back the Job finishes the run with nothing lost."""
+    """A server that stays away, from a worker's start and then mid-run: each time the worker fails with exit 1
+    and the reason (the DSN without its password) within its outage budget; a SIGTERM while it waits ends it at
+    once; once the server is back the Job finishes the run with nothing lost."""
     secret = c.db.url.replace("http://", "http://default:s3cret@")
+    shown = secret.replace("s3cret", "***")
+
+    def gone(worker: subprocess.Popen, since: float, when: str) -> str:
+        try:
+            code = worker.wait(budget_s + 30)
+            err = worker.stderr.read() if worker.stderr else ""
+        finally:
+            worker.kill()
+        c.figures.faults[f"ClickHouse gone for good, {when}"] += 1
+        c.figures.notes.append(f"{when}: exit {code} {time.monotonic() - since:.1f} s after the server went away")
+        assert code == 1, err[-2000:]
+        assert "unreachable for" in err and shown in err and "s3cret" not in err, err[-2000:]
+        return err
+
+    c.db.stop()
+    try:
+        since = time.monotonic()
+        err = gone(c.worker(0, CLOBJOB_STORE_OUTAGE_S=str(budget_s), CLOBJOB_CLICKHOUSE_URL=secret), since,
+                   "from the start")
+        assert f"ClickHouse at {shown} unreachable, waiting for it" in err, err[-2000:]
+        waiting = c.worker(0, CLOBJOB_STORE_OUTAGE_S="60")
+        try:
+            time.sleep(3)
+            waiting.send_signal(signal.SIGTERM)
+            assert waiting.wait(10) == -signal.SIGTERM
+        finally:
+            waiting.kill()
+        c.figures.faults["SIGTERM while waiting for ClickHouse"] += 1
+    finally:
+        c.db.start()
     worker = c.worker(0, CLOBJOB_STORE_OUTAGE_S=str(budget_s), CLOBJOB_CLICKHOUSE_URL=secret)
     c.wait_for(lambda: c.inserts("clob_fills") >= 1, 60, "the first insert")
     c.db.stop()
-    gone = time.monotonic()
     try:
-        code = worker.wait(budget_s + 30)
-        err = worker.stderr.read() if worker.stderr else ""
+        gone(worker, time.monotonic(), "mid-run")
     finally:
-        worker.kill()
         c.db.start()
-    c.figures.faults["ClickHouse gone for good"] += 1
-    c.figures.notes.append(f"exit {code} {time.monotonic() - gone:.1f} s after the server went away")
-    assert code == 1, err[-2000:]
-    assert "unreachable" in err and secret.replace("s3cret", "***") in err and "s3cret" not in err, err[-2000:]
     with c.job() as job:
         c.finish(job)
 
