@@ -36,7 +36,7 @@ def main() -> None:
         ("ClickHouse outage, back", functools.partial(scenarios.outage_back, down_s=args.outage_s), SIZE),
         ("ClickHouse outage, gone", scenarios.outage_away, SIZE),
         ("source storms", functools.partial(scenarios.storms, low_s=15.0, paused_s=8.0), KILL_SIZE),
-        ("corrupted checkpoint", scenarios.corrupt_checkpoint, SIZE),
+        ("corrupted checkpoint", scenarios.corrupt_checkpoint, KILL_SIZE),
     ]
     root = Path(tempfile.mkdtemp(prefix="clobjob-chaos-"))
     db = Database(root / "chdb")

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -287,3 +288,26 @@ def raw_count(env: dict[str, str]) -> int:
     done = subprocess.run([sys.executable, "-c", RAW], env=env, capture_output=True, text=True, timeout=120,
                           check=True)
     return int(done.stdout.strip())
+
+
+def insert_raw_progress(client: Any, database: str, **values: Any) -> None:
+    """Write one ``backfill_progress`` row as RowBinary, which ClickHouse stores unchecked, as a hand edit or
+    another tool could: a state Enum8 code outside the enum (``state=7``), a negative count (``fills=-5``)."""
+
+    def string(text: str) -> bytes:
+        data = text.encode()
+        out, n = bytearray(), len(data)
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out) + data
+
+    row = {"shard": 0, "cursor": "", "fills": 0, "pages": 0, "attempts": 0, "last_error": "", "pod": "vandal",
+           "updated_at": int(time.time() * 1000), "version": time.time_ns(), **values}
+    layout = (("run_id", string), ("shard", "<I"), ("unit_id", "<I"), ("state", "<b"), ("cursor", string),
+              ("fills", "<q"), ("pages", "<q"), ("attempts", "<i"), ("last_error", string), ("pod", string),
+              ("updated_at", "<q"), ("version", "<Q"))
+    body = b"".join(kind(row[name]) if callable(kind) else struct.pack(kind, row[name]) for name, kind in layout)
+    client.raw_insert(f"`{database}`.backfill_progress", column_names=[name for name, _ in layout],
+                      insert_block=body, fmt="RowBinary")

@@ -4,6 +4,7 @@ seeded schedule of bench/chaos_report.py run the same functions with different s
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import signal
@@ -20,7 +21,8 @@ from pathlib import Path
 import clickhouse_connect
 
 from clobjob.sim import Dataset, SimConfig, SimServer
-from tests.chaos.harness import Database, Job, Outcome, client_pid, outcome, prepare
+from tests.chaos.harness import Database, Job, Outcome, client_pid, insert_raw_progress, outcome, prepare
+from tests.truth import run_cli
 
 RATE_RPS = 40.0  # the simulator's limit in every scenario (all processes share it: one client address)
 HOLD_S = 0.4  # how long a trapped insert is held in flight before the kill lands
@@ -67,11 +69,13 @@ class Chaos:
     def job(self, *, copies: int = 1) -> Job:
         return Job(self.env, self.run_id, self.shards, self.workdir / f"logs-{uuid.uuid4().hex[:6]}", copies=copies)
 
-    def worker(self, shard: int, **env: str) -> subprocess.Popen:
-        """One worker process of ``shard`` (outside a Job: nothing restarts it)."""
+    def worker(self, shard: int, *, quiet: bool = False, **env: str) -> subprocess.Popen:
+        """One worker process of ``shard`` (outside a Job: nothing restarts it); its log in ``stderr`` (read it
+        once it ended), or nowhere when ``quiet`` (a pipe nobody reads would block a long run)."""
         return subprocess.Popen([sys.executable, "-m", "clobjob", "worker", "--run-id", self.run_id],
                                 env={**self.env, "JOB_COMPLETION_INDEX": str(shard), **env},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL if quiet else subprocess.PIPE,
+                                text=True)
 
     def finish(self, job: Job, timeout_s: float = 150) -> dict:
         """Wait for the Job; every index must end done (exit 0)."""
@@ -278,29 +282,41 @@ def storms(c: Chaos, low_s: float = 6.0, paused_s: float = 5.0) -> None:
 
 
 def corrupt_checkpoint(c: Chaos) -> None:
-    """A unit's stored checkpoint replaced by garbage (a newer version of its progress row): the worker reports
-    it and resumes that unit from its last valid checkpoint."""
-    worker = c.worker(0)
-    c.wait_for(lambda: c.inserts("backfill_progress") >= 4, 60, "checkpoints")
+    """Units' stored checkpoints replaced by rows that fail validation (a newer version of their progress row):
+    a cursor the source did not make, a state that is no unit state, a negative fill count. ``status`` shows
+    each as invalid; the worker reports each (run, shard, unit, the value, where) and resumes each unit from its
+    last valid checkpoint."""
+    worker = c.worker(0, quiet=True)
+    checkpointed = ("SELECT unit_id, pages, fills FROM {db}.backfill_progress FINAL WHERE run_id = {run:String} "
+                    "AND shard = 0 AND pages > 0 ORDER BY state = 'done', unit_id LIMIT 3")
+    c.wait_for(lambda: len(c.query(checkpointed)) == 3, 60, "three units checkpointed")
     worker.kill()
     worker.wait()
-    found = c.query("SELECT unit_id, pages FROM {db}.backfill_progress FINAL WHERE run_id = {run:String} "
-                    "AND shard = 0 AND state = 'running' AND pages > 0 ORDER BY unit_id LIMIT 1")
-    assert found, "no unit in progress to corrupt"
-    unit, pages = found[0]
-    c.query("INSERT INTO {db}.backfill_progress (run_id, shard, unit_id, state, cursor, fills, pages, attempts, "
-            "last_error, pod, updated_at, version) VALUES ({run:String}, 0, {unit:UInt32}, 'running', "
-            "{cursor:String}, 7, 999, 0, '', 'vandal', now64(), {version:UInt64})",
-            unit=unit, cursor="{garbage", version=time.time_ns())
-    c.figures.faults["corrupted checkpoint"] += 1
+    found = c.query(checkpointed)
+    garbage = {"cursor": {"state": 1, "cursor": "{garbage", "fills": 7, "pages": 999}, "state": {"state": 7},
+               "fills": {"state": 1, "fills": -5}}
+    client = clickhouse_connect.get_client(dsn=c.db.url)
+    try:
+        for (unit, _, _), values in zip(found, garbage.values()):
+            insert_raw_progress(client, c.env["CLOBJOB_CLICKHOUSE_DATABASE"], run_id=c.run_id, unit_id=unit, **values)
+    finally:
+        client.close()
+    c.figures.faults["corrupted checkpoints (cursor, state, fills)"] += 1
+    shown = run_cli(c.env, "status", "--run-id", c.run_id, "--json")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    invalid = {bad["unit_id"]: bad for bad in json.loads(shown.stdout)["invalid_checkpoints"]}
+    assert set(invalid) == {found[1][0], found[2][0]}, invalid  # status checks the row, not the source's cursor
+    assert invalid[found[1][0]]["reason"].startswith("state 7") and "fills 18446744073709551611" in \
+        invalid[found[2][0]]["reason"], invalid
     with c.job() as job:
         c.finish(job)
         logs = job.log_text()
-    warned = [line for line in logs.splitlines() if "stored checkpoint is invalid" in line]
-    assert warned and f"unit {unit}" in warned[0] and "{garbage" in warned[0] and c.run_id in warned[0], logs[-3000:]
-    resumed = "last valid checkpoint" in warned[0]
-    c.figures.notes.append(f"unit {unit} ({pages} pages stored) resumed from "
-                           f"{'its last valid checkpoint' if resumed else 'its start (older versions merged)'}")
+    for (unit, pages, fills), value in zip(found, ("{garbage", "state 7", "fills 18446744073709551611")):
+        warned = [line for line in logs.splitlines() if f"unit {unit}: stored checkpoint is invalid" in line]
+        assert warned and value in warned[0] and c.run_id in warned[0] and "pod vandal" in warned[0], logs[-3000:]
+        assert f"resuming from its last valid checkpoint ({pages} pages, {fills} fills)" in warned[0], warned[0]
+    c.figures.notes.append(f"units {', '.join(str(u) for u, _, _ in found)} resumed from their last valid "
+                           f"checkpoints ({', '.join(str(p) for _, p, _ in found)} pages)")
 
 
 SCENARIOS: dict[str, Callable[..., None]] = {

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 # About 0.8 s a full page (graph-node's service time), so runs last long enough for faults to land mid-run.
 DEFAULT = {"markets": 300, "shards": 2, "latency_base_s": 0.3, "latency_per_row_ms": 0.5}
 LONG = {**DEFAULT, "markets": 1200, "shards": 3}  # enough work for 20 kills, or a pause then a collapsed limit
-SIZES = {"kill -9 ×N": LONG, "source storms": LONG}
+SIZES = {"kill -9 ×N": LONG, "source storms": LONG, "corrupted checkpoint": LONG}
 
 
 @pytest.fixture(scope="module")
