@@ -175,7 +175,8 @@ class ShardWorker:
 
         background = [asyncio.create_task(self._beat_every(self.settings.heartbeat_interval_s))]
         if self._owns_writer:
-            background.append(asyncio.create_task(self._writer.flush_every(self.settings.flush_interval_s)))
+            background.append(asyncio.create_task(self._writer.flush_every(
+                self.settings.flush_interval_s, lambda: self.controller.snapshot().latency_s)))
         units = asyncio.create_task(every_unit())
         stopper = asyncio.create_task(self.stop.wait())
         try:

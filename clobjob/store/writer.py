@@ -4,6 +4,7 @@ shard the process runs, flushed in large batches (one insert stream per process,
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -15,6 +16,8 @@ from clobjob.errors import StoreUnreachable, describe
 from clobjob.models import Checkpoint, UnitState
 from clobjob.store import FillBuffer, Store
 from clobjob.store.outage import Outage
+
+MIN_CADENCE = 0.25  # a page waits at least this share of the flush interval for others (inserts stay large)
 
 T = TypeVar("T")
 UnitKey = tuple[int, int]  # (shard, unit id)
@@ -41,6 +44,8 @@ class StoreWriter:
         self._buffer = FillBuffer()
         self._pending: dict[UnitKey, tuple[Checkpoint, str]] = {}
         self._lock = asyncio.Lock()
+        self._flush_s = 0.0  # how long the last flush took to store
+        self._oldest: float | None = None  # when the oldest page buffered was added (monotonic)
         self.lost: dict[UnitKey, str] = {}  # written on the store thread only
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -67,7 +72,19 @@ class StoreWriter:
 
     async def add(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]] = ()) -> None:
         """Queue a page's rows and the unit's new checkpoint (nothing of a lost unit); flush when the batch is full.
-        Raises ``StoreUnreachable`` once the server has been away too long (nothing more can be stored)."""
+        While a flush is being stored the page is queued only once it is (even when cancelled meanwhile: a fetched
+        page is never dropped), so a unit requests no more pages than the store keeps up with and a crash during a
+        slow insert loses no more. Raises ``StoreUnreachable`` once the server has been away too long (nothing
+        more can be stored)."""
+        try:
+            async with self._lock:
+                pass
+        finally:
+            self._queue(checkpoint, pod, rows)
+        if len(self._buffer) >= self._batch_rows:
+            await self.flush()
+
+    def _queue(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]]) -> None:
         if self._unreachable is not None:
             raise self._unreachable
         key = (checkpoint.shard, checkpoint.unit_id)
@@ -75,16 +92,18 @@ class StoreWriter:
             return
         self._buffer.extend(rows)
         self._pending[key] = (checkpoint, pod)
-        if len(self._buffer) >= self._batch_rows:
-            await self.flush()
+        if self._oldest is None:
+            self._oldest = time.monotonic()
 
     async def flush(self) -> None:
         """Store buffered rows, then the checkpoints queued with them."""
         async with self._lock:
             columns, checkpoints = self._buffer.take(), self._pending
-            self._pending = {}
+            self._pending, self._oldest = {}, None
             if columns[0] or checkpoints:
+                started = time.monotonic()
                 await self.call(self._write, columns, checkpoints)
+                self._flush_s = time.monotonic() - started
 
     def _write(self, columns: list[list[Any]], checkpoints: dict[UnitKey, tuple[Checkpoint, str]]) -> None:
         """One job on the store thread, so the checkpoints cannot be written without their rows."""
@@ -118,11 +137,18 @@ class StoreWriter:
         except Exception as again:  # noqa: BLE001 - the stored checkpoints stay at their last stored cursor
             logger.error("could not record the failed units either: {}", describe(again))
 
-    async def flush_every(self, interval_s: float) -> None:
-        """Flush on a timer (the time bound of a batch); a failed flush is handled by ``flush`` itself, and
-        anything else is logged, never ends the timer (but a store away for good does)."""
+    async def flush_every(self, interval_s: float, latency: Callable[[], float | None] = lambda: None) -> None:
+        """Flush on a timer, early enough that a page's rows are stored within ``interval_s`` of its request being
+        sent: once the oldest page buffered has waited ``interval_s`` less the requests' latency (``latency()``,
+        seconds) and the last flush's duration — but at least ``MIN_CADENCE`` × ``interval_s`` (inserts stay
+        large when the latency is near the interval). A failed flush is handled by ``flush`` itself, and anything
+        else is logged, never ends the timer (but a store away for good does)."""
         while True:
-            await asyncio.sleep(interval_s)
+            wait = max(interval_s - (latency() or 0.0) - self._flush_s, interval_s * MIN_CADENCE)
+            waited = 0.0 if self._oldest is None else time.monotonic() - self._oldest
+            if waited < wait:
+                await asyncio.sleep(min(wait - waited, interval_s * MIN_CADENCE))  # a page may arrive meanwhile
+                continue
             try:
                 await self.flush()
             except StoreUnreachable:

@@ -40,6 +40,10 @@ class Figures:
     fills_served: int = 0
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    killed: list[tuple[float, int]] = field(default_factory=list)  # (unix time, shard) of each SIGKILL of a
+    # process that had started its units
+    units_hit: int = 0  # units running in the killed process, summed over the kills
+    allowance_fills: float = 0.0  # fills a running unit fetched per flush interval, on average over the run
 
     def kills(self) -> int:
         """The SIGKILLs injected."""
@@ -49,6 +53,14 @@ class Figures:
     def refetched_fills(self) -> int:
         """Fills the simulator served more than once (pages fetched again after a crash, a stop, a second pod)."""
         return self.fills_served - (self.outcome.expected if self.outcome else 0)
+
+    @property
+    def refetch_per_unit_hit(self) -> float | None:
+        """Re-fetched fills per kill per unit the kill interrupted, in flush intervals of that unit's fetching
+        (``allowance_fills``): the acceptance is at most 1."""
+        if not self.units_hit or not self.allowance_fills:
+            return None
+        return self.refetched_fills / self.units_hit / self.allowance_fills
 
 
 @dataclass
@@ -117,7 +129,8 @@ def chaos(name: str, workdir: Path, db: Database, *, markets: int, seed: int, sh
         env = prepare(workdir, dataset, seed, db, sim.url, f"chaos_{uuid.uuid4().hex[:10]}", shards, run_id)
         served_before = sim.stats()
         started = time.monotonic()
-        yield Chaos(workdir, db, dataset, sim, env, run_id, shards, random.Random(seed), figures, Counter(db.inserts))
+        run = Chaos(workdir, db, dataset, sim, env, run_id, shards, random.Random(seed), figures, Counter(db.inserts))
+        yield run
         figures.wall_s = time.monotonic() - started
         stats = sim.stats()
         figures.fill_requests = int(stats["fill_requests"] - served_before["fill_requests"])
@@ -125,6 +138,33 @@ def chaos(name: str, workdir: Path, db: Database, *, markets: int, seed: int, sh
         figures.faults["429 answers"] += int(stats["throttled_429"])
         figures.faults["hung answers"] += int(stats["hang"])
         figures.outcome = outcome(env, dataset, run_id)
+        measure_kills(figures, run)
+
+
+def measure_kills(figures: Figures, c: Chaos) -> None:
+    """The allowance of the units each kill hit, from the kept versions of every checkpoint: a unit's fills per
+    flush interval while a process fetched it (between that process's first and last checkpoint of it), summed
+    over the units of the killed shard that were not done yet at the kill."""
+    interval = float(c.env["CLOBJOB_FLUSH_INTERVAL_S"])
+    versions = c.query("SELECT unit_id, shard, pod, groupArray(toUnixTimestamp64Milli(updated_at) / 1000), "
+                       "groupArray(fills), groupArray(toString(state)) FROM (SELECT * FROM "
+                       "{db}.backfill_progress_history WHERE run_id = {run:String} AND pod != 'vandal' "
+                       "ORDER BY version) GROUP BY unit_id, shard, pod")
+    fetched: dict[int, list[float]] = {}  # unit → [fills, seconds] fetched by one process
+    shard_of, done_at = {}, {}
+    for unit, shard, _, times, fills, states in versions:
+        shard_of[unit] = shard
+        sums = fetched.setdefault(unit, [0.0, 0.0])
+        sums[0] += fills[-1] - fills[0]
+        sums[1] += times[-1] - times[0]
+        if "done" in states:
+            done_at[unit] = min(done_at.get(unit, times[-1]), times[states.index("done")])
+    rates = {unit: f / t for unit, (f, t) in fetched.items() if t > 0}
+    pooled = sum(f for f, _ in fetched.values()) / max(sum(t for _, t in fetched.values()), 1e-9)
+    hit = [unit for at, shard in figures.killed for unit in shard_of
+           if shard_of[unit] == shard and done_at.get(unit, float("inf")) > at]
+    figures.units_hit = len(hit)
+    figures.allowance_fills = interval * sum(rates.get(unit, pooled) for unit in hit) / len(hit) if hit else 0.0
 
 
 # --- the scenarios -------------------------------------------------------------------------------------
@@ -157,8 +197,11 @@ def kills(c: Chaos, count: int = 20) -> None:
                 time.sleep(c.rng.uniform(0.2, 1.2))
                 live = job.live()
                 pid = c.rng.choice(live) if live else None
+            shard = job.fetching(pid) if pid is not None else None
             if pid is not None and job.signal(pid, signal.SIGKILL):
                 c.figures.faults[f"kill -9, {kind}"] += 1
+                if shard is not None:  # a process killed while it starts up had fetched nothing
+                    c.figures.killed.append((time.time(), shard))
             time.sleep(c.rng.uniform(0.2, 0.6))  # let the restarted pod get going
         c.finish(job)
 
