@@ -48,8 +48,7 @@ async def process_parts(settings: Settings, source_name: str, store: Store | Non
     source = open_source(source_name, settings, controller)
     writer = StoreWriter(store, settings.batch_rows, outage_s=settings.store_outage_s,
                                        dsn=settings.redacted_dsn()) if store is not None else None
-    flushing = asyncio.create_task(writer.flush_every(
-        settings.flush_interval_s, lambda: controller.snapshot().latency_s)) if writer else None
+    flushing = asyncio.create_task(writer.flush_every(settings.flush_interval_s)) if writer else None
     try:
         async with metrics_server(settings) as metrics:
             yield Parts(settings, controller, source, writer, metrics)

@@ -175,8 +175,7 @@ class ShardWorker:
 
         background = [asyncio.create_task(self._beat_every(self.settings.heartbeat_interval_s))]
         if self._owns_writer:
-            background.append(asyncio.create_task(self._writer.flush_every(
-                self.settings.flush_interval_s, lambda: self.controller.snapshot().latency_s)))
+            background.append(asyncio.create_task(self._writer.flush_every(self.settings.flush_interval_s)))
         units = asyncio.create_task(every_unit())
         stopper = asyncio.create_task(self.stop.wait())
         try:
@@ -225,7 +224,7 @@ class ShardWorker:
                         return
                     page = self._admit(progress, page, tokens, log)
                     self._advance(progress, page)
-                    await self._writer.add(progress.checkpoint(), self.pod, page.rows)
+                    await self._writer.add(progress.checkpoint(), self.pod, page.rows, self._requested_at(page))
                     done, page = page.done, None  # the buffer has the rows; hold none while the next is fetched
                     if self._lost(progress):
                         return
@@ -266,7 +265,13 @@ class ShardWorker:
         log.warning("unit {} page {}: {} fill(s) of tokens outside the unit not stored (e.g. token {})",
                     progress.unit.unit_id, progress.pages + 1, len(page.rows) - len(kept),
                     next(row[_TOKEN_AT] for row in page.rows if row[_TOKEN_AT] not in tokens)[:80])
-        return Page(kept, page.cursor, page.done)
+        return Page(kept, page.cursor, page.done, page.requested_at)
+
+    def _requested_at(self, page: Page) -> float:
+        """When the page's request was made: as its source says, else now less the requests' smoothed latency."""
+        if page.requested_at is not None:
+            return page.requested_at
+        return time.monotonic() - (self.controller.snapshot().latency_s or 0.0)
 
     def _lost(self, progress: UnitProgress) -> bool:
         """True when a failed flush lost rows of this unit (``StoreWriter.lost``): the unit is failed."""

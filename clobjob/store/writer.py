@@ -4,6 +4,7 @@ shard the process runs, flushed in large batches (one insert stream per process,
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +46,7 @@ class StoreWriter:
         self._pending: dict[UnitKey, tuple[Checkpoint, str]] = {}
         self._lock = asyncio.Lock()
         self._flush_s = 0.0  # how long the last flush took to store
-        self._oldest: float | None = None  # when the oldest page buffered was added (monotonic)
+        self._oldest: float | None = None  # when the oldest page buffered was requested (monotonic)
         self.lost: dict[UnitKey, str] = {}  # written on the store thread only
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -70,8 +71,10 @@ class StoreWriter:
                     raise gone from None
                 await asyncio.sleep(delay)
 
-    async def add(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]] = ()) -> None:
-        """Queue a page's rows and the unit's new checkpoint (nothing of a lost unit); flush when the batch is full.
+    async def add(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]] = (),
+                  requested_at: float | None = None) -> None:
+        """Queue a page's rows and the unit's new checkpoint (nothing of a lost unit), ``requested_at`` when the
+        page's request was made (``time.monotonic()``; default now); flush when the batch is full.
         While a flush is being stored the page is queued only once it is (even when cancelled meanwhile: a fetched
         page is never dropped), so a unit requests no more pages than the store keeps up with and a crash during a
         slow insert loses no more. Raises ``StoreUnreachable`` once the server has been away too long (nothing
@@ -80,11 +83,11 @@ class StoreWriter:
             async with self._lock:
                 pass
         finally:
-            self._queue(checkpoint, pod, rows)
+            self._queue(checkpoint, pod, rows, time.monotonic() if requested_at is None else requested_at)
         if len(self._buffer) >= self._batch_rows:
             await self.flush()
 
-    def _queue(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    def _queue(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]], requested_at: float) -> None:
         if self._unreachable is not None:
             raise self._unreachable
         key = (checkpoint.shard, checkpoint.unit_id)
@@ -92,8 +95,7 @@ class StoreWriter:
             return
         self._buffer.extend(rows)
         self._pending[key] = (checkpoint, pod)
-        if self._oldest is None:
-            self._oldest = time.monotonic()
+        self._oldest = requested_at if self._oldest is None else min(self._oldest, requested_at)
 
     async def flush(self) -> None:
         """Store buffered rows, then the checkpoints queued with them."""
@@ -137,24 +139,30 @@ class StoreWriter:
         except Exception as again:  # noqa: BLE001 - the stored checkpoints stay at their last stored cursor
             logger.error("could not record the failed units either: {}", describe(again))
 
-    async def flush_every(self, interval_s: float, latency: Callable[[], float | None] = lambda: None) -> None:
-        """Flush on a timer, early enough that a page's rows are stored within ``interval_s`` of its request being
-        sent: once the oldest page buffered has waited ``interval_s`` less the requests' latency (``latency()``,
-        seconds) and the last flush's duration — but at least ``MIN_CADENCE`` × ``interval_s`` (inserts stay
-        large when the latency is near the interval). A failed flush is handled by ``flush`` itself, and anything
-        else is logged, never ends the timer (but a store away for good does)."""
+    async def flush_every(self, interval_s: float) -> None:
+        """Flush on a timer, early enough that a page's rows are stored within ``interval_s`` of its request: once
+        the oldest page buffered was requested ``interval_s`` ago less the last flush's duration — but at least
+        ``MIN_CADENCE`` × ``interval_s`` after the previous flush (inserts stay large when requests are slow). A
+        failed flush is handled by ``flush`` itself, and anything else is logged, never ends the timer (but a store
+        away for good does)."""
+        step = interval_s * MIN_CADENCE
         while True:
-            wait = max(interval_s - (latency() or 0.0) - self._flush_s, interval_s * MIN_CADENCE)
-            waited = 0.0 if self._oldest is None else time.monotonic() - self._oldest
-            if waited < wait:
-                await asyncio.sleep(min(wait - waited, interval_s * MIN_CADENCE))  # a page may arrive meanwhile
-                continue
+            await asyncio.sleep(step)
+            while (due := self._due_in(interval_s)) > 0:
+                await asyncio.sleep(min(due, step))  # an older page may be queued meanwhile
             try:
                 await self.flush()
             except StoreUnreachable:
                 raise
             except Exception as exc:  # noqa: BLE001 - a dead timer would leave batches unflushed, silently
                 logger.opt(exception=exc).error("timed flush failed: {}", describe(exc))
+
+    def _due_in(self, interval_s: float) -> float:
+        """Seconds until the oldest page buffered was requested ``interval_s`` ago less the last flush's duration
+        (infinite when nothing is buffered)."""
+        if self._oldest is None:
+            return math.inf
+        return interval_s - self._flush_s - (time.monotonic() - self._oldest)
 
     def close(self) -> None:
         """Stop the thread (after pending calls finish)."""

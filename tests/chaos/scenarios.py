@@ -4,12 +4,14 @@ seeded schedule of bench/chaos_report.py run the same functions with different s
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -40,10 +42,12 @@ class Figures:
     fills_served: int = 0
     wall_s: float = 0.0
     notes: list[str] = field(default_factory=list)
-    killed: list[tuple[float, int]] = field(default_factory=list)  # (unix time, shard) of each SIGKILL of a
-    # process that had started its units
+    # (unix time, shard, how long an insert was held slow before it) of each SIGKILL of a process that had started
+    killed: list[tuple[float, int, float]] = field(default_factory=list)
     units_hit: int = 0  # units running in the killed process, summed over the kills
-    allowance_fills: float = 0.0  # fills a running unit fetched per flush interval, on average over the run
+    allowance_fills: float = 0.0  # fills a running unit fetched per flush interval before a kill, on average
+    # (unix time, fills served, the shards whose process is fetching) sampled during the kills
+    served: list[tuple[float, float, frozenset[int]]] = field(default_factory=list)
 
     def kills(self) -> int:
         """The SIGKILLs injected."""
@@ -142,29 +146,29 @@ def chaos(name: str, workdir: Path, db: Database, *, markets: int, seed: int, sh
 
 
 def measure_kills(figures: Figures, c: Chaos) -> None:
-    """The allowance of the units each kill hit, from the kept versions of every checkpoint: a unit's fills per
-    flush interval while a process fetched it (between that process's first and last checkpoint of it), summed
-    over the units of the killed shard that were not done yet at the kill."""
+    """The allowance of each kill, from the simulator's counter of fills served (sampled during the run) and the
+    kept versions of every checkpoint: the fills served in the flush interval before the kill per unit fetching
+    then (not done, in a process that has started its units), over the interval and the time an insert was held
+    slow before the kill (what is requested meanwhile is lost too); the units hit are the killed shard's."""
     interval = float(c.env["CLOBJOB_FLUSH_INTERVAL_S"])
-    versions = c.query("SELECT unit_id, shard, pod, groupArray(toUnixTimestamp64Milli(updated_at) / 1000), "
-                       "groupArray(fills), groupArray(toString(state)) FROM (SELECT * FROM "
-                       "{db}.backfill_progress_history WHERE run_id = {run:String} AND pod != 'vandal' "
-                       "ORDER BY version) GROUP BY unit_id, shard, pod")
-    fetched: dict[int, list[float]] = {}  # unit → [fills, seconds] fetched by one process
-    shard_of, done_at = {}, {}
-    for unit, shard, _, times, fills, states in versions:
-        shard_of[unit] = shard
-        sums = fetched.setdefault(unit, [0.0, 0.0])
-        sums[0] += fills[-1] - fills[0]
-        sums[1] += times[-1] - times[0]
-        if "done" in states:
-            done_at[unit] = min(done_at.get(unit, times[-1]), times[states.index("done")])
-    rates = {unit: f / t for unit, (f, t) in fetched.items() if t > 0}
-    pooled = sum(f for f, _ in fetched.values()) / max(sum(t for _, t in fetched.values()), 1e-9)
-    hit = [unit for at, shard in figures.killed for unit in shard_of
-           if shard_of[unit] == shard and done_at.get(unit, float("inf")) > at]
-    figures.units_hit = len(hit)
-    figures.allowance_fills = interval * sum(rates.get(unit, pooled) for unit in hit) / len(hit) if hit else 0.0
+    found = c.query("SELECT unit_id, any(shard), minIf(toUnixTimestamp64Milli(updated_at), state = 'done') / 1000 "
+                    "FROM {db}.backfill_progress_history WHERE run_id = {run:String} AND pod != 'vandal' "
+                    "GROUP BY unit_id")
+    times = [sampled[0] for sampled in figures.served]
+
+    def sampled(at: float) -> tuple[float, float, frozenset[int]]:
+        return figures.served[max(bisect.bisect_right(times, at) - 1, 0)]
+
+    hit = allowance = 0.0
+    for at, shard, held in figures.killed:
+        _, now, fetching = sampled(at)
+        running = [s for _, s, done in found if done > at and s in fetching | {shard}]
+        mine = sum(1 for s in running if s == shard)
+        hit += mine
+        per_unit = (now - sampled(at - interval)[1]) / len(running) if running else 0.0
+        allowance += mine * per_unit * (interval + held) / interval
+    figures.units_hit = int(hit)
+    figures.allowance_fills = allowance / hit if hit else 0.0
 
 
 # --- the scenarios -------------------------------------------------------------------------------------
@@ -182,7 +186,17 @@ def kills(c: Chaos, count: int = 20) -> None:
     seeded random moments; the Job restarts each index."""
     kinds = [("fills in flight", "clob_fills", False), ("checkpoint in flight", "backfill_progress", False),
              ("fills stored, checkpoint not", "clob_fills", True), ("random moment", "", False)]
+    sampling = threading.Event()
+
     with c.job() as job:
+
+        def sample() -> None:
+            while not sampling.wait(0.1):
+                fetching = frozenset(job.fetching(pid) for pid in job.live()) - {None}
+                c.figures.served.append((time.time(), c.sim.stats()["fills_served"], fetching))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         for n in range(count * 3):
             if c.figures.kills() >= count or job.done():
                 break
@@ -201,9 +215,11 @@ def kills(c: Chaos, count: int = 20) -> None:
             if pid is not None and job.signal(pid, signal.SIGKILL):
                 c.figures.faults[f"kill -9, {kind}"] += 1
                 if shard is not None:  # a process killed while it starts up had fetched nothing
-                    c.figures.killed.append((time.time(), shard))
+                    c.figures.killed.append((time.time(), shard, HOLD_S if table else 0.0))
             time.sleep(c.rng.uniform(0.2, 0.6))  # let the restarted pod get going
         c.finish(job)
+        sampling.set()
+        sampler.join()
 
 
 def two_pods(c: Chaos) -> None:

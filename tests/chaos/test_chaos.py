@@ -44,8 +44,9 @@ def test_scenario_ends_exact_with_status_agreeing(name, db, tmp_path):
             assert figures.faults[f"kill -9, {kind}"] > 0, figures.faults
         assert figures.restarts >= kills
         # A kill costs each unit it interrupts at most the pages that unit requested in the last flush interval
-        # (its rows are stored within one interval of the request; its requests in flight are among them): the
-        # fills re-fetched, per kill per unit hit, within that unit's fills per flush interval as this run measured.
+        # (its rows are stored within one interval of the request; its requests in flight are among them), and
+        # what it requested while an insert was held slow: the fills re-fetched, per kill per unit hit, within a
+        # unit's fills per flush interval (and hold) as this run measured them.
         assert figures.units_hit > 0 and figures.allowance_fills > 0, figures
         assert figures.refetch_per_unit_hit <= 1, figures
     if name == "source storms":
