@@ -18,7 +18,7 @@ from clobjob.models import Checkpoint, UnitState
 from clobjob.store import FillBuffer, Store
 from clobjob.store.outage import Outage
 
-MIN_CADENCE = 0.25  # a page waits at least this share of the flush interval for others (inserts stay large)
+MIN_CADENCE = 0.25  # the timer flushes at most once per this share of the flush interval (inserts stay large)
 
 T = TypeVar("T")
 UnitKey = tuple[int, int]  # (shard, unit id)
