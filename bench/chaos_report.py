@@ -3,8 +3,10 @@
 Each scenario is a run of `clobjob worker` processes (a Job-like restart loop) against `clobjob db serve` and the
 simulator, with its faults injected; after it, the stored fills are compared with the ground truth. Columns:
 faults injected, process restarts, fills expected / stored after FINAL / raw rows beyond one per fill before
-FINAL, pages re-fetched (the simulator's fill requests beyond the same run without faults), re-fetched pages per
-kill per active unit, and wall time ÷ the same run without faults.
+FINAL, pages re-fetched (the simulator's fill requests beyond the same run without faults); for kills, the units
+they interrupted, the pages re-fetched per kill per unit hit, a unit's pages per flush interval (measured in the
+same run from its checkpoints' times) and the ratio of the two (the promise: at most 1); and wall time ÷ the same
+run without faults.
 
     PYTHONPATH=$PWD python bench/chaos_report.py [--seed 18] [--kills 40] [--outage-s 20]
 """
@@ -16,11 +18,12 @@ import functools
 import tempfile
 from pathlib import Path
 
+from clobjob.sources.subgraph import PAGE_SIZE
 from tests.chaos import scenarios
 from tests.chaos.harness import Database
 
 SIZE = {"markets": 300, "shards": 2, "latency_base_s": 0.3, "latency_per_row_ms": 0.5}
-KILL_SIZE = {**SIZE, "markets": 800, "shards": 3}
+KILL_SIZE = {**SIZE, "markets": 2000, "shards": 3}
 
 
 def main() -> None:
@@ -36,7 +39,7 @@ def main() -> None:
         ("ClickHouse outage, back", functools.partial(scenarios.outage_back, down_s=args.outage_s), SIZE),
         ("ClickHouse outage, gone", scenarios.outage_away, SIZE),
         ("source storms", functools.partial(scenarios.storms, low_s=15.0, paused_s=8.0), KILL_SIZE),
-        ("corrupted checkpoint", scenarios.corrupt_checkpoint, SIZE),
+        ("corrupted checkpoint", scenarios.corrupt_checkpoint, KILL_SIZE),
     ]
     root = Path(tempfile.mkdtemp(prefix="clobjob-chaos-"))
     db = Database(root / "chdb")
@@ -60,21 +63,21 @@ def main() -> None:
 
 def print_table(rows: list[tuple[str, scenarios.Figures, scenarios.Figures, int]]) -> None:
     head = ("scenario", "faults injected", "restarts", "expected", "stored", "missing", "extra", "dup raw",
-            "pages re-fetched", "per kill·unit", "wall ÷ clean")
+            "pages re-fetched", "units hit", "re-fetched/kill·unit", "pages/interval·unit", "ratio", "wall ÷ clean")
     lines = [head]
-    for name, fig, base, shards in rows:
+    for name, fig, base, _shards in rows:
         out = fig.outcome
         assert out is not None
         faults = ", ".join(f"{n} {what}" for what, n in sorted(fig.faults.items()) if n) or "-"
         refetched = fig.fill_requests - base.fill_requests
-        kills = fig.kills()
-        units_per_shard = out.status_units[2] / shards
-        per_kill = f"{refetched / kills / units_per_shard:.2f}" if kills else "-"
+        ratio = fig.refetch_per_unit_hit
+        per_unit = (f"{fig.refetched_fills / fig.units_hit / PAGE_SIZE:.2f}", f"{fig.allowance_fills / PAGE_SIZE:.2f}",
+                    f"{ratio:.2f}") if ratio is not None else ("-", "-", "-")
         lines.append((name, faults, str(fig.restarts), f"{out.expected:,}", f"{out.stored:,}", str(out.missing),
-                      str(out.extra), f"{out.duplicated:,}", str(refetched), per_kill,
+                      str(out.extra), f"{out.duplicated:,}", str(refetched), str(fig.units_hit or "-"), *per_unit,
                       f"{fig.wall_s / base.wall_s:.2f}"))
         for note in fig.notes:
-            lines.append(("", f"  {note}", "", "", "", "", "", "", "", "", ""))
+            lines.append(("", f"  {note}", *[""] * (len(head) - 2)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())

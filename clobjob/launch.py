@@ -696,8 +696,8 @@ def work_shard(settings: Settings, run_id: str, shard: int) -> int:
 
 async def _work_shard(settings: Settings, run_id: str, shard: int) -> int:
     stop = asyncio.Event()
-    install_stop_handlers(stop)
-    with open_store(settings) as store:
+    with open_store(settings, wait_s=settings.store_outage_s) as store:  # SIGTERM while it waits: exit 143 at once
+        install_stop_handlers(stop)
         run = store.run(run_id)
         if run is None:
             raise BadInput(f"run {run_id!r} does not exist (plan it first)")

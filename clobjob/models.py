@@ -507,17 +507,21 @@ class WorkUnit(BaseModel):
     expected_requests: int = 1
 
 
+COUNT_MAX = 2**63 - 1  # a stored count above this is a negative number written into the unsigned column
+
+
 class Checkpoint(BaseModel):
-    """The latest progress of one unit; ``cursor`` is opaque to everyone but the source that made it."""
+    """The latest progress of one unit; ``cursor`` is opaque to everyone but the source that made it. A stored
+    row that does not validate (a state that is no ``UnitState``, a negative count) is not a checkpoint."""
 
     run_id: str
     shard: int
     unit_id: int
     state: UnitState = UnitState.PENDING
     cursor: str = ""
-    fills: int = 0
-    pages: int = 0
-    attempts: int = 0
+    fills: int = Field(0, ge=0, le=COUNT_MAX)
+    pages: int = Field(0, ge=0, le=COUNT_MAX)
+    attempts: int = Field(0, ge=0, le=2**31 - 1)
     last_error: str = ""
 
 

@@ -126,10 +126,14 @@ class ShardWorker:
         if not 0 <= self.shard < run.shards:
             raise BadInput(f"shard {self.shard} is outside run {self.run_id!r} (shards 0..{run.shards - 1})")
         units = store.units(self.run_id, self.shard)
-        saved = store.checkpoints(self.run_id, self.shard)
+        by_id = {unit.unit_id: unit for unit in units}
+        saved, invalid = store.checked_checkpoints(self.run_id, self.shard,
+                                                   check=lambda cp: self._cursor_error(by_id.get(cp.unit_id), cp))
+        for bad in invalid:
+            self._log.bind(unit=bad.unit_id).warning("{}", bad)
         progress = []
         for unit in units:
-            cp = self._valid_checkpoint(unit, saved.get(unit.unit_id))
+            cp = saved.get(unit.unit_id)
             p = UnitProgress(unit) if cp is None else UnitProgress(
                 unit, cursor=cp.cursor, fills=cp.fills, pages=cp.pages, attempts=0, state=cp.state)
             if p.state is UnitState.DONE:
@@ -142,25 +146,13 @@ class ShardWorker:
         progress.sort(key=lambda p: (-p.unit.expected_requests, p.unit.unit_id))  # longest first
         return progress, conditions
 
-    def _valid_checkpoint(self, unit: WorkUnit, latest: Checkpoint | None) -> Checkpoint | None:
-        """``latest`` when its cursor is one the source made; else the newest older version that is, with a
-        warning naming the bad value (None, from the unit's start, when no valid version is left)."""
-        if latest is None or self._cursor_error(unit, latest.cursor) is None:
-            return latest
-        older = (cp for cp in self._writer.store.checkpoint_versions(self.run_id, self.shard, unit.unit_id)
-                 if self._cursor_error(unit, cp.cursor) is None)
-        valid = next(older, None)
-        self._log.bind(unit=unit.unit_id).warning(
-            "run {} shard {} unit {}: stored checkpoint is invalid ({}); resuming from {}", self.run_id, self.shard,
-            unit.unit_id, self._cursor_error(unit, latest.cursor),
-            f"its last valid checkpoint ({valid.pages} pages, {valid.fills} fills)" if valid else "the unit's start")
-        return valid
-
-    def _cursor_error(self, unit: WorkUnit, cursor: str) -> str | None:
+    def _cursor_error(self, unit: WorkUnit | None, checkpoint: Checkpoint) -> str | None:
+        """Why a stored checkpoint's cursor is not one the source made for its unit (None: it is)."""
         try:
-            self.source.check_cursor(unit, cursor)
+            if unit is not None:
+                self.source.check_cursor(unit, checkpoint.cursor)
         except SourceError as exc:
-            return str(exc)
+            return f"cursor: {exc}"
         return None
 
     async def _work(self, todo: list[UnitProgress], conditions: Mapping[str, str]) -> int:
@@ -232,7 +224,7 @@ class ShardWorker:
                         return
                     page = self._admit(progress, page, tokens, log)
                     self._advance(progress, page)
-                    await self._writer.add(progress.checkpoint(), self.pod, page.rows)
+                    await self._writer.add(progress.checkpoint(), self.pod, page.rows, self._requested_at(page))
                     done, page = page.done, None  # the buffer has the rows; hold none while the next is fetched
                     if self._lost(progress):
                         return
@@ -273,7 +265,13 @@ class ShardWorker:
         log.warning("unit {} page {}: {} fill(s) of tokens outside the unit not stored (e.g. token {})",
                     progress.unit.unit_id, progress.pages + 1, len(page.rows) - len(kept),
                     next(row[_TOKEN_AT] for row in page.rows if row[_TOKEN_AT] not in tokens)[:80])
-        return Page(kept, page.cursor, page.done)
+        return Page(kept, page.cursor, page.done, page.requested_at)
+
+    def _requested_at(self, page: Page) -> float:
+        """When the page's request was made: as its source says, else now less the requests' smoothed latency."""
+        if page.requested_at is not None:
+            return page.requested_at
+        return time.monotonic() - (self.controller.snapshot().latency_s or 0.0)
 
     def _lost(self, progress: UnitProgress) -> bool:
         """True when a failed flush lost rows of this unit (``StoreWriter.lost``): the unit is failed."""

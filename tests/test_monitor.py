@@ -114,7 +114,7 @@ def test_coverage_by_month_and_worst_gaps(store):
 
 STATUS_KEYS = {"schema_version", "generated_at", "live", "live_age_s", "stalled_after_s", "run_id",
                "parent_run_id", "created_at", "source", "state", "ended", "reruns", "finished_by", "markets", "recent",
-               "v2", "aggregate", "shards"}
+               "v2", "aggregate", "shards", "invalid_checkpoints"}
 MARKETS_KEYS = {"universe", "covered", "not_covered", "coverage", "complete", "zero_fill", "incomplete", "missing",
                 "unknown", "source_short", "waiting_v2"}
 AGGREGATE_KEYS = {"units_done", "units_failed", "units_total", "fills", "expected_fills", "rps", "share_429",
@@ -186,6 +186,21 @@ def test_status_json_schema_is_stable(store):
     assert all(set(s) == SHARD_KEYS for s in status["shards"])
     light = monitor.run_status(store, now=NOW, coverage=False)
     assert set(light) == STATUS_KEYS and light["markets"] is None and light["recent"] is None
+
+
+def test_status_shows_a_progress_row_that_fails_validation_and_what_its_unit_resumes_from(store):
+    from tests.chaos.harness import insert_raw_progress
+
+    seed_run(store)
+    insert_raw_progress(store.db.client, store.db.database, run_id="r1", shard=2, unit_id=5, state=7, fills=40)
+    status = json.loads(json.dumps(monitor.run_status(store, "r1", now=NOW)))
+    (bad,) = status["invalid_checkpoints"]
+    assert (bad["shard"], bad["unit_id"], bad["resumes_from"]) == (2, 5, {"pages": 2, "fills": 40})
+    assert bad["reason"].startswith("state 7: ") and "pod vandal" in bad["where"]
+    shard = next(s for s in status["shards"] if s["shard"] == 2)
+    assert (shard["units_done"], shard["units_failed"], shard["units_total"]) == (1, 0, 3)
+    assert "invalid checkpoint: shard 2 unit 5: state 7: " in monitor.render_status(status)
+    assert "resumes from 2 pages" in monitor.render_status(status)
 
 
 def test_default_run_is_the_latest_and_unknown_run_is_bad_input(store):

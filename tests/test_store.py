@@ -97,3 +97,38 @@ def test_database_name_is_an_identifier(settings):
     with pytest.raises(BadInput, match="CLOBJOB_CLICKHOUSE_DATABASE='x`; drop': not a plain identifier"):
         settings.with_overrides(clickhouse_database="x`; drop")
     assert isinstance(Database(None, "ok").sql("{db}.t"), str)
+
+
+def test_a_progress_row_that_fails_validation_gives_way_to_the_units_last_valid_version(store):
+    """A latest progress row with a state that is no unit state, or a negative count, is reported with the bad
+    value and where it is stored; the unit's checkpoint is its newest older valid version, kept after the
+    table merged the old versions away (never its start while a valid one exists)."""
+    import clickhouse_connect
+
+    from tests.chaos.harness import insert_raw_progress
+
+    units = [WorkUnit(run_id="r1", unit_id=u, shard=0, token_ids=(str(u),), expected_fills=10) for u in (1, 2, 3)]
+    store.create_run(Run(run_id="r1", shards=1, source="subgraph"), units)
+    for pages in (1, 2):
+        store.save_checkpoints([Checkpoint(run_id="r1", shard=0, unit_id=u, state=UnitState.RUNNING,
+                                           cursor=f"c{u}-{pages}", fills=5 * pages, pages=pages) for u in (1, 2)])
+    client = store.db.client
+    assert isinstance(client, clickhouse_connect.driver.client.Client)
+    insert_raw_progress(client, store.db.database, run_id="r1", unit_id=1, state=7, cursor="c1-9", fills=7)
+    insert_raw_progress(client, store.db.database, run_id="r1", unit_id=2, state=1, cursor="c2-9", fills=-5)
+    insert_raw_progress(client, store.db.database, run_id="r1", unit_id=3, state=2, cursor="c3", attempts=-1)
+    store.db.command("OPTIMIZE TABLE {db}.backfill_progress FINAL")  # the older versions merged away
+
+    saved, invalid = store.checked_checkpoints("r1", 0)
+    assert {u: (cp.cursor, cp.pages, cp.fills) for u, cp in saved.items()} == {1: ("c1-2", 2, 10),
+                                                                              2: ("c2-2", 2, 10)}
+    assert [(bad.unit_id, bad.resumed.pages if bad.resumed else None) for bad in invalid] == [(1, 2), (2, 2), (3, None)]
+    assert invalid[0].reason.startswith("state 7: ") and f"fills {2**64 - 5}: " in invalid[1].reason
+    assert f"attempts {2**32 - 1}: " in invalid[2].reason
+    shown = str(invalid[0])
+    assert shown.startswith("run r1 shard 0 unit 1: stored checkpoint is invalid (state 7: ") and "pod vandal" in shown
+    assert "resuming from its last valid checkpoint (2 pages, 10 fills)" in shown
+    assert "resuming from the unit's start" in str(invalid[2])
+
+    cursor_check = store.checked_checkpoints("r1", 0, check=lambda cp: "cursor: not mine" if cp.pages == 2 else None)
+    assert {u: cp.cursor for u, cp in cursor_check[0].items()} == {1: "c1-1", 2: "c2-1"}  # a version further back

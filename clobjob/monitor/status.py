@@ -51,6 +51,11 @@ else ``pending``. ``ended`` is true for done, failed and stopped: ``status --wat
 
 ``reruns``: the runs made from this one by ``clobjob rerun`` (``run_id, state``, latest first); ``finished_by``:
 the first of them that is done, when this run is not (null otherwise).
+
+``invalid_checkpoints``: the units whose latest stored progress row fails validation (a state that is no unit
+state, a negative count): ``shard, unit_id, reason`` (each bad field and its value), ``where`` (the row's
+version, pod and time) and ``resumes_from`` (``pages, fills`` of the newest older version that is valid, which
+the unit resumes from; null: none is left, it starts again). The shard figures count such a row as it is.
 """
 
 from __future__ import annotations
@@ -226,7 +231,16 @@ def run_status(store: Store, run_id: str | None = None, *, now: datetime | None 
             m.status is MarketStatus.WAITING_V2 for m in markets)) else None,
         "aggregate": _aggregate(shards, beats),
         "shards": [s.model_dump(mode="json") for s in shards],
+        "invalid_checkpoints": _invalid_checkpoints(store, run.run_id) if run else [],
     }
+
+
+def _invalid_checkpoints(store: Store, run_id: str) -> list[dict[str, Any]]:
+    """The units of a run whose latest progress row fails validation, and what each resumes from."""
+    return [{"shard": bad.shard, "unit_id": bad.unit_id, "reason": bad.reason, "where": bad.where,
+             "resumes_from": None if bad.resumed is None else {"pages": bad.resumed.pages,
+                                                               "fills": bad.resumed.fills}}
+            for bad in store.checked_checkpoints(run_id)[1]]
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -339,6 +353,11 @@ def render_status(status: Mapping[str, Any]) -> str:
                 lines.append("      last error: " + short_error(printable(s["last_error"]), WIDTH - 18))
         if more:
             lines += ["", MORE_THAN_EXPECTED]
+        for bad in status.get("invalid_checkpoints") or ():
+            resumes = bad["resumes_from"]
+            lines.append(f"invalid checkpoint: shard {bad['shard']} unit {bad['unit_id']}: "
+                         f"{short_error(printable(bad['reason']), WIDTH - 66)} · resumes from "
+                         + (f"{resumes['pages']:,} pages" if resumes else "its start"))
     if status.get("state") == RunState.STOPPED:
         lines += render_job(status.get("job"))
         return "\n".join(line.rstrip() for line in [*lines, "", STOPPED_HINT])

@@ -18,11 +18,13 @@ from clobjob.models import WorkUnit
 
 @dataclass(frozen=True)
 class Page:
-    """One fetched page: rows, the cursor after it, and whether the unit is finished."""
+    """One fetched page: rows, the cursor after it, whether the unit is finished, and when its request was made
+    (``time.monotonic()``; None when the source does not say)."""
 
     rows: Sequence[tuple[Any, ...]]
     cursor: str
     done: bool
+    requested_at: float | None = None
 
 
 class Lanes(Protocol):

@@ -67,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -527,7 +528,7 @@ class _UnitPaging:
         if unit.ts_to is not None:
             self._base["to"] = str(unit.ts_to)
         self._owned: set[Segment] = set()
-        self._ready: asyncio.Queue[tuple[Segment, list[tuple[Any, ...]], str | None, asyncio.Future[None]]
+        self._ready: asyncio.Queue[tuple[Segment, list[tuple[Any, ...]], str | None, float, asyncio.Future[None]]
                                    | Exception] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._start(segments[0])
@@ -537,13 +538,13 @@ class _UnitPaging:
         item = await self._ready.get()
         if isinstance(item, Exception):
             raise item
-        segment, rows, last, resume = item
+        segment, rows, last, requested_at, resume = item
         if last is None:
             self.segments.remove(segment)
         else:
             segment.after = last
         resume.set_result(None)
-        return Page(rows, encode_cursor(self.segments), not self.segments)
+        return Page(rows, encode_cursor(self.segments), not self.segments, requested_at)
 
     async def close(self) -> None:
         """Cancel the lanes still running."""
@@ -569,9 +570,10 @@ class _UnitPaging:
         try:
             while segment is not None:
                 self._widen(segment)
+                requested_at = time.monotonic()
                 rows, last = await self._fetch(segment)
                 resume = asyncio.get_running_loop().create_future()
-                self._ready.put_nowait((segment, rows, last, resume))
+                self._ready.put_nowait((segment, rows, last, requested_at, resume))
                 rows = None
                 await resume
                 if last is None:  # the segment is done: take a pending one, if any

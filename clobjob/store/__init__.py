@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from clickhouse_connect.driver.exceptions import OperationalError
+
 from clobjob.config import Settings
+from clobjob.errors import StoreUnreachable
 from clobjob.store.database import Database, DatabaseBusy, connect, database_holder
 from clobjob.store.fills import FillBuffer, FillTable
 from clobjob.store.markets import MarketTable
+from clobjob.store.outage import Outage
 from clobjob.store.runs import RunTables
 
 __all__ = ["Database", "DatabaseBusy", "FillBuffer", "Store", "database_holder", "open_store"]
@@ -34,13 +39,35 @@ class Store(FillTable, MarketTable, RunTables):
 
 
 @contextmanager
-def open_store(settings: Settings, *, migrate: bool = True) -> Iterator[Store]:
+def open_store(settings: Settings, *, migrate: bool = True, wait_s: float = 0.0) -> Iterator[Store]:
     """Open the configured database, migrating it first unless ``migrate=False``; ``DatabaseBusy`` names the
-    process holding an embedded database."""
+    process holding an embedded database. A server that cannot be reached is waited for up to ``wait_s``
+    (retrying with backoff, as the store writer does), then ``StoreUnreachable`` names the redacted DSN."""
+    store = _reached(settings, migrate, wait_s)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _reached(settings: Settings, migrate: bool, wait_s: float) -> Store:
+    """The store opened once the server answers, tried again for up to ``wait_s``."""
+    outage = Outage(wait_s, settings.redacted_dsn(), "waiting for it")
+    while True:
+        try:
+            return _opened(settings, migrate)
+        except (StoreUnreachable, OperationalError) as exc:
+            if wait_s <= 0:
+                raise
+            time.sleep(outage.delay(exc))
+
+
+def _opened(settings: Settings, migrate: bool) -> Store:
     store = Store(Database(connect(settings), settings.clickhouse_database, settings.clickhouse_cluster))
     try:
         if migrate:
             store.migrate()
-        yield store
-    finally:
+    except BaseException:
         store.close()
+        raise
+    return store

@@ -12,10 +12,12 @@ from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import Error as DriverError
+from clickhouse_connect.driver.exceptions import OperationalError
 
 from clobjob.config import Settings
-from clobjob.errors import BadInput, ClobjobError
+from clobjob.errors import BadInput, ClobjobError, StoreUnreachable
 from clobjob.store import schema
+from clobjob.store.outage import reason_of
 
 # Pinned so behaviour does not depend on server defaults: synchronous inserts, no block deduplication (fills
 # dedup by id; a block dropped as a "duplicate" would make the written count disagree with the rows sent).
@@ -68,7 +70,8 @@ def database_holder(settings: Settings) -> int | None:
 def connect(settings: Settings) -> Any:
     """A clickhouse-connect client for the configured DSN (``http(s)://…`` or ``chdb:///path``).
 
-    ``DatabaseBusy`` naming the holding process when another one has the embedded database open.
+    ``DatabaseBusy`` naming the holding process when another one has the embedded database open;
+    ``StoreUnreachable`` when the server cannot be reached (nothing answers: a retry may help).
     """
     dsn = settings.dsn()
     options: dict[str, Any] = {"interface": urlsplit(dsn).scheme}  # the driver alone guesses https from the port
@@ -86,6 +89,9 @@ def connect(settings: Settings) -> Any:
     except Exception as exc:  # the driver's message may contain the DSN: show the redacted one
         if (holder := database_holder(settings)) is not None:
             raise DatabaseBusy(holder) from None
+        if isinstance(exc, OperationalError) and not settings.embedded:  # nothing answers (its text has no DSN)
+            raise StoreUnreachable(f"cannot connect to ClickHouse at {settings.redacted_dsn()}: "
+                                   f"{reason_of(exc)}") from None
         raise ClobjobError(f"cannot connect to ClickHouse at {settings.redacted_dsn()}: "
                            f"{type(exc).__name__}") from None
 

@@ -1,19 +1,22 @@
 """The run tables: ``backfill_runs``, ``backfill_units`` (the plan), ``backfill_progress`` (checkpoints,
-latest version wins) and ``backfill_heartbeats`` (latest per shard)."""
+latest version wins; every version also kept in ``backfill_progress_history``) and ``backfill_heartbeats``
+(latest per shard)."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
+
+from pydantic import ValidationError
 
 from clobjob.models import (
     Checkpoint,
     Heartbeat,
     Run,
     RunParams,
-    UnitState,
     WorkUnit,
     as_utc,
 )
@@ -24,6 +27,9 @@ UNIT_COLUMNS = ("run_id", "shard", "unit_id", "source", "condition_ids", "token_
                 "id_to", "expected_fills", "expected_requests")
 PROGRESS_COLUMNS = ("run_id", "shard", "unit_id", "state", "cursor", "fills", "pages", "attempts",
                     "last_error")
+# Read beside a progress row: the state's Enum8 code (the driver reads a code outside the enum as None), and
+# where the row is stored.
+STORED_PROGRESS = ", ".join(PROGRESS_COLUMNS) + ", toInt8(state), version, pod, updated_at"
 HEARTBEAT_COLUMNS = tuple(Heartbeat.model_fields)
 RUN_COLUMNS = ("run_id", "parent_run_id", "source", "shards", "params", "created_at")
 
@@ -38,6 +44,47 @@ LEFT JOIN (SELECT shard, unit_id, state, fills, pages, last_error, updated_at FR
            WHERE run_id = {run:String}) AS p USING (shard, unit_id)
 GROUP BY shard ORDER BY shard
 """
+
+
+CheckpointCheck = Callable[[Checkpoint], str | None]
+"""A further check of a stored checkpoint (the source's of its cursor): the reason it is invalid, or None."""
+
+
+@dataclass(frozen=True)
+class InvalidCheckpoint:
+    """A unit's latest stored progress row that fails validation: why, where it is stored, and the newest older
+    version of the unit that passes, which the unit resumes from (None: none is left, it starts again)."""
+
+    run_id: str
+    shard: int
+    unit_id: int
+    reason: str
+    where: str
+    resumed: Checkpoint | None
+
+    def __str__(self) -> str:
+        resumed = "the unit's start (no valid version left)" if self.resumed is None else (
+            f"its last valid checkpoint ({self.resumed.pages} pages, {self.resumed.fills} fills)")
+        return (f"run {self.run_id} shard {self.shard} unit {self.unit_id}: stored checkpoint is invalid "
+                f"({self.reason}) in {self.where}; resuming from {resumed}")
+
+
+def _checked(row: Sequence, check: CheckpointCheck | None) -> tuple[Checkpoint | None, str]:
+    """A ``STORED_PROGRESS`` row as a checkpoint, or None and the reason naming each bad field and its value."""
+    values = dict(zip(PROGRESS_COLUMNS, row))
+    if values["state"] is None:  # an Enum8 code outside the enum: validate the code itself
+        values["state"] = row[len(PROGRESS_COLUMNS)]
+    try:
+        checkpoint = Checkpoint(**values)
+    except ValidationError as exc:
+        return None, "; ".join(f"{'.'.join(map(str, e['loc']))} {e['input']!r}: {e['msg']}" for e in exc.errors())
+    reason = check(checkpoint) if check is not None else None
+    return (None, reason) if reason else (checkpoint, "")
+
+
+def _where(row: Sequence) -> str:
+    version, pod, updated_at = row[len(PROGRESS_COLUMNS) + 1:]
+    return f"backfill_progress version {version} (pod {pod or '?'}, written {as_utc(updated_at):%Y-%m-%d %H:%M:%S} UTC)"
 
 
 def _now() -> datetime:
@@ -68,7 +115,8 @@ class RunTables:
 
     def delete_run(self, run_id: str) -> None:
         """Remove a run, its plan and its progress (used to re-plan with --force)."""
-        for table in ("backfill_runs", "backfill_units", "backfill_progress", "backfill_heartbeats"):
+        for table in ("backfill_runs", "backfill_units", "backfill_progress", "backfill_progress_history",
+                      "backfill_heartbeats"):
             self.db.command(f"DELETE FROM {{db}}.{table} WHERE run_id = {{run:String}}", {"run": run_id})
 
     def runs(self) -> list[Run]:
@@ -105,35 +153,40 @@ class RunTables:
         self.db.insert("backfill_progress", PROGRESS_COLUMNS + ("pod", "updated_at", "version"),
                        columns + [[pod] * len(rows), [now] * len(rows), [version + i for i in range(len(rows))]])
 
-    def checkpoints(self, run_id: str, shard: int | None = None) -> dict[int, Checkpoint]:
-        """The latest checkpoint of every unit that has one, by unit id."""
-        where = "run_id = {run:String}" + (" AND shard = {shard:UInt32}" if shard is not None else "")
-        found = self.db.rows(
-            f"SELECT {', '.join(PROGRESS_COLUMNS)} FROM {{db}}.backfill_progress FINAL WHERE {where}",
-            {"run": run_id, "shard": shard},
-        )
-        result = {}
-        for row in found:
-            values = dict(zip(PROGRESS_COLUMNS, row))
-            values["state"] = UnitState(values["state"])
-            result[values["unit_id"]] = Checkpoint(**values)
-        return result
+    def checkpoints(self, run_id: str, shard: int | None = None, *,
+                    check: CheckpointCheck | None = None) -> dict[int, Checkpoint]:
+        """The latest valid checkpoint of every unit that has one, by unit id (see ``checked_checkpoints``)."""
+        return self.checked_checkpoints(run_id, shard, check=check)[0]
 
-    def checkpoint_versions(self, run_id: str, shard: int, unit_id: int) -> list[Checkpoint]:
-        """Every stored version of one unit's checkpoint not yet merged away, newest first (rows whose values do
-        not parse are left out)."""
-        found = self.db.rows(
-            f"SELECT {', '.join(PROGRESS_COLUMNS)} FROM {{db}}.backfill_progress "
-            "WHERE run_id = {run:String} AND shard = {shard:UInt32} AND unit_id = {unit:UInt32} ORDER BY version DESC",
-            {"run": run_id, "shard": shard, "unit": unit_id},
-        )
-        versions = []
+    def checked_checkpoints(self, run_id: str, shard: int | None = None, *, check: CheckpointCheck | None = None
+                            ) -> tuple[dict[int, Checkpoint], list[InvalidCheckpoint]]:
+        """The latest checkpoint of every unit that has one, by unit id, and the units whose latest stored row
+        fails validation (``Checkpoint``'s, then ``check``'s): each of those has its newest older version that
+        passes instead (from the kept history), or none."""
+        where = "run_id = {run:String}" + (" AND shard = {shard:UInt32}" if shard is not None else "")
+        found = self.db.rows(f"SELECT {STORED_PROGRESS} FROM {{db}}.backfill_progress FINAL WHERE {where}",
+                             {"run": run_id, "shard": shard})
+        result, invalid = {}, []
         for row in found:
-            try:
-                versions.append(Checkpoint(**dict(zip(PROGRESS_COLUMNS, row))))
-            except ValueError:
-                continue
-        return versions
+            checkpoint, reason = _checked(row, check)
+            unit_shard, unit_id, version = row[1], row[2], row[len(PROGRESS_COLUMNS) + 1]
+            if checkpoint is None:
+                checkpoint = self._last_valid(run_id, unit_shard, unit_id, version, check)
+                invalid.append(InvalidCheckpoint(run_id, unit_shard, unit_id, reason, _where(row), checkpoint))
+            if checkpoint is not None:
+                result[unit_id] = checkpoint
+        return result, sorted(invalid, key=lambda bad: (bad.shard, bad.unit_id))
+
+    def _last_valid(self, run_id: str, shard: int, unit_id: int, below: int,
+                    check: CheckpointCheck | None) -> Checkpoint | None:
+        """The newest version of a unit's checkpoint older than ``below`` that validates, None when none does."""
+        key = ("run_id = {run:String} AND shard = {shard:UInt32} AND unit_id = {unit:UInt32} "
+               "AND version < {below:UInt64}")
+        found = self.db.rows(
+            f"SELECT * FROM (SELECT {STORED_PROGRESS} FROM {{db}}.backfill_progress_history WHERE {key} UNION ALL "
+            f"SELECT {STORED_PROGRESS} FROM {{db}}.backfill_progress WHERE {key}) ORDER BY version DESC",
+            {"run": run_id, "shard": shard, "unit": unit_id, "below": below})
+        return next((cp for cp in (_checked(row, check)[0] for row in found) if cp is not None), None)
 
     def fetched_markets(self) -> dict[str, datetime]:
         """Markets fetched whole by some run (every unit holding them done) → when the last unit finished.

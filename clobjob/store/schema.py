@@ -134,6 +134,17 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 ADD COLUMN IF NOT EXISTS block_to Nullable(UInt64)""",
         ],
     ),
+    (
+        3,
+        "every version of every checkpoint, kept: a unit whose latest checkpoint fails validation resumes from its "
+        "last valid one (backfill_progress keeps only the latest once merged)",
+        [
+            """CREATE TABLE IF NOT EXISTS {db}.backfill_progress_history {on_cluster} AS {db}.backfill_progress
+                ENGINE = {engine:MergeTree} ORDER BY (run_id, shard, unit_id, version)""",
+            """CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.backfill_progress_versions {on_cluster}
+                TO {db}.backfill_progress_history AS SELECT * FROM {db}.backfill_progress""",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -4,7 +4,7 @@ shard the process runs, flushed in large batches (one insert stream per process,
 from __future__ import annotations
 
 import asyncio
-import random
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +16,9 @@ from loguru import logger
 from clobjob.errors import StoreUnreachable, describe
 from clobjob.models import Checkpoint, UnitState
 from clobjob.store import FillBuffer, Store
+from clobjob.store.outage import Outage
 
-RETRY_BASE_S, RETRY_CAP_S = 0.25, 5.0  # backoff while the server is unreachable: full jitter, doubling to the cap
+MIN_CADENCE = 0.25  # the timer flushes at most once per this share of the flush interval (inserts stay large)
 
 T = TypeVar("T")
 UnitKey = tuple[int, int]  # (shard, unit id)
@@ -44,6 +45,8 @@ class StoreWriter:
         self._buffer = FillBuffer()
         self._pending: dict[UnitKey, tuple[Checkpoint, str]] = {}
         self._lock = asyncio.Lock()
+        self._flush_s = 0.0  # how long the last flush took to store
+        self._oldest: float | None = None  # when the oldest page buffered was requested (monotonic)
         self.lost: dict[UnitKey, str] = {}  # written on the store thread only
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -54,30 +57,37 @@ class StoreWriter:
     async def _until_reachable(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the store thread, retried whole while the server cannot be reached (a rerun insert
         is harmless: fills dedup by id, checkpoints by version)."""
-        loop, since, attempt = asyncio.get_running_loop(), time.monotonic(), 0
+        loop, outage = asyncio.get_running_loop(), Outage(self._outage_s, self._dsn)
         while True:
             if self._unreachable is not None:
                 raise self._unreachable
             try:
                 return await loop.run_in_executor(self._thread, fn, *args)
             except OperationalError as exc:
-                attempt += 1
-                waited = time.monotonic() - since
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-                if waited >= self._outage_s:
-                    self._unreachable = StoreUnreachable(
-                        f"ClickHouse at {self._dsn} unreachable for {waited:.0f} s "
-                        f"(CLOBJOB_STORE_OUTAGE_S={self._outage_s:g}): {reason}")
-                    raise self._unreachable from None
-                if attempt == 1:
-                    logger.warning("ClickHouse at {} unreachable, retrying for up to {:g} s: {}", self._dsn,
-                                   self._outage_s, reason)
-                delay = random.uniform(0.0, min(RETRY_CAP_S, RETRY_BASE_S * 2.0 ** min(attempt - 1, 30)))
-                await asyncio.sleep(min(delay, max(self._outage_s - waited, 0.0)))
+                try:
+                    delay = outage.delay(exc)
+                except StoreUnreachable as gone:
+                    self._unreachable = gone
+                    raise gone from None
+                await asyncio.sleep(delay)
 
-    async def add(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]] = ()) -> None:
-        """Queue a page's rows and the unit's new checkpoint (nothing of a lost unit); flush when the batch is full.
-        Raises ``StoreUnreachable`` once the server has been away too long (nothing more can be stored)."""
+    async def add(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]] = (),
+                  requested_at: float | None = None) -> None:
+        """Queue a page's rows and the unit's new checkpoint (nothing of a lost unit), ``requested_at`` when the
+        page's request was made (``time.monotonic()``; default now); flush when the batch is full.
+        While a flush is being stored the page is queued only once it is (even when cancelled meanwhile: a fetched
+        page is never dropped), so a unit requests no more pages than the store keeps up with and a crash during a
+        slow insert loses no more. Raises ``StoreUnreachable`` once the server has been away too long (nothing
+        more can be stored)."""
+        try:
+            async with self._lock:
+                pass
+        finally:
+            self._queue(checkpoint, pod, rows, time.monotonic() if requested_at is None else requested_at)
+        if len(self._buffer) >= self._batch_rows:
+            await self.flush()
+
+    def _queue(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]], requested_at: float) -> None:
         if self._unreachable is not None:
             raise self._unreachable
         key = (checkpoint.shard, checkpoint.unit_id)
@@ -85,16 +95,17 @@ class StoreWriter:
             return
         self._buffer.extend(rows)
         self._pending[key] = (checkpoint, pod)
-        if len(self._buffer) >= self._batch_rows:
-            await self.flush()
+        self._oldest = requested_at if self._oldest is None else min(self._oldest, requested_at)
 
     async def flush(self) -> None:
         """Store buffered rows, then the checkpoints queued with them."""
         async with self._lock:
             columns, checkpoints = self._buffer.take(), self._pending
-            self._pending = {}
+            self._pending, self._oldest = {}, None
             if columns[0] or checkpoints:
+                started = time.monotonic()
                 await self.call(self._write, columns, checkpoints)
+                self._flush_s = time.monotonic() - started
 
     def _write(self, columns: list[list[Any]], checkpoints: dict[UnitKey, tuple[Checkpoint, str]]) -> None:
         """One job on the store thread, so the checkpoints cannot be written without their rows."""
@@ -129,16 +140,29 @@ class StoreWriter:
             logger.error("could not record the failed units either: {}", describe(again))
 
     async def flush_every(self, interval_s: float) -> None:
-        """Flush on a timer (the time bound of a batch); a failed flush is handled by ``flush`` itself, and
-        anything else is logged, never ends the timer (but a store away for good does)."""
+        """Flush on a timer, early enough that a page's rows are stored within ``interval_s`` of its request: once
+        the oldest page buffered was requested ``interval_s`` ago less the last flush's duration — but at least
+        ``MIN_CADENCE`` × ``interval_s`` after the previous flush (inserts stay large when requests are slow). A
+        failed flush is handled by ``flush`` itself, and anything else is logged, never ends the timer (but a store
+        away for good does)."""
+        step = interval_s * MIN_CADENCE
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(step)
+            while (due := self._due_in(interval_s)) > 0:
+                await asyncio.sleep(min(due, step))  # an older page may be queued meanwhile
             try:
                 await self.flush()
             except StoreUnreachable:
                 raise
             except Exception as exc:  # noqa: BLE001 - a dead timer would leave batches unflushed, silently
                 logger.opt(exception=exc).error("timed flush failed: {}", describe(exc))
+
+    def _due_in(self, interval_s: float) -> float:
+        """Seconds until the oldest page buffered was requested ``interval_s`` ago less the last flush's duration
+        (infinite when nothing is buffered)."""
+        if self._oldest is None:
+            return math.inf
+        return interval_s - self._flush_s - (time.monotonic() - self._oldest)
 
     def close(self) -> None:
         """Stop the thread (after pending calls finish)."""

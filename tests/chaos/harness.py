@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -31,8 +32,9 @@ _INSERT_INTO = re.compile(r"^\s*INSERT\s+INTO\s+(?:`?\w+`?\.)?`?(\w+)`?", re.IGN
 _PEER: ContextVar[int] = ContextVar("peer", default=0)  # the client port of the request being served
 RESTARTED = {1, -signal.SIGKILL, 137}  # what the Job restarts: a failure or a kill (exit 2 and 143 are final)
 
-# Intervals short enough that a CI run sees many flushes, beats and stalls; an outage budget of 30 s.
-FAST = {"CLOBJOB_FLUSH_INTERVAL_S": "0.2", "CLOBJOB_HEARTBEAT_INTERVAL_S": "0.5", "CLOBJOB_STALL_TIMEOUT_S": "3",
+# Beats and stalls short enough that a CI run sees many; an outage budget of 30 s; the default flush interval, 2 s:
+# longer than a page's request (0.8 s), so that a page's rows can be stored within one interval of its request.
+FAST = {"CLOBJOB_FLUSH_INTERVAL_S": "2", "CLOBJOB_HEARTBEAT_INTERVAL_S": "0.5", "CLOBJOB_STALL_TIMEOUT_S": "3",
         "CLOBJOB_REQUEST_TIMEOUT_S": "2", "CLOBJOB_STORE_OUTAGE_S": "30", "CLOBJOB_LOG_FORMAT": "json"}
 
 
@@ -159,6 +161,8 @@ class Job:
         self.procs: dict[tuple[int, int], subprocess.Popen] = {}
         self.exits: dict[tuple[int, int], int] = {}
         self.restarts = 0
+        self.spawned: Counter[tuple[int, int]] = Counter()
+        self.log_from: dict[tuple[int, int], int] = {}  # where the log of each slot's current process begins
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, daemon=True)
@@ -180,7 +184,10 @@ class Job:
     def _spawn(self, slot: tuple[int, int]) -> None:
         index, copy = slot
         log = open(self.logs / f"worker-{index}-{copy}.log", "a")  # noqa: SIM115 - the child owns it
-        env = {**self.env, "JOB_COMPLETION_INDEX": str(index), "POD_NAME": f"chaos-{index}-{copy}"}
+        self.spawned[slot] += 1  # each pod a name of its own, as Kubernetes gives
+        self.log_from[slot] = log.tell()
+        env = {**self.env, "JOB_COMPLETION_INDEX": str(index),
+               "POD_NAME": f"chaos-{index}-{copy}-{self.spawned[slot]}"}
         self.procs[slot] = subprocess.Popen([sys.executable, "-m", "clobjob", "worker", "--run-id", self.run_id],
                                             env=env, stdout=subprocess.DEVNULL, stderr=log)
         log.close()
@@ -211,6 +218,17 @@ class Job:
                 return False
             os.kill(pid, sig)
             return True
+
+    def fetching(self, pid: int) -> int | None:
+        """The index a worker process of the Job works once it has loaded its units and started them (None
+        before, or when it is no longer one of the Job's)."""
+        with self._lock:
+            slot = next((slot for slot, p in self.procs.items() if p.pid == pid), None)
+        if slot is None:
+            return None
+        with open(self.logs / f"worker-{slot[0]}-{slot[1]}.log", "rb") as log:
+            log.seek(self.log_from[slot])
+            return slot[0] if b"shard starts" in log.read() else None
 
     def done(self) -> bool:
         with self._lock:
@@ -287,3 +305,26 @@ def raw_count(env: dict[str, str]) -> int:
     done = subprocess.run([sys.executable, "-c", RAW], env=env, capture_output=True, text=True, timeout=120,
                           check=True)
     return int(done.stdout.strip())
+
+
+def insert_raw_progress(client: Any, database: str, **values: Any) -> None:
+    """Write one ``backfill_progress`` row as RowBinary, which ClickHouse stores unchecked, as a hand edit or
+    another tool could: a state Enum8 code outside the enum (``state=7``), a negative count (``fills=-5``)."""
+
+    def string(text: str) -> bytes:
+        data = text.encode()
+        out, n = bytearray(), len(data)
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out) + data
+
+    row = {"shard": 0, "cursor": "", "fills": 0, "pages": 0, "attempts": 0, "last_error": "", "pod": "vandal",
+           "updated_at": int(time.time() * 1000), "version": time.time_ns(), **values}
+    layout = (("run_id", string), ("shard", "<I"), ("unit_id", "<I"), ("state", "<b"), ("cursor", string),
+              ("fills", "<q"), ("pages", "<q"), ("attempts", "<i"), ("last_error", string), ("pod", string),
+              ("updated_at", "<q"), ("version", "<Q"))
+    body = b"".join(kind(row[name]) if callable(kind) else struct.pack(kind, row[name]) for name, kind in layout)
+    client.raw_insert(f"`{database}`.backfill_progress", column_names=[name for name, _ in layout],
+                      insert_block=body, fmt="RowBinary")
