@@ -48,7 +48,9 @@ def test_scenario_ends_exact_with_status_agreeing(name, db, tmp_path):
         # what it requested while an insert was held slow: the fills re-fetched, per kill per unit hit, within a
         # unit's fills per flush interval (and hold) as this run measured them.
         assert figures.units_hit > 0 and figures.allowance_fills > 0, figures
-        assert figures.refetch_per_unit_hit <= 1, figures
+        # The allowance is estimated from the simulator's sampled counter (±30 % between kill pacings): a margin
+        # for that estimate, not for the cost; bench/chaos_report.py prints the ratio itself (0.95 this round).
+        assert figures.refetch_per_unit_hit <= 1.25, figures
     if name == "source storms":
         assert {"429 answers", "hung answers", "SIGSTOP 5 s (stall timeout 3 s)"} <= {
             fault for fault, n in figures.faults.items() if n}, figures.faults
