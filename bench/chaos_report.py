@@ -8,7 +8,7 @@ they interrupted, the pages re-fetched per kill per unit hit, a unit's pages per
 same run from its checkpoints' times) and the ratio of the two (the promise: at most 1); and wall time ÷ the same
 run without faults.
 
-    PYTHONPATH=$PWD python bench/chaos_report.py [--seed 18] [--kills 40] [--outage-s 20]
+    PYTHONPATH=$PWD python bench/chaos_report.py [--seed 18] [--kills 40] [--outage-s 30] [--low-s 60]
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=18)
     parser.add_argument("--kills", type=int, default=40)
-    parser.add_argument("--outage-s", type=float, default=20.0, help="how long ClickHouse is down (comes back)")
+    parser.add_argument("--outage-s", type=float, default=30.0, help="how long ClickHouse is down (comes back)")
+    parser.add_argument("--low-s", type=float, default=60.0, help="how long the limit stays at a tenth")
     args = parser.parse_args()
     schedule = [
         ("kill -9 ×N", functools.partial(scenarios.kills, count=args.kills), KILL_SIZE),
@@ -38,7 +39,7 @@ def main() -> None:
         ("SIGTERM throttled", scenarios.sigterm_throttled, SIZE),
         ("ClickHouse outage, back", functools.partial(scenarios.outage_back, down_s=args.outage_s), SIZE),
         ("ClickHouse outage, gone", scenarios.outage_away, SIZE),
-        ("source storms", functools.partial(scenarios.storms, low_s=15.0, paused_s=8.0), KILL_SIZE),
+        ("source storms", functools.partial(scenarios.storms, low_s=args.low_s, paused_s=8.0), KILL_SIZE),
         ("corrupted checkpoint", scenarios.corrupt_checkpoint, KILL_SIZE),
     ]
     root = Path(tempfile.mkdtemp(prefix="clobjob-chaos-"))
