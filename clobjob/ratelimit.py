@@ -386,8 +386,8 @@ class AdaptiveRateController:
     # rate curve
 
     def _grow(self, now: float, busy: float) -> None:
-        if self._ceiling is None:
-            self._set_rate(self._rate * 2.0 ** (busy / DOUBLING_S), now)
+        if self._ceiling is None:  # a grant proves the bucket binds at this rate: at most a doubling per grant
+            self._set_rate(self._rate * 2.0 ** min(busy / DOUBLING_S, 1.0), now)
             return
         self._busy += busy
         ceiling = self._ceiling

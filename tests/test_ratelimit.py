@@ -16,7 +16,7 @@ from email.utils import format_datetime
 from typing import TypeVar
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from clobjob.ratelimit import BETA, SLOW_START_BETA, AdaptiveRateController, Permit, parse_retry_after
@@ -28,13 +28,19 @@ from clobjob.ratelimit import BETA, SLOW_START_BETA, AdaptiveRateController, Per
 class _InstantSelector(selectors.DefaultSelector):
     """A selector whose waits advance a virtual clock instead of blocking."""
 
+    SPIN_LIMIT = 200_000  # loop iterations without the clock moving: the code waits for nothing, a busy loop
+
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0
+        self._still = 0
 
     def select(self, timeout: float | None = None):  # type: ignore[override]
         if timeout is None:
             raise RuntimeError("simulation deadlock: nothing is scheduled")
+        self._still = 0 if timeout > 0 else self._still + 1
+        if self._still > self.SPIN_LIMIT:
+            raise RuntimeError("simulation livelock: the loop spins without time passing")
         self.now += max(timeout, 0.0)
         return super().select(0)
 
@@ -443,6 +449,10 @@ operations = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
+@example(  # a slow client waiting 20 s for its token at 0.05 req/s once grew to 5e10 req/s in one grant
+    ops=[("open",), ("close", 0, None, 1.1), ("wait", 7.5), ("retry",), ("open",), ("open",),
+         ("close", 0, "overloaded", 14.3), ("open",), ("close", 0, "success", 0.0)],
+    min_rps=0.05, max_rps=None, initial_rps=0.01, max_window=1)
 @given(
     ops=operations,
     min_rps=st.floats(0.05, 5.0),
