@@ -453,10 +453,6 @@ class AdaptiveRateController:
         """Called back right after a grant: how long ready work waits for the event loop."""
         self._lag += LATENCY_GAIN * (self._clock() - scheduled_at - self._lag)
 
-    def _measure_lag(self, scheduled_at: float) -> None:
-        """Called back right after a grant: how long ready work waits for the event loop."""
-        self._lag += LATENCY_GAIN * (self._clock() - scheduled_at - self._lag)
-
     # in-flight window
 
     async def _enter_window(self) -> None:
