@@ -3,6 +3,8 @@
 Prints rows/s for 1,000,000 fills inserted through the same code path the worker uses (FillBuffer →
 Store.insert_fills, columnar, UInt256 amounts) at several batch sizes, and the process's peak RSS.
 Target: ≥ 200,000 rows/s — twice the fastest documented source rate (100 req/s × 1,000 fills).
+Then, side by side at the worker's batches (``CLOBJOB_BATCH_ROWS``, 20,000) and at one-page batches, the CPU
+seconds per 1,000 fills with the columns' types asked of ClickHouse at every insert and asked once.
 
     python bench/store_insert.py [--rows 1000000]
 """
@@ -55,6 +57,21 @@ def measure(rows: list[tuple], batch: int, database: str, path: str) -> tuple[fl
     return len(rows) / total_s, len(rows) / insert_s
 
 
+def cpu_per_1000(rows: list[tuple], batch: int, database: str, path: str, ask_types_each_insert: bool) -> float:
+    """CPU seconds (this process: buffering, serializing, the engine's work) per 1,000 fills inserted."""
+    settings = Settings(clickhouse_url=f"chdb://{path}", clickhouse_database=database)
+    with open_store(settings) as store:
+        started = time.process_time()
+        for start in range(0, len(rows), batch):
+            if ask_types_each_insert:
+                store.db._insert_types.clear()  # as every insert did before the types were kept
+            buffer = FillBuffer()
+            buffer.extend(rows[start:start + batch])
+            store.insert_fills(buffer.take())
+        spent = time.process_time() - started
+    return 1000 * spent / len(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -66,6 +83,12 @@ def main() -> None:
     for batch in (10_000, 50_000, 100_000, 250_000):
         total, insert_only = measure(rows, batch, f"bench_{batch}", path)
         print(f"{batch:>8,} {total:>24,.0f} {insert_only:>22,.0f}")
+    print(f"\nCPU s per 1,000 fills ({min(args.rows, 200_000):,} fills): {'batch':>8} {'types asked each insert':>24} "
+          f"{'types asked once':>17}")
+    sample = rows[:200_000]
+    for batch in (1_000, 20_000):
+        each, once = (cpu_per_1000(sample, batch, f"cpu_{batch}_{int(ask)}", path, ask) for ask in (True, False))
+        print(f"{'':>37}{batch:>8,} {each:>24.3f} {once:>17.3f}")
     shutil.rmtree(path, ignore_errors=True)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak_mb:,.0f} MB (includes the {args.rows:,} generated rows held in memory)")

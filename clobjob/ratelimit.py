@@ -31,6 +31,14 @@ In-flight target (Little's law): ``target_in_flight()`` = rate × smoothed laten
 window's bounds): the requests a client must keep in flight for the token bucket, not the lack of requests,
 to be what binds. Callers size their concurrency to it (``clobjob.lanes``: a unit's id range is cut into
 ranges paged at once); at 100 req/s and 1.5 s pages it is 189, under the default ceiling of 256.
+The latency it uses is the upstream's, not the client's own queueing: a CPU-starved process leaves answers
+waiting in its event loop, its measured latency grows with every request it adds, and Little's law would ask
+for ever more in flight (up to the ceiling, with no throughput gained, a parsed page held per request). So
+each grant also measures how late the loop runs (a callback scheduled at the grant: the wait of ready work),
+and while that lag exceeds ``LAG_SHARE`` of the latency the target's latency does not rise (it still falls):
+it stays the last latency measured while the client kept up with its answers (a latency-gradient guard in
+the spirit of TCP Vegas and Netflix's gradient limit, with the loop's lag telling queueing from a slower
+upstream, which a latency baseline alone cannot).
 
 The accepted rate is the sends less their throttles (which answer at once), not the useful answers, which
 arrive a latency after their sends: at 1.5 s pages those reflected the ramp's lower rates (11-15 req/s for a
@@ -94,9 +102,11 @@ USE_SHARE = 0.7  # the rate only grows while the send rate is at least this shar
 SLOW_USE_REQUESTS = 2.0  # in slow start the send rate is measured over at least this many requests
 BURST_S = 0.1  # capacity of our bucket, in seconds of the current rate (at least one token)
 WINDOW_DECREASE = 0.9
-LATENCY_GAIN = 0.2  # weight of a new sample in the smoothed latency
+LATENCY_GAIN = 0.2  # weight of a new sample in the smoothed latency (and loop lag)
+LAG_SHARE = 0.02  # while the loop's lag exceeds this share of the latency, the target's latency does not rise
 TARGET_HEADROOM = 1.25  # requests kept in flight, as a multiple of rate × latency
 TOKEN_EPSILON = 1e-9  # float slack, so that waking at the computed instant always finds the token
+TOKEN_DUE_S = 1e-9  # a token due sooner than this is here: at a huge rate the wait can be below the clock's step
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +286,8 @@ class AdaptiveRateController:
         self._budget_requests = _Recent(retry_window_s)
         self._budget_retries = _Recent(retry_window_s)
         self._latency: float | None = None
+        self._upstream_latency: float | None = None  # the latency Little's law uses (see the module doc)
+        self._lag = 0.0  # smoothed lateness of the event loop at grants
         self._requests = self._successes = self._throttled = self._errors = self._retries = 0
 
     @asynccontextmanager
@@ -288,6 +300,7 @@ class AdaptiveRateController:
             self._leave_window()
             raise
         now = self._clock()
+        asyncio.get_running_loop().call_soon(self._measure_lag, now)
         self._requests += 1
         permit = Permit(self, self._requests, now)
         self._in_flight += 1
@@ -318,12 +331,12 @@ class AdaptiveRateController:
 
     def target_in_flight(self) -> int:
         """Requests worth having in flight (Little's law): the token rate (which settles at the accepted rate)
-        × the smoothed latency of answers, with ``TARGET_HEADROOM`` so that the token bucket, not a lack of
-        requests, is what binds (the rate only grows then); the window before the first answer. Within
-        [min_window, max_window]."""
-        if self._latency is None:
+        × the upstream's smoothed latency (not the client's own queueing: see the module doc), with
+        ``TARGET_HEADROOM`` so that the token bucket, not a lack of requests, is what binds (the rate only grows
+        then); the window before the first answer. Within [min_window, max_window]."""
+        if self._upstream_latency is None:
             return int(self._window)
-        wanted = math.ceil(self._rate * self._latency * TARGET_HEADROOM) + 1
+        wanted = math.ceil(self._rate * self._upstream_latency * TARGET_HEADROOM) + 1
         return max(self.min_window, min(self.max_window, wanted))
 
     def demand(self) -> int:
@@ -361,7 +374,7 @@ class AdaptiveRateController:
                     await self._sleep(self._paused_until - now)
                     continue
                 self._refill(now)
-                if self._tokens >= 1.0 - TOKEN_EPSILON:
+                if self._tokens >= 1.0 - TOKEN_EPSILON or (1.0 - self._tokens) / self._rate < TOKEN_DUE_S:
                     break
                 waited = True
                 await self._sleep((1.0 - self._tokens) / self._rate)
@@ -436,6 +449,10 @@ class AdaptiveRateController:
         span = max(min(span, now - self._started_at), 1e-3)
         return events.count(now, span) / span
 
+    def _measure_lag(self, scheduled_at: float) -> None:
+        """Called back right after a grant: how long ready work waits for the event loop."""
+        self._lag += LATENCY_GAIN * (self._clock() - scheduled_at - self._lag)
+
     # in-flight window
 
     async def _enter_window(self) -> None:
@@ -475,6 +492,10 @@ class AdaptiveRateController:
         sample = now - permit._sent_at
         previous = sample if self._latency is None else self._latency
         self._latency = previous + LATENCY_GAIN * (sample - previous)
+        if self._upstream_latency is None or self._lag <= LAG_SHARE * self._latency:
+            self._upstream_latency = self._latency
+        else:  # the client is queueing its own answers: the upstream is no slower than when it kept up
+            self._upstream_latency = min(self._upstream_latency, self._latency)
         window = self._window
         if self._in_flight * 2 >= window and window < self.max_window:
             window = min(float(self.max_window), window + 1.0)

@@ -7,6 +7,7 @@ tests are deterministic and never wait for real.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import selectors
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from clobjob import ratelimit
 from clobjob.ratelimit import BETA, SLOW_START_BETA, AdaptiveRateController, Permit, parse_retry_after
 
 
@@ -583,3 +585,78 @@ def test_simulation_follows_limit_changes_within_seconds():
     assert rise_follow <= 6.0
     for start, limit in ((0, 20.0), (60, 8.0), (120, 30.0)):
         assert server.admitted(start, start + 60) >= 0.85 * limit * 60
+
+
+
+def busy(seconds: float) -> None:
+    """CPU work on the virtual clock: time passes while the loop runs nothing else."""
+    asyncio.get_running_loop()._virtual.now += seconds  # type: ignore[attr-defined]
+
+
+def lane_client(ctl: AdaptiveRateController, server: TokenBucketServer,
+                cpu_s: Callable[[], float]) -> tuple[list[asyncio.Task], list[int]]:
+    """A client sized like ``clobjob.lanes``: it opens one more lane (one request at a time) while its lanes are
+    below the controller's in-flight target, and spends ``cpu_s()`` of its event loop on every answer (reading
+    and parsing the page), so that beyond ``1 / cpu_s()`` answers per second the answers queue in the client.
+    Returns the lane tasks and, as a one-item list kept up to date, the most lanes it had."""
+    tasks: list[asyncio.Task] = []
+    peak = [0]
+
+    async def lane() -> None:
+        while True:
+            async with ctl.slot() as permit:
+                ok = await server.request(0)
+                busy(cpu_s())
+                if ok:
+                    permit.success()
+                else:
+                    permit.throttled()
+            if not ok:
+                await asyncio.sleep(ctl.backoff(1))
+            widen()
+
+    def widen() -> None:
+        while len(tasks) < ctl.target_in_flight():
+            tasks.append(asyncio.create_task(lane()))
+        peak[0] = max(peak[0], len(tasks))
+
+    widen()
+    return tasks, peak
+
+
+@pytest.mark.parametrize("latency, starved, guard", [(0.5, True, True), (0.5, True, False), (1.5, False, True)])
+def test_simulation_the_target_counts_the_upstreams_latency_not_the_clients_own_queueing(
+        latency, starved, guard, monkeypatch):
+    """100 req/s. A client starved of CPU from 20 s on (it then handles at most 25 answers per second, so its
+    answers wait in its own event loop and its measured latency grows with every request it adds) keeps its target
+    near what the rate needs at the upstream's 0.5 s and opens few lanes, where without the guard (control case)
+    it opens them to the ceiling for nothing; a client that keeps up with a server whose answers truly take
+    1.5 s gets rate × 1.5 s in flight and holds the limit."""
+    limit = 100.0
+    if not guard:
+        monkeypatch.setattr(ratelimit, "LAG_SHARE", math.inf)
+
+    async def main():
+        ctl = controller()
+        server = TokenBucketServer(limit=limit, latency=latency)
+        tasks, peak = lane_client(ctl, server, lambda: 1 / 25 if starved and now() >= 20 else 0.001)
+        await asyncio.sleep(20)
+        before, highest = peak[0], 0
+        for _ in range(40):
+            await asyncio.sleep(1)
+            highest = max(highest, ctl.target_in_flight())
+        measured = ctl.snapshot().latency_s
+        await stop(tasks)
+        return server.admitted(30, 60) / 30, highest, before, peak[0], measured
+
+    rate, highest, before, lanes, measured = run(main)
+    if not starved:
+        assert 0.9 * limit * latency <= highest <= 2 * limit * latency
+        assert rate >= 0.9 * limit
+        return
+    assert measured > 1.5 * latency  # its own queueing is real
+    assert rate >= 0.7 * 25  # and it handles answers about as fast as it can
+    if guard:
+        assert highest <= 2 * limit * latency and lanes <= 1.25 * before
+    else:  # the control: the scenario does inflate an unguarded target
+        assert highest == lanes == 256
