@@ -32,7 +32,7 @@ _INSERT_INTO = re.compile(r"^\s*INSERT\s+INTO\s+(?:`?\w+`?\.)?`?(\w+)`?", re.IGN
 _PEER: ContextVar[int] = ContextVar("peer", default=0)  # the client port of the request being served
 RESTARTED = {1, -signal.SIGKILL, 137}  # what the Job restarts: a failure or a kill (exit 2 and 143 are final)
 
-# Beats and stalls short enough that a CI run sees many; an outage budget of 30 s; the default flush interval, 2 s:
+# Beats and stalls short enough that a CI run sees many; an outage budget of 60 s; the default flush interval, 2 s:
 # longer than a page's request (0.8 s), so that a page's rows can be stored within one interval of its request.
 FAST = {"CLOBJOB_FLUSH_INTERVAL_S": "2", "CLOBJOB_HEARTBEAT_INTERVAL_S": "0.5", "CLOBJOB_STALL_TIMEOUT_S": "3",
         "CLOBJOB_REQUEST_TIMEOUT_S": "2", "CLOBJOB_STORE_OUTAGE_S": "60", "CLOBJOB_LOG_FORMAT": "json"}
