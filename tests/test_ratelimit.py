@@ -133,16 +133,23 @@ def greedy_client(
 
     async def worker() -> None:
         while True:
-            async with ctl.slot() as permit:
-                ok = await server.request(client)
-                if ok:
-                    permit.success()
-                else:
-                    permit.throttled()
-            if not ok:
-                await asyncio.sleep(ctl.backoff(1))
+            await request_once(ctl, server, client)
 
     return [asyncio.create_task(worker()) for _ in range(workers)]
+
+
+async def request_once(ctl: AdaptiveRateController, server: TokenBucketServer, client: int,
+                       cpu_s: Callable[[], float] = lambda: 0.0) -> None:
+    """One request through the controller, ``cpu_s()`` of work on its answer, a full-jitter backoff after a 429."""
+    async with ctl.slot() as permit:
+        ok = await server.request(client)
+        busy(cpu_s())
+        if ok:
+            permit.success()
+        else:
+            permit.throttled()
+    if not ok:
+        await asyncio.sleep(ctl.backoff(1))
 
 
 async def stop(tasks: list[asyncio.Task]) -> None:
@@ -604,15 +611,7 @@ def lane_client(ctl: AdaptiveRateController, server: TokenBucketServer,
 
     async def lane() -> None:
         while True:
-            async with ctl.slot() as permit:
-                ok = await server.request(0)
-                busy(cpu_s())
-                if ok:
-                    permit.success()
-                else:
-                    permit.throttled()
-            if not ok:
-                await asyncio.sleep(ctl.backoff(1))
+            await request_once(ctl, server, 0, cpu_s)
             widen()
 
     def widen() -> None:
