@@ -47,14 +47,14 @@ import numpy as np
 from loguru import logger
 
 from clobjob.config import Settings
+from clobjob.lanes import ShardLanes
 from clobjob.models import MarketFills, WorkUnit
+from clobjob.parts import make_controller
 from clobjob.plan import MissingReport, plan_units
 from clobjob.sim import Dataset
 from clobjob.sim.data import HEAD_TS
 from clobjob.sources.markets import market_from_gamma
 from clobjob.sources.subgraph import ALLOWANCE_TEXT, FILL_FIELDS, PAGE_SIZE, SubgraphSource, merge_universe
-from clobjob.lanes import ShardLanes
-from clobjob.parts import make_controller
 
 PRESETS = ((16, 500), (32, 100), (64, 50))
 OLD_QUERY = ("query($tokens: [String!]!, $after: String!) {{ orderFilledEvents(first: 1000, orderBy: id, "

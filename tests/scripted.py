@@ -8,8 +8,8 @@ import random
 
 from clobjob.errors import SourceError
 from clobjob.models import FILL_COLUMNS, Market, Run, WorkUnit
-from clobjob.sources.base import Page
 from clobjob.parts import make_controller
+from clobjob.sources.base import Page
 from clobjob.worker import ShardWorker
 
 PAGE = 10

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from clobjob.sim import Dataset, SimConfig, SimServer, export
-
 from tests.truth import expected_rows, run_cli, stored_rows
 
 pytestmark = pytest.mark.timeout(240)

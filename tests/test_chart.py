@@ -22,10 +22,25 @@ import yaml
 from clobjob.config import Settings
 from clobjob.sim import Dataset, SimConfig, SimServer, export
 from clobjob.store import open_store
-
-from tests.chart import (CHART, KUBE_VERSIONS, ROOT, GuardedEngineServer, Kubelet, existing_after_install,
-                         existing_before, fails_job, image_entrypoint, job_pod, kubectl_run_pods, notes, objects, one,
-                         pod_of, render, validate)
+from tests.chart import (
+    CHART,
+    KUBE_VERSIONS,
+    ROOT,
+    GuardedEngineServer,
+    Kubelet,
+    existing_after_install,
+    existing_before,
+    fails_job,
+    image_entrypoint,
+    job_pod,
+    kubectl_run_pods,
+    notes,
+    objects,
+    one,
+    pod_of,
+    render,
+    validate,
+)
 from tests.truth import COMPARED, expected_rows, stored_rows
 
 pytestmark = pytest.mark.timeout(240)
@@ -170,7 +185,8 @@ def test_plan_hook_runs_one_clobjob_command_per_container_with_its_files_mounted
     assert files == {"markets.jsonl": '{"conditionId": "0x1"}\n', "markets.txt": "0x" + "ab" * 32 + "\n"}
     assert container(one(rendered(OVERRIDES["gamma universe"]), "Job", "plan"), "universe")["args"] == [
         "markets", "sync", "--gamma"]
-    assert container(one(rendered(CH), "Job", "plan"), "universe")["args"] == ["markets", "sync", "--add-subgraph-markets"]
+    assert container(one(rendered(CH), "Job", "plan"), "universe")["args"] == [
+        "markets", "sync", "--add-subgraph-markets"]
 
 
 def test_metrics_add_the_port_the_variable_and_scrape_annotations():

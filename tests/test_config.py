@@ -64,7 +64,9 @@ def test_connection_errors_do_not_leak_the_password(tmp_path, capsys):
 # --- validation at load: exit 2 with the variable named ---------------------------------------------
 
 import pytest  # noqa: E402
-from hypothesis import assume, given, settings as hyp_settings, strategies as st  # noqa: E402
+from hypothesis import assume, given  # noqa: E402
+from hypothesis import settings as hyp_settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from clobjob.errors import BadInput  # noqa: E402
 

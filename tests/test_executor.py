@@ -8,7 +8,6 @@ from clobjob.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SIGTERM
 from clobjob.executors.local import IndexedJob, in_process_index
 from clobjob.parts import Parts, make_controller
 from clobjob.store.writer import StoreWriter
-
 from tests.scripted import ScriptedSource, fast, stored_ids
 
 

@@ -4,7 +4,6 @@ value and its place, and nothing else is ever raised."""
 
 from __future__ import annotations
 
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,7 +11,6 @@ from hypothesis import strategies as st
 from clobjob.errors import BadFill, SourceError
 from clobjob.models import FILL_COLUMNS, FILL_TIME_MIN, check_fills
 from clobjob.sources.subgraph import fill_rows
-
 from tests.scripted import fill_row
 
 U256 = 2**256

@@ -17,7 +17,6 @@ from clobjob.models import FILL_COLUMNS, UnitState
 from clobjob.parts import make_controller
 from clobjob.store import open_store
 from clobjob.worker import ShardWorker
-
 from tests.scripted import PAGE, ScriptedSource, fast, stored_ids, worker
 
 pytestmark = pytest.mark.timeout(120)
@@ -155,7 +154,6 @@ def test_an_insert_that_stores_fewer_rows_than_sent_fails(chdb_dir, settings, mo
     import lz4.frame
 
     from clobjob.store.serve import EngineServer
-
     from tests.scripted import fill_row
 
     def first_frame_only(body: bytes, encoding: str) -> bytes:
@@ -192,7 +190,6 @@ async def test_a_permanent_failure_is_recorded_and_status_says_do_not_retry(stor
 
 def test_backfill_on_a_drifted_answer_exits_2_and_says_do_not_retry(tmp_path):
     from clobjob.sim import Dataset, SimConfig, SimServer
-
     from tests.test_backfill import prepared
     from tests.truth import run_cli
 
@@ -276,7 +273,6 @@ def test_a_hostile_source_ends_with_exactly_the_valid_fills_of_the_good_units(tm
     import sys
 
     from clobjob.sim import Dataset, SimConfig, SimServer
-
     from tests.test_backfill import prepared
     from tests.truth import expected_rows, run_cli, stored_rows
 

@@ -98,7 +98,8 @@ def chart_job(run_id: str = RUN, name: str = JOB, *, shards: int = 8, status: di
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
                                         "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
                     "nodeSelector": {"workload": "batch"},
-                    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "batch", "effect": "NoSchedule"}],
+                    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "batch",
+                                     "effect": "NoSchedule"}],
                     "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
                         {"weight": 50, "preference": {"matchExpressions": [
                             {"key": "node.kubernetes.io/lifecycle", "operator": "In", "values": ["spot"]}]}}]}},
@@ -317,7 +318,8 @@ async def test_status_with_partly_failed_indexes(k8s, executor):
     k8s.objects[JOBS, NS, JOB] = chart_job(shards=5, status=status)
     k8s.objects[JOBS, NS, "polymarket-clobjob-worker-2"] = chart_job(f"{RELEASE}-2", "polymarket-clobjob-worker-2")
     pods = [pod(JOB, 0, 1, "Succeeded", 0), pod(JOB, 1, 1, "Failed", 1), pod(JOB, 1, 2, "Failed", 137, "OOMKilled"),
-            pod(JOB, 1, 3, "Failed", 1), pod(JOB, 2, 1, "Succeeded", 0), pod(JOB, 3, 1, "Succeeded", 0, index_label=False),
+            pod(JOB, 1, 3, "Failed", 1), pod(JOB, 2, 1, "Succeeded", 0),
+            pod(JOB, 3, 1, "Succeeded", 0, index_label=False),
             pod(JOB, 4, 4, "Running"), pod("polymarket-clobjob-worker-2", 4, 1, "Failed", 2)]
     for p in pods:
         k8s.objects[PODS, NS, p["metadata"]["name"]] = p
@@ -523,7 +525,8 @@ async def test_rerun_of_failed_shards_launches_a_job_and_status_shows_it_beside_
     assert any(f"kubectl logs -n {NS} -l job-name={created['metadata']['name']}" in line for line in said)
 
     status = await asyncio.to_thread(launch.status, settings, RUN, on="kubernetes")
-    assert status["state"] == "failed" and status["job"]["name"] == JOB and tuple(status["job"]["failed_indexes"]) == (1,)
+    assert status["state"] == "failed" and status["job"]["name"] == JOB
+    assert tuple(status["job"]["failed_indexes"]) == (1,)
     shown = monitor.render_status(status)
     assert f"logs of shard 1: kubectl logs -n {NS} -l job-name={JOB},batch.kubernetes.io/job-completion-index=1" \
         in shown

@@ -18,11 +18,18 @@ from clobjob.lanes import ShardLanes
 from clobjob.models import WorkUnit
 from clobjob.parts import make_controller
 from clobjob.sim import Dataset, SimConfig, SimServer, export
-from clobjob.sources.subgraph import (PAGE_SIZE, SPLIT_MARGIN, Segment, SubgraphSource, decode_cursor, kept_pages,
-                                     remaining_pages, split_segment)
+from clobjob.sources.subgraph import (
+    PAGE_SIZE,
+    SPLIT_MARGIN,
+    Segment,
+    SubgraphSource,
+    decode_cursor,
+    kept_pages,
+    remaining_pages,
+    split_segment,
+)
 from clobjob.store import open_store
 from clobjob.store.serve import EngineServer
-
 from tests.truth import expected_rows, run_cli, stored_rows
 
 GIANT = 24_000  # fills of the dataset's largest market: 24 pages

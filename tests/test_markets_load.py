@@ -71,7 +71,9 @@ import math  # noqa: E402
 from decimal import Decimal  # noqa: E402
 
 import pytest  # noqa: E402
-from hypothesis import given, settings as hyp_settings, strategies as st  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import settings as hyp_settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from clobjob.models import json_rows  # noqa: E402
 from clobjob.sources.markets import BadRow, market_from_gamma  # noqa: E402

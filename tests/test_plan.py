@@ -9,12 +9,15 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-from hypothesis import given, settings as hyp_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from clobjob import monitor, plan
 from clobjob.cli import main
 from clobjob.errors import BadInput
-from clobjob.models import FILL_COLUMNS, Checkpoint, Market, MarketFills, MarketStatus as Status, Run, UnitState
+from clobjob.models import FILL_COLUMNS, Checkpoint, Market, MarketFills, Run, UnitState
+from clobjob.models import MarketStatus as Status
 from clobjob.sources.subgraph import id_bounds
 from clobjob.store import open_store
 from tests.test_store import make_fill
@@ -201,8 +204,8 @@ def test_write_plan_force_replaces_cleanly(store):
     with pytest.raises(BadInput, match="already has progress") as caught:
         plan.write_plan(store, Run(run_id="r", shards=1, source="subgraph"), units[:1])
     assert caught.value.exit_code == 2
-    plan.write_plan(store, Run(run_id="r", shards=1, source="subgraph"), [u.model_copy(update={"shard": 0}) for u in units[:1]],
-                    force=True)
+    plan.write_plan(store, Run(run_id="r", shards=1, source="subgraph"),
+                    [u.model_copy(update={"shard": 0}) for u in units[:1]], force=True)
     assert store.units("r") == [units[0].model_copy(update={"shard": 0})] and store.checkpoints("r") == {}
     assert store.run("r").shards == 1
 

@@ -21,8 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from clobjob import ratelimit
-from clobjob.ratelimit import BETA, SLOW_START_BETA, AdaptiveRateController, Permit, parse_retry_after
-
+from clobjob.ratelimit import SLOW_START_BETA, AdaptiveRateController, Permit, parse_retry_after
 
 # ---------------------------------------------------------------------------- virtual time
 

@@ -12,12 +12,12 @@ import pytest
 from clobjob.cli import main
 from clobjob.errors import BadInput
 from clobjob.models import Checkpoint, Heartbeat, Run, RunKind, RunParams, UnitState, WorkUnit
+from clobjob.parts import make_controller
 from clobjob.plan import resumable_run
 from clobjob.rerun import plan_rerun, rerun_id
 from clobjob.sim import Dataset, SimConfig, SimServer
 from clobjob.sources.subgraph import SubgraphIndexingError
 from clobjob.store import open_store
-from clobjob.parts import make_controller
 from clobjob.worker import ShardWorker
 from tests.scripted import PAGE, ScriptedSource, fast, stored_ids
 

@@ -19,7 +19,6 @@ from clobjob.models import FILL_COLUMNS
 from clobjob.sim import Dataset, SimConfig, SimServer, export
 from clobjob.store import open_store
 from clobjob.store.serve import EngineError, EngineServer, decompress, split_statement
-
 from tests.scripted import fill_row
 from tests.truth import expected_rows, run_cli, stored_rows
 

@@ -13,8 +13,8 @@ from clobjob.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, SourceE
 from clobjob.models import UnitState
 from clobjob.parts import make_controller
 from clobjob.worker import ShardWorker
-
 from tests.scripted import ScriptedSource, fast, stored_ids, worker
+
 
 async def test_shards_complete_store_everything_and_a_rerun_fetches_nothing(store, settings, plan):
     source = ScriptedSource(plan)
