@@ -32,11 +32,10 @@ from tests.chart import (
     render,
     validate,
 )
-from tests.test_chart import Backend
+from tests.test_chart import CH, Backend
 
 pytestmark = pytest.mark.timeout(240)
 
-CH = {"clickhouse": {"url": "http://clobjob@clickhouse.data:8123", "password": "pw-0f3a"}}
 FOLLOW = CH | {"source": "all", "rpc": {"url": "https://polygon.example/v2/key-2"}, "follow": {"enabled": True}}
 V2 = [address for address, version in EXCHANGES.items() if version == 2]
 LAG = 10
