@@ -71,6 +71,7 @@ per answer (a ``Retryable`` names its own), the jittered backoff and the retry b
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 import random
 import time
@@ -168,6 +169,83 @@ class _Recent:
         return sum(1 for _ in takewhile(lambda t: t > cutoff, reversed(self._times)))
 
 
+class _Queue:
+    """Waiters served by priority, highest first, then in arrival order; a cancelled waiter is skipped."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._arrivals = self._waiting = 0
+
+    def __len__(self) -> int:
+        """Waiters still waiting."""
+        return self._waiting
+
+    def join(self, priority: float) -> asyncio.Future[None]:
+        """A new waiter's future, resolved when it is served."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._arrivals += 1
+        self._waiting += 1
+        waiter.add_done_callback(self._left)
+        heapq.heappush(self._heap, (-priority, self._arrivals, waiter))
+        return waiter
+
+    def _left(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.cancelled():  # a served waiter was counted out by ``serve``
+            self._waiting -= 1
+
+    def serve(self) -> bool:
+        """Resolve the first waiter still waiting; False when none is."""
+        while self._heap:
+            waiter = heapq.heappop(self._heap)[2]
+            if not waiter.done():
+                waiter.set_result(None)
+                self._waiting -= 1
+                return True
+        return False
+
+    def outranks(self, priority: float) -> bool:
+        """Whether a waiter of a higher priority than ``priority`` waits."""
+        while self._heap and self._heap[0][2].done():
+            heapq.heappop(self._heap)
+        return bool(self._heap) and -self._heap[0][0] > priority
+
+
+class _Turn:
+    """A lock whose waiters take their turn by priority (``_Queue``), for the token bucket's one taker; the holder
+    yields it to a higher priority that arrived meanwhile (``yield_to_higher``)."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._queue = _Queue()
+
+    async def acquire(self, priority: float) -> None:
+        if not self._held:
+            self._held = True
+            return
+        await self._wait(priority)
+
+    async def yield_to_higher(self, priority: float) -> None:
+        """Hand the turn to a waiter of a higher priority, if one waits, and wait for it back (if this raises, the
+        turn is not held)."""
+        if self._queue.outranks(priority):
+            waiter = self._queue.join(priority)
+            self._queue.serve()
+            await self._wait(priority, waiter)
+
+    async def _wait(self, priority: float, waiter: asyncio.Future[None] | None = None) -> None:
+        waiter = waiter or self._queue.join(priority)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():  # handed the turn, then cancelled: pass it on
+                self.release()
+            raise
+
+    def release(self) -> None:
+        if not self._queue.serve():
+            self._held = False
+
+
 class Permit:
     """One granted request: give exactly one verdict inside the ``slot()`` block.
 
@@ -228,7 +306,7 @@ class AdaptiveRateController:
         initial_rps: float = 5.0,
         min_rps: float = 0.2,
         max_rps: float | None = None,
-        initial_window: int = 8,
+        initial_window: int = 64,
         min_window: int = 1,
         max_window: int = 256,
         backoff_base_s: float = 0.5,
@@ -265,7 +343,8 @@ class AdaptiveRateController:
         self._rate = self._clamp(initial_rps)
         self._tokens = 1.0
         self._refilled_at = now
-        self._token_lock = asyncio.Lock()
+        self._token_turn = _Turn()
+        self._token_waited = False  # a taker had to wait for the next token (whoever of them takes it)
         self._paused_until = now
         # rate curve
         self._ceiling: float | None = None  # None: slow start
@@ -277,7 +356,7 @@ class AdaptiveRateController:
         self._window = float(max(min_window, min(max_window, initial_window)))  # admits floor(window)
         self._occupied = 0  # slots held: waiting for a token or in flight
         self._in_flight = 0
-        self._window_waiters: deque[asyncio.Future[None]] = deque()
+        self._window_waiters = _Queue()
         self._window_cut_after = 0  # the same for the last window decrease
         # measurements and counters
         self._sends = _Recent(MEASURE_MAX_S)
@@ -291,11 +370,13 @@ class AdaptiveRateController:
         self._requests = self._successes = self._throttled = self._errors = self._retries = 0
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[Permit]:
-        """Wait for a window slot and a token, then yield the request's ``Permit``."""
-        await self._enter_window()
+    async def slot(self, priority: float = 0.0) -> AsyncIterator[Permit]:
+        """Wait for a window slot and a token, then yield the request's ``Permit``. Waiters are served by
+        ``priority``, highest first, then in arrival order (the longest chain of pages first: see
+        ``clobjob.lanes``)."""
+        await self._enter_window(priority)
         try:
-            await self._take_token()
+            await self._take_token(priority)
         except BaseException:
             self._leave_window()
             raise
@@ -365,9 +446,10 @@ class AdaptiveRateController:
 
     # token bucket
 
-    async def _take_token(self) -> None:
-        async with self._token_lock:
-            waited = False
+    async def _take_token(self, priority: float) -> None:
+        await self._token_turn.acquire(priority)
+        holding = True
+        try:
             while True:
                 now = self._clock()
                 if now < self._paused_until:
@@ -376,13 +458,19 @@ class AdaptiveRateController:
                 self._refill(now)
                 if self._tokens >= 1.0 - TOKEN_EPSILON or (1.0 - self._tokens) / self._rate < TOKEN_DUE_S:
                     break
-                waited = True
+                self._token_waited = True
                 await self._sleep((1.0 - self._tokens) / self._rate)
+                holding = False  # if cancelled while yielding, the turn is not ours
+                await self._token_turn.yield_to_higher(priority)
+                holding = True
             self._tokens = max(0.0, self._tokens - 1.0)
             self._sends.add(now)
-            if waited and self._send_rate(now) >= USE_SHARE * self._rate:
+            if self._token_waited and self._send_rate(now) >= USE_SHARE * self._rate:
                 self._grow(now, min(now - self._last_grant, 1.0 / self._rate))  # the bucket binds
-            self._last_grant = now
+            self._last_grant, self._token_waited = now, False
+        finally:
+            if holding:
+                self._token_turn.release()
 
     def _refill(self, now: float) -> None:
         capacity = max(1.0, self._rate * BURST_S)
@@ -455,9 +543,8 @@ class AdaptiveRateController:
 
     # in-flight window
 
-    async def _enter_window(self) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        self._window_waiters.append(waiter)
+    async def _enter_window(self, priority: float) -> None:
+        waiter = self._window_waiters.join(priority)
         self._wake_window()
         try:
             await waiter
@@ -471,11 +558,8 @@ class AdaptiveRateController:
         self._wake_window()
 
     def _wake_window(self) -> None:
-        while self._window_waiters and self._occupied + 1 <= self._window:
-            waiter = self._window_waiters.popleft()
-            if not waiter.done():
-                self._occupied += 1
-                waiter.set_result(None)
+        while self._occupied + 1 <= self._window and self._window_waiters.serve():
+            self._occupied += 1
 
     def _shrink_window(self, permit: Permit) -> None:
         if permit._seq <= self._window_cut_after:
@@ -574,12 +658,14 @@ async def controlled_request(
     max_attempts: int,
     timeout_s: float,
     on_retry: Callable[[Retryable], None] | None = None,
+    priority: float = 0.0,
 ) -> T:
     """``send(permit, attempt_timeout_s)`` retried through ``controller`` (see the module doc).
 
     ``send`` raises ``Retryable`` for a retryable answer (its verdict is given here); a ``ClobjobError`` is an
     answer (a success for the rate) and propagates; a ``send`` that returns without a verdict is a success.
-    ``on_retry`` sees every retryable answer and may raise to stop retrying.
+    ``on_retry`` sees every retryable answer and may raise to stop retrying; every attempt waits for its slot
+    with ``priority``.
     """
     reason = ""
     for attempt in range(1, max_attempts + 1):
@@ -588,7 +674,7 @@ async def controlled_request(
             while not controller.allow_retry():  # the budget delays retries, it never drops them
                 await asyncio.sleep(controller.backoff(attempt - 1))
         try:
-            async with controller.slot() as permit:
+            async with controller.slot(priority) as permit:
                 try:
                     result = await send(permit, attempt_timeout(controller, attempt, timeout_s))
                 except Retryable as retry:

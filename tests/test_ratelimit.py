@@ -126,21 +126,23 @@ class TokenBucketServer:
 
 
 def greedy_client(
-    ctl: AdaptiveRateController, server: TokenBucketServer, client: int, workers: int = 64
+    ctl: AdaptiveRateController, server: TokenBucketServer, client: int, workers: int = 64,
+    priorities: random.Random | None = None,
 ) -> list[asyncio.Task]:
-    """Tasks with unlimited work: request, retry a 429 after a full-jitter backoff."""
+    """Tasks with unlimited work: request (with ``priorities``, each at a random priority), retry a 429 after a
+    full-jitter backoff."""
 
     async def worker() -> None:
         while True:
-            await request_once(ctl, server, client)
+            await request_once(ctl, server, client, priority=priorities.random() if priorities else 0.0)
 
     return [asyncio.create_task(worker()) for _ in range(workers)]
 
 
 async def request_once(ctl: AdaptiveRateController, server: TokenBucketServer, client: int,
-                       cpu_s: Callable[[], float] = lambda: 0.0) -> None:
+                       cpu_s: Callable[[], float] = lambda: 0.0, priority: float = 0.0) -> None:
     """One request through the controller, ``cpu_s()`` of work on its answer, a full-jitter backoff after a 429."""
-    async with ctl.slot() as permit:
+    async with ctl.slot(priority) as permit:
         ok = await server.request(client)
         busy(cpu_s())
         if ok:
@@ -406,6 +408,38 @@ def test_window_limits_in_flight_requests():
     assert elapsed == pytest.approx(2.0, abs=0.05)
 
 
+@pytest.mark.parametrize("binding", ["window", "tokens"])
+def test_waiters_are_served_by_priority_then_in_arrival_order(binding):
+    """Whether a full window or an empty bucket holds them, the highest priority goes first (the longest chain of
+    pages), equal priorities in arrival order; a waiter cancelled while waiting takes no turn (at the bucket, the
+    waiter sleeping until the next token yields it to a higher priority that arrived meanwhile)."""
+    async def main():
+        if binding == "window":
+            ctl = controller(initial_rps=1000.0, initial_window=1, max_window=1)
+        else:
+            ctl = controller(initial_rps=1.0, min_rps=1.0, max_rps=1.0, initial_window=64)
+        served: list[str] = []
+
+        async def request(name: str, priority: float) -> None:
+            async with ctl.slot(priority) as permit:
+                served.append(name)
+                await asyncio.sleep(0.1)
+                permit.success()
+
+        first = asyncio.create_task(request("first", 0.0))
+        await asyncio.sleep(0)  # holds the slot (or the bucket's only token)
+        tasks = {name: asyncio.create_task(request(name, p)) for name, p in (
+            ("next", 0.0), ("low", 1.0), ("high", 5.0), ("gone", 9.0), ("mid", 3.0), ("mid-later", 3.0))}
+        await asyncio.sleep(0)
+        tasks["gone"].cancel()
+        await asyncio.gather(first, *tasks.values(), return_exceptions=True)
+        return served, ctl.demand()
+
+    served, demand = run(main)
+    assert served == ["first", "high", "mid", "mid-later", "low", "next"]
+    assert demand == 0
+
+
 def test_a_permit_left_without_verdict_counts_as_failed_and_frees_its_slot():
     async def main():
         ctl = controller(initial_rps=100.0, initial_window=1, max_window=1)
@@ -521,6 +555,22 @@ def test_simulation_single_client_holds_the_limit_with_few_429s(limit, seconds):
     utilisation, share_429 = run(main)
     assert utilisation >= 0.90
     assert share_429 <= 0.02
+
+
+@pytest.mark.parametrize("priorities", [None, random.Random(3)], ids=["one priority", "mixed priorities"])
+def test_simulation_slow_start_reaches_the_limit_in_a_few_doublings(priorities):
+    """From 5 req/s to 0.9 of 100 req/s (burst 50) in about log2(20) doublings of ``DOUBLING_S``, also when the
+    bucket's next token goes to a higher priority than the one that waited for it."""
+
+    async def main():
+        ctl = controller()
+        server = TokenBucketServer(limit=100.0, burst=50.0)
+        tasks = greedy_client(ctl, server, 0, workers=256, priorities=priorities)
+        await asyncio.sleep(10)
+        await stop(tasks)
+        return next(t / 10 for t in range(100) if server.admitted(t / 10, t / 10 + 0.5) >= 0.9 * 100.0 * 0.5)
+
+    assert run(main) <= 2.2  # 1.9 s; 2.5 s when the token that the holder waited for does not count as waited for
 
 
 @pytest.mark.parametrize("limit, latency", [(20.0, 1.5), (100.0, 1.5)])

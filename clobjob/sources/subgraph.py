@@ -617,7 +617,8 @@ class _UnitPaging:
                 variables["tokens"] = list(self.unit.token_ids[segment.lo:segment.hi])
             try:
                 data = await self.source.query(self._queries[upto is not None], variables,
-                                               splittable=segment.hi - segment.lo > 1)
+                                               splittable=segment.hi - segment.lo > 1,
+                                               priority=remaining_pages(self.unit, segment))
             except _TooHeavy as heavy:
                 middle = (segment.lo + segment.hi) // 2
                 logger.info("unit {}: splitting a batch of {} tokens ({})", self.unit.unit_id,
@@ -676,8 +677,9 @@ class SubgraphSource(OverHttp):
         """One POST: ``data``, or what the answer calls for (``_Retry``, ``SourceError``)."""
         return _answer(*await self._http.send("POST", self.url, timeout_s, data=payload), self.url)
 
-    async def query(self, query: str, variables: dict[str, Any], *, splittable: bool = False) -> dict[str, Any]:
-        """The ``data`` of one GraphQL query, retried through the controller.
+    async def query(self, query: str, variables: dict[str, Any], *, splittable: bool = False,
+                    priority: float = 0.0) -> dict[str, Any]:
+        """The ``data`` of one GraphQL query, retried through the controller (served by ``priority``).
 
         With ``splittable`` a query too heavy for the server raises ``_TooHeavy`` instead of retrying.
         """
@@ -694,7 +696,7 @@ class SubgraphSource(OverHttp):
         return await controlled_request(
             self.controller, lambda _permit, timeout_s: self._send(payload, timeout_s),
             what="subgraph", max_attempts=self.max_attempts, timeout_s=self._http.request_timeout_s,
-            on_retry=on_retry)
+            on_retry=on_retry, priority=priority)
 
     # --- fills -------------------------------------------------------------------------------
 
