@@ -256,9 +256,9 @@ GRID_HEADER = (f"{'limit':>6} {'page s':>6} {'shards':>6} {'wall s':>7} {'ideal 
                f"CPU s per 1,000 req: worker sim")
 
 
-def grid_cell(root: Path, limit: float, page_s: float, shards: int) -> str:
+def grid_cell(root: Path, markets: int, limit: float, page_s: float, shards: int) -> str:
     """`clobjob backfill` with its workers as processes on `clobjob db serve`, at ``limit`` and ``page_s``."""
-    sim = Sim(ARGS.markets, ARGS.seed, ARGS.top_fills, limit, page_s)
+    sim = Sim(markets, ARGS.seed, ARGS.top_fills, limit, page_s)
     served = ServedDatabase(root / "db")
     try:
         env = prepare(root, sim, served.url)
@@ -286,7 +286,8 @@ def grid_cell(root: Path, limit: float, page_s: float, shards: int) -> str:
     throttled = after["throttled_429"] - before["throttled_429"]
     ideal = minimum / limit + page_s
     return (f"{limit:>6g} {page_s:>6g} {shards:>6} {wall:>7.1f} {ideal:>7.1f} {wall / ideal:>7.2f} "
-            f"{useful / wall / limit:>6.2f} {sustained(samples, limit):>6.2f} {throttled / max(requests, 1):>6.1%} "
+            f"{useful / max(wall - page_s, 1e-9) / limit:>6.2f} {sustained(samples, limit):>6.2f} "
+            f"{throttled / max(requests, 1):>6.1%} "
             f"{useful / minimum:>8.3f} "
             f"{after['in_service_peak']:>14.0f} {max(workers.values(), default=0):>14.0f}"
             f" {1000 * sum(worker_cpu.values()) / max(requests, 1):>6.2f} {1000 * sim_cpu / max(requests, 1):>6.2f}")
@@ -294,11 +295,16 @@ def grid_cell(root: Path, limit: float, page_s: float, shards: int) -> str:
 
 def grid() -> None:
     """The latency grid: page latencies × limits, one fresh simulator and database per cell."""
-    print(f"dataset: {ARGS.markets:,} markets (seed {ARGS.seed}), largest market {ARGS.top_fills:,} fills; "
+    markets = {limit: ARGS.markets * max(1, round(limit / min(ARGS.limits))) if ARGS.scale_markets else ARGS.markets
+               for limit in ARGS.limits}
+    print(f"datasets: {' / '.join(f'{m:,}' for m in markets.values())} markets at "
+          f"{' / '.join(f'{x:g}' for x in markets)} req/s (seed {ARGS.seed}: the same seconds of work at each limit, "
+          f"so that the slow start weighs the same), largest market {ARGS.top_fills:,} fills; "
           f"{ARGS.grid_shards} shard(s); host load average {os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs)")
     print("wall = first fill request → last checkpoint; ideal = minimum requests ÷ limit + one page latency (minimum = "
-          "Σ over the plan's units of ceil(fills/1000)); util = useful pages/s ÷ limit; util5s = the best 5 s of it "
-          "(past the slow start); req÷min = useful pages ÷ "
+          "Σ over the plan's units of ceil(fills/1000)); util = useful pages ÷ (limit × (wall − one page latency)), "
+          "the share of the limit used while it could be (the ideal scores 1.00); util5s = the best 5 s of useful "
+          "pages/s ÷ limit (past the slow start); req÷min = useful pages ÷ "
           "minimum; peak in-flight = the simulator's answers in service at most; CPU = user + system seconds of the "
           "worker processes (whole processes, start-up included) and of the simulator per 1,000 requests")
     print(GRID_HEADER, flush=True)
@@ -306,7 +312,7 @@ def grid() -> None:
         for page_s in ARGS.latencies:
             root = Path(tempfile.mkdtemp(prefix="clobjob-grid-"))
             try:
-                print(grid_cell(root, limit, page_s, ARGS.grid_shards), flush=True)
+                print(grid_cell(root, markets[limit], limit, page_s, ARGS.grid_shards), flush=True)
             finally:
                 shutil.rmtree(root, ignore_errors=True)
     print(f"host load average at the end {os.getloadavg()[0]:.1f}")
@@ -400,6 +406,8 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="the grid on a small set (300 markets)")
     parser.add_argument("--grid-shards", type=int, default=1, help="shards of the grid's runs (default 1)")
     parser.add_argument("--limits", type=float, nargs="+", default=[20.0, 100.0])
+    parser.add_argument("--same-markets", dest="scale_markets", action="store_false",
+                        help="the grid's every limit on --markets (default: --markets × limit ÷ the lowest limit)")
     parser.add_argument("--latencies", type=float, nargs="+", default=[0.0, 0.5, 1.5], help="full-page seconds")
     ARGS = parser.parse_args()
     if ARGS.quick:

@@ -457,7 +457,7 @@ def grid_cell(markets: int, seed: int, top_fills: int, limit: float, latency: fl
     best = max((rate_over(timeline, 2, t[0], t[0] + SUSTAINED_S) for t in timeline
                 if t[0] + SUSTAINED_S <= timeline[-1][0]), default=0.0)
     return (f"{limit:>6g} {markets:>7,} {latency:>6g} {wall:>7.1f} {ideal:>7.1f} {wall / ideal:>7.2f}"
-            f" {useful / wall / limit:>6.2f} {best / limit:>6.2f}"
+            f" {useful / max(wall - latency, 1e-9) / limit:>6.2f} {best / limit:>6.2f}"
             f" {throttled / max(requests, 1):>6.1%} {useful / minimum:>8.3f} {result['peak_in_flight']:>7}"
             f" (sim {after['in_service_peak']:>3.0f}) {result['rss_mb']:>7.0f}"
             f" {1000 * result['cpu_s'] / max(requests, 1):>6.2f} {1000 * sim_cpu / max(requests, 1):>6.2f}")
@@ -469,8 +469,9 @@ def latency_grid(markets: dict[float, int], seed: int, top_fills: int, latencies
              f"{top_fills:,}-fill market, at page latencies {', '.join(f'{x:g}' for x in latencies)} s (a full page; "
              f"smaller pages faster) and {' / '.join(f'{x:g}' for x in markets)} req/s:",
              "ideal = clairvoyant minimum requests ÷ limit + one page latency (minimum = Σ over the plan's units of "
-             "ceil(fills/1000), small markets batched as the planner batches them); util = useful pages/s ÷ limit "
-             "(util5s: its best 5 s, past the slow start);",
+             "ceil(fills/1000), small markets batched as the planner batches them); util = useful pages ÷ (limit × "
+             "(wall − one page latency)): the share of the limit used while it could be (the last answers take a "
+             "latency whatever the client: the ideal scores 1.00) (util5s: the best 5 s of useful pages/s ÷ limit);",
              "req÷min = useful pages ÷ minimum; peak in-flight = the client's requests in flight at most (sim: answers "
              "in service at most); RSS = the client process's peak; CPU = user + system seconds of the client process "
              "(its fetching, not its start) and of the simulator process per 1,000 requests (machine-independent, "

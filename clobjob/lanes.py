@@ -5,7 +5,8 @@ A source that can page parts of a unit concurrently (``sources.subgraph``) asks 
 the unit may open one more lane, offering the pages the new lane would take; the answer is yes while the
 shard's lanes and the process's requests are both below ``AdaptiveRateController.target_in_flight()`` and the
 offer is at least ``LARGEST_SHARE`` of the largest offer of the shard's running units. Many small units need no
-lanes beyond one each; one giant unit gets the whole target.
+lanes beyond one each; one giant unit gets the whole target. Each lane's request waits for the controller with
+its range's remaining pages as priority, so that the longest ranges are paged first and all end together.
 """
 
 from __future__ import annotations

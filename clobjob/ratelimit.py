@@ -50,7 +50,14 @@ in-flight ≥ half the window, ×0.9 on an overload or a lost request (timeout, 
 cancellation), once per round trip as above; it is a float admitting ``floor(window)`` requests, so small
 windows shrink smoothly. A useless answer (error page, garbled body, statement timeout: ``failed``) moves
 neither window nor rate: under random faults those answers are not load, and reacting to them collapsed
-the window to one request.
+the window to one request. It starts at 64, so that before the first answer (the latency unknown) the slow
+start's rate, not the window, binds: at 1.5 s pages a window of 8 held the first round trip to 5 req/s.
+
+Order: a slot and a token are given by the caller's ``priority``, highest first, then in arrival order (a
+taker sleeping until the next token yields it to a higher priority that arrived meanwhile). Lanes ask with
+the pages their range still holds, so the longest chains of sequential pages go first and a shard's ranges
+end together (longest-processing-time first): served in arrival order, 230 units at 100 req/s and 1.5 s
+pages ended over a 4 s tail, short ranges done early and long ones still paging.
 Retry-After (seconds or an HTTP-date) pauses all sending until it passes. ``backoff()`` is capped
 exponential backoff with full jitter. ``allow_retry()`` keeps retries within a fraction of the traffic
 of the last 10 s, plus a small floor so that a cold start can retry.
