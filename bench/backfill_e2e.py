@@ -295,7 +295,7 @@ def grid_cell(root: Path, markets: int, limit: float, page_s: float, shards: int
 
 def grid() -> None:
     """The latency grid: page latencies × limits, one fresh simulator and database per cell."""
-    markets = {limit: ARGS.markets * max(1, round(limit / min(ARGS.limits))) if ARGS.scale_markets else ARGS.markets
+    markets = {limit: ARGS.markets * max(1, round(limit / ARGS.limit)) if ARGS.scale_markets else ARGS.markets
                for limit in ARGS.limits}
     print(f"datasets: {' / '.join(f'{m:,}' for m in markets.values())} markets at "
           f"{' / '.join(f'{x:g}' for x in markets)} req/s (seed {ARGS.seed}: the same seconds of work at each limit, "
@@ -407,7 +407,7 @@ if __name__ == "__main__":
     parser.add_argument("--grid-shards", type=int, default=1, help="shards of the grid's runs (default 1)")
     parser.add_argument("--limits", type=float, nargs="+", default=[20.0, 100.0])
     parser.add_argument("--same-markets", dest="scale_markets", action="store_false",
-                        help="the grid's every limit on --markets (default: --markets × limit ÷ the lowest limit)")
+                        help="the grid's every limit on --markets (default: --markets × limit ÷ --limit)")
     parser.add_argument("--latencies", type=float, nargs="+", default=[0.0, 0.5, 1.5], help="full-page seconds")
     ARGS = parser.parse_args()
     if ARGS.quick:

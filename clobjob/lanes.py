@@ -7,23 +7,15 @@ shard's lanes and the process's requests are both below ``AdaptiveRateController
 offer is at least ``LARGEST_SHARE`` of the largest offer of the shard's running units. Many small units need no
 lanes beyond one each; one giant unit gets the whole target. Each lane's request waits for the controller with
 its range's remaining pages as priority, so that the longest ranges are paged first and all end together.
-
-A lane holds its parsed page until the worker takes it. When the worker takes pages more slowly than they come
-(its CPU or the store binds), every lane would end up holding one — 230 pages, about 230 MB, in a 231-unit
-shard. So no lane sends its next request while the shard's lanes hold ``MAX_HELD_PAGES``: fetching slows to the
-pace the pages are stored at, and the rows wait in the writer's buffer, not in the lanes.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
 from dataclasses import dataclass, field
 
 from clobjob.ratelimit import AdaptiveRateController
 
 LARGEST_SHARE = 0.5  # an offer below this share of the shard's largest is refused: the largest split first
-MAX_HELD_PAGES = 32  # parsed pages the shard's lanes may hold waiting to be handed over (~1 MB each)
 
 
 @dataclass
@@ -39,14 +31,6 @@ class UnitLanes:
         self.offer = pages
         return self.shard.grant(pages)
 
-    async def room(self) -> None:
-        """Return once the shard's lanes hold fewer than ``MAX_HELD_PAGES`` parsed pages."""
-        await self.shard.room()
-
-    def held(self, change: int) -> None:
-        """A parsed page of this unit starts (+1) or stops (-1) waiting to be handed over."""
-        self.shard.held(change)
-
 
 class ShardLanes:
     """The lanes of one shard's running units, granted against the controller's in-flight target."""
@@ -54,35 +38,6 @@ class ShardLanes:
     def __init__(self, controller: AdaptiveRateController) -> None:
         self.controller = controller
         self._units: dict[int, UnitLanes] = {}
-        self._held = 0
-        self._waiting: deque[asyncio.Future[None]] = deque()
-
-    async def room(self) -> None:
-        """Return once the lanes hold fewer than ``MAX_HELD_PAGES`` parsed pages; lanes that had to wait go on one
-        per page handed over (all at once, their answers would land together and hold that many pages again)."""
-        if self._held < MAX_HELD_PAGES and not self._waiting:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiting.append(waiter)
-        try:
-            await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():  # let through, then cancelled: let the next one through
-                self._let_one_through()
-            raise
-
-    def held(self, change: int) -> None:
-        """Parsed pages held by the lanes change by ``change``."""
-        self._held += change
-        if change < 0 and self._held < MAX_HELD_PAGES:
-            self._let_one_through()
-
-    def _let_one_through(self) -> None:
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
 
     def open(self, unit_id: int) -> UnitLanes:
         """The lanes of a unit that starts."""

@@ -3,7 +3,6 @@ in the unit's one cursor, resumed together (also from the cursors of before), ea
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -14,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from clobjob import lanes as lanes_module
 from clobjob.config import Settings
 from clobjob.lanes import ShardLanes
 from clobjob.models import WorkUnit
@@ -118,32 +116,6 @@ async def test_a_giant_unit_pages_its_ranges_at_once_and_fetches_each_fill_once(
     assert stats["in_service_peak"] > 1  # one unit, several requests at once
     assert max(len(json.loads(c)) for c in cursors) > 1  # the cursor held several ranges
     assert json.loads(cursors[-1]) == [] and len(cursors) <= unit.expected_requests * 1.5
-
-
-async def test_lanes_hold_a_bounded_number_of_parsed_pages_when_the_worker_takes_them_slowly(dataset, monkeypatch):
-    """A consumer slower than the answers (the worker's CPU or the store binds): lanes stop sending once the
-    shard's lanes hold ``MAX_HELD_PAGES`` parsed pages, so the rows do not pile up in the lanes (one per lane);
-    the requests already sent still land (here the 15 lanes' first ones, at the slow start's 5 req/s)."""
-    monkeypatch.setattr(lanes_module, "MAX_HELD_PAGES", 2)
-    unit = giant_unit(dataset)
-    config = SimConfig.for_profile("clean", seed=13, latency_base_s=0.02)
-    async with SimServer(dataset, config) as server:
-        settings = Settings(subgraph_url=server.url)
-        controller = make_controller(settings)
-        shard = ShardLanes(controller)
-        held, lanes, ids = [], [], []
-        async with SubgraphSource(settings, controller) as source:
-            pages = source.pages(unit, "", {}, shard.open(unit.unit_id))
-            async for page in pages:
-                ids += [r[0] for r in page.rows]
-                held.append(shard._held)
-                lanes.append(shard.active())
-                await asyncio.sleep(0.1)  # the worker storing it
-    assert max(lanes) >= 10  # many lanes, each of which could hold a page (without the bound each does)
-    peak = held.index(max(held))  # the answers to the first requests, all sent before any page landed
-    drained = next(i for i in range(peak, len(held)) if held[i] <= 2)
-    assert lanes[drained] >= 5 and max(held[drained:]) <= 2  # held to the bound, by lanes that wait
-    assert sorted(ids) == sorted(giant_ids(dataset, unit))
 
 
 async def test_without_lanes_a_unit_pages_one_request_at_a_time(dataset):

@@ -37,15 +37,6 @@ class Lanes(Protocol):
         """Whether the unit may open one more lane, worth about ``pages`` pages (0: it has nothing worth one)."""
         ...
 
-    async def room(self) -> None:
-        """Return once a lane may send its next request: while the shard's lanes hold as many parsed pages as they
-        may (waiting to be handed over), the answers are not taken as fast as they come."""
-        ...
-
-    def held(self, change: int) -> None:
-        """A lane's parsed page starts (+1) or stops (-1) waiting to be handed over."""
-        ...
-
 
 class FillSource(Protocol):
     """A pluggable source of fills (``clobjob.sources.subgraph``, later ``clobjob.sources.rpc``)."""

@@ -570,14 +570,12 @@ class _UnitPaging:
         try:
             while segment is not None:
                 self._widen(segment)
-                if self.lanes is not None:
-                    await self.lanes.room()
                 requested_at = time.monotonic()
                 rows, last = await self._fetch(segment)
                 resume = asyncio.get_running_loop().create_future()
                 self._ready.put_nowait((segment, rows, last, requested_at, resume))
                 rows = None
-                await self._handed(resume)
+                await resume
                 if last is None:  # the segment is done: take a pending one, if any
                     self._owned.discard(segment)
                     segment = self._unowned()
@@ -586,17 +584,6 @@ class _UnitPaging:
                     self._count_lanes()
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             self._ready.put_nowait(exc)
-
-    async def _handed(self, resume: asyncio.Future[None]) -> None:
-        """Wait until the consumer took the page just queued, counted as held by the lanes meanwhile."""
-        if self.lanes is None:
-            await resume
-            return
-        self.lanes.held(1)
-        try:
-            await resume
-        finally:
-            self.lanes.held(-1)
 
     def _widen(self, segment: Segment) -> None:
         """Open lanes while ``lanes`` allows: on pending segments first, then on the upper half of ``segment``."""
