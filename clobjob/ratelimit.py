@@ -53,11 +53,14 @@ neither window nor rate: under random faults those answers are not load, and rea
 the window to one request. It starts at 64, so that before the first answer (the latency unknown) the slow
 start's rate, not the window, binds: at 1.5 s pages a window of 8 held the first round trip to 5 req/s.
 
-Order: a slot and a token are given by the caller's ``priority``, highest first, then in arrival order (a
-taker sleeping until the next token yields it to a higher priority that arrived meanwhile). Lanes ask with
-the pages their range still holds, so the longest chains of sequential pages go first and a shard's ranges
-end together (longest-processing-time first): served in arrival order, 230 units at 100 req/s and 1.5 s
-pages ended over a 4 s tail, short ranges done early and long ones still paging.
+Order: a slot and a token are given by the caller's ``priority`` (pages of work behind the request), highest
+first, then in arrival order (a taker sleeping until the next token yields it to a higher priority that
+arrived meanwhile). Lanes ask with the pages their range still holds, so the longest chains of sequential
+pages go first and a shard's ranges end together (longest-processing-time first): served in arrival order,
+230 units at 100 req/s and 1.5 s pages ended over a 4 s tail, short ranges done early and long ones still
+paging. A page of priority is worth ``PRIORITY_AGE_S`` of waiting and counts up to ``PRIORITY_CAP`` pages,
+so no request is passed over for more than about 20 s: a low-priority unit is deferred, never starved into
+the worker's stall timeout.
 Retry-After (seconds or an HTTP-date) pauses all sending until it passes. ``backoff()`` is capped
 exponential backoff with full jitter. ``allow_retry()`` keeps retries within a fraction of the traffic
 of the last 10 s, plus a small floor so that a cold start can retry.
@@ -114,6 +117,8 @@ LATENCY_GAIN = 0.2  # weight of a new sample in the smoothed latency (and loop l
 LAG_SHARE = 0.02  # while the loop's lag exceeds this share of the latency, the target's latency does not rise
 TARGET_HEADROOM = 1.25  # requests kept in flight, as a multiple of rate × latency
 TOKEN_EPSILON = 1e-9  # float slack, so that waking at the computed instant always finds the token
+PRIORITY_AGE_S = 1.0  # a page of priority ranks a request as if it had waited this much longer
+PRIORITY_CAP = 20.0  # priorities count up to this many pages: nothing is passed over for much more than 20 s
 TOKEN_DUE_S = 1e-9  # a token due sooner than this is here: at a huge rate the wait can be below the clock's step
 
 
@@ -177,7 +182,7 @@ class _Recent:
 
 
 class _Queue:
-    """Waiters served by priority, highest first, then in arrival order; a cancelled waiter is skipped."""
+    """Waiters served by rank, highest first, then in arrival order; a cancelled waiter is skipped."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
@@ -187,13 +192,13 @@ class _Queue:
         """Waiters still waiting."""
         return self._waiting
 
-    def join(self, priority: float) -> asyncio.Future[None]:
+    def join(self, rank: float) -> asyncio.Future[None]:
         """A new waiter's future, resolved when it is served."""
         waiter = asyncio.get_running_loop().create_future()
         self._arrivals += 1
         self._waiting += 1
         waiter.add_done_callback(self._left)
-        heapq.heappush(self._heap, (-priority, self._arrivals, waiter))
+        heapq.heappush(self._heap, (-rank, self._arrivals, waiter))
         return waiter
 
     def _left(self, waiter: asyncio.Future[None]) -> None:
@@ -210,37 +215,37 @@ class _Queue:
                 return True
         return False
 
-    def outranks(self, priority: float) -> bool:
-        """Whether a waiter of a higher priority than ``priority`` waits."""
+    def outranks(self, rank: float) -> bool:
+        """Whether a waiter of a higher rank than ``rank`` waits."""
         while self._heap and self._heap[0][2].done():
             heapq.heappop(self._heap)
-        return bool(self._heap) and -self._heap[0][0] > priority
+        return bool(self._heap) and -self._heap[0][0] > rank
 
 
 class _Turn:
-    """A lock whose waiters take their turn by priority (``_Queue``), for the token bucket's one taker; the holder
-    yields it to a higher priority that arrived meanwhile (``yield_to_higher``)."""
+    """A lock whose waiters take their turn by rank (``_Queue``), for the token bucket's one taker; the holder
+    yields it to a higher rank that arrived meanwhile (``yield_to_higher``)."""
 
     def __init__(self) -> None:
         self._held = False
         self._queue = _Queue()
 
-    async def acquire(self, priority: float) -> None:
+    async def acquire(self, rank: float) -> None:
         if not self._held:
             self._held = True
             return
-        await self._wait(priority)
+        await self._wait(rank)
 
-    async def yield_to_higher(self, priority: float) -> None:
-        """Hand the turn to a waiter of a higher priority, if one waits, and wait for it back (if this raises, the
+    async def yield_to_higher(self, rank: float) -> None:
+        """Hand the turn to a waiter of a higher rank, if one waits, and wait for it back (if this raises, the
         turn is not held)."""
-        if self._queue.outranks(priority):
-            waiter = self._queue.join(priority)
+        if self._queue.outranks(rank):
+            waiter = self._queue.join(rank)
             self._queue.serve()
-            await self._wait(priority, waiter)
+            await self._wait(rank, waiter)
 
-    async def _wait(self, priority: float, waiter: asyncio.Future[None] | None = None) -> None:
-        waiter = waiter or self._queue.join(priority)
+    async def _wait(self, rank: float, waiter: asyncio.Future[None] | None = None) -> None:
+        waiter = waiter or self._queue.join(rank)
         try:
             await waiter
         except BaseException:
@@ -380,10 +385,11 @@ class AdaptiveRateController:
     async def slot(self, priority: float = 0.0) -> AsyncIterator[Permit]:
         """Wait for a window slot and a token, then yield the request's ``Permit``. Waiters are served by
         ``priority``, highest first, then in arrival order (the longest chain of pages first: see
-        ``clobjob.lanes``)."""
-        await self._enter_window(priority)
+        ``clobjob.lanes``), a page of priority counting as ``PRIORITY_AGE_S`` of waiting (see the module doc)."""
+        rank = min(priority, PRIORITY_CAP) * PRIORITY_AGE_S - self._clock()  # earlier and heavier go first
+        await self._enter_window(rank)
         try:
-            await self._take_token(priority)
+            await self._take_token(rank)
         except BaseException:
             self._leave_window()
             raise
@@ -453,8 +459,8 @@ class AdaptiveRateController:
 
     # token bucket
 
-    async def _take_token(self, priority: float) -> None:
-        await self._token_turn.acquire(priority)
+    async def _take_token(self, rank: float) -> None:
+        await self._token_turn.acquire(rank)
         holding = True
         try:
             while True:
@@ -468,7 +474,7 @@ class AdaptiveRateController:
                 self._token_waited = True
                 await self._sleep((1.0 - self._tokens) / self._rate)
                 holding = False  # if cancelled while yielding, the turn is not ours
-                await self._token_turn.yield_to_higher(priority)
+                await self._token_turn.yield_to_higher(rank)
                 holding = True
             self._tokens = max(0.0, self._tokens - 1.0)
             self._sends.add(now)
@@ -550,8 +556,8 @@ class AdaptiveRateController:
 
     # in-flight window
 
-    async def _enter_window(self, priority: float) -> None:
-        waiter = self._window_waiters.join(priority)
+    async def _enter_window(self, rank: float) -> None:
+        waiter = self._window_waiters.join(rank)
         self._wake_window()
         try:
             await waiter

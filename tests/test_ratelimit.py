@@ -557,6 +557,31 @@ def test_simulation_single_client_holds_the_limit_with_few_429s(limit, seconds):
     assert share_429 <= 0.02
 
 
+def test_a_low_priority_request_is_deferred_but_not_starved():
+    """A stream of higher-priority requests passes over a low one for at most ``PRIORITY_CAP`` pages of
+    ``PRIORITY_AGE_S`` each (the worker's stall timeout must never see a unit that waits for its turn)."""
+    async def main():
+        ctl = controller(initial_rps=10.0, min_rps=10.0, max_rps=10.0, initial_window=64)
+
+        async def heavy() -> None:
+            while True:
+                async with ctl.slot(priority=500.0) as permit:
+                    await asyncio.sleep(0.1)
+                    permit.success()
+
+        tasks = [asyncio.create_task(heavy()) for _ in range(30)]
+        await asyncio.sleep(1.0)
+        asked = now()
+        async with ctl.slot(priority=0.0) as permit:
+            permit.success()
+        waited = now() - asked
+        await stop(tasks)
+        return waited
+
+    waited = run(main)
+    assert 10.0 < waited <= 25.0  # 20 pages of 1 s, and the 30 requests ahead of it at 10 req/s
+
+
 @pytest.mark.parametrize("priorities", [None, random.Random(3)], ids=["one priority", "mixed priorities"])
 def test_simulation_slow_start_reaches_the_limit_in_a_few_doublings(priorities):
     """From 5 req/s to 0.9 of 100 req/s (burst 50) in about log2(20) doublings of ``DOUBLING_S``, also when the
