@@ -61,6 +61,7 @@ pages go first and a shard's ranges end together (longest-processing-time first)
 paging. A page of priority is worth ``PRIORITY_AGE_S`` of waiting and counts up to ``PRIORITY_CAP`` pages,
 so no request is passed over for more than about 20 s: a low-priority unit is deferred, never starved into
 the worker's stall timeout.
+
 Retry-After (seconds or an HTTP-date) pauses all sending until it passes. ``backoff()`` is capped
 exponential backoff with full jitter. ``allow_retry()`` keeps retries within a fraction of the traffic
 of the last 10 s, plus a small floor so that a cold start can retry.
@@ -117,9 +118,9 @@ LATENCY_GAIN = 0.2  # weight of a new sample in the smoothed latency (and loop l
 LAG_SHARE = 0.02  # while the loop's lag exceeds this share of the latency, the target's latency does not rise
 TARGET_HEADROOM = 1.25  # requests kept in flight, as a multiple of rate × latency
 TOKEN_EPSILON = 1e-9  # float slack, so that waking at the computed instant always finds the token
+TOKEN_DUE_S = 1e-9  # a token due sooner than this is here: at a huge rate the wait can be below the clock's step
 PRIORITY_AGE_S = 1.0  # a page of priority ranks a request as if it had waited this much longer
 PRIORITY_CAP = 20.0  # priorities count up to this many pages: nothing is passed over for much more than 20 s
-TOKEN_DUE_S = 1e-9  # a token due sooner than this is here: at a huge rate the wait can be below the clock's step
 
 
 @dataclass(frozen=True, slots=True)
