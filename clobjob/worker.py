@@ -3,7 +3,8 @@
 It loads its units and their checkpoints, skips done units, resumes each unit from its stored cursor,
 runs units concurrently under the process's rate controller, buffers fills and flushes them in large
 batches, and writes a unit's checkpoint only after the rows it covers are stored. A heartbeat records
-the shard's liveness and rates; a per-page stall timeout cancels a stuck fetch and retries the unit.
+the shard's liveness and rates; a per-page stall timeout (not counted while the process's requests wait their
+turn at the rate controller) cancels a stuck fetch and retries the unit.
 State lives only in ClickHouse, so a killed worker resumes where its last checkpoint points, and two
 pods running the same index are harmless (fills dedup by id, the latest checkpoint wins).
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -219,7 +220,7 @@ class ShardWorker:
             pages = self.source.pages(progress.unit, progress.cursor, conditions, lanes)
             try:
                 while True:
-                    page = await asyncio.wait_for(anext(pages), self.settings.stall_timeout_s)
+                    page = await self._next_page(pages)
                     if self._lost(progress):
                         return
                     page = self._admit(progress, page, tokens, log)
@@ -249,6 +250,23 @@ class ShardWorker:
                     return
             finally:
                 await pages.aclose()
+
+    async def _next_page(self, pages: AsyncIterator[Page]) -> Page:
+        """The unit's next page; ``TimeoutError`` (a stall) when none came within the stall timeout while none of the
+        process's requests waited their turn at the rate controller. A unit queued behind the others at a low rate
+        (256 units at 2 req/s wait 128 s a page) is not stalled; a hung request is cut by its attempt timeout."""
+        fetch = asyncio.ensure_future(anext(pages))
+        try:
+            while True:
+                done, _ = await asyncio.wait({fetch}, timeout=self.settings.stall_timeout_s)
+                if done:
+                    return fetch.result()
+                if self.controller.demand() <= self.controller.snapshot().in_flight:  # nothing queued: stalled
+                    raise TimeoutError
+        finally:
+            if not fetch.done():
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
 
     def _admit(self, progress: UnitProgress, page: Page, tokens: frozenset[str], log: Any) -> Page:
         """The page as it may be buffered: every row within the storage contract (else ``BadFill`` fails the

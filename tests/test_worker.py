@@ -42,6 +42,23 @@ async def test_transient_errors_and_stalls_resume_from_the_cursor(store, setting
     assert restarts.count((big, "0")) == 1
 
 
+async def test_units_waiting_their_turn_at_a_low_rate_are_not_stalled(store, settings, plan):
+    """Three units sharing 4 req/s wait ~0.75 s a page, beyond the 0.5 s stall timeout: that is their turn at the
+    rate limit, not a stall, so no unit is restarted (a hang with nothing queued still is: the test above)."""
+    s = fast(settings, max_rps=4.0)
+    controller = make_controller(s)
+    source = ScriptedSource(plan)
+
+    async def through_the_rate(_unit: int, _page: int) -> None:
+        async with controller.slot() as permit:
+            permit.success()
+
+    source.on_page = through_the_rate
+    assert await ShardWorker(s, store, source, controller, "r", 0, pod="test-0").run() == EXIT_OK
+    assert stored_ids(store) == {row[0] for u in (0, 2, 4) for row in plan[u]}
+    assert len(source.calls) == len(set(source.calls))  # no unit resumed a cursor: none was restarted
+
+
 async def test_a_unit_that_keeps_failing_is_marked_failed_and_the_others_finish(store, settings, plan):
     source = ScriptedSource(plan)
     source.fail_at[(2, 0)] = [TransientSourceError(f"HTTP 502 #{i}") for i in range(5)]
