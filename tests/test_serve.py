@@ -142,3 +142,22 @@ def test_a_password_with_reserved_and_unicode_characters_reaches_db_serve(chdb_d
     assert f"cannot connect to ClickHouse at http://admin:***@{host}" in shown.err
     for secret in (wrong, quote(wrong, safe=""), password, quote(password, safe="")):
         assert secret not in shown.out + shown.err
+
+
+def test_a_worker_on_a_server_does_not_load_pandas(served):
+    """clickhouse-connect would import pandas (67 MB per pod) at the first insert, only to ask whether the data is a
+    DataFrame; a process that talks to a server inserts lists and never needs it."""
+    _, settings = served
+    code = ("import sys\n"
+            "from clobjob.config import Settings\n"
+            "from clobjob.store import open_store\n"
+            "from tests.scripted import fill_row\n"
+            f"with open_store(Settings(clickhouse_url={settings.dsn()!r}, "
+            f"clickhouse_database={settings.clickhouse_database!r})) as store:\n"
+            "    assert store.insert_fill_rows([fill_row(7, 1, '12345', '')]) == 1\n"
+            "    assert store.count_fills() >= 1\n"
+            "print('pandas' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

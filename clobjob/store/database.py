@@ -5,12 +5,14 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import clickhouse_connect
+from clickhouse_connect.driver import options as driver_options
 from clickhouse_connect.driver.exceptions import Error as DriverError
 from clickhouse_connect.driver.exceptions import OperationalError
 
@@ -84,6 +86,10 @@ def connect(settings: Settings) -> Any:
             raise BadInput("embedded ClickHouse needs chdb: pip install 'clobjob[embedded]'") from exc
         os.makedirs(dsn.removeprefix("chdb://"), exist_ok=True)
         options = {}
+    elif "pandas" not in sys.modules:
+        # The driver imports pandas (67 MB) at its first insert only to ask whether the data is a DataFrame;
+        # clobjob inserts lists, so a server client says pandas is absent (chDB itself needs pandas).
+        driver_options.pd = None
     try:
         return clickhouse_connect.get_client(dsn=dsn, **options)
     except Exception as exc:  # the driver's message may contain the DSN: show the redacted one
