@@ -60,8 +60,20 @@ def _positions(rows: np.ndarray, members: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.isin(rows, members))
 
 
+def plain_strings(values: Sequence[Any]) -> bool:
+    """Whether every value is a string JSON holds between quotes as it is (printable ASCII, no quote or backslash)."""
+    try:
+        joined = "".join(values)
+    except TypeError:  # not only strings
+        return False
+    return joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined
+
+
 class Column:
-    """One field of an entity table."""
+    """One field of an entity table; ``plain`` when it renders only strings JSON holds between quotes as they
+    are (then a page need not be scanned for characters to escape)."""
+
+    plain = False
 
     def render(self, rows: np.ndarray) -> list:
         """The JSON values of ``rows``, in the order given."""
@@ -103,10 +115,12 @@ class IdColumn(Column):
     sharing the query's leading hex digits (``hex_prefix``) before any id is rendered.
     """
 
-    def __init__(self, n: int, render: Callable[[np.ndarray], list[str]], prefix: np.ndarray | None = None) -> None:
+    def __init__(self, n: int, render: Callable[[np.ndarray], list[str]], prefix: np.ndarray | None = None,
+                 *, plain: bool = False) -> None:
         self.n = n
         self._render = render
         self.prefix = prefix
+        self.plain = plain
 
     def render(self, rows: np.ndarray) -> list[str]:
         return self._render(rows)
@@ -160,6 +174,7 @@ class IntColumn(Column):
         self.big = big or {}
         self.kind = kind
         self.scale = scale
+        self.plain = kind != "Int"  # BigInt and BigDecimal render as decimal strings
         self._big_rows = np.array(sorted(self.big), dtype=np.int64)
 
     @classmethod
@@ -271,6 +286,10 @@ class CodeColumn(Column):
     def _labels(self) -> np.ndarray:
         return np.array([str(v) for v in self.values], dtype=object)
 
+    @cached_property
+    def plain(self) -> bool:  # type: ignore[override]
+        return plain_strings(self._labels.tolist())
+
     def render(self, rows: np.ndarray) -> list[str]:
         return self._labels[self.codes[rows]].tolist()
 
@@ -324,18 +343,26 @@ class CodeColumn(Column):
 
 
 class BytesColumn(Column):
-    """32-byte values (hashes) computed on demand from ``words(rows) -> (len, 4) uint64``."""
+    """32-byte values (hashes) computed on demand from ``words(rows) -> (len, 4) uint64``. The last rows rendered
+    are kept: a fill's id renders its transaction and order hashes, which the same page also selects."""
+
+    plain = True
 
     def __init__(self, words: Callable[[np.ndarray], np.ndarray]) -> None:
         self._words = words
+        self._last: tuple[np.ndarray | None, list[str]] = (None, [])
 
     def raw(self, rows: np.ndarray) -> bytes:
         """The concatenated 32-byte big-endian values of ``rows``."""
         return self._words(rows).astype(">u8").tobytes()
 
     def render(self, rows: np.ndarray) -> list[str]:
-        text = self.raw(rows).hex()
-        return ["0x" + text[i:i + 64] for i in range(0, len(text), 64)]
+        last, rendered = self._last
+        if rows is not last:
+            text = self.raw(rows).hex()
+            rendered = ["0x" + text[i:i + 64] for i in range(0, len(text), 64)]
+            self._last = (rows, rendered)
+        return list(rendered)
 
     def mask(self, op: str, target: Any, rows: np.ndarray) -> np.ndarray:
         targets = [target] if op in ("", "not") else target

@@ -231,7 +231,7 @@ def _fill_table(key: int, a: dict[str, Any], addresses: list[str], assets: list[
 
     lead = hash_words(key, _TX, a["tx"], words=1)[:, 0]  # ids sort by their first 64 bits first
     columns = {
-        "id": IdColumn(len(a["ts"]), ids, prefix=lead),
+        "id": IdColumn(len(a["ts"]), ids, prefix=lead, plain=True),
         "transactionHash": tx_hash,
         "timestamp": IntColumn(a["ts"]),
         "orderHash": order_hash,

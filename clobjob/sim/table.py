@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from clobjob.sim.columns import Column, IdColumn, IntColumn, NullColumn
+from clobjob.sim.columns import Column, IdColumn, IntColumn, NullColumn, plain_strings
 from clobjob.sim.schema import split_filter_key
 
 BLOCK = "_block"  # pseudo-column: the block at which each row last changed
@@ -81,21 +81,12 @@ class Table:
         """The same objects as JSON texts, encoded column by column (the hot path: no dicts); a column of strings
         that need no escaping (hex ids, decimal numbers: most of them) goes into the template as it is."""
         parts, encoded = [], []
-        for (key, _), column in zip(selection, self._values(rows, selection), strict=True):
-            plain = _plain_strings(column)
+        for (key, name), column in zip(selection, self._values(rows, selection), strict=True):
+            plain = (name != "__typename" and self.columns[name].plain) or plain_strings(column)
             parts.append(f"{json.dumps(key)}:" + ('"%s"' if plain else "%s"))
             encoded.append(column if plain else _json_values(column))
         template = "{" + ",".join(parts) + "}"
         return [template % row for row in zip(*encoded, strict=True)]
-
-
-def _plain_strings(column: list[Any]) -> bool:
-    """Whether every value is a string JSON holds between quotes as it is (printable ASCII, no quote or backslash)."""
-    try:
-        joined = "".join(column)
-    except TypeError:  # not only strings
-        return False
-    return joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined
 
 
 def _json_values(column: list[Any]) -> list[str]:
