@@ -7,8 +7,12 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from aiohttp.test_utils import TestServer
 
 from clobjob import plan
@@ -17,7 +21,15 @@ from clobjob.errors import SourceError, TransientSourceError
 from clobjob.models import EXCHANGES, FILL_COLUMNS, Fill, WorkUnit
 from clobjob.ratelimit import AdaptiveRateController
 from clobjob.sim import Dataset, SimConfig, SimServer
-from clobjob.sources.subgraph import SubgraphIndexingError, SubgraphSource, decode_cursor, fills_query, id_bounds
+from clobjob.sources.subgraph import (
+    SubgraphIndexingError,
+    SubgraphSource,
+    decode_cursor,
+    fill_page,
+    fills_query,
+    id_bounds,
+    typed_fill_page,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -140,6 +152,37 @@ async def test_id_range_unit_starts_at_id_from_and_stops_before_id_to(canned):
         {"after": "0xc0000000", "tokens": [TOKEN]},
     ]
     assert "id_lt" not in fake.requests[2][1]["query"]
+
+
+ODD_VALUES = [None, "", 7, True, [], "0x" + "AB" * 32, "007", "1e3", "-5", " 12", "\u0661\u0662", str(2**256),
+              str(2**256 - 1), "0", "\u00e9", "0xZZ"]
+
+
+@hyp_settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from(sorted(event(0))), st.sampled_from(ODD_VALUES)),
+                max_size=3),
+       st.sampled_from([None, {"errors": [{"message": "boom"}]}, {"errors": []}, {"extra": 1}, {"data": None}]))
+def test_the_typed_decoder_reads_exactly_what_the_generic_parser_reads(changes, top):
+    """The fast path makes the very rows of the generic one, or declines (None) and leaves the answer to it — also
+    each answer the generic parser refuses, so that its message names the field."""
+    events = [event(i) for i in range(4)]
+    for at, field, value in changes:
+        events[at] = {**events[at], field: value} if value is not None else {
+            k: v for k, v in events[at].items() if k != field}
+    doc = {"data": {"orderFilledEvents": events}, **(top or {})}
+    body = json.dumps(doc).encode()
+    conditions = {TOKEN: CONDITION}
+    try:
+        parsed = orjson.loads(body)
+        if parsed.get("errors") or not isinstance(parsed.get("data"), dict):
+            raise SourceError("not a fills answer")
+        generic = fill_page(parsed["data"]["orderFilledEvents"], conditions)
+    except SourceError:
+        generic = None
+    typed = typed_fill_page(body, conditions)
+    assert typed is None or typed == generic
+    if not changes and top in (None, {"extra": 1}, {"errors": []}):
+        assert typed is not None  # a well-formed page takes the fast path
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,10 @@ before it, and a range is only cut between two of its requests (the parts never 
 twice). A cut costs at most one partial page.
 
 Rows (``FILL_COLUMNS`` order) are parsed without a model per fill, but strictly: a missing or renamed
-field, a wrong type or a non-numeric BigInt raises ``SourceError`` naming the entity, index and field.
+field, a wrong type or a non-numeric BigInt raises ``SourceError`` naming the entity, index and field. A
+well-formed fills answer is decoded straight from its bytes into typed records and checked a column at a time
+(``typed_fill_page``); anything else falls back to the generic parser, which reads the same rows or names
+the fault.
 ``condition_id`` comes from the caller's token → condition map; a token missing from it gets "". The values
 themselves (hex shapes, ranges, side) are the storage contract, ``models.check_fills``, which the worker
 applies to every page of every source. A full page whose last id is not after the cursor it was asked
@@ -71,9 +74,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import lru_cache
+from functools import lru_cache, partial
+from itertools import repeat
 from typing import Any
 
+import msgspec
 import orjson
 from loguru import logger
 
@@ -175,8 +180,10 @@ def _parsed(status: int, headers: Mapping[str, str], body: bytes, url: str) -> A
         raise _Retry(f"truncated or garbled body ({len(body)} bytes)", "failed") from None
 
 
-def _answer(status: int, headers: Mapping[str, str], body: bytes, url: str = "") -> dict[str, Any]:
-    """The ``data`` object of one HTTP answer, or the exception it calls for.
+def _answer(status: int, headers: Mapping[str, str], body: bytes, url: str = "",
+            typed: Callable[[bytes], Any] | None = None) -> Any:
+    """The ``data`` object of one HTTP answer, or the exception it calls for; with ``typed``, what it makes of a
+    200 answer's body unless that is None (a decoder for the well-formed case).
 
     A body that cannot be GraphQL JSON — an HTML content type, or not starting with ``{`` — or that is not
     UTF-8 before its end is the wrong protocol (``SourceError`` at once, naming the URL and what came back);
@@ -189,6 +196,8 @@ def _answer(status: int, headers: Mapping[str, str], body: bytes, url: str = "")
         raise _Retry(f"empty body (HTTP {status})", "failed")
     if "html" in headers.get("Content-Type", "").lower() or not body.lstrip().startswith(b"{"):
         raise _not_the_protocol(url, status, headers, body, "not a JSON object")
+    if typed is not None and status == 200 and (found := typed(body)) is not None:
+        return found
     try:
         doc = orjson.loads(body)  # 2.3x the standard parser on a 1,000-fill page
     except orjson.JSONDecodeError:
@@ -280,6 +289,97 @@ def fill_rows(events: list[Any], conditions: Mapping[str, str]) -> list[tuple[An
     except (_Drift, KeyError, TypeError) as exc:
         raise _drift("orderFilledEvents", index, exc) from None
     return rows
+
+
+@dataclass(frozen=True)
+class FillPage:
+    """One answer's fills as rows, how many events it held, and the last event's id as the server wrote it."""
+
+    rows: list[tuple[Any, ...]]
+    events: int
+    last: str | None
+
+
+def fill_page(events: list[Any], conditions: Mapping[str, str]) -> FillPage:
+    """``orderFilledEvents`` objects as a ``FillPage`` (``fill_rows``; ``SourceError`` on drift)."""
+    return FillPage(fill_rows(events, conditions), len(events), _text(events[-1], "id") if events else None)
+
+
+class _Event(msgspec.Struct, rename="camel"):
+    """An ``orderFilledEvents`` object whose every field is a string (BigInts are decimal strings)."""
+
+    id: str
+    transaction_hash: str
+    timestamp: str
+    order_hash: str
+    maker: str
+    taker: str
+    maker_asset_id: str
+    taker_asset_id: str
+    maker_amount_filled: str
+    taker_amount_filled: str
+    fee: str
+
+
+class _FillsData(msgspec.Struct, rename="camel"):
+    order_filled_events: list[_Event]
+
+
+class _FillsAnswer(msgspec.Struct):
+    data: _FillsData
+    errors: Any = None
+
+
+_FILLS_ANSWER = msgspec.json.Decoder(_FillsAnswer)
+
+
+def _lowered(values: list[str]) -> list[str] | None:
+    """The non-empty strings lower-cased (the list itself when they already are); None if one is empty."""
+    if "" in values:
+        return None
+    joined = "".join(values)
+    return values if joined == joined.lower() else [v.lower() for v in values]
+
+
+def typed_fill_page(body: bytes, conditions: Mapping[str, str]) -> FillPage | None:
+    """A well-formed fills answer decoded straight from its bytes into the rows ``fill_page`` makes (1.3 ms against
+    3.4 ms a 1,000-fill page: no dict per fill, each check one pass over a column). None for anything else —
+    GraphQL errors, a null, a field missing or of another type, a BigInt that is not digits — which the generic
+    path then parses and names."""
+    try:
+        answer = _FILLS_ANSWER.decode(body)
+    except msgspec.DecodeError:  # also a ValidationError: the generic path says what is wrong
+        return None
+    events = answer.data.order_filled_events
+    if answer.errors:
+        return None
+    if not events:
+        return FillPage([], 0, None)
+    numbers = [e.timestamp for e in events] + [e.maker_amount_filled for e in events] + \
+        [e.taker_amount_filled for e in events] + [e.fee for e in events]
+    joined = "".join(numbers)
+    if "" in numbers or not (joined.isascii() and joined.isdigit()):
+        return None
+    canonical = {}
+    for value in {e.maker_asset_id for e in events} | {e.taker_asset_id for e in events}:
+        if not (value.isascii() and value.isdigit()) or int(value) >= 2**256:
+            return None
+        canonical[value] = str(int(value))
+    texts = [_lowered([getattr(e, field) for e in events])
+             for field in ("id", "transaction_hash", "order_hash", "maker", "taker")]
+    if None in texts:
+        return None
+    n = len(events)
+    at, made, taken, fees = (list(map(int, numbers[i * n:(i + 1) * n])) for i in range(4))
+    maker_assets = list(map(canonical.__getitem__, [e.maker_asset_id for e in events]))
+    taker_assets = list(map(canonical.__getitem__, [e.taker_asset_id for e in events]))
+    tokens = [taker if maker == "0" else maker for maker, taker in zip(maker_assets, taker_assets)]
+    sides = ["BUY" if maker == "0" else "SELL" for maker in maker_assets]
+    ids, txs, orders, makers, takers = texts
+    rows = list(zip(ids, txs, orders, at, repeat(None), repeat(None), repeat(""), makers, takers, maker_assets,
+                    taker_assets, made, taken, fees, map(conditions.get, tokens, repeat("")), tokens, sides,
+                    map(EXCHANGES.__contains__, takers), repeat(1), repeat("subgraph")))
+    return FillPage(rows, n, events[-1].id)
 
 
 # --- queries and cursors -------------------------------------------------------------------------
@@ -522,6 +622,7 @@ class _UnitPaging:
         self.source, self.unit, self.segments, self.conditions, self.lanes = source, unit, segments, conditions, lanes
         self._queries = {bounded: fills_query(bool(unit.token_ids), unit.ts_from is not None,
                                               unit.ts_to is not None, bounded) for bounded in (False, True)}
+        self._typed = partial(typed_fill_page, conditions=conditions)
         self._base: dict[str, Any] = {}
         if unit.ts_from is not None:
             self._base["from"] = str(unit.ts_from)
@@ -618,7 +719,7 @@ class _UnitPaging:
             try:
                 data = await self.source.query(self._queries[upto is not None], variables,
                                                splittable=segment.hi - segment.lo > 1,
-                                               priority=remaining_pages(self.unit, segment))
+                                               priority=remaining_pages(self.unit, segment), typed=self._typed)
             except _TooHeavy as heavy:
                 middle = (segment.lo + segment.hi) // 2
                 logger.info("unit {}: splitting a batch of {} tokens ({})", self.unit.unit_id,
@@ -627,11 +728,11 @@ class _UnitPaging:
                 segment.hi = middle
                 self.segments.insert(self.segments.index(segment) + 1, half)
                 continue
-            events = _entities(data, "orderFilledEvents")
-            rows = fill_rows(events, self.conditions)
-            if len(events) < PAGE_SIZE:
+            page = data if isinstance(data, FillPage) else fill_page(_entities(data, "orderFilledEvents"),
+                                                                      self.conditions)
+            rows, last = page.rows, page.last
+            if page.events < PAGE_SIZE:
                 return rows, None
-            last = _text(events[-1], "id")
             if last <= segment.after:
                 raise UnitFailed(f"unit {self.unit.unit_id}: the subgraph's cursor does not advance: a full page "
                                  f"after id {segment.after[:140]!r} ends at id {last[:140]!r} (not after it)")
@@ -673,13 +774,15 @@ class SubgraphSource(OverHttp):
 
     # --- requests ----------------------------------------------------------------------------
 
-    async def _send(self, payload: bytes, timeout_s: float) -> dict[str, Any]:
-        """One POST: ``data``, or what the answer calls for (``_Retry``, ``SourceError``)."""
-        return _answer(*await self._http.send("POST", self.url, timeout_s, data=payload), self.url)
+    async def _send(self, payload: bytes, timeout_s: float, typed: Callable[[bytes], Any] | None = None) -> Any:
+        """One POST: ``data`` (or what ``typed`` makes of it), or what the answer calls for (``_Retry``,
+        ``SourceError``)."""
+        return _answer(*await self._http.send("POST", self.url, timeout_s, data=payload), self.url, typed)
 
     async def query(self, query: str, variables: dict[str, Any], *, splittable: bool = False,
-                    priority: float = 0.0) -> dict[str, Any]:
-        """The ``data`` of one GraphQL query, retried through the controller (served by ``priority``).
+                    priority: float = 0.0, typed: Callable[[bytes], Any] | None = None) -> Any:
+        """The ``data`` of one GraphQL query, retried through the controller (served by ``priority``); with
+        ``typed``, what it makes of a well-formed answer's body (see ``_answer``).
 
         With ``splittable`` a query too heavy for the server raises ``_TooHeavy`` instead of retrying.
         """
@@ -694,7 +797,7 @@ class SubgraphSource(OverHttp):
             heavy_before = bool(heavy)
 
         return await controlled_request(
-            self.controller, lambda _permit, timeout_s: self._send(payload, timeout_s),
+            self.controller, lambda _permit, timeout_s: self._send(payload, timeout_s, typed),
             what="subgraph", max_attempts=self.max_attempts, timeout_s=self._http.request_timeout_s,
             on_retry=on_retry, priority=priority)
 
