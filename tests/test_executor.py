@@ -99,15 +99,16 @@ async def test_stop_ends_every_index_with_143(store, settings, plan):
     assert stored_ids(store) == {row[0] for rows in plan.values() for row in rows}
 
 
-async def test_a_page_waits_for_the_flush_being_stored_and_is_kept_when_its_unit_stops_meanwhile(store, settings):
-    """Back-pressure: while a flush is being stored, a unit's next page is queued only once it is; a unit
-    cancelled meanwhile (a stop) still has that page queued, and the next flush stores it with its checkpoint."""
+async def test_pages_fill_the_next_batch_while_one_is_stored_and_wait_only_when_it_is_full(store, settings):
+    """Back-pressure without a stall: while a batch is being stored, pages are queued at once; a page that fills
+    the next batch waits for the stored one, and a unit cancelled meanwhile (a stop) still has that page queued,
+    so the next flush stores it with its checkpoint."""
     import threading
 
     from clobjob.models import Checkpoint
     from tests.scripted import fill_row
 
-    writer = StoreWriter(store, 1_000)
+    writer = StoreWriter(store, 2)
     held, release = threading.Event(), threading.Event()
     insert = store.insert_fills
 
@@ -116,24 +117,26 @@ async def test_a_page_waits_for_the_flush_being_stored_and_is_kept_when_its_unit
         release.wait(10)
         return insert(columns)
 
-    store.insert_fills = slow_insert  # the first insert is held in flight
+    def page(cursor: str, *rows: int) -> tuple[Checkpoint, str, list[tuple]]:
+        return (Checkpoint(run_id="r", shard=0, unit_id=1, cursor=cursor, fills=max(rows) + 1, pages=1), "p",
+                [fill_row(1, i, "7", "0x07") for i in rows])
+
+    store.insert_fills = slow_insert  # the first batch is held in flight
     try:
-        first = Checkpoint(run_id="r", shard=0, unit_id=1, cursor="a", fills=1, pages=1)
-        await writer.add(first, "p", [fill_row(1, 0, "7", "0x07")])
-        flushing = asyncio.create_task(writer.flush())
+        storing = asyncio.create_task(writer.add(*page("a", 0, 1)))  # a full batch: stored at once
         await asyncio.to_thread(held.wait, 10)
-        second = Checkpoint(run_id="r", shard=0, unit_id=1, cursor="b", fills=2, pages=2)
-        adding = asyncio.create_task(writer.add(second, "p", [fill_row(1, 1, "7", "0x07")]))
+        await asyncio.wait_for(writer.add(*page("b", 2)), 1)  # queued while the first batch is stored
+        filling = asyncio.create_task(writer.add(*page("c", 3)))  # fills the next batch: waits for the first
         await asyncio.sleep(0.1)
-        assert not adding.done() and store.checkpoints("r") == {}  # waits for the flush in flight
-        adding.cancel()
+        assert not filling.done() and store.checkpoints("r") == {}
+        filling.cancel()
         release.set()
-        await flushing
-        assert adding.cancelled() and store.checkpoints("r")[1].cursor == "a"
+        await storing
+        assert filling.cancelled() and store.checkpoints("r")[1].cursor == "a"
         store.insert_fills = insert
         await writer.flush()
-        assert store.checkpoints("r")[1].cursor == "b" and stored_ids(store) == {fill_row(1, i, "7", "0x07")[0]
-                                                                                 for i in (0, 1)}
+        assert store.checkpoints("r")[1].cursor == "c" and stored_ids(store) == {fill_row(1, i, "7", "0x07")[0]
+                                                                                 for i in range(4)}
     finally:
         release.set()
         writer.close()

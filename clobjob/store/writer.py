@@ -74,18 +74,14 @@ class StoreWriter:
     async def add(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]] = (),
                   requested_at: float | None = None) -> None:
         """Queue a page's rows and the unit's new checkpoint (nothing of a lost unit), ``requested_at`` when the
-        page's request was made (``time.monotonic()``; default now); flush when the batch is full.
-        While a flush is being stored the page is queued only once it is (even when cancelled meanwhile: a fetched
-        page is never dropped), so a unit requests no more pages than the store keeps up with and a crash during a
-        slow insert loses no more. Raises ``StoreUnreachable`` once the server has been away too long (nothing
-        more can be stored)."""
-        try:
-            async with self._lock:
-                pass
-        finally:
-            self._queue(checkpoint, pod, rows, time.monotonic() if requested_at is None else requested_at)
+        page's request was made (``time.monotonic()``; default now). Once the batch is full it is stored, after the
+        batch being stored, if any: a page waits only while the store is a whole batch behind (back-pressure: a
+        unit requests no more pages than the store keeps up with), and the next batch fills while one is stored.
+        The page is queued before any wait, so a unit cancelled meanwhile (a stop) never drops a fetched page.
+        Raises ``StoreUnreachable`` once the server has been away too long (nothing more can be stored)."""
+        self._queue(checkpoint, pod, rows, time.monotonic() if requested_at is None else requested_at)
         if len(self._buffer) >= self._batch_rows:
-            await self.flush()
+            await self.flush(when_full=True)
 
     def _queue(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]], requested_at: float) -> None:
         if self._unreachable is not None:
@@ -97,9 +93,11 @@ class StoreWriter:
         self._pending[key] = (checkpoint, pod)
         self._oldest = requested_at if self._oldest is None else min(self._oldest, requested_at)
 
-    async def flush(self) -> None:
-        """Store buffered rows, then the checkpoints queued with them."""
+    async def flush(self, *, when_full: bool = False) -> None:
+        """Store buffered rows, then the checkpoints queued with them (``when_full``: only a full batch)."""
         async with self._lock:
+            if when_full and len(self._buffer) < self._batch_rows:
+                return  # stored meanwhile by the page that waited before this one
             columns, checkpoints = self._buffer.take(), self._pending
             self._pending, self._oldest = {}, None
             if columns[0] or checkpoints:
