@@ -7,6 +7,7 @@ parts here, so they behave the same."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import time
@@ -23,6 +24,13 @@ from clobjob.sources import open_source
 from clobjob.sources.base import FillSource
 from clobjob.store import Store
 from clobjob.store.writer import StoreWriter
+
+GC_YOUNG_OBJECTS = 50_000
+"""Container objects allocated, net, before the collector looks at the young ones (Python's default is 700).
+
+A page is a thousand row tuples that live on in the buffer: at the default, a 100 req/s worker ran 5,557
+young and 18 full collections in 13.5 s of CPU, 1.8 s of it collecting. Fifty pages between collections
+cost it 0.2 s; reference cycles (tasks, exceptions) are still collected, a little later."""
 
 
 def make_controller(settings: Settings) -> AdaptiveRateController:
@@ -44,7 +52,9 @@ class Parts:
 
 @asynccontextmanager
 async def process_parts(settings: Settings, source_name: str, store: Store | None = None) -> AsyncIterator[Parts]:
-    """Build the process's parts; on exit flush what is buffered, then close the writer and the source."""
+    """Build the process's parts; on exit flush what is buffered, then close the writer and the source. From then on
+    the process's garbage collector waits for ``GC_YOUNG_OBJECTS``."""
+    gc.set_threshold(GC_YOUNG_OBJECTS, *gc.get_threshold()[1:])
     controller = make_controller(settings)
     source = open_source(source_name, settings, controller)
     writer = StoreWriter(store, settings.batch_rows, outage_s=settings.store_outage_s,

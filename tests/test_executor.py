@@ -6,7 +6,7 @@ import asyncio
 
 from clobjob.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_SIGTERM
 from clobjob.executors.local import IndexedJob, in_process_index
-from clobjob.parts import Parts, make_controller
+from clobjob.parts import GC_YOUNG_OBJECTS, Parts, make_controller, process_parts
 from clobjob.store.writer import StoreWriter
 from tests.scripted import ScriptedSource, fast, stored_ids
 
@@ -140,3 +140,24 @@ async def test_pages_fill_the_next_batch_while_one_is_stored_and_wait_only_when_
     finally:
         release.set()
         writer.close()
+
+
+async def test_a_fetching_process_collects_cyclic_garbage_in_fewer_larger_rounds(settings, store):
+    """Pages of row tuples would otherwise run the collector every 700 objects; reference cycles are still freed."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    async with process_parts(settings, "subgraph", store):
+        assert gc.isenabled() and gc.get_threshold()[0] == GC_YOUNG_OBJECTS
+        freed = []
+        for _ in range(10):
+            node = Node()
+            node.self = node  # a cycle: only the collector frees it
+            weakref.finalize(node, freed.append, 1)
+            del node
+        keep = [[] for _ in range(2 * GC_YOUNG_OBJECTS)]  # enough young containers to start a collection
+        assert len(freed) == 10
+        del keep

@@ -10,10 +10,10 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from hypothesis import given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
-from aiohttp.test_utils import TestServer
 
 from clobjob import plan
 from clobjob.config import Settings
