@@ -269,6 +269,11 @@ class _Scope:
     gamma: bool = False
 
 
+HELD_DATABASE_WAIT_S = 5.0
+"""A backfill started while another process holds the embedded database waits this long for it: a
+``status --watch`` in another terminal holds it a moment at every refresh."""
+
+
 def backfill(settings: Settings, *, shards: int, parallelism: int | None, markets_file: str | None = None,
              source: str | None = None, since: str | None = None, until: str | None = None, gamma: bool = False,
              follow_s: float | None = None, if_idle: bool = False, say: Say = _say) -> int:
@@ -288,7 +293,7 @@ def backfill(settings: Settings, *, shards: int, parallelism: int | None, market
         raise BadInput("--follow keeps fetching the new blocks: it does not go with --since/--until")
     if follow_s is not None and not (math.isfinite(follow_s) and follow_s > 0):
         raise BadInput(f"--interval {follow_s!r} is not a positive number of seconds")
-    with open_store(settings) as store:
+    with open_store(settings, busy_wait_s=HELD_DATABASE_WAIT_S) as store:
         if if_idle and (busy := _run_in_progress(settings, store)) is not None:
             say(f"run {busy} is in progress: nothing done now (--if-idle); the next round continues after it")
             return EXIT_OK

@@ -107,3 +107,30 @@ def test_kill_9_at_random_moments_then_resume_exact_and_sigterm_checkpoints(tmp_
     refetched = fetched - needed
     assert kills >= 1
     assert refetched <= (kills + 1) * (25 * 1 + 16), (fetched, needed, kills)
+
+
+HOLD = ("import sys, time\nfrom clobjob.config import Settings\nfrom clobjob.store import open_store\n"
+        "with open_store(Settings()):\n    print('held', flush=True)\n    time.sleep(float(sys.argv[1]))\n")
+
+
+def test_a_backfill_waits_for_a_reader_that_holds_the_embedded_database_a_moment(tmp_path):
+    """`status --watch` in another terminal holds the embedded database at every refresh: a backfill started at
+    that moment waits for it, and only a database held for longer fails it, naming the holder."""
+    dataset = Dataset.generate(markets=20, seed=5)
+    with SimServer(dataset, SimConfig.for_profile("clean")).run_in_thread() as sim:
+        env = prepared(tmp_path, dataset, sim, 20, 5)
+
+        def backfill_while_held(seconds: float) -> subprocess.CompletedProcess:
+            holder = subprocess.Popen([sys.executable, "-c", HOLD, str(seconds)], env=env, stdout=subprocess.PIPE,
+                                      text=True)
+            try:
+                assert holder.stdout.readline().strip() == "held"
+                return run_cli(env, "backfill", "--shards", "1")
+            finally:
+                holder.kill()
+                holder.wait(timeout=30)
+
+        briefly = backfill_while_held(1.5)
+        assert briefly.returncode == 0, briefly.stderr[-3000:]
+        held = backfill_while_held(30)
+        assert held.returncode == 1 and "in use by another process" in held.stderr, held.stderr[-3000:]

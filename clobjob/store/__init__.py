@@ -38,12 +38,25 @@ class Store(FillTable, MarketTable, RunTables):
         self.db.close()
 
 
+BUSY_POLL_S = 0.2
+
+
 @contextmanager
-def open_store(settings: Settings, *, migrate: bool = True, wait_s: float = 0.0) -> Iterator[Store]:
-    """Open the configured database, migrating it first unless ``migrate=False``; ``DatabaseBusy`` names the
-    process holding an embedded database. A server that cannot be reached is waited for up to ``wait_s``
+def open_store(settings: Settings, *, migrate: bool = True, wait_s: float = 0.0,
+               busy_wait_s: float = 0.0) -> Iterator[Store]:
+    """Open the configured database, migrating it first unless ``migrate=False``. An embedded database another
+    process holds is waited for up to ``busy_wait_s`` (``status --watch`` holds it a moment at every refresh), then
+    ``DatabaseBusy`` names that process. A server that cannot be reached is waited for up to ``wait_s``
     (retrying with backoff, as the store writer does), then ``StoreUnreachable`` names the redacted DSN."""
-    store = _reached(settings, migrate, wait_s)
+    until = time.monotonic() + busy_wait_s
+    while True:
+        try:
+            store = _reached(settings, migrate, wait_s)
+            break
+        except DatabaseBusy:
+            if time.monotonic() + BUSY_POLL_S > until:
+                raise
+            time.sleep(BUSY_POLL_S)
     try:
         yield store
     finally:
