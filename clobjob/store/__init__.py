@@ -38,7 +38,7 @@ class Store(FillTable, MarketTable, RunTables):
         self.db.close()
 
 
-BUSY_POLL_S = 0.2
+BUSY_POLL_S = 0.2  # how often a held embedded database is tried again
 
 
 @contextmanager
