@@ -115,22 +115,21 @@ HOLD = ("import sys, time\nfrom clobjob.config import Settings\nfrom clobjob.sto
 
 def test_a_backfill_waits_for_a_reader_that_holds_the_embedded_database_a_moment(tmp_path):
     """`status --watch` in another terminal holds the embedded database at every refresh: a backfill started at
-    that moment waits for it, and only a database held for longer fails it, naming the holder."""
-    dataset = Dataset.generate(markets=20, seed=5)
-    with SimServer(dataset, SimConfig.for_profile("clean")).run_in_thread() as sim:
-        env = prepared(tmp_path, dataset, sim, 20, 5)
+    that moment waits for it (here it gets in, and finds the universe empty), and only a database held for longer
+    fails it, naming the holder."""
+    env = {**os.environ, "CLOBJOB_CLICKHOUSE_URL": f"chdb://{tmp_path / 'db'}", "CLOBJOB_HOME": str(tmp_path / "home")}
 
-        def backfill_while_held(seconds: float) -> subprocess.CompletedProcess:
-            holder = subprocess.Popen([sys.executable, "-c", HOLD, str(seconds)], env=env, stdout=subprocess.PIPE,
-                                      text=True)
-            try:
-                assert holder.stdout.readline().strip() == "held"
-                return run_cli(env, "backfill", "--shards", "1")
-            finally:
-                holder.kill()
-                holder.wait(timeout=30)
+    def backfill_while_held(seconds: float) -> subprocess.CompletedProcess:
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(seconds)], env=env, stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            return run_cli(env, "backfill", "--shards", "1")
+        finally:
+            holder.kill()
+            holder.wait(timeout=30)
 
-        briefly = backfill_while_held(1.5)
-        assert briefly.returncode == 0, briefly.stderr[-3000:]
-        held = backfill_while_held(30)
-        assert held.returncode == 1 and "in use by another process" in held.stderr, held.stderr[-3000:]
+    briefly = backfill_while_held(1.5)
+    assert briefly.returncode == 2 and "the market universe is empty" in briefly.stderr, briefly.stderr[-3000:]
+    held = backfill_while_held(30)
+    assert held.returncode == 1 and "in use by another process" in held.stderr, held.stderr[-3000:]
