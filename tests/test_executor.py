@@ -142,6 +142,47 @@ async def test_pages_fill_the_next_batch_while_one_is_stored_and_wait_only_when_
         writer.close()
 
 
+async def test_a_page_waits_while_the_store_is_slow_and_is_kept_meanwhile(store):
+    """Once a batch has been storing for longer than a quarter of the flush interval, a unit's next page waits for it
+    (queued already): a kill during a slow insert costs a unit no more than it fetched in that time."""
+    import threading
+
+    from clobjob.models import Checkpoint
+    from tests.scripted import fill_row
+
+    writer = StoreWriter(store, 1_000, flush_interval_s=0.4)
+    held, release = threading.Event(), threading.Event()
+    insert = store.insert_fills
+
+    def slow_insert(columns):
+        held.set()
+        release.wait(10)
+        return insert(columns)
+
+    def page(cursor: str, i: int) -> tuple[Checkpoint, str, list[tuple]]:
+        return Checkpoint(run_id="r", shard=0, unit_id=1, cursor=cursor, fills=i + 1, pages=1), "p", [
+            fill_row(1, i, "7", "0x07")]
+
+    store.insert_fills = slow_insert
+    try:
+        await writer.add(*page("a", 0))
+        storing = asyncio.create_task(writer.flush())
+        await asyncio.to_thread(held.wait, 10)
+        await asyncio.wait_for(writer.add(*page("b", 1)), 1)  # the store is not slow yet
+        await asyncio.sleep(0.2)
+        waiting = asyncio.create_task(writer.add(*page("c", 2)))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        release.set()
+        await asyncio.wait_for(waiting, 5)
+        await storing
+        store.insert_fills = insert
+        await writer.flush()
+        assert store.checkpoints("r")[1].cursor == "c" and len(stored_ids(store)) == 3
+    finally:
+        release.set()
+        writer.close()
+
 async def test_a_fetching_process_collects_cyclic_garbage_in_fewer_larger_rounds(settings, store):
     """Pages of row tuples would otherwise run the collector every 700 objects; reference cycles are still freed."""
     import gc

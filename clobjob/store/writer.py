@@ -18,7 +18,8 @@ from clobjob.models import Checkpoint, UnitState
 from clobjob.store import FillBuffer, Store
 from clobjob.store.outage import Outage
 
-MIN_CADENCE = 0.25  # the timer flushes at most once per this share of the flush interval (inserts stay large)
+MIN_CADENCE = 0.25  # timed flushes at most once per this share of the flush interval (inserts stay large); a store
+# storing one batch for longer holds further pages back
 
 T = TypeVar("T")
 UnitKey = tuple[int, int]  # (shard, unit id)
@@ -37,8 +38,11 @@ class StoreWriter:
     unit → reason), its checkpoint is rewritten as failed at its last stored cursor (so a rerun refetches the
     rows), and nothing of it is queued any more. Workers read ``lost`` to fail those units."""
 
-    def __init__(self, store: Store, batch_rows: int, *, outage_s: float = 180.0, dsn: str = "ClickHouse") -> None:
+    def __init__(self, store: Store, batch_rows: int, *, outage_s: float = 180.0, dsn: str = "ClickHouse",
+                 flush_interval_s: float = 2.0) -> None:
         self.store, self._batch_rows = store, batch_rows
+        self._slow_s = MIN_CADENCE * flush_interval_s
+        self._storing_since: float | None = None  # when the batch being stored was taken (monotonic)
         self._outage_s, self._dsn = outage_s, dsn
         self._unreachable: StoreUnreachable | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
@@ -75,13 +79,18 @@ class StoreWriter:
                   requested_at: float | None = None) -> None:
         """Queue a page's rows and the unit's new checkpoint (nothing of a lost unit), ``requested_at`` when the
         page's request was made (``time.monotonic()``; default now). Once the batch is full it is stored, after the
-        batch being stored, if any: a page waits only while the store is a whole batch behind (back-pressure: a
-        unit requests no more pages than the store keeps up with), and the next batch fills while one is stored.
+        batch being stored, if any: the next batch fills while one is stored, and a page waits only while the store
+        is a whole batch behind, or has been storing one for longer than ``MIN_CADENCE`` × the flush interval
+        (back-pressure: a unit requests no more pages than the store keeps up with, and a kill during a slow insert
+        costs it no more than it fetched in that time).
         The page is queued before any wait, so a unit cancelled meanwhile (a stop) never drops a fetched page.
         Raises ``StoreUnreachable`` once the server has been away too long (nothing more can be stored)."""
         self._queue(checkpoint, pod, rows, time.monotonic() if requested_at is None else requested_at)
         if len(self._buffer) >= self._batch_rows:
             await self.flush(when_full=True)
+        elif self._storing_since is not None and time.monotonic() - self._storing_since > self._slow_s:
+            async with self._lock:  # the store is slow: fetch no further until it has caught up
+                pass
 
     def _queue(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]], requested_at: float) -> None:
         if self._unreachable is not None:
@@ -101,8 +110,11 @@ class StoreWriter:
             columns, checkpoints = self._buffer.take(), self._pending
             self._pending, self._oldest = {}, None
             if columns[0] or checkpoints:
-                started = time.monotonic()
-                await self.call(self._write, columns, checkpoints)
+                started = self._storing_since = time.monotonic()
+                try:
+                    await self.call(self._write, columns, checkpoints)
+                finally:
+                    self._storing_since = None
                 self._flush_s = time.monotonic() - started
 
     def _write(self, columns: list[list[Any]], checkpoints: dict[UnitKey, tuple[Checkpoint, str]]) -> None:

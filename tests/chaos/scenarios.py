@@ -383,3 +383,24 @@ SCENARIOS: dict[str, Callable[..., None]] = {
     "ClickHouse outage, back": outage_back, "ClickHouse outage, gone": outage_away, "source storms": storms,
     "corrupted checkpoint": corrupt_checkpoint,
 }
+
+# About 0.8 s a full page (graph-node's service time), so runs last long enough for faults to land mid-run.
+DEFAULT = {"markets": 300, "shards": 2, "latency_base_s": 0.3, "latency_per_row_ms": 0.5}
+LONG = {**DEFAULT, "markets": 1200, "shards": 3}  # enough work for a pause then a collapsed limit
+KILLS = {**LONG, "markets": 2000}  # enough work for 20 kills, each a flush interval (2 s) apart or less
+SIZES = {"kill -9 ×N": KILLS, "source storms": LONG, "corrupted checkpoint": LONG}
+
+
+def run_exact(name: str, db: Database, workdir: Path) -> Figures:
+    """Run scenario ``name`` at its size (seed 18); assert it ended with every fill stored exactly once after FINAL,
+    faults injected, and ``clobjob status`` agreeing. Its figures, for the scenario's own checks."""
+    with chaos(name.split()[0], workdir, db, seed=18, **SIZES.get(name, DEFAULT)) as run:
+        SCENARIOS[name](run)
+    figures, out = run.figures, run.figures.outcome
+    assert out is not None
+    assert (out.missing, out.extra, out.differing) == (0, 0, 0), figures
+    assert out.stored == out.expected > 0
+    assert out.status_state == "done" and out.status_units == (out.status_units[2], 0, out.status_units[2]), out
+    assert out.status_fills == out.expected, out
+    assert sum(figures.faults.values()) > 0
+    return figures
