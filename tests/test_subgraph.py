@@ -344,7 +344,7 @@ async def test_clean_recovers_every_fill_exactly(sim, dataset):
 async def test_hostile_recovers_every_fill_exactly(sim, dataset):
     cfg = SimConfig.for_profile("hostile", seed=5, p_5xx=0.06, p_graphql_timeout=0.05, p_overloaded=0.05,
                                 p_empty_body=0.05, p_truncated=0.05, p_slow=0.05, p_hang=0.05, slow_s=0.3,
-                                store_timeout_rows=500, rate_limit_rps=25.0, burst=3)
+                                store_timeout_rows=250, rate_limit_rps=25.0, burst=3)
     server, source = await sim(cfg, timeout_s=1.0, max_tokens=6, max_attempts=12,
                                rate=controller(initial_rps=60.0, retry_ratio=1.0))
     rows = await fetch_all(source, token_units(dataset, 64), dataset.token_to_condition)
