@@ -99,89 +99,83 @@ async def test_stop_ends_every_index_with_143(store, settings, plan):
     assert stored_ids(store) == {row[0] for rows in plan.values() for row in rows}
 
 
+class HeldInserts:
+    """The store's fill inserts held in flight until ``release`` (``held`` once one is)."""
+
+    def __init__(self, store) -> None:
+        import threading
+
+        self.store, self.insert = store, store.insert_fills
+        self.held, self.release = threading.Event(), threading.Event()
+        store.insert_fills = self._slow
+
+    def _slow(self, columns):
+        self.held.set()
+        self.release.wait(10)
+        return self.insert(columns)
+
+    def restore(self) -> None:
+        self.release.set()
+        self.store.insert_fills = self.insert
+
+
+def unit_page(cursor: str, *rows: int) -> tuple:
+    """``StoreWriter.add`` arguments: unit 1's checkpoint at ``cursor`` and its fill rows ``rows``."""
+    from clobjob.models import Checkpoint
+    from tests.scripted import fill_row
+
+    return (Checkpoint(run_id="r", shard=0, unit_id=1, cursor=cursor, fills=max(rows) + 1, pages=1), "p",
+            [fill_row(1, i, "7", "0x07") for i in rows])
+
+
 async def test_pages_fill_the_next_batch_while_one_is_stored_and_wait_only_when_it_is_full(store, settings):
     """Back-pressure without a stall: while a batch is being stored, pages are queued at once; a page that fills
     the next batch waits for the stored one, and a unit cancelled meanwhile (a stop) still has that page queued,
     so the next flush stores it with its checkpoint."""
-    import threading
-
-    from clobjob.models import Checkpoint
-    from tests.scripted import fill_row
-
-    writer = StoreWriter(store, 2)
-    held, release = threading.Event(), threading.Event()
-    insert = store.insert_fills
-
-    def slow_insert(columns):
-        held.set()
-        release.wait(10)
-        return insert(columns)
-
-    def page(cursor: str, *rows: int) -> tuple[Checkpoint, str, list[tuple]]:
-        return (Checkpoint(run_id="r", shard=0, unit_id=1, cursor=cursor, fills=max(rows) + 1, pages=1), "p",
-                [fill_row(1, i, "7", "0x07") for i in rows])
-
-    store.insert_fills = slow_insert  # the first batch is held in flight
+    writer, inserts = StoreWriter(store, 2), HeldInserts(store)  # the first batch is held in flight
     try:
-        storing = asyncio.create_task(writer.add(*page("a", 0, 1)))  # a full batch: stored at once
-        await asyncio.to_thread(held.wait, 10)
-        await asyncio.wait_for(writer.add(*page("b", 2)), 1)  # queued while the first batch is stored
-        filling = asyncio.create_task(writer.add(*page("c", 3)))  # fills the next batch: waits for the first
+        storing = asyncio.create_task(writer.add(*unit_page("a", 0, 1)))  # a full batch: stored at once
+        await asyncio.to_thread(inserts.held.wait, 10)
+        await asyncio.wait_for(writer.add(*unit_page("b", 2)), 1)  # queued while the first batch is stored
+        filling = asyncio.create_task(writer.add(*unit_page("c", 3)))  # fills the next batch: waits for the first
         await asyncio.sleep(0.1)
         assert not filling.done() and store.checkpoints("r") == {}
         filling.cancel()
-        release.set()
+        inserts.release.set()
         await storing
         assert filling.cancelled() and store.checkpoints("r")[1].cursor == "a"
-        store.insert_fills = insert
+        inserts.restore()
         await writer.flush()
-        assert store.checkpoints("r")[1].cursor == "c" and stored_ids(store) == {fill_row(1, i, "7", "0x07")[0]
-                                                                                 for i in range(4)}
+        assert store.checkpoints("r")[1].cursor == "c" and stored_ids(store) == {
+            row[0] for i in range(4) for row in unit_page("-", i)[2]}
     finally:
-        release.set()
+        inserts.restore()
         writer.close()
 
 
 async def test_a_page_waits_while_the_store_is_slow_and_is_kept_meanwhile(store):
     """Once a batch has been storing for longer than a quarter of the flush interval, a unit's next page waits for it
     (queued already): a kill during a slow insert costs a unit no more than it fetched in that time."""
-    import threading
-
-    from clobjob.models import Checkpoint
-    from tests.scripted import fill_row
-
-    writer = StoreWriter(store, 1_000, flush_interval_s=0.4)
-    held, release = threading.Event(), threading.Event()
-    insert = store.insert_fills
-
-    def slow_insert(columns):
-        held.set()
-        release.wait(10)
-        return insert(columns)
-
-    def page(cursor: str, i: int) -> tuple[Checkpoint, str, list[tuple]]:
-        return Checkpoint(run_id="r", shard=0, unit_id=1, cursor=cursor, fills=i + 1, pages=1), "p", [
-            fill_row(1, i, "7", "0x07")]
-
-    store.insert_fills = slow_insert
+    writer, inserts = StoreWriter(store, 1_000, flush_interval_s=0.4), HeldInserts(store)
     try:
-        await writer.add(*page("a", 0))
+        await writer.add(*unit_page("a", 0))
         storing = asyncio.create_task(writer.flush())
-        await asyncio.to_thread(held.wait, 10)
-        await asyncio.wait_for(writer.add(*page("b", 1)), 1)  # the store is not slow yet
+        await asyncio.to_thread(inserts.held.wait, 10)
+        await asyncio.wait_for(writer.add(*unit_page("b", 1)), 1)  # the store is not slow yet
         await asyncio.sleep(0.2)
-        waiting = asyncio.create_task(writer.add(*page("c", 2)))
+        waiting = asyncio.create_task(writer.add(*unit_page("c", 2)))
         await asyncio.sleep(0.1)
         assert not waiting.done()
-        release.set()
+        inserts.release.set()
         await asyncio.wait_for(waiting, 5)
         await storing
-        store.insert_fills = insert
+        inserts.restore()
         await writer.flush()
         assert store.checkpoints("r")[1].cursor == "c" and len(stored_ids(store)) == 3
     finally:
-        release.set()
+        inserts.restore()
         writer.close()
+
 
 async def test_a_fetching_process_collects_cyclic_garbage_in_fewer_larger_rounds(settings, store):
     """Pages of row tuples would otherwise run the collector every 700 objects; reference cycles are still freed."""
