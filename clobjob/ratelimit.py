@@ -9,13 +9,19 @@ Rate (CUBIC-like around the last throttle point, after botocore's adaptive mode)
 - slow start: until the first throttle the rate doubles every half busy second (its send rate measured over
   the last half doubling, so that a doubling rate is seen as used);
 - a throttle (429) sets the *ceiling* to ``min(rate, accepted rate)``, the accepted rate being the
-  requests that were not throttled per second over the last ~80 requests (0.5-10 s): upstream buckets
+  requests that were not throttled per second over the last ~80 requests (0.5-3 s): upstream buckets
   have a burst, so throttling starts well after the nominal rate passed the limit and overestimates it.
   An overload answer sets the ceiling to the current rate (it says the service is busy, not where the
   limit is; measuring it from accepted answers spiralled the rate down under random faults);
   The rate drops to ``0.9 × ceiling`` (at most halved by one event), and to ``0.6 × ceiling`` at the throttle
   that ends slow start: the accepted rate measured over its last 0.5 s includes the upstream's burst (at
   100 req/s with a 50-request burst the ``0.9`` cut took 7 round trips of throttles to get under the limit);
+- fast convergence (CUBIC's, RFC 8312 §4.6): a throttle measured below the current ceiling means other
+  clients are taking a larger share, so the ceiling is set ``(1 + 0.9) / 2`` of that measure to leave them
+  room. The accepted rate is measured over at most 3 s (it was 10 s): a client among many sends few requests,
+  and a longer span lagged its own changes. In virtual time, 4 clients started 0-3 s apart, ten seeds: the
+  smallest got 0.20-0.85 of its fair share over 50 s before, 0.60-0.87 with both; a client left alone by 15
+  others took 13-17 s to use the freed limit, 4-10 s now;
 - one congestion event per round trip: a throttle of a request sent before the last decrease was
   already in flight when we reacted and does not cut again;
 - after a decrease the rate climbs back to the ceiling along a concave curve in 3 s (the deficit
@@ -101,6 +107,7 @@ from clobjob.errors import ClobjobError, TransientSourceError
 T = TypeVar("T")
 
 BETA = 0.9  # rate after a throttle, as a fraction of the ceiling
+FAST_CONVERGENCE = (1.0 + BETA) / 2  # the ceiling's share of a throttle measured below it (see the module doc)
 SLOW_START_BETA = 0.6  # the same after the throttle that ends slow start (its accepted rate includes the burst)
 MAX_CUT = 0.5  # one congestion event never cuts the rate below this fraction of it
 RECOVERY_S = 3.0  # busy seconds to climb back to the ceiling
@@ -108,7 +115,7 @@ PROBE_GAIN = 0.2  # probing above the ceiling: rate = ceiling + PROBE_GAIN * sqr
 DOUBLING_S = 0.5  # slow start doubles the rate every DOUBLING_S busy seconds
 MEASURE_REQUESTS = 80.0  # the accepted rate is measured over about this many requests...
 MEASURE_MIN_S = 0.5  # ...but over at least this many seconds...
-MEASURE_MAX_S = 10.0  # ...and at most this many
+MEASURE_MAX_S = 3.0  # ...and at most this many (a client among many sends few: a longer span lags its own changes)
 USE_REQUESTS = 40.0  # the send rate is measured over about this many requests
 USE_SHARE = 0.7  # the rate only grows while the send rate is at least this share of it
 SLOW_USE_REQUESTS = 2.0  # in slow start the send rate is measured over at least this many requests
@@ -518,6 +525,8 @@ class AdaptiveRateController:
         if permit._seq <= self._cut_after:  # already in flight when we last reacted
             return
         ceiling = min(self._rate, self._accepted_rate(now)) if measured else self._rate
+        if self._ceiling is not None and ceiling < self._ceiling:  # losing share to other clients: leave them room
+            ceiling *= FAST_CONVERGENCE
         beta = SLOW_START_BETA if self._ceiling is None else BETA
         cut = self._clamp(max(beta * ceiling, MAX_CUT * self._rate))
         self._ceiling = max(ceiling, cut)

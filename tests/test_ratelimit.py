@@ -637,6 +637,48 @@ def test_simulation_independent_clients_share_one_limit_fairly(clients):
     assert min(rates) >= 0.5 * 20.0 / clients
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_simulation_clients_started_apart_share_one_limit_fairly_within_a_minute(seed):
+    """4 clients (a 4-shard plan's pods) starting 0-3 s apart at 0.5 s pages: over the first 50 s each gets
+    at least half its fair share (a latecomer is not held down by those that took the limit first)."""
+
+    async def main():
+        server = TokenBucketServer(limit=20.0, latency=0.5, seed=seed)
+        starts = random.Random(seed)
+        tasks: list[asyncio.Task] = []
+
+        async def start(client: int) -> None:
+            await asyncio.sleep(starts.uniform(0, 3))
+            tasks.extend(greedy_client(controller(rng=random.Random(seed * 100 + client)), server, client))
+
+        starters = [asyncio.create_task(start(client)) for client in range(4)]
+        await asyncio.sleep(50)
+        await stop(starters + tasks)
+        return [server.admitted(0, 50, client) / 50 for client in range(4)]
+
+    rates = run(main)
+    assert sum(rates) >= 0.95 * 20.0
+    assert min(rates) >= 0.5 * 20.0 / 4
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_simulation_a_client_left_alone_takes_the_freed_limit_within_seconds(seed):
+    """16 clients share 20 req/s; 15 of them finish at 30 s: the one left uses ≥ 0.9 of the limit within 12 s."""
+
+    async def main():
+        server = TokenBucketServer(limit=20.0, latency=0.5, seed=seed)
+        clients = [greedy_client(controller(rng=random.Random(seed * 100 + c)), server, c) for c in range(16)]
+        await asyncio.sleep(30)
+        await stop([task for tasks in clients[1:] for task in tasks])
+        await asyncio.sleep(20)
+        await stop(clients[0])
+        return next((t for t in (30 + step / 2 for step in range(36))
+                     if server.admitted(t, t + 2, 0) >= 0.9 * 20.0 * 2), None)
+
+    taken_at = run(main)
+    assert taken_at is not None and taken_at - 30 <= 12
+
+
 def test_simulation_follows_limit_changes_within_seconds():
     async def main():
         ctl = controller()
