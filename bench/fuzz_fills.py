@@ -3,10 +3,11 @@
 Each case is an HTTP body: a simulator page of fills with hostile mutations (a field replaced by a hostile
 value, removed, or of the wrong type; the body truncated, bytes flipped, or junk). It goes through what the
 worker runs on every page — ``_answer`` (protocol), ``fill_rows`` (shape), ``models.check_fills`` (storage
-contract) — and must end in one of the designed outcomes: retryable answer, ``SourceError`` (drift or not
-the protocol), ``BadFill`` (a value out of contract), or rows. Rows that pass are checked again, row by
-row, by an independent slow reference of the contract (regular expressions, plain ints); any other
-exception, or a disagreement with the reference, is a failure. Hypothesis generates the cases.
+contract: the checks the worker runs on a page's columns, ``check_fill_columns``) — and must end in one of
+the designed outcomes: retryable answer, ``SourceError`` (drift or not the protocol), ``BadFill`` (a value
+out of contract), or rows. Rows that pass are checked again, row by row, by an independent slow reference of
+the contract (regular expressions, plain ints); any other exception, or a disagreement with the reference,
+is a failure. Hypothesis generates the cases.
 
 Then the cost per 1,000-fill page of each step a page goes through before it is buffered — ``json.loads``,
 ``fill_rows``, ``check_fills``, ``FillBuffer.extend`` — best of 200 runs.

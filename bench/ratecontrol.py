@@ -188,7 +188,7 @@ async def fetch(source: SubgraphSource, units: list[WorkUnit], conditions: dict[
             try:
                 async with aclosing(source.pages(unit, "", conditions, unit_lanes)) as pages:
                     async for page in pages:
-                        fills += len(page.rows)
+                        fills += page.size
                         page = None  # noqa: PLW2901 - as the worker: hold no rows while the next page is fetched
                         if until is not None and time.monotonic() >= until:
                             return

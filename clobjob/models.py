@@ -736,16 +736,28 @@ def _relations_hold(values: dict[str, tuple[Any, ...]]) -> bool:
     """Whether every row's id, hashes, side, token and assets agree (``_row_fault`` says how one does not)."""
     makers, takers = values["maker_asset_id"], values["taker_asset_id"]
     try:
-        ids = tuple(map("_".join, zip(values["transaction_hash"], values["order_hash"])))
+        ids = list(map("_".join, zip(values["transaction_hash"], values["order_hash"])))
     except TypeError:  # a hash that is not a string
         return False
-    return (values["id"] == ids and values["side"] == tuple(map(_SIDE_BY_MAKER_ASSET.get, makers, repeat("SELL")))
-            and values["token_id"] == tuple(t if m == "0" != t else (m if t == "0" != m else None)
-                                            for m, t in zip(makers, takers)))
+    return (list(values["id"]) == ids
+            and list(values["side"]) == list(map(_SIDE_BY_MAKER_ASSET.get, makers, repeat("SELL")))
+            and list(values["token_id"]) == [t if m == "0" != t else (m if t == "0" != m else None)
+                                             for m, t in zip(makers, takers)])
 
 
 def check_fills(rows: Sequence[tuple[Any, ...]], where: str = "") -> None:
-    """Raise ``BadFill`` unless every row (a tuple in ``FILL_COLUMNS`` order) is within the storage contract.
+    """Raise ``BadFill`` unless every row (a tuple in ``FILL_COLUMNS`` order) is within the storage contract
+    (``check_fill_columns``)."""
+    width = len(FILL_COLUMNS)
+    for index, row in enumerate(rows):
+        if type(row) is not tuple or len(row) != width:
+            raise BadFill(f"{where}fill {index}: expected a tuple of {width} columns, got {_shown(row)}")
+    check_fill_columns(tuple(zip(*rows)), where)
+
+
+def check_fill_columns(columns: Sequence[Sequence[Any]], where: str = "") -> None:
+    """Raise ``BadFill`` unless every fill of ``columns`` (one sequence per ``FILL_COLUMNS`` field, or none
+    for no fills) is within the storage contract.
 
     The contract: ``id`` = ``transaction_hash`` + "_" + ``order_hash``, both 32-byte lower-case ``0x`` hex;
     maker, taker (and a non-empty exchange) 20-byte lower-case ``0x`` addresses; asset and token ids canonical
@@ -755,19 +767,18 @@ def check_fills(rows: Sequence[tuple[Any, ...]], where: str = "") -> None:
     text ASCII (so valid UTF-8). Checked column by column in C-speed passes; the message of the first bad
     value names ``where`` (the page), the fill's index, the field and the value, escaped and truncated.
     """
-    if not rows:
+    if not columns:
         return
-    width = len(FILL_COLUMNS)
-    for index, row in enumerate(rows):
-        if type(row) is not tuple or len(row) != width:
-            raise BadFill(f"{where}fill {index}: expected a tuple of {width} columns, got {_shown(row)}")
-    columns = tuple(zip(*rows))
+    if len(columns) != len(FILL_COLUMNS) or len(set(map(len, columns))) != 1:
+        raise BadFill(f"{where}expected {len(FILL_COLUMNS)} columns of one length, got lengths "
+                      f"{[len(column) for column in columns]}")
+    ids = columns[0]
     for name, column, check in zip(FILL_COLUMNS, columns, _fill_checks(time.time()).values()):
         if check is not None and not check.all_ok(column):
             index = next(i for i, value in enumerate(column) if check.bad(value))
-            raise BadFill(f"{where}fill {index} ({_shown(rows[index][0])}): {name} {_shown(column[index])} {check.why}")
+            raise BadFill(f"{where}fill {index} ({_shown(ids[index])}): {name} {_shown(column[index])} {check.why}")
     if not _relations_hold(dict(zip(FILL_COLUMNS, columns))):
-        index, fault = next((i, f) for i, f in enumerate(map(_row_fault, rows)) if f is not None)
+        index, fault = next((i, f) for i, f in enumerate(map(_row_fault, zip(*columns))) if f is not None)
         field, why = fault
-        raise BadFill(f"{where}fill {index} ({_shown(rows[index][0])}): {field} "
-                      f"{_shown(rows[index][FILL_COLUMNS.index(field)])} {why}")
+        raise BadFill(f"{where}fill {index} ({_shown(ids[index])}): {field} "
+                      f"{_shown(columns[FILL_COLUMNS.index(field)][index])} {why}")

@@ -65,7 +65,7 @@ async def _first_page(source: FillSource, market: MarketFills, timeout_s: float)
         return SampleFetch(market.condition_id, market.expected_fills, 0, False, time.monotonic() - started, error)
     finally:
         await pages.aclose()
-    return SampleFetch(market.condition_id, market.expected_fills, len(page.rows), not page.done,
+    return SampleFetch(market.condition_id, market.expected_fills, page.size, not page.done,
                        time.monotonic() - started)
 
 

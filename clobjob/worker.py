@@ -9,8 +9,8 @@ State lives only in ClickHouse, so a killed worker resumes where its last checkp
 pods running the same index are harmless (fills dedup by id, the latest checkpoint wins).
 
 A row is stored or its unit fails: every page is checked against the storage contract
-(``models.check_fills``) before it is buffered — a bad value fails the unit, naming it, with its checkpoint
-before the page — and rows of tokens outside the unit are dropped and reported; a flush that fails fails
+(``models.check_fill_columns``) before it is buffered — a bad value fails the unit, naming it, with its checkpoint
+before the page — and fills of tokens outside the unit are dropped and reported; a flush that fails fails
 the units of its batch at their last stored cursor (``StoreWriter.lost``); a permanent error is recorded
 as the unit's last error before it is raised.
 """
@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import compress
 from typing import Any
 
 from loguru import logger
@@ -40,7 +41,7 @@ from clobjob.errors import (
     describe,
 )
 from clobjob.lanes import ShardLanes
-from clobjob.models import FILL_COLUMNS, Checkpoint, Heartbeat, RunState, UnitState, WorkUnit, check_fills
+from clobjob.models import FILL_COLUMNS, Checkpoint, Heartbeat, RunState, UnitState, WorkUnit, check_fill_columns
 from clobjob.ratelimit import AdaptiveRateController
 from clobjob.sources.base import FillSource, Page
 from clobjob.store import Store
@@ -225,7 +226,7 @@ class ShardWorker:
                         return
                     page = self._admit(progress, page, tokens, log)
                     self._advance(progress, page)
-                    await self._writer.add(progress.checkpoint(), self.pod, page.rows, self._requested_at(page))
+                    await self._writer.add(progress.checkpoint(), self.pod, page.columns, self._requested_at(page))
                     done, page = page.done, None  # the buffer has the rows; hold none while the next is fetched
                     if self._lost(progress):
                         return
@@ -269,21 +270,23 @@ class ShardWorker:
                 await asyncio.gather(fetch, return_exceptions=True)
 
     def _admit(self, progress: UnitProgress, page: Page, tokens: frozenset[str], log: Any) -> Page:
-        """The page as it may be buffered: every row within the storage contract (else ``BadFill`` fails the
-        unit, naming the page), rows of tokens outside the unit dropped, counted and reported."""
-        check_fills(page.rows, f"unit {progress.unit.unit_id} page {progress.pages + 1} "
-                               f"(after cursor {progress.cursor[:80]!r}): ")
-        if not tokens:  # a time-window unit: every token belongs to it
+        """The page as it may be buffered: every fill within the storage contract (else ``BadFill`` fails the
+        unit, naming the page), fills of tokens outside the unit dropped, counted and reported."""
+        check_fill_columns(page.columns, f"unit {progress.unit.unit_id} page {progress.pages + 1} "
+                                         f"(after cursor {progress.cursor[:80]!r}): ")
+        if not tokens or not page.columns:  # a time-window unit: every token belongs to it
             return page
-        kept = [row for row in page.rows if row[_TOKEN_AT] in tokens]
-        if len(kept) == len(page.rows):
+        page_tokens = page.columns[_TOKEN_AT]
+        kept = [token in tokens for token in page_tokens]
+        if all(kept):
             return page
-        progress.foreign += len(page.rows) - len(kept)
+        progress.foreign += kept.count(False)
         progress.last_error = f"{progress.foreign} fill(s) of tokens outside the unit were not stored"
         log.warning("unit {} page {}: {} fill(s) of tokens outside the unit not stored (e.g. token {})",
-                    progress.unit.unit_id, progress.pages + 1, len(page.rows) - len(kept),
-                    next(row[_TOKEN_AT] for row in page.rows if row[_TOKEN_AT] not in tokens)[:80])
-        return Page(kept, page.cursor, page.done, page.requested_at)
+                    progress.unit.unit_id, progress.pages + 1, kept.count(False),
+                    next(token for token in page_tokens if token not in tokens)[:80])
+        columns = tuple(list(compress(column, kept)) for column in page.columns)
+        return Page(columns, page.cursor, page.done, page.requested_at)
 
     def _requested_at(self, page: Page) -> float:
         """When the page's request was made: as its source says, else now less the requests' smoothed latency."""
@@ -306,11 +309,11 @@ class ShardWorker:
 
     def _advance(self, progress: UnitProgress, page: Page) -> None:
         progress.cursor = page.cursor
-        progress.fills += len(page.rows)
+        progress.fills += page.size
         progress.pages += 1
         if page.done:
             progress.state = UnitState.DONE
-        self.counters.fills += len(page.rows)
+        self.counters.fills += page.size
         self.counters.pages += 1
         self.counters.last_progress = time.monotonic()
 

@@ -59,7 +59,7 @@ class ScriptedSource:
             start += len(chunk)
             if self.on_page:
                 await self.on_page(unit.unit_id, page_no)
-            yield Page(rows=chunk, cursor=str(start), done=start >= len(rows))
+            yield Page.of_rows(chunk, str(start), start >= len(rows))
             if start >= len(rows):
                 return
 

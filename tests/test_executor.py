@@ -120,12 +120,13 @@ class HeldInserts:
 
 
 def unit_page(cursor: str, *rows: int) -> tuple:
-    """``StoreWriter.add`` arguments: unit 1's checkpoint at ``cursor`` and its fill rows ``rows``."""
+    """``StoreWriter.add`` arguments: unit 1's checkpoint at ``cursor`` and its fills ``rows`` (as a page's columns)."""
     from clobjob.models import Checkpoint
+    from clobjob.sources.base import Page
     from tests.scripted import fill_row
 
     return (Checkpoint(run_id="r", shard=0, unit_id=1, cursor=cursor, fills=max(rows) + 1, pages=1), "p",
-            [fill_row(1, i, "7", "0x07") for i in rows])
+            Page.of_rows([fill_row(1, i, "7", "0x07") for i in rows], cursor, False).columns)
 
 
 async def test_pages_fill_the_next_batch_while_one_is_stored_and_wait_only_when_it_is_full(store, settings):
@@ -147,7 +148,7 @@ async def test_pages_fill_the_next_batch_while_one_is_stored_and_wait_only_when_
         inserts.restore()
         await writer.flush()
         assert store.checkpoints("r")[1].cursor == "c" and stored_ids(store) == {
-            row[0] for i in range(4) for row in unit_page("-", i)[2]}
+            unit_page("-", i)[2][0][0] for i in range(4)}
     finally:
         inserts.restore()
         writer.close()

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clobjob.errors import BadFill, SourceError
-from clobjob.models import FILL_COLUMNS, FILL_TIME_MIN, check_fills
+from clobjob.models import FILL_COLUMNS, FILL_TIME_MIN, check_fill_columns, check_fills
 from clobjob.sources.subgraph import fill_rows
 from tests.scripted import fill_row
 
@@ -51,6 +51,28 @@ hostile = st.one_of(
 @given(st.lists(valid_rows(), min_size=1, max_size=40))
 def test_valid_rows_pass(rows):
     check_fills(rows)
+
+
+@given(st.lists(valid_rows(), min_size=1, max_size=20), st.data())
+def test_a_page_s_columns_are_checked_as_its_rows_are(rows, data):
+    """The worker checks a page as columns: the same verdict and message as its rows get, and columns of unequal
+    lengths (a fill missing a field) fail."""
+    field = data.draw(st.sampled_from(FILL_COLUMNS))
+    index = data.draw(st.integers(0, len(rows) - 1))
+    rows[index] = tuple(data.draw(hostile) if name == field else old for name, old in zip(FILL_COLUMNS, rows[index]))
+    columns = [list(column) for column in zip(*rows)]
+
+    def verdict(check, fills):
+        try:
+            check(fills, "page 1: ")
+        except BadFill as bad:
+            return str(bad)
+        return None
+
+    assert verdict(check_fill_columns, columns) == verdict(check_fills, rows)
+    del columns[FILL_COLUMNS.index(field)][index]
+    with pytest.raises(BadFill, match="^page 1: expected 20 columns of one length"):
+        check_fill_columns(columns, "page 1: ")
 
 
 @given(st.lists(valid_rows(), min_size=1, max_size=20), st.data())

@@ -74,7 +74,7 @@ async def test_rows_of_tokens_outside_the_unit_are_not_stored_and_are_reported(s
 
 def unchecked(monkeypatch):
     """The worker without its fill contract check, so a bad value reaches ClickHouse's insert."""
-    monkeypatch.setattr("clobjob.worker.check_fills", lambda rows, where="": None, raising=False)
+    monkeypatch.setattr("clobjob.worker.check_fill_columns", lambda columns, where="": None)
 
 
 async def test_a_refused_insert_on_the_timer_fails_its_units_at_their_stored_cursor(store, settings, plan,

@@ -1,8 +1,8 @@
 """The one interface every fill source implements (subgraph for v1 fills, Polygon RPC logs for v2).
 
-A source turns a ``WorkUnit`` into a stream of ``Page`` s. Each page carries fill rows (tuples in
+A source turns a ``WorkUnit`` into a stream of ``Page`` s. Each page carries fills (columns in
 ``FILL_COLUMNS`` order, identifiers normalised) and the cursor to resume *after* that page; the worker
-stores the rows first and the cursor second, so a resumed unit never skips a fill. Cursors are opaque
+stores the fills first and the cursor second, so a resumed unit never skips a fill. Cursors are opaque
 strings that only the source that made them reads back.
 """
 
@@ -18,13 +18,30 @@ from clobjob.models import WorkUnit
 
 @dataclass(frozen=True)
 class Page:
-    """One fetched page: rows, the cursor after it, whether the unit is finished, and when its request was made
-    (``time.monotonic()``; None when the source does not say)."""
+    """One fetched page: its fills as columns (one sequence per ``FILL_COLUMNS`` field, or none for no fills:
+    the table, the buffer and the checks are all columnar), the cursor after it, whether the unit is finished,
+    and when its request was made (``time.monotonic()``; None when the source does not say)."""
 
-    rows: Sequence[tuple[Any, ...]]
+    columns: Sequence[Sequence[Any]]
     cursor: str
     done: bool
     requested_at: float | None = None
+
+    @classmethod
+    def of_rows(cls, rows: Sequence[tuple[Any, ...]], cursor: str, done: bool,
+                requested_at: float | None = None) -> Page:
+        """A page of fill rows (tuples in ``FILL_COLUMNS`` order)."""
+        return cls(tuple(map(list, zip(*rows))), cursor, done, requested_at)
+
+    @property
+    def size(self) -> int:
+        """Its fills."""
+        return len(self.columns[0]) if self.columns else 0
+
+    @property
+    def rows(self) -> list[tuple[Any, ...]]:
+        """Its fills as rows (tuples in ``FILL_COLUMNS`` order)."""
+        return list(zip(*self.columns))
 
 
 class Lanes(Protocol):

@@ -584,7 +584,7 @@ class RpcSource(OverHttp):
                 state.span = self.span_hint = self._widen(span, busiest)
             rows = await self._rows(logs, conditions)
             logs = []
-            yield Page(rows, state.encode(), state.next >= state.to)
+            yield Page.of_rows(rows, state.encode(), state.next >= state.to)
 
     async def _rows(self, logs: list[Any], conditions: Mapping[str, str]) -> list[tuple[Any, ...]]:
         """Fill rows of answered logs, with their block timestamps (inline ones, else fetched)."""

@@ -20,7 +20,7 @@ class StoreCountMismatch(ClobjobError):
 
 
 class FillBuffer:
-    """Fill rows (tuples in ``FILL_COLUMNS`` order) gathered as the stored columns until flushed."""
+    """Fills gathered as the stored columns until flushed."""
 
     def __init__(self) -> None:
         self._columns: list[list[Any]] = [[] for _ in STORED_COLUMNS]
@@ -28,13 +28,16 @@ class FillBuffer:
     def __len__(self) -> int:
         return len(self._columns[0])
 
-    def extend(self, rows: Iterable[Sequence[Any]]) -> None:
-        """Append rows that are within the storage contract (``models.check_fills``: the worker checks every
-        page before it is buffered), column by column."""
-        by_column = tuple(zip(*rows))
-        if by_column:
+    def extend_columns(self, columns: Sequence[Sequence[Any]]) -> None:
+        """Append fills within the storage contract (``models.check_fill_columns``: the worker checks every page
+        before it is buffered), as ``Page.columns`` holds them: one sequence per ``FILL_COLUMNS`` field, or none."""
+        if columns:
             for column, at in zip(self._columns, _STORED_AT):
-                column.extend(by_column[at])
+                column.extend(columns[at])
+
+    def extend(self, rows: Iterable[Sequence[Any]]) -> None:
+        """Append fill rows (tuples in ``FILL_COLUMNS`` order)."""
+        self.extend_columns(tuple(zip(*rows)))
 
     def take(self) -> list[list[Any]]:
         """The gathered columns (``STORED_COLUMNS`` order); the buffer is empty afterwards."""

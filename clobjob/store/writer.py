@@ -75,30 +75,30 @@ class StoreWriter:
                     raise gone from None
                 await asyncio.sleep(delay)
 
-    async def add(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]] = (),
+    async def add(self, checkpoint: Checkpoint, pod: str, columns: Sequence[Sequence[Any]] = (),
                   requested_at: float | None = None) -> None:
-        """Queue a page's rows and the unit's new checkpoint (nothing of a lost unit), ``requested_at`` when the
-        page's request was made (``time.monotonic()``; default now). Once the batch is full it is stored, after the
-        batch being stored, if any: the next batch fills while one is stored, and a page waits only while the store
-        is a whole batch behind, or has been storing one for longer than ``MIN_CADENCE`` × the flush interval
-        (back-pressure: a unit requests no more pages than the store keeps up with, and a kill during a slow insert
-        costs it no more than it fetched in that time).
+        """Queue a page's fills (``Page.columns``) and the unit's new checkpoint (nothing of a lost unit),
+        ``requested_at`` when the page's request was made (``time.monotonic()``; default now). Once the batch is
+        full it is stored, after the batch being stored, if any: the next batch fills while one is stored, and a
+        page waits only while the store is a whole batch behind, or has been storing one for longer than
+        ``MIN_CADENCE`` × the flush interval (back-pressure: a unit requests no more pages than the store keeps
+        up with, and a kill during a slow insert costs it no more than it fetched in that time).
         The page is queued before any wait, so a unit cancelled meanwhile (a stop) never drops a fetched page.
         Raises ``StoreUnreachable`` once the server has been away too long (nothing more can be stored)."""
-        self._queue(checkpoint, pod, rows, time.monotonic() if requested_at is None else requested_at)
+        self._queue(checkpoint, pod, columns, time.monotonic() if requested_at is None else requested_at)
         if len(self._buffer) >= self._batch_rows:
             await self.flush(when_full=True)
         elif self._storing_since is not None and time.monotonic() - self._storing_since > self._slow_s:
             async with self._lock:  # the store is slow: fetch no further until it has caught up
                 pass
 
-    def _queue(self, checkpoint: Checkpoint, pod: str, rows: Sequence[tuple[Any, ...]], requested_at: float) -> None:
+    def _queue(self, checkpoint: Checkpoint, pod: str, columns: Sequence[Sequence[Any]], requested_at: float) -> None:
         if self._unreachable is not None:
             raise self._unreachable
         key = (checkpoint.shard, checkpoint.unit_id)
         if key in self.lost:
             return
-        self._buffer.extend(rows)
+        self._buffer.extend_columns(columns)
         self._pending[key] = (checkpoint, pod)
         self._oldest = requested_at if self._oldest is None else min(self._oldest, requested_at)
 

@@ -310,6 +310,7 @@ def outage_away(c: Chaos, budget_s: float = 4.0) -> None:
         c.figures.faults["SIGTERM while waiting for ClickHouse"] += 1
     finally:
         c.db.start()
+    c.sim.configure(rate_limit_rps=1.0, burst=1)  # a page a second: the server goes away with the unit unfinished
     worker = c.worker(0, CLOBJOB_STORE_OUTAGE_S=str(budget_s), CLOBJOB_CLICKHOUSE_URL=secret)
     c.wait_for(lambda: c.inserts("clob_fills") >= 1, 60, "the first insert")
     c.db.stop()
@@ -317,6 +318,7 @@ def outage_away(c: Chaos, budget_s: float = 4.0) -> None:
         gone(worker, time.monotonic(), "mid-run")
     finally:
         c.db.start()
+        c.sim.configure(rate_limit_rps=RATE_RPS, burst=10)
     with c.job() as job:
         c.finish(job)
 
