@@ -11,7 +11,9 @@ the clients under test run in this process, except the four independent clients 
    stopped after ``--cap`` seconds and their wall time extrapolated from the share of their (exactly
    known) useful requests done.
 2. The limit changes 20 → 8 → 30 req/s every 15 s under the adaptive fetcher.
-3. Four adaptive clients in four processes (the plan's four shards) share the 20 req/s limit.
+3. Four adaptive clients in four processes (the plan's four shards) share the 20 req/s limit. (With
+   ``--quick``: 4 and 16 at 0.5 s pages, each case untold and told its fair share every heartbeat interval
+   through a file per process, as pods are through their heartbeats.)
 4. Limit 100 req/s (Goldsky's documented per-IP limit) on ``--big-markets`` markets: ideal and adaptive,
    with the client's CPU time, to show the client is not the bottleneck.
 
@@ -51,6 +53,7 @@ from clobjob.lanes import ShardLanes
 from clobjob.models import MarketFills, WorkUnit
 from clobjob.parts import make_controller
 from clobjob.plan import MissingReport, plan_units
+from clobjob.ratelimit import fair_share
 from clobjob.sim import Dataset
 from clobjob.sim.data import HEAD_TS
 from clobjob.sources.markets import market_from_gamma
@@ -208,19 +211,36 @@ async def sample(controller: Any, into: list[tuple[float, int, int, int, int]], 
         await asyncio.sleep(every)
 
 
+async def tell_shares(controller: Any, board: Path, every: float) -> None:
+    """As a pod's heartbeats do: every ``every`` s publish (accepted req/s, token rate) in ``board`` (a file per
+    process) and tell the controller ``fair_share`` of those published within three periods."""
+    mine, last = board / f"{os.getpid()}.json", 0
+    while True:
+        await asyncio.sleep(every)
+        state = controller.snapshot()
+        mine.with_suffix(".tmp").write_text(json.dumps([time.time(), (state.successes - last) / every, state.rate_rps]))
+        mine.with_suffix(".tmp").replace(mine)  # whole, for the others reading it
+        last = state.successes
+        published = [json.loads(path.read_text()) for path in board.glob("*.json")]
+        fresh = [(accepted, rate) for at, accepted, rate in published if at > time.time() - 3 * every]
+        controller.share(fair_share(fresh))
+
+
 async def run_client(url: str, units: list[WorkUnit], conditions: dict[str, str], *, ideal_rps: float | None = None,
                      until: float | None = None, schedule: Callable[[], Any] | None = None,
-                     ) -> tuple[int, list[tuple[float, int, int, int]]]:
-    """One fetcher (adaptive, or paced at ``ideal_rps``); returns its fills and its timeline."""
+                     board: Path | None = None) -> tuple[int, list[tuple[float, int, int, int]]]:
+    """One fetcher (adaptive, or paced at ``ideal_rps``; told its fair share through ``board``); returns its fills
+    and its timeline."""
     settings = Settings(subgraph_url=url)
     controller = make_controller(settings) if ideal_rps is None else Paced(ideal_rps)
     timeline: list[tuple[float, int, int, int]] = []
     async with SubgraphSource(settings, controller) as source:  # type: ignore[arg-type]
         sampler = asyncio.create_task(sample(controller, timeline)) if ideal_rps is None else None
         changes = asyncio.create_task(schedule()) if schedule else None
+        shares = asyncio.create_task(tell_shares(controller, board, settings.heartbeat_interval_s)) if board else None
         lanes = ShardLanes(controller) if ideal_rps is None else None
         fills = await fetch(source, units, conditions, settings.max_in_flight, until, lanes)
-        for task in (sampler, changes):
+        for task in (sampler, changes, shares):
             if task:
                 task.cancel()
     if ideal_rps is None:
@@ -364,14 +384,18 @@ def limit_changes(work: Work, sim: Sim, phases: tuple[float, ...], phase_s: floa
     return lines
 
 
-def clients(url: str, work: Work, shards: int, seconds: float | None = None) -> list[dict[str, Any]]:
+def clients(url: str, work: Work, shards: int, seconds: float | None = None,
+            told: bool = False) -> list[dict[str, Any]]:
     """One adaptive client process per shard of ``work`` (with ``seconds``: each cycling through its units
-    that long, else fetching them once); their results (``client_main``)."""
+    that long, else fetching them once; ``told``: each told its fair share, as pods are from their heartbeats);
+    their results (``client_main``)."""
     with tempfile.TemporaryDirectory() as tmp:
-        procs = []
+        procs, board = [], Path(tmp) / "board"
+        board.mkdir()
         for shard in range(shards):
             path = Path(tmp) / f"shard{shard}.json"
             path.write_text(json.dumps({"url": url, "conditions": work.conditions, "seconds": seconds,
+                                        "board": str(board) if told else None,
                                         "units": [u.model_dump() for u in work.units if u.shard == shard]}))
             procs.append(subprocess.Popen([sys.executable, __file__, "--client", str(path)], stdout=subprocess.PIPE,
                                           text=True))
@@ -379,11 +403,12 @@ def clients(url: str, work: Work, shards: int, seconds: float | None = None) -> 
 
 
 def shared_limit(sim: Sim, markets: int, seed: int, limit: float, seconds: float, n: int,
-                 top_fills: int | None = None, latency: float = 0.0) -> list[str]:
-    """``n`` adaptive clients in ``n`` processes, each cycling through one shard of an ``n``-shard plan."""
+                 top_fills: int | None = None, latency: float = 0.0, told: bool = False) -> list[str]:
+    """``n`` adaptive clients in ``n`` processes, each cycling through one shard of an ``n``-shard plan
+    (``told``: each told its fair share every heartbeat interval, as a pod is)."""
     work = prepare(sim, markets, seed, shards=n, top_fills=top_fills)
     time.sleep(1.0)
-    results = clients(sim.url, work, n, seconds)
+    results = clients(sim.url, work, n, seconds, told)
     timelines = [r["timeline"] for r in results]
     t0, t1 = max(t[0][0] for t in timelines), min(t[-1][0] for t in timelines)
     skip = min(10.0, (t1 - t0) / 3)  # past the slow starts
@@ -391,7 +416,8 @@ def shared_limit(sim: Sim, markets: int, seed: int, limit: float, seconds: float
     rates = [rate_over(t, 2, t0, t1) for t in timelines]
     fair = limit / n
     throttled = sum(r["throttled"] for r in results) / max(1, sum(r["requests"] for r in results))
-    return [f"{n} adaptive clients ({n} OS processes, one shard each) sharing {limit:g} req/s at {latency:g} s pages,"
+    return [f"{n} adaptive clients ({n} OS processes, one shard each{', told their fair share' if told else ''}) "
+            f"sharing {limit:g} req/s at {latency:g} s pages,"
             f" over {t1 - t0:.0f} s after the first {skip:.0f}: together {sum(rates) / limit:.2f} "
             "of the limit; per client " + ", ".join(f"{r:.1f}" for r in rates)
             + f" req/s (fair share {fair:.3g}: lowest {min(rates) / fair:.2f} of it); 429 share {throttled:.1%}"]
@@ -404,7 +430,8 @@ def client_main(path: str) -> None:
     cpu = time.process_time()
     until = None if job["seconds"] is None else time.monotonic() + job["seconds"]
     started = time.monotonic()
-    fills, timeline = asyncio.run(run_client(job["url"], units, job["conditions"], until=until))
+    board = Path(job["board"]) if job["board"] else None
+    fills, timeline = asyncio.run(run_client(job["url"], units, job["conditions"], until=until, board=board))
     print(json.dumps({"timeline": timeline, "requests": timeline[-1][1], "throttled": timeline[-1][3],
                       "fills": fills, "wall": time.monotonic() - started,
                       "peak_in_flight": max(t[4] for t in timeline), "cpu_s": time.process_time() - cpu,
@@ -508,12 +535,13 @@ def main() -> None:
     sets = {20.0: grid_markets, 100.0: args.fast_markets or 5 * grid_markets}
     print("\n".join(latency_grid(sets, args.seed, args.top_fills, (0.0, 0.5, 1.5))) + "\n")
     for n in (4, 16):
-        sim = Sim(grid_markets, args.seed, 20.0, 10, top_fills=args.top_fills, **page_latency(0.5))
-        try:
-            print("\n".join(shared_limit(sim, grid_markets, args.seed, 20.0, 30.0 if args.quick else 60.0, n,
-                                          args.top_fills, 0.5)), flush=True)
-        finally:
-            sim.close()
+        for told in (False, True):
+            sim = Sim(grid_markets, args.seed, 20.0, 10, top_fills=args.top_fills, **page_latency(0.5))
+            try:
+                print("\n".join(shared_limit(sim, grid_markets, args.seed, 20.0, 30.0 if args.quick else 60.0, n,
+                                              args.top_fills, 0.5, told)), flush=True)
+            finally:
+                sim.close()
     if args.quick:
         print(f"\nbench took {time.perf_counter() - started:.0f} s; host load average {load:.1f} at the start, "
               f"{os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} CPUs)")

@@ -709,7 +709,7 @@ async def _work_shard(settings: Settings, run_id: str, shard: int) -> int:
         async with process_parts(settings, run.source, store) as parts:
             assert parts.writer is not None
             worker = ShardWorker(settings, store, parts.source, parts.controller, run_id, shard, stop=stop,
-                                 writer=parts.writer)
+                                 writer=parts.writer, shares_limit=True)
             if parts.metrics:
                 parts.metrics.add(worker.metrics, {"run_id": run_id, "shard": shard})
             return await worker.run()

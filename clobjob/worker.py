@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from itertools import compress
 from typing import Any
 
@@ -42,7 +42,7 @@ from clobjob.errors import (
 )
 from clobjob.lanes import ShardLanes
 from clobjob.models import FILL_COLUMNS, Checkpoint, Heartbeat, RunState, UnitState, WorkUnit, check_fill_columns
-from clobjob.ratelimit import AdaptiveRateController
+from clobjob.ratelimit import AdaptiveRateController, fair_share
 from clobjob.sources.base import FillSource, Page
 from clobjob.store import Store
 from clobjob.store.writer import StoreWriter, UnitKey
@@ -92,13 +92,23 @@ class ShardCounters:
     last_progress: float = field(default_factory=time.monotonic)
 
 
+def sharers(beats: Iterable[Heartbeat], interval_s: float) -> list[tuple[float, float]]:
+    """(accepted req/s, token rate) of the shards fetching now, by their heartbeats (``ratelimit.fair_share``):
+    running, and heard from within three heartbeat intervals."""
+    since = datetime.now(timezone.utc) - timedelta(seconds=3 * interval_s)
+    return [(beat.rps, beat.rate_limit) for beat in beats if beat.state is RunState.RUNNING and beat.at >= since]
+
+
 class ShardWorker:
     """Runs every unfinished unit of one shard of a run to completion, failure or stop."""
 
     def __init__(self, settings: Settings, store: Store, source: FillSource, controller: AdaptiveRateController,
                  run_id: str, shard: int, *, stop: asyncio.Event | None = None, pod: str | None = None,
-                 writer: StoreWriter | None = None) -> None:
+                 writer: StoreWriter | None = None, shares_limit: bool = False) -> None:
+        """``shares_limit``: the process works this shard alone (a pod), so its rate controller is its own and is
+        told its fair share of the limit, from the run's heartbeats, at every beat."""
         self.settings, self.source, self.controller = settings, source, controller
+        self.shares_limit = shares_limit
         self.run_id, self.shard = run_id, shard
         self.stop = stop or asyncio.Event()
         self.pod = pod or pod_name(shard)
@@ -347,6 +357,9 @@ class ShardWorker:
 
     async def _beat(self) -> None:
         await self._writer.call(self._writer.store.save_heartbeat, self.heartbeat())
+        if self.shares_limit:
+            beats = await self._writer.call(self._writer.store.heartbeats, self.run_id)
+            self.controller.share(fair_share(sharers(beats.values(), self.settings.heartbeat_interval_s)))
 
     def metrics(self) -> dict[str, float]:
         """The shard's figures for Prometheus (see clobjob.metrics)."""

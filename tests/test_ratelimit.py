@@ -21,7 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from clobjob import ratelimit
-from clobjob.ratelimit import SLOW_START_BETA, AdaptiveRateController, Permit, parse_retry_after
+from clobjob.ratelimit import SLOW_START_BETA, AdaptiveRateController, Permit, fair_share, parse_retry_after
 
 # ---------------------------------------------------------------------------- virtual time
 
@@ -677,6 +677,78 @@ def test_simulation_a_client_left_alone_takes_the_freed_limit_within_seconds(see
 
     taken_at = run(main)
     assert taken_at is not None and taken_at - 30 <= 12
+
+
+def told_shares(ctls: dict[int, AdaptiveRateController], period_s: float = 5.0) -> asyncio.Task:
+    """Every ``period_s`` each client of ``ctls`` publishes (accepted req/s over the period, token rate), as its
+    heartbeat does, and is told ``fair_share`` of those published (a client removed from ``ctls`` is gone)."""
+
+    async def board() -> None:
+        last = {client: 0 for client in ctls}
+        while True:
+            await asyncio.sleep(period_s)
+            published = {}
+            for client, ctl in ctls.items():
+                state = ctl.snapshot()
+                published[client] = ((state.successes - last.get(client, 0)) / period_s, state.rate_rps)
+                last[client] = state.successes
+            for ctl in ctls.values():
+                ctl.share(fair_share(published.values()))
+
+    return asyncio.create_task(board())
+
+
+def test_fair_share_splits_what_the_bound_processes_use_and_leaves_the_demand_held_alone():
+    assert fair_share([(6.0, 7.0), (4.0, 5.0), (1.0, 9.0)]) == 5.0  # the third is held by its demand
+    assert fair_share([(6.0, 7.0), (1.0, 9.0)]) is None  # one process bound by the limit: nothing to share
+    assert fair_share([]) is None and fair_share([(0.0, 0.0), (0.0, 0.0)]) is None
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_simulation_16_clients_told_their_fair_share_converge_with_few_throttles(seed):
+    """16 processes started 0-3 s apart, told their fair share every 5 s (the heartbeats): past the first 10 s
+    each gets at least half of it, together the whole limit, with a third of the throttles of untold clients."""
+
+    async def main():
+        server = TokenBucketServer(limit=20.0, latency=0.5, seed=seed)
+        starts, ctls, tasks = random.Random(seed), {}, []
+
+        async def start(client: int) -> None:
+            await asyncio.sleep(starts.uniform(0, 3))
+            ctls[client] = controller(rng=random.Random(seed * 100 + client))
+            tasks.extend(greedy_client(ctls[client], server, client))
+
+        tasks += [asyncio.create_task(start(client)) for client in range(16)] + [told_shares(ctls)]
+        await asyncio.sleep(60)
+        await stop(tasks)
+        return [server.admitted(10, 60, client) / 50 for client in range(16)], server.share_429(10, 60)
+
+    rates, share_429 = run(main)
+    assert sum(rates) >= 0.95 * 20.0
+    assert min(rates) >= 0.5 * 20.0 / 16
+    assert share_429 <= 0.12
+
+
+def test_simulation_a_client_told_its_share_takes_what_demand_held_peers_leave():
+    """Three processes told their shares: two need about 1 req/s each (held by their demand, not the limit), the
+    third still takes what they leave."""
+
+    async def main():
+        server = TokenBucketServer(limit=20.0, latency=0.5)
+        ctls = {client: controller(rng=random.Random(client)) for client in range(3)}
+
+        async def modest(client: int) -> None:
+            while True:
+                await request_once(ctls[client], server, client)
+                await asyncio.sleep(0.5)
+
+        tasks = [asyncio.create_task(modest(client)) for client in (1, 2)]
+        tasks += greedy_client(ctls[0], server, 0) + [told_shares(ctls)]
+        await asyncio.sleep(60)
+        await stop(tasks)
+        return server.admitted(20, 60, 0) / 40
+
+    assert run(main) >= 0.85 * (20.0 - 2 * 1)
 
 
 def test_simulation_follows_limit_changes_within_seconds():

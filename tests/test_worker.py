@@ -6,11 +6,12 @@ End-to-end runs against the simulator live in test_backfill.py.
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from clobjob.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGTERM, BadInput, SourceError, TransientSourceError
-from clobjob.models import UnitState
+from clobjob.models import Heartbeat, RunState, UnitState
 from clobjob.parts import make_controller
 from clobjob.worker import ShardWorker
 from tests.scripted import ScriptedSource, fast, stored_ids, worker
@@ -96,6 +97,24 @@ async def test_stop_checkpoints_only_what_is_stored_and_exits_143(store, setting
     source.on_page = None
     assert await worker(settings, store, source, 0).run() == EXIT_OK
     assert stored_ids(store) == {row[0] for u in (0, 2, 4) for row in plan[u]}
+
+
+async def test_a_pod_is_told_its_fair_share_of_the_limit_from_the_runs_heartbeats(store, settings, plan):
+    """A worker working its shard alone (a pod) is told, at every beat, the fair share of the limit among the
+    shards fetching now by their heartbeats (running, heard from lately); a finished or silent shard and one held
+    by its own demand (this one: a few pages/s at a token rate of 1,000) are no sharers."""
+    now = datetime.now(timezone.utc)
+    for shard, state, rps, rate, age_s in ((1, RunState.RUNNING, 6.0, 7.0, 0), (2, RunState.RUNNING, 4.0, 5.0, 0),
+                                           (3, RunState.RUNNING, 90.0, 90.0, 60), (4, RunState.DONE, 50.0, 50.0, 0)):
+        store.save_heartbeat(Heartbeat(run_id="r", shard=shard, pod=f"p-{shard}", at=now - timedelta(seconds=age_s),
+                                       state=state, rps=rps, rate_limit=rate))
+    s = fast(settings).with_overrides(heartbeat_interval_s=2.0)
+    controller, told = make_controller(s), []
+    controller.share = told.append
+    source = ScriptedSource(plan)
+    source.on_page = lambda _unit, _page: asyncio.sleep(0.02)
+    assert await ShardWorker(s, store, source, controller, "r", 0, pod="test-0", shares_limit=True).run() == EXIT_OK
+    assert told and set(told) == {5.0}
 
 
 async def test_unknown_run_or_shard_is_bad_input(store, settings, plan):
