@@ -212,17 +212,20 @@ async def sample(controller: Any, into: list[tuple[float, int, int, int, int]], 
 
 
 async def tell_shares(controller: Any, board: Path, every: float) -> None:
-    """As a pod's heartbeats do: every ``every`` s publish (accepted req/s, token rate) in ``board`` (a file per
-    process) and tell the controller ``fair_share`` of those published within three periods."""
-    mine, last = board / f"{os.getpid()}.json", 0
+    """As a pod's heartbeats do: every ``every`` s publish (accepted req/s, token rate, requests, throttles) over
+    the period in ``board`` (a file per process) and tell the controller ``fair_share`` of those published within
+    three periods."""
+    mine, successes, requests, throttled = board / f"{os.getpid()}.json", 0, 0, 0
     while True:
         await asyncio.sleep(every)
         state = controller.snapshot()
-        mine.with_suffix(".tmp").write_text(json.dumps([time.time(), (state.successes - last) / every, state.rate_rps]))
+        mine.with_suffix(".tmp").write_text(json.dumps([time.time(), (state.successes - successes) / every,
+                                                        state.rate_rps, state.requests - requests,
+                                                        state.throttled - throttled]))
         mine.with_suffix(".tmp").replace(mine)  # whole, for the others reading it
-        last = state.successes
+        successes, requests, throttled = state.successes, state.requests, state.throttled
         published = [json.loads(path.read_text()) for path in board.glob("*.json")]
-        fresh = [(accepted, rate) for at, accepted, rate in published if at > time.time() - 3 * every]
+        fresh = [tuple(figures) for at, *figures in published if at > time.time() - 3 * every]
         controller.share(fair_share(fresh))
 
 

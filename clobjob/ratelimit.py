@@ -73,12 +73,15 @@ slowly and with many throttles when there are many: each is throttled about once
 429 share is about 1 / (3 s × its rate), 21 % for 16 processes at 20 req/s, and over 50 s the smallest of 16 got
 0.3-0.7 of its fair share. So a pod is told its fair share (``share``) from the run's heartbeats (``fair_share``:
 what the processes bound by the limit are accepted, split equally; one held by its own demand keeps what it
-uses), and probes no higher than ``FAIR_HEADROOM`` × that share, or its own ceiling if that is higher, its
-curve's clock stopped there: those above their share stop pushing the others out, those below still climb, and
-as the shares are re-told every heartbeat a raised limit is still found, ~10 % per heartbeat (a 20 → 40 req/s
-raise under 4 told clients took 30-34 s to use). In virtual time over ten seeds, 16 clients told their share
-every 5 s: the smallest 0.54-0.85 of it (mean 0.74), 6.4 % 429s, against 0.37-0.67 (0.49) and 20 % untold; 4
-clients 0.87-0.96 (0.93), 2.8 %, against 0.59-0.92 (0.76), 5.6 %.
+uses; none while under 2 % of the requests of the last heartbeat were throttled: the limit is not contended, a
+peer finished or the limit rose), and probes no
+higher than ``FAIR_HEADROOM`` × that share, or its own ceiling if that is higher, its curve's clock stopped
+there: those above their share stop pushing the others out, those below still climb, and a group below the
+limit (after the slow start's cut, or a raised limit) probes freely until it is throttled again. In virtual
+time over ten seeds, 16 clients told their share every 5 s: the smallest 0.54-0.85 of it (mean 0.74), 6.4 %
+429s, against 0.37-0.67 (0.49) and 20 % untold; 4 clients 0.87-0.96 (0.93), 2.8 %, against 0.59-0.92 (0.76),
+5.6 % (told whenever anyone was throttled, a raised limit was found at ~10 % per heartbeat: 30-34 s to use a
+20 → 40 req/s raise under 4 clients; with the 2 % rule, 5.5 s).
 
 Retry-After (seconds or an HTTP-date) pauses all sending until it passes. ``backoff()`` is capped
 exponential backoff with full jitter. ``allow_retry()`` keeps retries within a fraction of the traffic
@@ -142,6 +145,7 @@ PRIORITY_AGE_S = 1.0  # a page of priority ranks a request as if it had waited t
 PRIORITY_CAP = 20.0  # priorities count up to this many pages: nothing is passed over for much more than 20 s
 FAIR_HEADROOM = 1.1  # a client told its fair share probes up to this multiple of it (or its ceiling, if higher)
 BOUND_SHARE = 0.5  # a process whose accepted rate is below this share of its token rate is held by its demand
+CONTENDED_SHARE = 0.02  # processes sharing a limit contend for it while this share of their requests is throttled
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,14 +186,16 @@ def parse_retry_after(value: str, now: float | None = None) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
-def fair_share(peers: Iterable[tuple[float, float]]) -> float | None:
-    """The fair share of one limit among processes, from each one's (accepted req/s, token rate): one whose
-    accepted rate is below ``BOUND_SHARE`` of its token rate is held by its own demand and keeps what it uses;
-    the others split the rest of what all of them are accepted equally (max-min fairness). None when fewer than
-    two are bound by the limit: there is nothing to share."""
+def fair_share(peers: Iterable[tuple[float, float, int, int]]) -> float | None:
+    """The fair share of one limit among processes, from each one's (accepted req/s, token rate, requests,
+    throttles) over the last period: one whose accepted rate is below ``BOUND_SHARE`` of its token rate is held
+    by its own demand and keeps what it uses; the others split the rest of what all of them are accepted equally
+    (max-min fairness). None when fewer than two are bound by the limit, or under ``CONTENDED_SHARE`` of the
+    requests were throttled (the limit is not contended: a peer finished, or the limit rose): nothing to share."""
     peers = list(peers)
-    bound = [accepted for accepted, rate in peers if accepted >= BOUND_SHARE * rate > 0]
-    if len(bound) < 2:
+    bound = [accepted for accepted, rate, *_ in peers if accepted >= BOUND_SHARE * rate > 0]
+    requests, throttled = sum(p[2] for p in peers), sum(p[3] for p in peers)
+    if len(bound) < 2 or not throttled or throttled < CONTENDED_SHARE * requests:
         return None
     return sum(bound) / len(bound)
 

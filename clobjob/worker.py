@@ -92,11 +92,18 @@ class ShardCounters:
     last_progress: float = field(default_factory=time.monotonic)
 
 
-def sharers(beats: Iterable[Heartbeat], interval_s: float) -> list[tuple[float, float]]:
-    """(accepted req/s, token rate) of the shards fetching now, by their heartbeats (``ratelimit.fair_share``):
-    running, and heard from within three heartbeat intervals."""
-    since = datetime.now(timezone.utc) - timedelta(seconds=3 * interval_s)
-    return [(beat.rps, beat.rate_limit) for beat in beats if beat.state is RunState.RUNNING and beat.at >= since]
+def sharers(beats: Iterable[Heartbeat], interval_s: float,
+            seen: dict[int, tuple[int, int]]) -> list[tuple[float, float, int, int]]:
+    """(accepted req/s, token rate, requests and throttles since the last read) of the shards fetching now, by
+    their heartbeats (``ratelimit.fair_share``): running, and heard from within three heartbeat intervals.
+    ``seen`` holds each shard's counts at the last read and is brought up to date."""
+    since, found = datetime.now(timezone.utc) - timedelta(seconds=3 * interval_s), []
+    for beat in beats:
+        (requests, throttled), seen[beat.shard] = seen.get(beat.shard, (beat.requests, beat.throttled)), (
+            beat.requests, beat.throttled)
+        if beat.state is RunState.RUNNING and beat.at >= since:
+            found.append((beat.rps, beat.rate_limit, beat.requests - requests, beat.throttled - throttled))
+    return found
 
 
 class ShardWorker:
@@ -108,7 +115,7 @@ class ShardWorker:
         """``shares_limit``: the process works this shard alone (a pod), so its rate controller is its own and is
         told its fair share of the limit, from the run's heartbeats, at every beat."""
         self.settings, self.source, self.controller = settings, source, controller
-        self.shares_limit = shares_limit
+        self.shares_limit, self._throttles_seen = shares_limit, {}
         self.run_id, self.shard = run_id, shard
         self.stop = stop or asyncio.Event()
         self.pod = pod or pod_name(shard)
@@ -359,7 +366,8 @@ class ShardWorker:
         await self._writer.call(self._writer.store.save_heartbeat, self.heartbeat())
         if self.shares_limit:
             beats = await self._writer.call(self._writer.store.heartbeats, self.run_id)
-            self.controller.share(fair_share(sharers(beats.values(), self.settings.heartbeat_interval_s)))
+            peers = sharers(beats.values(), self.settings.heartbeat_interval_s, self._throttles_seen)
+            self.controller.share(fair_share(peers))
 
     def metrics(self) -> dict[str, float]:
         """The shard's figures for Prometheus (see clobjob.metrics)."""

@@ -680,18 +680,21 @@ def test_simulation_a_client_left_alone_takes_the_freed_limit_within_seconds(see
 
 
 def told_shares(ctls: dict[int, AdaptiveRateController], period_s: float = 5.0) -> asyncio.Task:
-    """Every ``period_s`` each client of ``ctls`` publishes (accepted req/s over the period, token rate), as its
-    heartbeat does, and is told ``fair_share`` of those published (a client removed from ``ctls`` is gone)."""
+    """Every ``period_s`` each client of ``ctls`` publishes (accepted req/s, token rate, requests, throttles) over the
+    period,
+    as its heartbeat does, and is told ``fair_share`` of those published (a client removed from ``ctls`` is gone)."""
 
     async def board() -> None:
-        last = {client: 0 for client in ctls}
+        last: dict[int, tuple[int, int, int]] = {}
         while True:
             await asyncio.sleep(period_s)
             published = {}
             for client, ctl in ctls.items():
                 state = ctl.snapshot()
-                published[client] = ((state.successes - last.get(client, 0)) / period_s, state.rate_rps)
-                last[client] = state.successes
+                successes, requests, throttled = last.get(client, (0, 0, 0))
+                published[client] = ((state.successes - successes) / period_s, state.rate_rps,
+                                     state.requests - requests, state.throttled - throttled)
+                last[client] = state.successes, state.requests, state.throttled
             for ctl in ctls.values():
                 ctl.share(fair_share(published.values()))
 
@@ -699,9 +702,10 @@ def told_shares(ctls: dict[int, AdaptiveRateController], period_s: float = 5.0) 
 
 
 def test_fair_share_splits_what_the_bound_processes_use_and_leaves_the_demand_held_alone():
-    assert fair_share([(6.0, 7.0), (4.0, 5.0), (1.0, 9.0)]) == 5.0  # the third is held by its demand
-    assert fair_share([(6.0, 7.0), (1.0, 9.0)]) is None  # one process bound by the limit: nothing to share
-    assert fair_share([]) is None and fair_share([(0.0, 0.0), (0.0, 0.0)]) is None
+    assert fair_share([(6.0, 7.0, 35, 5), (4.0, 5.0, 25, 0), (1.0, 9.0, 5, 0)]) == 5.0  # the third: its demand
+    assert fair_share([(6.0, 7.0, 35, 0), (4.0, 5.0, 25, 1)]) is None  # 1 in 60 throttled: not contended
+    assert fair_share([(6.0, 7.0, 35, 5), (1.0, 9.0, 5, 5)]) is None  # one process bound by the limit
+    assert fair_share([]) is None and fair_share([(0.0, 0.0, 0, 1), (0.0, 0.0, 0, 1)]) is None
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

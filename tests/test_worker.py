@@ -101,20 +101,33 @@ async def test_stop_checkpoints_only_what_is_stored_and_exits_143(store, setting
 
 async def test_a_pod_is_told_its_fair_share_of_the_limit_from_the_runs_heartbeats(store, settings, plan):
     """A worker working its shard alone (a pod) is told, at every beat, the fair share of the limit among the
-    shards fetching now by their heartbeats (running, heard from lately); a finished or silent shard and one held
-    by its own demand (this one: a few pages/s at a token rate of 1,000) are no sharers."""
-    now = datetime.now(timezone.utc)
-    for shard, state, rps, rate, age_s in ((1, RunState.RUNNING, 6.0, 7.0, 0), (2, RunState.RUNNING, 4.0, 5.0, 0),
-                                           (3, RunState.RUNNING, 90.0, 90.0, 60), (4, RunState.DONE, 50.0, 50.0, 0)):
-        store.save_heartbeat(Heartbeat(run_id="r", shard=shard, pod=f"p-{shard}", at=now - timedelta(seconds=age_s),
-                                       state=state, rps=rps, rate_limit=rate))
-    s = fast(settings).with_overrides(heartbeat_interval_s=2.0)
+    shards fetching now by their heartbeats (running, heard from lately), once some were throttled since its last
+    beat; a finished or silent shard and one held by its own demand (this one: a few pages/s at a token rate of
+    1,000) are no sharers."""
+    peers = ((1, RunState.RUNNING, 6.0, 7.0, 0), (2, RunState.RUNNING, 4.0, 5.0, 0),
+             (3, RunState.RUNNING, 90.0, 90.0, 60), (4, RunState.DONE, 50.0, 50.0, 0))
+
+    def beat(requests: int, throttled: int) -> None:
+        at = datetime.now(timezone.utc)
+        for shard, state, rps, rate, age_s in peers:
+            store.save_heartbeat(Heartbeat(run_id="r", shard=shard, pod=f"p-{shard}", state=state, rps=rps,
+                                           rate_limit=rate, requests=requests, throttled=throttled,
+                                           at=at - timedelta(seconds=age_s)))
+
+    beat(requests=30, throttled=3)
+    s = fast(settings).with_overrides(heartbeat_interval_s=0.3)
     controller, told = make_controller(s), []
     controller.share = told.append
     source = ScriptedSource(plan)
-    source.on_page = lambda _unit, _page: asyncio.sleep(0.02)
+
+    async def slowly(_unit: int, page: int) -> None:
+        await asyncio.sleep(0.05)
+        if page == 3:  # the peers are throttled from now on
+            beat(requests=60, throttled=9)
+
+    source.on_page = slowly
     assert await ShardWorker(s, store, source, controller, "r", 0, pod="test-0", shares_limit=True).run() == EXIT_OK
-    assert told and set(told) == {5.0}
+    assert told[0] is None and 5.0 in told and set(told) <= {None, 5.0}  # told a share while the limit is contended
 
 
 async def test_unknown_run_or_shard_is_bad_input(store, settings, plan):
