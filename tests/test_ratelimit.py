@@ -733,6 +733,24 @@ def test_simulation_16_clients_told_their_fair_share_converge_with_few_throttles
     assert share_429 <= 0.12
 
 
+def test_simulation_clients_told_their_shares_find_a_raised_limit_within_seconds():
+    """4 told clients at 20 req/s; the limit rises to 40: together they use ≥ 0.9 of it within 12 s (no longer
+    contended, the shares no longer hold them)."""
+
+    async def main():
+        server = TokenBucketServer(limit=20.0, latency=0.5)
+        ctls = {client: controller(rng=random.Random(client)) for client in range(4)}
+        tasks = [task for client in ctls for task in greedy_client(ctls[client], server, client)] + [told_shares(ctls)]
+        await asyncio.sleep(30)
+        server.set_limit(40.0)
+        await asyncio.sleep(30)
+        await stop(tasks)
+        return next((t for t in (30 + step / 2 for step in range(56)) if server.admitted(t, t + 2) >= 0.9 * 80), None)
+
+    found_at = run(main)
+    assert found_at is not None and found_at - 30 <= 12
+
+
 def test_simulation_a_client_told_its_share_takes_what_demand_held_peers_leave():
     """Three processes told their shares: two need about 1 req/s each (held by their demand, not the limit), the
     third still takes what they leave."""
