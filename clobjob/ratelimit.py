@@ -80,8 +80,8 @@ there: those above their share stop pushing the others out, those below still cl
 limit (after the slow start's cut, or a raised limit) probes freely until it is throttled again. In virtual
 time over ten seeds, 16 clients told their share every 5 s: the smallest 0.54-0.85 of it (mean 0.74), 6.4 %
 429s, against 0.37-0.67 (0.49) and 20 % untold; 4 clients 0.87-0.96 (0.93), 2.8 %, against 0.59-0.92 (0.76),
-5.6 % (told whenever anyone was throttled, a raised limit was found at ~10 % per heartbeat: 30-34 s to use a
-20 → 40 req/s raise under 4 clients; with the 2 % rule, 5.5 s).
+5.6 % (told always, a raised limit was found at ~10 % per heartbeat: 30-34 s to use a 20 → 40 req/s raise
+under 4 clients; with the contention rule, 5.5 s).
 
 Retry-After (seconds or an HTTP-date) pauses all sending until it passes. ``backoff()`` is capped
 exponential backoff with full jitter. ``allow_retry()`` keeps retries within a fraction of the traffic
