@@ -74,14 +74,13 @@ slowly and with many throttles when there are many: each is throttled about once
 0.3-0.7 of its fair share. So a pod is told its fair share (``share``) from the run's heartbeats (``fair_share``:
 what the processes bound by the limit are accepted, split equally; one held by its own demand keeps what it
 uses; none while under 2 % of the requests of the last heartbeat were throttled: the limit is not contended, a
-peer finished or the limit rose), and probes no
-higher than ``FAIR_HEADROOM`` × that share, or its own ceiling if that is higher, its curve's clock stopped
-there: those above their share stop pushing the others out, those below still climb, and a group below the
-limit (after the slow start's cut, or a raised limit) probes freely until it is throttled again. In virtual
-time over ten seeds, 16 clients told their share every 5 s: the smallest 0.54-0.85 of it (mean 0.74), 6.4 %
-429s, against 0.37-0.67 (0.49) and 20 % untold; 4 clients 0.87-0.96 (0.93), 2.8 %, against 0.59-0.92 (0.76),
-5.6 % (told always, a raised limit was found at ~10 % per heartbeat: 30-34 s to use a 20 → 40 req/s raise
-under 4 clients; with the contention rule, 5.5 s).
+peer finished or the limit rose), and probes no higher than ``FAIR_HEADROOM`` × that share, or its own ceiling
+if that is higher, its curve's clock stopped there: those above their share stop pushing the others out, those
+below still climb, and a group below the limit (after the slow start's cut, or a raised limit) probes freely
+until it is throttled again. In virtual time over ten seeds, 16 clients told their share every 5 s: the
+smallest 0.54-0.85 of it (mean 0.72), 7.0 % 429s, against 0.37-0.67 (0.49) and 20 % untold; 4 clients
+0.80-0.93 (0.87), 3.7 %, against 0.59-0.92 (0.76), 5.6 %; a 20 → 40 req/s raise under 4 told clients is used
+within 5.5 s (30-34 s when told always, whether contended or not: ~10 % per heartbeat).
 
 Retry-After (seconds or an HTTP-date) pauses all sending until it passes. ``backoff()`` is capped
 exponential backoff with full jitter. ``allow_retry()`` keeps retries within a fraction of the traffic
@@ -450,8 +449,8 @@ class AdaptiveRateController:
 
     def share(self, fair_rps: float | None) -> None:
         """Tell the controller its fair share of a limit it shares with other processes (``fair_share``), None
-        when it shares it with no other: while throttled it probes no higher than ``FAIR_HEADROOM`` × that share
-        (or its own ceiling, if higher), see the module doc."""
+        when there is none to keep to: it then probes no higher than ``FAIR_HEADROOM`` × that share (or its own
+        ceiling, if higher), see the module doc."""
         self._fair = fair_rps
 
     def backoff(self, attempt: int) -> float:

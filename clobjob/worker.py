@@ -99,8 +99,8 @@ def sharers(beats: Iterable[Heartbeat], interval_s: float,
     ``seen`` holds each shard's counts at the last read and is brought up to date."""
     since, found = datetime.now(timezone.utc) - timedelta(seconds=3 * interval_s), []
     for beat in beats:
-        (requests, throttled), seen[beat.shard] = seen.get(beat.shard, (beat.requests, beat.throttled)), (
-            beat.requests, beat.throttled)
+        requests, throttled = seen.get(beat.shard, (beat.requests, beat.throttled))
+        seen[beat.shard] = beat.requests, beat.throttled
         if beat.state is RunState.RUNNING and beat.at >= since:
             found.append((beat.rps, beat.rate_limit, beat.requests - requests, beat.throttled - throttled))
     return found
