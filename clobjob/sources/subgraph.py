@@ -300,11 +300,6 @@ class FillPage:
     events: int
     last: str | None
 
-    @property
-    def rows(self) -> list[tuple[Any, ...]]:
-        """Its fills as rows (tuples in ``FILL_COLUMNS`` order)."""
-        return list(zip(*self.columns))
-
 
 def fill_page(events: list[Any], conditions: Mapping[str, str]) -> FillPage:
     """``orderFilledEvents`` objects as a ``FillPage`` (``fill_rows``; ``SourceError`` on drift)."""
