@@ -57,8 +57,7 @@ async def process_parts(settings: Settings, source_name: str, store: Store | Non
     gc.set_threshold(GC_YOUNG_OBJECTS, *gc.get_threshold()[1:])
     controller = make_controller(settings)
     source = open_source(source_name, settings, controller)
-    writer = StoreWriter(store, settings.batch_rows, outage_s=settings.store_outage_s, dsn=settings.redacted_dsn(),
-                         flush_interval_s=settings.flush_interval_s) if store is not None else None
+    writer = StoreWriter.for_settings(store, settings) if store is not None else None
     flushing = asyncio.create_task(writer.flush_every(settings.flush_interval_s)) if writer else None
     try:
         async with metrics_server(settings) as metrics:

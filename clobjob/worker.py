@@ -122,8 +122,7 @@ class ShardWorker:
         self.counters = ShardCounters()
         self.state = RunState.STARTING
         self._owns_writer = writer is None
-        self._writer = writer or StoreWriter(store, settings.batch_rows, outage_s=settings.store_outage_s,
-                                             dsn=settings.redacted_dsn(), flush_interval_s=settings.flush_interval_s)
+        self._writer = writer or StoreWriter.for_settings(store, settings)
         self.lanes = ShardLanes(controller)  # a unit pages several of its ranges at once up to the target
         self._log = logger.bind(run_id=run_id, shard=shard)
         self._last_beat, self._last_rps = (time.monotonic(), 0), 0.0

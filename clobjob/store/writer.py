@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from clickhouse_connect.driver.exceptions import OperationalError
 from loguru import logger
 
+from clobjob.config import Settings
 from clobjob.errors import StoreUnreachable, describe
 from clobjob.models import Checkpoint, UnitState
 from clobjob.store import FillBuffer, Store
@@ -52,6 +53,12 @@ class StoreWriter:
         self._flush_s = 0.0  # how long the last flush took to store
         self._oldest: float | None = None  # when the oldest page buffered was requested (monotonic)
         self.lost: dict[UnitKey, str] = {}  # written on the store thread only
+
+    @classmethod
+    def for_settings(cls, store: Store, settings: Settings) -> StoreWriter:
+        """The writer the settings ask for: batch size, outage budget, flush interval, the DSN shown redacted."""
+        return cls(store, settings.batch_rows, outage_s=settings.store_outage_s, dsn=settings.redacted_dsn(),
+                   flush_interval_s=settings.flush_interval_s)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the store thread. Once submitted it runs to the end even if the caller is
