@@ -14,7 +14,7 @@ import operator
 import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -281,6 +281,7 @@ class CodeColumn(Column):
     def __init__(self, codes: np.ndarray, values: Sequence[Any]) -> None:
         self.codes = codes
         self.values = values
+        self._rows_of = lru_cache(maxsize=256)(self._union)  # a pager asks for the same tokens page after page
 
     @cached_property
     def _labels(self) -> np.ndarray:
@@ -316,11 +317,15 @@ class CodeColumn(Column):
     def index(self, op: str, target: Any) -> np.ndarray | None:
         if op not in ("", "in"):
             return None
+        return self._rows_of(tuple(sorted(self.codes_of([target] if op == "" else set(target)))))
+
+    def _union(self, codes: tuple[int, ...]) -> np.ndarray:
+        """The sorted rows holding any of ``codes`` (read-only: it is shared by every query that asks)."""
         order, offsets = self._postings
-        parts = [order[offsets[c]:offsets[c + 1]] for c in self.codes_of([target] if op == "" else set(target))]
-        if not parts:
-            return np.empty(0, dtype=np.int64)
-        return np.sort(np.concatenate(parts)) if len(parts) > 1 else parts[0].astype(np.int64)
+        parts = [order[offsets[c]:offsets[c + 1]] for c in codes]
+        rows = np.sort(np.concatenate(parts)) if len(parts) > 1 else np.array(parts[0] if parts else (), np.int64)
+        rows.flags.writeable = False
+        return rows
 
     def count(self, targets: Any) -> int:
         """Rows whose value is one of ``targets``."""
