@@ -121,6 +121,7 @@ class IdColumn(Column):
         self._render = render
         self.prefix = prefix
         self.plain = plain
+        self.rank = lru_cache(maxsize=4096)(self._rank)  # a unit's bounds are asked at every page
 
     def render(self, rows: np.ndarray) -> list[str]:
         return self._render(rows)
@@ -128,7 +129,7 @@ class IdColumn(Column):
     def _at(self, row: int) -> str:
         return self._render(np.array([row], dtype=np.int64))[0]
 
-    def rank(self, value: str, *, right: bool = False) -> int:
+    def _rank(self, value: str, *, right: bool = False) -> int:
         """Number of ids < value (or <= value with ``right``), byte-wise."""
         lo, hi = 0, self.n
         if self.prefix is not None and (keys := hex_prefix(value)) is not None:
