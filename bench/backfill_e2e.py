@@ -253,7 +253,7 @@ def sustained(samples: list[tuple[float, int]], limit: float) -> float:
 
 GRID_HEADER = (f"{'limit':>6} {'page s':>6} {'shards':>6} {'wall s':>7} {'ideal s':>7} {'÷ideal':>7} {'util':>6} "
                f"{'util5s':>6} {'429':>6} {'req÷min':>8} {'peak in-flight':>14} {'worker RSS MB':>14} "
-               f"CPU s per 1,000 req: worker sim")
+               f"CPU s per 1,000 req: worker sim db")
 
 
 def grid_cell(root: Path, markets: int, limit: float, page_s: float, shards: int) -> str:
@@ -262,7 +262,7 @@ def grid_cell(root: Path, markets: int, limit: float, page_s: float, shards: int
     served = ServedDatabase(root / "db")
     try:
         env = prepare(root, sim, served.url)
-        before, sim_cpu = sim.stats(), cpu_s(sim.process.pid)
+        before, sim_cpu, db_cpu = sim.stats(), cpu_s(sim.process.pid), cpu_s(served.process.pid)
         samples: list[tuple[float, int]] = []
         stop = threading.Event()
         watcher = threading.Thread(target=watch, args=(sim, samples, stop))
@@ -274,7 +274,7 @@ def grid_cell(root: Path, markets: int, limit: float, page_s: float, shards: int
         finally:
             stop.set()
             watcher.join()
-        after, sim_cpu = sim.stats(), cpu_s(sim.process.pid) - sim_cpu
+        after, sim_cpu, db_cpu = sim.stats(), cpu_s(sim.process.pid) - sim_cpu, cpu_s(served.process.pid) - db_cpu
         minimum, last = latest_run(env)
         start = next(t for t, n in samples if n > before["fill_requests"])
         wall = last - start  # from the first fill request to the last checkpoint
@@ -290,7 +290,8 @@ def grid_cell(root: Path, markets: int, limit: float, page_s: float, shards: int
             f"{throttled / max(requests, 1):>6.1%} "
             f"{useful / minimum:>8.3f} "
             f"{after['in_service_peak']:>14.0f} {max(workers.values(), default=0):>14.0f}"
-            f" {1000 * sum(worker_cpu.values()) / max(requests, 1):>6.2f} {1000 * sim_cpu / max(requests, 1):>6.2f}")
+            f" {1000 * sum(worker_cpu.values()) / max(requests, 1):>6.2f} {1000 * sim_cpu / max(requests, 1):>6.2f}"
+            f" {1000 * db_cpu / max(requests, 1):>6.2f}")
 
 
 def grid() -> None:
@@ -306,7 +307,8 @@ def grid() -> None:
           "the share of the limit used while it could be (the ideal scores 1.00); util5s = the best 5 s of useful "
           "pages/s ÷ limit (past the slow start); req÷min = useful pages ÷ "
           "minimum; peak in-flight = the simulator's answers in service at most; CPU = user + system seconds of the "
-          "worker processes (whole processes, start-up included) and of the simulator per 1,000 requests")
+          "worker processes (whole processes, start-up included), of the simulator and of `db serve` (the backfill's "
+          "span) per 1,000 requests")
     print(GRID_HEADER, flush=True)
     for limit in ARGS.limits:
         for page_s in ARGS.latencies:
