@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(256, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
 
-    batch_rows: int = Field(20_000, ge=1, description="fills per insert (at most; a timer flushes smaller batches)")
+    batch_rows: int = Field(50_000, ge=1, description="fills per insert (at most; a timer flushes smaller batches)")
     flush_interval_s: float = Field(2.0, gt=0)
     heartbeat_interval_s: float = Field(5.0, gt=0)
     stall_timeout_s: float = Field(120.0, gt=0)
