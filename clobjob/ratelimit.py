@@ -78,9 +78,16 @@ peer finished or the limit rose), and probes no higher than ``FAIR_HEADROOM`` ×
 if that is higher, its curve's clock stopped there: those above their share stop pushing the others out, those
 below still climb, and a group below the limit (after the slow start's cut, or a raised limit) probes freely
 until it is throttled again. In virtual time over ten seeds, 16 clients told their share every 5 s: the
-smallest 0.54-0.85 of it (mean 0.72), 7.0 % 429s, against 0.37-0.67 (0.49) and 20 % untold; 4 clients
-0.80-0.93 (0.87), 3.7 %, against 0.59-0.92 (0.76), 5.6 %; a 20 → 40 req/s raise under 4 told clients is used
+smallest 0.58-0.85 of it (mean 0.71), 7.1 % 429s, against 0.37-0.67 (0.49) and 20 % untold; 4 clients
+0.72-0.94 (0.83), 3.7 %, against 0.59-0.92 (0.76), 5.6 % (0.54-0.85 and 0.80-0.93 before the rule below); a
+20 → 40 req/s raise under 4 told clients is used
 within 5.5 s (30-34 s when told always, whether contended or not: ~10 % per heartbeat).
+
+A share binds only a client contended itself: one of its last 1 / ``CONTENDED_SHARE`` requests was throttled.
+A pod behind an address of its own is under another limit, and the shares its heartbeats are mixed into are
+not its own: told those of ten pods sharing 20 req/s elsewhere, it stayed at the ceiling it had when they
+became contended, 0.22 of its own limit once that rose from 30 to 100 req/s (four seeds). Now it takes
+0.96-0.97 of it, the ten's smallest 0.49-0.77 of its fair share (0.52-0.76 before).
 
 Retry-After (seconds or an HTTP-date) pauses all sending until it passes. ``backoff()`` is capped
 exponential backoff with full jitter. ``allow_retry()`` keeps retries within a fraction of the traffic
@@ -420,6 +427,7 @@ class AdaptiveRateController:
         self._lag = 0.0  # smoothed lateness of the event loop at grants
         self._requests = self._successes = self._throttled = self._errors = self._retries = 0
         self._fair: float | None = None  # this client's fair share of a limit shared with other processes
+        self._throttled_at = -math.inf  # ``_requests`` at the last throttle
 
     @asynccontextmanager
     async def slot(self, priority: float = 0.0) -> AsyncIterator[Permit]:
@@ -450,8 +458,11 @@ class AdaptiveRateController:
     def share(self, fair_rps: float | None) -> None:
         """Tell the controller its fair share of a limit it shares with other processes (``fair_share``), None
         when there is none to keep to: it then probes no higher than ``FAIR_HEADROOM`` × that share (or its own
-        ceiling, if higher), see the module doc."""
-        self._fair = fair_rps
+        ceiling, if higher), see the module doc. A share binds only a client contended itself, one of whose last
+        1 / ``CONTENDED_SHARE`` requests was throttled: one that was not is under a limit of its own (a pod behind
+        another address), not the contended one."""
+        contended = self._requests - self._throttled_at <= 1.0 / CONTENDED_SHARE
+        self._fair = fair_rps if contended else None
 
     def backoff(self, attempt: int) -> float:
         """Full-jitter delay before retry ``attempt`` (1 = first): U(0, min(cap, base·2^(attempt-1)))."""
@@ -657,6 +668,7 @@ class AdaptiveRateController:
         self._answers.add(now)
         self._recent_throttles.add(now)
         self._throttled += 1
+        self._throttled_at = self._requests
         delay = parse_retry_after(retry_after) if isinstance(retry_after, str) else retry_after
         if delay is not None and delay > 0:
             self._paused_until = max(self._paused_until, now + min(delay, self.max_pause_s))

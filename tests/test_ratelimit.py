@@ -752,6 +752,29 @@ def test_simulation_clients_told_their_shares_find_a_raised_limit_within_seconds
     assert found_at is not None and found_at - 30 <= 12
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_simulation_a_pod_behind_another_address_is_not_held_to_a_share_of_a_limit_it_does_not_share(seed):
+    """Ten told pods share one address's 20 req/s; an eleventh, told the same shares, has an address of its own,
+    whose limit rises from 30 to 100 req/s at 20 s: it uses ≥ 0.9 of the raised limit (a share binds only a pod
+    throttled itself; before, its ceiling of 30 stayed: 0.22), and the ten still use theirs."""
+
+    async def main():
+        alone, shared = TokenBucketServer(limit=30.0, latency=0.5, seed=seed), TokenBucketServer(
+            limit=20.0, latency=0.5, seed=seed + 50)
+        ctls = {client: controller(rng=random.Random(seed * 100 + client)) for client in range(11)}
+        tasks = [task for client in ctls for task in greedy_client(ctls[client], shared if client else alone, client)]
+        tasks.append(told_shares(ctls))
+        await asyncio.sleep(20)
+        alone.set_limit(100.0)
+        await asyncio.sleep(40)
+        await stop(tasks)
+        return alone.admitted(40, 60) / 20, shared.admitted(40, 60) / 20
+
+    alone_rps, shared_rps = run(main)
+    assert alone_rps >= 0.9 * 100.0
+    assert shared_rps >= 0.95 * 20.0
+
+
 def test_simulation_a_client_told_its_share_takes_what_demand_held_peers_leave():
     """Three processes told their shares: two need about 1 req/s each (held by their demand, not the limit), the
     third still takes what they leave."""
