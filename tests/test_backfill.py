@@ -1,5 +1,5 @@
 """End to end against the simulator: `clobjob backfill` recovers exactly the ground truth on clean and hostile
-profiles, survives kill -9 at random moments, stops cleanly on SIGTERM, and fetches nothing once complete."""
+profiles and waits for a reader holding the embedded database (kill -9 and SIGTERM: test_backfill_kill.py)."""
 
 from __future__ import annotations
 
