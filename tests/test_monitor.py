@@ -561,16 +561,22 @@ def test_a_held_embedded_database_names_its_holder_for_every_command(tmp_path, c
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert readable(holder.stdout, 60), "db serve did not start"
-        assert holder.stdout.readline().startswith("http://")
-        named = f"in use by another process (pid {holder.pid})"
+        url = holder.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        named = f"in use by another process (pid {holder.pid}); it is clobjob db serve at {url}: " \
+                f"use --clickhouse-url {url}"
         for command in (["db", "migrate"], ["markets", "load", str(gamma)], ["plan", "--shards", "1"],
                         ["backfill", "--markets", str(listed)], ["diagnose", "--offline"], ["verify"],
                         ["rerun", "--run-id", "r1"], ["status"]):
+            started = time.monotonic()
             assert cli.main(["--clickhouse-url", f"chdb://{db}", *command]) == 1, command
             assert named in capsys.readouterr().err, command
+            if command == ["status"]:  # a server publishes no live status: nothing to wait for
+                assert time.monotonic() - started < monitor.LIVE_WAIT_S / 2
         second = subprocess.run([sys.executable, "-m", "clobjob", "backfill"], env=env, cwd=REPO,
                                 capture_output=True, text=True, timeout=60)
         assert second.returncode == 1 and named in second.stderr and "Cannot lock" not in second.stderr
     finally:
         holder.terminate()
         holder.wait(timeout=30)
+    assert not (db / "served-at.json").exists()  # a stopped server leaves no URL behind

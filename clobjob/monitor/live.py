@@ -85,6 +85,8 @@ def current_status(settings: Settings, run_id: str | None = None, *, now: dateti
             live = _holders_live(path, busy, run_id, now)
             if live is not None:
                 return live
+            if busy.served_at:  # a server publishes no live status: the error says where to read instead
+                raise
             wanted = f" for run {run_id}" if run_id else ""
             if time.monotonic() >= deadline:
                 waited = f" after waiting {wait_s:g}s" if wait_s else ""

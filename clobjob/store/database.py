@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import sys
@@ -35,12 +36,29 @@ def id_set(name: str) -> str:
     return f"(SELECT arrayJoin({{{name}:Array(String)}}))"
 
 
-class DatabaseBusy(ClobjobError):
-    """The embedded database is held by another process (chDB allows one per path)."""
+SERVED_AT = "served-at.json"
+"""The file in an embedded database's directory where ``clobjob db serve`` records its pid and URL while serving."""
 
-    def __init__(self, pid: int | None) -> None:
-        super().__init__(f"the embedded database is in use by another process (pid {pid or '?'})")
+
+class DatabaseBusy(ClobjobError):
+    """The embedded database is held by another process (chDB allows one per path); ``served_at`` is the URL
+    when that process is ``clobjob db serve``, which other commands should be pointed at instead."""
+
+    def __init__(self, pid: int | None, served_at: str | None = None) -> None:
+        hint = (f"; it is clobjob db serve at {served_at}: use --clickhouse-url {served_at} "
+                "(or CLOBJOB_CLICKHOUSE_URL) to work with it meanwhile") if served_at else ""
+        super().__init__(f"the embedded database is in use by another process (pid {pid or '?'}){hint}")
         self.pid = pid
+        self.served_at = served_at
+
+
+def served_at(path: Path, pid: int | None) -> str | None:
+    """The URL ``clobjob db serve`` recorded in the database directory ``path`` if process ``pid`` wrote it."""
+    try:
+        served = json.loads((path / SERVED_AT).read_text())
+        return str(served["url"]) if pid and served["pid"] == pid else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def database_holder(settings: Settings) -> int | None:
@@ -79,7 +97,7 @@ def connect(settings: Settings) -> Any:
     options: dict[str, Any] = {"interface": urlsplit(dsn).scheme}  # the driver alone guesses https from the port
     if settings.embedded:
         if (holder := database_holder(settings)) is not None:
-            raise DatabaseBusy(holder)
+            raise DatabaseBusy(holder, served_at(Path(dsn.removeprefix("chdb://")), holder))
         try:
             import chdb  # noqa: F401
         except ImportError as exc:
@@ -94,7 +112,7 @@ def connect(settings: Settings) -> Any:
         return clickhouse_connect.get_client(dsn=dsn, **options)
     except Exception as exc:  # the driver's message may contain the DSN: show the redacted one
         if (holder := database_holder(settings)) is not None:
-            raise DatabaseBusy(holder) from None
+            raise DatabaseBusy(holder, served_at(Path(dsn.removeprefix("chdb://")), holder)) from None
         if isinstance(exc, OperationalError) and not settings.embedded:  # nothing answers (its text has no DSN)
             raise StoreUnreachable(f"cannot connect to ClickHouse at {settings.redacted_dsn()}: "
                                    f"{reason_of(exc)}") from None

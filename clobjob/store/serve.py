@@ -23,10 +23,12 @@ import tempfile
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from aiohttp import web
 
 from clobjob.serving import LocalServer
+from clobjob.store.database import SERVED_AT
 
 # URL parameters of the HTTP interface that are not ClickHouse settings.
 TRANSPORT_PARAMS = frozenset({
@@ -180,8 +182,17 @@ class EngineServer(LocalServer):
         app.router.add_route("*", "/", self._query)
         return app
 
+    async def start(self) -> None:
+        """Serve, recording the pid and URL in the database directory (a command refused the held database names
+        the URL to use instead)."""
+        await super().start()
+        served = Path(self.engine.path) / SERVED_AT
+        served.with_suffix(".tmp").write_text(json.dumps({"pid": os.getpid(), "url": self.url}))
+        served.with_suffix(".tmp").replace(served)
+
     async def stop(self) -> None:
         """Stop serving and release the database path."""
+        (Path(self.engine.path) / SERVED_AT).unlink(missing_ok=True)
         await super().stop()
         self.engine.close()
 
